@@ -1,0 +1,34 @@
+# Two entry points: `make quickstart` (install + small sweep + fit + plots) and `make test`.
+# Everything installs into .venv from the project's own files.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A pinned torch keeps pip on the CPU wheel where the machine has one (a bare `torch`
+# requirement can pull a multi-GB CUDA build onto a machine with no GPU).
+TORCH ?= torch==2.13.0
+
+.PHONY: install install-dev quickstart test gpu-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+
+quickstart: install
+	$(BIN)/isoflop quickstart
+
+test: install-dev
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+gpu-test: install-dev
+	$(BIN)/python -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

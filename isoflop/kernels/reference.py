@@ -1,0 +1,202 @@
+"""The dynamic short convolution, in plain PyTorch. This file is the specification.
+
+    y[t] = residual * x[t] + sum_{k=0}^{W-1} (w_t[k] + s[k]) * x[t-k]
+
+Tap k is lag k (tap 0 is the current token; the reverse of nn.Conv1d's weight order). w_t are the
+per-position dynamic filters, s the optional static filter, both depthwise (one value per channel
+and tap). Inputs before a sequence start are zero. Everything is batch-first [B, T, D] and
+accumulates in float32 (float64 for float64 inputs) whatever the input dtype; the output has x's
+dtype.
+
+Filters come in two parameterisations, matching the paper:
+- low-rank: w_t = reshape(z_t @ U, [W, D]) with z [B, T, R], U [R, W*D] (tap-major: U[:, k*D + d]);
+- head-wise: one generated tap per group of `head_size` consecutive channels,
+  w [B, T, W, H] with H = D / head_size, broadcast to the group's channels.
+
+Packed variable-length batches: B == 1 and cu_seqlens [N+1] (int, starting at 0, ending at T) marks
+document boundaries; no filter reaches across one.
+
+Decode: `*_step` functions take one token x_t [B, D] and a rolling state [B, W-1, D] holding the
+previous W-1 inputs, oldest first (state[:, -1] is x[t-1]); they return (y_t, new_state).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def positions_in_sequence(T: int, cu_seqlens: Tensor | None, device: torch.device) -> Tensor:
+    """Index of each of T positions within its own sequence ([T], int64)."""
+    t = torch.arange(T, device=device)
+    if cu_seqlens is None:
+        return t
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    if cu.ndim != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != T:
+        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at T={T}; got {cu.tolist()}")
+    if bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing; got {cu.tolist()}")
+    seq_of_t = torch.searchsorted(cu, t, right=True) - 1
+    return t - cu[seq_of_t]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types and float32; float64 stays float64 (gradcheck needs it)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _lagged(x: Tensor, k: int, pos: Tensor) -> Tensor:
+    """x[t-k] with zeros where t-k falls before the start of t's sequence."""
+    if k == 0:
+        return x
+    shifted = torch.nn.functional.pad(x, (0, 0, k, 0))[:, : x.shape[1]]
+    return shifted * (pos >= k).to(x.dtype)[None, :, None]
+
+
+def short_conv(
+    x: Tensor,
+    filters: Tensor | None,
+    static: Tensor | None = None,
+    *,
+    residual: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """The operator with explicit per-position, per-channel filters [B, T, W, D] (or None)."""
+    if x.ndim != 3:
+        raise ValueError(f"x must be [B, T, D]; got shape {tuple(x.shape)}")
+    B, T, D = x.shape
+    if filters is None and static is None:
+        raise ValueError("short_conv needs dynamic filters, a static filter, or both")
+    W = filters.shape[2] if filters is not None else static.shape[0]
+    if filters is not None and filters.shape != (B, T, W, D):
+        raise ValueError(f"filters must be [B, T, W, D]=({B}, {T}, W, {D}); got {tuple(filters.shape)}")
+    if static is not None and static.shape != (W, D):
+        raise ValueError(f"static filter must be [W, D]=({W}, {D}); got {tuple(static.shape)}")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need B == 1; got B={B}")
+    pos = positions_in_sequence(T, cu_seqlens, x.device)
+    acc = accumulation_dtype(x.dtype)
+    xf = x.to(acc)
+    y = xf.clone() if residual else torch.zeros_like(xf)
+    for k in range(W):
+        tap = torch.zeros((), device=x.device, dtype=acc)
+        if filters is not None:
+            tap = filters[:, :, k].to(acc)
+        if static is not None:
+            tap = tap + static[k].to(acc)
+        y = y + tap * _lagged(xf, k, pos)
+    return y.to(x.dtype)
+
+
+def lowrank_filters(z: Tensor, U: Tensor, width: int) -> Tensor:
+    """[B, T, R] @ [R, W*D] -> [B, T, W, D], in the accumulation dtype."""
+    B, T, R = z.shape
+    if U.ndim != 2 or U.shape[0] != R or U.shape[1] % width:
+        raise ValueError(f"U must be [R={R}, W*D] with W={width}; got {tuple(U.shape)}")
+    acc = accumulation_dtype(z.dtype)
+    return (z.to(acc) @ U.to(acc)).view(B, T, width, U.shape[1] // width)
+
+
+def headwise_filters(w: Tensor, head_size: int) -> Tensor:
+    """[B, T, W, H] -> [B, T, W, H*head_size], each head's tap repeated over its channels."""
+    return w.to(accumulation_dtype(w.dtype)).repeat_interleave(head_size, dim=-1)
+
+
+def dynamic_conv_lowrank(
+    x: Tensor,
+    z: Tensor,
+    U: Tensor,
+    static: Tensor | None = None,
+    *,
+    residual: bool = True,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Low-rank dynamic conv: x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None."""
+    width = U.shape[1] // x.shape[-1]
+    return short_conv(
+        x, lowrank_filters(z, U, width), static, residual=residual, cu_seqlens=cu_seqlens
+    )
+
+
+def dynamic_conv_headwise(
+    x: Tensor,
+    w: Tensor,
+    static: Tensor | None = None,
+    *,
+    residual: bool = True,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Head-wise dynamic conv: x [B, T, D], w [B, T, W, H] with H dividing D."""
+    D, H = x.shape[-1], w.shape[-1]
+    if D % H:
+        raise ValueError(f"number of heads H={H} must divide D={D}")
+    return short_conv(
+        x, headwise_filters(w, D // H), static, residual=residual, cu_seqlens=cu_seqlens
+    )
+
+
+def static_conv(
+    x: Tensor, static: Tensor, *, residual: bool = False, cu_seqlens: Tensor | None = None
+) -> Tensor:
+    """Static depthwise causal conv with a [W, D] filter (tap k = lag k)."""
+    return short_conv(x, None, static, residual=residual, cu_seqlens=cu_seqlens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-token decode with a rolling state of the last W-1 inputs.
+
+
+def _step(
+    x_t: Tensor, state: Tensor, taps: Tensor, residual: bool
+) -> tuple[Tensor, Tensor]:
+    """taps [B, W, D] in the accumulation dtype (dynamic + static summed); state [B, W-1, D], oldest first."""
+    W = taps.shape[1]
+    if state.shape[1] != W - 1:
+        raise ValueError(f"state must hold W-1={W - 1} inputs; got {tuple(state.shape)}")
+    # history[:, k] = x[t-k]: the current token first, then the state newest first.
+    acc = taps.dtype
+    history = torch.cat([x_t[:, None], state.flip(1)], dim=1).to(acc)
+    y = (taps * history).sum(1)
+    if residual:
+        y = y + x_t.to(acc)
+    new_state = torch.cat([state, x_t[:, None].to(state.dtype)], dim=1)[:, 1:]
+    return y.to(x_t.dtype), new_state
+
+
+def _with_static(taps: Tensor, static: Tensor | None) -> Tensor:
+    return taps if static is None else taps + static.to(taps.dtype)
+
+
+def dynamic_conv_lowrank_step(
+    x_t: Tensor, state: Tensor, z_t: Tensor, U: Tensor, static: Tensor | None = None,
+    *, residual: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One decode step: x_t [B, D], state [B, W-1, D], z_t [B, R]."""
+    B, D = x_t.shape
+    acc = accumulation_dtype(x_t.dtype)
+    taps = (z_t.to(acc) @ U.to(acc)).view(B, -1, D)
+    return _step(x_t, state, _with_static(taps, static), residual)
+
+
+def dynamic_conv_headwise_step(
+    x_t: Tensor, state: Tensor, w_t: Tensor, static: Tensor | None = None,
+    *, residual: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One decode step: x_t [B, D], state [B, W-1, D], w_t [B, W, H]."""
+    D, H = x_t.shape[-1], w_t.shape[-1]
+    taps = w_t.to(accumulation_dtype(x_t.dtype)).repeat_interleave(D // H, dim=-1)
+    return _step(x_t, state, _with_static(taps, static), residual)
+
+
+def static_conv_step(
+    x_t: Tensor, state: Tensor, static: Tensor, *, residual: bool = False
+) -> tuple[Tensor, Tensor]:
+    taps = static.to(accumulation_dtype(x_t.dtype))[None].expand(x_t.shape[0], -1, -1)
+    return _step(x_t, state, taps, residual)
+
+
+def initial_state(x: Tensor, width: int) -> Tensor:
+    """Decode state after a prompt x [B, T, D]: its last W-1 inputs, zero-padded on the left."""
+    B, T, D = x.shape
+    padded = torch.nn.functional.pad(x, (0, 0, max(0, width - 1 - T), 0))
+    return padded[:, padded.shape[1] - (width - 1):]
