@@ -32,12 +32,19 @@ def positions_in_sequence(T: int, cu_seqlens: Tensor | None, device: torch.devic
     if cu_seqlens is None:
         return t
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    # The checks read values back to the host; a compiled graph skips them rather than break.
+    if not torch.compiler.is_compiling():
+        check_cu_seqlens(cu, T)
+    seq_of_t = torch.searchsorted(cu, t, right=True) - 1
+    return t - cu[seq_of_t]
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, T: int) -> None:
+    cu = cu_seqlens
     if cu.ndim != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != T:
         raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at T={T}; got {cu.tolist()}")
     if bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing; got {cu.tolist()}")
-    seq_of_t = torch.searchsorted(cu, t, right=True) - 1
-    return t - cu[seq_of_t]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

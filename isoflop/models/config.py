@@ -85,11 +85,22 @@ class ModelConfig:
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
             )
-        if self.conv.kind == "dynamic-headwise" and self.d_model % self.conv.head_size:
+        if self.head_dim % 2:
             raise ValueError(
-                f"conv.head_size={self.conv.head_size} must divide every convolved width "
-                f"(d_model={self.d_model})"
+                f"head_dim = model.d_model / model.n_heads = {self.head_dim} must be even (RoPE "
+                "rotates pairs of channels)"
             )
+        if self.conv.kind == "dynamic-headwise":
+            # Convs after gate/up filter d_ff channels; all others filter d_model channels.
+            widths = {"d_model": self.d_model}
+            if {"gate", "up"} & set(self.conv.linears):
+                widths["d_ff"] = self.d_ff
+            for name, width in widths.items():
+                if width % self.conv.head_size:
+                    raise ValueError(
+                        f"conv.head_size={self.conv.head_size} must divide every convolved width "
+                        f"(model.{name}={width})"
+                    )
 
     @property
     def head_dim(self) -> int:

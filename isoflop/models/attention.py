@@ -1,0 +1,123 @@
+"""Causal multi-head self-attention with RoPE, optional QK-norm and short convs on its linears.
+
+Layout: q, k, v, o are separate bias-free d->d Linears. A conv placed on q/k/v filters the full
+d-wide projection before it is split into heads and rotated (the paper's placement), with the
+attention block's normed input as generator input; a conv on o reads the attention output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from isoflop.models.config import ModelConfig
+from isoflop.models.conv import LinearConvs
+from isoflop.models.norm import RMSNorm
+
+Rope = tuple[Tensor, Tensor]  # cos, sin [T, head_dim/2], float32
+
+
+def rope_angles(positions: Tensor, head_dim: int, theta: float) -> Rope:
+    """cos and sin of the rotary angles at `positions` [T] (computed in float32 on the fly, so no
+    buffer can be cast to bf16 along with the model)."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = theta ** (-exponents / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, rope: Rope) -> Tensor:
+    """Rotate x [B, H, T, head_dim] by position; pairs are (i, i + head_dim/2) (Llama's layout)."""
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def causal_document_mask(cu_seqlens: Tensor, T: int, device: torch.device) -> Tensor:
+    """[T, T] bool, True where query i may attend key j: j <= i within the same document."""
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    t = torch.arange(T, device=device)
+    document = torch.searchsorted(cu, t, right=True) - 1
+    return (document[:, None] == document[None, :]) & (t[None, :] <= t[:, None])
+
+
+@dataclass
+class KVCache:
+    """Rotated keys and values of one layer, [B, H, max_len, head_dim], filled up to some pos."""
+
+    k: Tensor
+    v: Tensor
+
+    @classmethod
+    def empty(
+        cls, batch_size: int, n_heads: int, max_len: int, head_dim: int,
+        device: torch.device, dtype: torch.dtype,
+    ) -> "KVCache":
+        shape = (batch_size, n_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(shape, device=device, dtype=dtype))
+
+    def append(self, pos: int, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, Tensor]:
+        """Store one token's k, v [B, H, 1, head_dim] at pos; return all keys/values up to pos."""
+        self.k[:, :, pos : pos + 1] = k_t
+        self.v[:, :, pos : pos + 1] = v_t
+        return self.k[:, :, : pos + 1], self.v[:, :, : pos + 1]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        # One RMSNorm over head_dim for q and one for k, shared across heads.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        shapes = {name: (d, d) for name in ("q", "k", "v", "o")}
+        self.convs = LinearConvs(cfg.conv, shapes, cfg.init_std)
+
+    def _to_heads(self, q: Tensor, k: Tensor, v: Tensor, rope: Rope) -> tuple[Tensor, ...]:
+        """[B, T, d] each -> [B, H, T, head_dim]; QK-norm (if any) before RoPE."""
+        B, T, _ = q.shape
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, rope), apply_rope(k, rope), v
+
+    def forward(
+        self, h: Tensor, rope: Rope, cu_seqlens: Tensor | None = None,
+        document_mask: Tensor | None = None,
+    ) -> Tensor:
+        """h [B, T, d] is the block's normed input. document_mask: see causal_document_mask;
+        None means plain causal attention over the whole row."""
+        B, T, d = h.shape
+        q = self.convs.run("q", self.q(h), h, cu_seqlens)
+        k = self.convs.run("k", self.k(h), h, cu_seqlens)
+        v = self.convs.run("v", self.v(h), h, cu_seqlens)
+        q, k, v = self._to_heads(q, k, v, rope)
+        if document_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask)
+        out = out.transpose(1, 2).reshape(B, T, d)
+        return self.convs.run("o", self.o(out), out, cu_seqlens)
+
+    def step(
+        self, h_t: Tensor, rope: Rope, kv: KVCache, conv_states: dict[str, Tensor], pos: int
+    ) -> Tensor:
+        """One decode token h_t [B, d] at position pos; updates kv and conv_states."""
+        B, d = h_t.shape
+        q = self.convs.step("q", self.q(h_t), h_t, conv_states)
+        k = self.convs.step("k", self.k(h_t), h_t, conv_states)
+        v = self.convs.step("v", self.v(h_t), h_t, conv_states)
+        q, k, v = self._to_heads(q[:, None], k[:, None], v[:, None], rope)
+        keys, values = kv.append(pos, k, v)
+        out = F.scaled_dot_product_attention(q, keys, values)  # every cached key is in the past
+        out = out.reshape(B, d)
+        return self.convs.step("o", self.o(out), out, conv_states)

@@ -1,0 +1,406 @@
+"""The trainer: one RunSpec in, one result out.
+
+`run(spec, rundir)` trains the spec's model on its corpus for its token budget and records
+everything in the run directory (see isoflop.orchestrator.rundir). It is safe to call again on the
+same directory: a finished run returns its result without training, an interrupted one resumes from
+its checkpoint and ends exactly where an uninterrupted run would have.
+
+One optimiser step sees batch_size x seq_len tokens. Evals on the held-out split happen every
+`eval_every_tokens` (about 10 times when 0) and always after the last step; each appends one line
+to metrics.jsonl. A NaN or infinite loss stops the run as 'diverged' (no result.json).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from isoflop.data.corpora import load_corpus
+from isoflop.data.loader import BatchSampler, eval_windows
+from isoflop.models.counting import count_params, flops_per_token
+from isoflop.models.lm import build_model
+from isoflop.orchestrator.rundir import RunDir
+from isoflop.runspec import RunSpec, TrainConfig
+from isoflop.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from isoflop.train.provenance import provenance
+from isoflop.train.schedules import lr_at
+
+# Per-step losses stay on the device and are read back in groups: a .item() every step would make
+# the CPU wait for the GPU each step, which costs small models much of their throughput. On CPU
+# reading back is free, so divergence is caught at the step it happens.
+LOSS_READBACK_EVERY = {"cpu": 1, "cuda": 16}
+TRACEBACK_TAIL_CHARS = 4000
+
+
+class Diverged(Exception):
+    """A loss became NaN or infinite."""
+
+    def __init__(self, step: int, value: float, where: str) -> None:
+        super().__init__(f"{where} loss is {value} at step {step}")
+        self.step, self.value, self.where = step, value, where
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "train.device='cuda' but CUDA is not available here; allowed here: auto, cpu"
+        )
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"train.device={name!r}; allowed: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def every_steps(every_tokens: int, tokens_per_step: int, total_steps: int) -> int:
+    """An interval in tokens as a whole number of steps (0 tokens: about 10 times per run)."""
+    if every_tokens <= 0:
+        return max(1, round(total_steps / 10))
+    return max(1, round(every_tokens / tokens_per_step))
+
+
+@dataclass
+class Progress:
+    """The trainer's running numbers; checkpointed so a resumed run continues them exactly."""
+
+    step: int = 0
+    interval_loss_sum: float = 0.0  # train losses since the last eval (float64 on the host)
+    interval_steps: int = 0
+    interval_train_s: float = 0.0
+    train_s: float = 0.0  # time spent in training steps, all attempts
+    elapsed_s: float = 0.0  # wall time including evals and checkpoints, all attempts
+    lr: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "Progress":
+        return cls(**state)
+
+
+@dataclass
+class LossReadback:
+    """Per-step losses waiting on the device, read back in groups (see LOSS_READBACK_EVERY)."""
+
+    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss.detach()))
+
+    def drain(self) -> list[float]:
+        """The pending losses as floats, in step order; raises Diverged at the first non-finite."""
+        if not self.pending:
+            return []
+        values = torch.stack([loss for _, loss in self.pending]).float().cpu().tolist()
+        steps = [step for step, _ in self.pending]
+        self.pending.clear()
+        for step, value in zip(steps, values):
+            if not math.isfinite(value):
+                raise Diverged(step, value, "train")
+        return values
+
+
+class Trainer:
+    """Holds one run's model, data and bookkeeping; `fit()` runs it to the end."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        rundir: RunDir,
+        echo: bool,
+        on_step: Callable[[int], None] | None,
+    ) -> None:
+        self.spec, self.rundir, self.echo, self.on_step = spec, rundir, echo, on_step
+        train: TrainConfig = spec.train
+        self.device = resolve_device(train.device)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for whatever autocast leaves in fp32
+        self.total_steps = train.total_steps
+        self.eval_every = every_steps(
+            train.eval_every_tokens, train.tokens_per_step, self.total_steps
+        )
+        # checkpoint_every_tokens 0: checkpoint right after each eval (its metrics line then
+        # survives a crash); otherwise on its own grid of steps.
+        self.checkpoint_every = (
+            None
+            if train.checkpoint_every_tokens <= 0
+            else every_steps(train.checkpoint_every_tokens, train.tokens_per_step, self.total_steps)
+        )
+        self.flops = flops_per_token(spec.model, train.seq_len)
+        self.params = count_params(spec.model)
+
+        self.corpus = load_corpus(spec.data)
+        if self.corpus.vocab_size > spec.model.vocab_size:
+            raise ValueError(
+                f"the corpus has {self.corpus.vocab_size} token ids but model.vocab_size="
+                f"{spec.model.vocab_size}; allowed: model.vocab_size >= the corpus's vocabulary"
+            )
+        self.sampler = BatchSampler(
+            self.corpus.train, train.batch_size, train.seq_len, spec.seed,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.eval_batches = [
+            (x.to(self.device), y.to(self.device))
+            for x, y in eval_windows(
+                self.corpus.val, train.batch_size, train.seq_len, train.eval_tokens
+            )
+        ]
+
+        seed_everything(spec.seed)  # just before init: the same spec gives the same weights
+        self.model = build_model(spec.model).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.param_groups(spec.optim.weight_decay),
+            lr=spec.optim.lr,
+            betas=(spec.optim.beta1, spec.optim.beta2),
+            eps=spec.optim.eps,
+            fused=self.device.type == "cuda",
+        )
+        self.forward = torch.compile(self.model) if train.compile else self.model
+        self.readback = LossReadback()
+        self.progress = Progress()
+        self.checkpoint_path = rundir.checkpoint_dir / CHECKPOINT_NAME
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log(self, line: str) -> None:
+        self.rundir.append_log(line)
+        if self.echo:
+            print(line, flush=True)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def tokens_at(self, step: int) -> int:
+        return step * self.spec.train.tokens_per_step
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from the checkpoint if there is one; drop metrics recorded after it."""
+        if self.checkpoint_path.exists():
+            sampler_state, trainer_state = load_checkpoint(
+                self.checkpoint_path, self.model, self.optimizer, self.device
+            )
+            self.sampler.load_state_dict(sampler_state)
+            self.progress = Progress.from_state_dict(trainer_state)
+            self.log(f"resumed from step {self.progress.step}")
+        self.rundir.truncate_metrics(self.progress.step)
+
+    def save(self) -> None:
+        save_checkpoint(
+            self.checkpoint_path,
+            self.model,
+            self.optimizer,
+            self.sampler.state_dict(),
+            self.progress.state_dict(),
+        )
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> None:
+        spec = self.spec
+        lr = lr_at(step, self.total_steps, spec.optim.lr, spec.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.sampler.next_batch()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self.autocast():
+            _, loss = self.forward(x, targets=y)
+        loss.backward()
+        if spec.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.readback.add(step + 1, loss)
+        self.progress.lr = lr
+
+    def collect_losses(self) -> None:
+        values = self.readback.drain()
+        self.progress.interval_loss_sum += sum(values)
+        self.progress.interval_steps += len(values)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in self.eval_batches:
+            with self.autocast():
+                _, loss = self.forward(x, targets=y)
+            total += loss.float().item() * y.numel()
+            count += y.numel()
+        self.model.train()
+        return total / count
+
+    def record_eval(self) -> None:
+        p = self.progress
+        val_loss = self.evaluate()
+        if not math.isfinite(val_loss):
+            raise Diverged(p.step, val_loss, "val")
+        tokens = self.tokens_at(p.step)
+        record = {
+            "step": p.step,
+            "tokens": tokens,
+            "flops": self.flops.train * tokens,
+            "train_loss": p.interval_loss_sum / max(1, p.interval_steps),
+            "val_loss": val_loss,
+            "lr": p.lr,
+            "tokens_per_s": self.tokens_at(p.interval_steps) / max(p.interval_train_s, 1e-9),
+            "elapsed_s": p.elapsed_s,
+        }
+        self.rundir.append_metrics(record)
+        p.interval_loss_sum, p.interval_steps, p.interval_train_s = 0.0, 0, 0.0
+        self.rundir.write_status(
+            "running", step=p.step, tokens=tokens, total_steps=self.total_steps
+        )
+        self.log(
+            f"step {p.step}/{self.total_steps} | tokens {tokens:,}"
+            f" | train {record['train_loss']:.4f} | val {val_loss:.4f} | lr {p.lr:.2e}"
+            f" | {record['tokens_per_s']:,.0f} tok/s | {p.elapsed_s:.1f} s"
+        )
+
+    def fit(self) -> dict[str, Any]:
+        p = self.progress
+        readback_every = LOSS_READBACK_EVERY.get(self.device.type, 1)
+        self.model.train()
+        # Wall time carries over from earlier attempts; time lost after their last checkpoint
+        # is not counted (that work is redone and timed again).
+        wall_origin = time.perf_counter() - p.elapsed_s
+        step_start = time.perf_counter()
+        while p.step < self.total_steps:
+            self.train_step(p.step)
+            p.step += 1
+            eval_now = p.step % self.eval_every == 0 or p.step == self.total_steps
+            if self.checkpoint_every is None:
+                checkpoint_now = eval_now
+            else:
+                checkpoint_now = p.step % self.checkpoint_every == 0
+            if eval_now or checkpoint_now or p.step % readback_every == 0:
+                self.collect_losses()
+            if eval_now or checkpoint_now:
+                self.synchronize()
+                trained_s = time.perf_counter() - step_start
+                p.interval_train_s += trained_s
+                p.train_s += trained_s
+                if eval_now:
+                    p.elapsed_s = time.perf_counter() - wall_origin
+                    self.record_eval()
+                if checkpoint_now:
+                    p.elapsed_s = time.perf_counter() - wall_origin
+                    self.save()
+                step_start = time.perf_counter()
+            if self.on_step is not None:
+                self.on_step(p.step)
+        p.elapsed_s = time.perf_counter() - wall_origin
+        return self.result()
+
+    def result(self) -> dict[str, Any]:
+        p, flops = self.progress, self.flops
+        last = self.rundir.read_metrics()[-1]
+        tokens = self.tokens_at(p.step)
+        return {
+            "state": "done",
+            "run_id": self.spec.run_id,
+            "arch": self.spec.arch,
+            "size": self.spec.size,
+            "final_train_loss": last["train_loss"],
+            "final_val_loss": last["val_loss"],
+            "steps": p.step,
+            "tokens": tokens,
+            "params": {"total": self.params.total, "non_embedding": self.params.non_embedding},
+            "flops_per_token": {
+                "forward": flops.forward,
+                "train": flops.train,
+                "six_n": flops.six_n,
+                "six_n_total": flops.six_n_total,
+            },
+            "total_flops": flops.train * tokens,
+            "wall_time_s": p.elapsed_s,
+            "train_time_s": p.train_s,
+            "tokens_per_s": tokens / max(p.train_s, 1e-9),
+            "provenance": provenance(self.spec.run_id, self.corpus.fingerprint, self.device),
+        }
+
+
+def _claim_rundir(spec: RunSpec, rundir: RunDir) -> None:
+    """Write spec.json, or check that the directory already belongs to this spec."""
+    existing = rundir.read_spec()
+    if existing is None:
+        rundir.write_spec(spec.to_dict())
+        return
+    existing_id = RunSpec.from_dict(existing).run_id
+    if existing_id != spec.run_id:
+        raise ValueError(
+            f"{rundir.path} holds run {existing_id}, not {spec.run_id}; use a fresh run directory"
+        )
+
+
+def _diverged_result(spec: RunSpec, reason: str, step: int) -> dict[str, Any]:
+    return {"state": "diverged", "run_id": spec.run_id, "reason": reason, "step": step}
+
+
+def run(
+    spec: RunSpec,
+    rundir: Path | str,
+    *,
+    echo: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train `spec` in `rundir` and return its result (state 'done' or 'diverged').
+
+    echo: also print the progress lines (they always go to the run's log file).
+    on_step: called with the number of steps done after each step; an exception it raises
+        interrupts the run like a crash would (tests use it to check resuming).
+    Raises whatever stopped the run, after recording status 'failed' with the error.
+    """
+    rd = RunDir(rundir).create()
+    _claim_rundir(spec, rd)
+    finished = rd.read_result()
+    if finished is not None:
+        return finished
+    status = rd.read_status()
+    if status is not None and status["state"] == "diverged":
+        # Training is deterministic: a rerun would diverge again at the same step.
+        return _diverged_result(spec, status["reason"], status["step"])
+    rd.write_status("running", run_id=spec.run_id)
+    try:
+        trainer = Trainer(spec, rd, echo, on_step)
+        trainer.resume()
+        result = trainer.fit()
+    except Diverged as d:
+        reason = str(d)
+        rd.write_status("diverged", error=reason, reason=reason, step=d.step, value=str(d.value))
+        rd.append_log(f"diverged: {reason}")
+        return _diverged_result(spec, reason, d.step)
+    except BaseException as error:
+        tail = traceback.format_exc()[-TRACEBACK_TAIL_CHARS:]
+        rd.write_status("failed", error=f"{type(error).__name__}: {error}", traceback=tail)
+        raise
+    rd.write_result(result)
+    rd.write_status("done", step=result["steps"], tokens=result["tokens"])
+    trainer.log(
+        f"done: train {result['final_train_loss']:.4f} | val {result['final_val_loss']:.4f}"
+        f" | {result['tokens']:,} tokens in {result['wall_time_s']:.1f} s"
+    )
+    return result
