@@ -1,26 +1,161 @@
 """The dynamic short convolution operator (functions over tensors; no nn.Module here).
 
-`reference.py` is the specification. Fast kernels register here and are picked by device;
-`set_backend("reference")` forces the PyTorch reference everywhere.
+`reference.py` is the specification; `ops.py` holds the Triton kernels as torch custom ops. Every
+function below dispatches at call time:
+- backend "auto" (default): Triton for CUDA tensors of float32/float16/bfloat16, the reference
+  otherwise (CPU, float64, widths or head sizes the kernels do not take);
+- "triton": always the kernels (on CPU tensors this needs TRITON_INTERPRET=1; unsupported inputs
+  raise a ValueError saying why);
+- "reference": always the PyTorch reference.
+Pick it with `set_backend(...)` or the environment variable ISOFLOP_KERNELS. Decode steps that need
+gradients always run on the reference (the step kernel is inference-only). The Triton modules are
+imported on first use, so CPU-only code never pays for them.
 """
 
-from isoflop.kernels.reference import (
-    dynamic_conv_headwise,
-    dynamic_conv_headwise_step,
-    dynamic_conv_lowrank,
-    dynamic_conv_lowrank_step,
-    initial_state,
-    short_conv,
-    static_conv,
-    static_conv_step,
-)
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from isoflop.kernels import reference
+from isoflop.kernels.reference import initial_state
+
+BACKENDS = ("auto", "reference", "triton")
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Mirrors ops.MAX_WIDTH / ops.MAX_HEAD_SIZE without importing Triton.
+_MAX_WIDTH, _MAX_HEAD_SIZE = 8, 256
+
+
+def _validated(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r} is not a kernel backend; allowed: {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _validated(os.environ.get("ISOFLOP_KERNELS", "auto"), "ISOFLOP_KERNELS")
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernels for every later call: "auto", "triton" or "reference"."""
+    global _backend
+    _backend = _validated(name, "backend")
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _use_triton(x: Tensor, *others: Tensor | None, width: int = 1, head_size: int = 1) -> bool:
+    if _backend != "auto":
+        return _backend == "triton"
+    tensors = [x, *(t for t in others if t is not None)]
+    return (
+        _HAVE_TRITON
+        and all(t.is_cuda and t.dtype in _KERNEL_DTYPES for t in tensors)
+        and width <= _MAX_WIDTH
+        and head_size <= _MAX_HEAD_SIZE
+    )
+
+
+def _no_grad_needed(*tensors: Tensor | None) -> bool:
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _ops():
+    from isoflop.kernels import ops
+
+    return ops
+
+
+def _heads(x: Tensor, w: Tensor) -> int:
+    return x.shape[-1] // max(1, w.shape[-1])
+
+
+def dynamic_conv_lowrank(
+    x: Tensor, z: Tensor, U: Tensor, static: Tensor | None = None, *,
+    residual: bool = True, cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Low-rank dynamic conv: x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None."""
+    if _use_triton(x, z, U, static, width=U.shape[-1] // max(1, x.shape[-1])):
+        return _ops().dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)
+    return reference.dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)
+
+
+def dynamic_conv_headwise(
+    x: Tensor, w: Tensor, static: Tensor | None = None, *,
+    residual: bool = True, cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Head-wise dynamic conv: x [B, T, D], w [B, T, W, H] with H dividing D."""
+    if _use_triton(x, w, static, width=w.shape[2] if w.ndim == 4 else 1, head_size=_heads(x, w)):
+        return _ops().dynamic_conv_headwise(x, w, static, residual=residual, cu_seqlens=cu_seqlens)
+    return reference.dynamic_conv_headwise(x, w, static, residual=residual, cu_seqlens=cu_seqlens)
+
+
+def short_conv(
+    x: Tensor, filters: Tensor | None, static: Tensor | None = None, *,
+    residual: bool = False, cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """The operator with explicit per-position, per-channel filters [B, T, W, D] (or None)."""
+    taps = filters if filters is not None else static
+    if taps is not None and _use_triton(x, filters, static, width=taps.shape[-2]):
+        return _ops().short_conv(x, filters, static, residual=residual, cu_seqlens=cu_seqlens)
+    return reference.short_conv(x, filters, static, residual=residual, cu_seqlens=cu_seqlens)
+
+
+def static_conv(
+    x: Tensor, static: Tensor, *, residual: bool = False, cu_seqlens: Tensor | None = None
+) -> Tensor:
+    """Static depthwise causal conv with a [W, D] filter (tap k = lag k)."""
+    if _use_triton(x, static, width=static.shape[0]):
+        return _ops().static_conv(x, static, residual=residual, cu_seqlens=cu_seqlens)
+    return reference.static_conv(x, static, residual=residual, cu_seqlens=cu_seqlens)
+
+
+def dynamic_conv_lowrank_step(
+    x_t: Tensor, state: Tensor, z_t: Tensor, U: Tensor, static: Tensor | None = None,
+    *, residual: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One decode step: x_t [B, D], state [B, W-1, D], z_t [B, R]."""
+    inputs = (x_t, state, z_t, U, static)
+    if _use_triton(*inputs, width=state.shape[1] + 1) and _no_grad_needed(*inputs):
+        return _ops().dynamic_conv_lowrank_step(x_t, state, z_t, U, static, residual=residual)
+    return reference.dynamic_conv_lowrank_step(x_t, state, z_t, U, static, residual=residual)
+
+
+def dynamic_conv_headwise_step(
+    x_t: Tensor, state: Tensor, w_t: Tensor, static: Tensor | None = None,
+    *, residual: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One decode step: x_t [B, D], state [B, W-1, D], w_t [B, W, H]."""
+    inputs = (x_t, state, w_t, static)
+    if _use_triton(*inputs, width=state.shape[1] + 1, head_size=_heads(x_t, w_t)) and _no_grad_needed(*inputs):
+        return _ops().dynamic_conv_headwise_step(x_t, state, w_t, static, residual=residual)
+    return reference.dynamic_conv_headwise_step(x_t, state, w_t, static, residual=residual)
+
+
+def static_conv_step(
+    x_t: Tensor, state: Tensor, static: Tensor, *, residual: bool = False
+) -> tuple[Tensor, Tensor]:
+    """One decode step of the static conv: x_t [B, D], state [B, W-1, D], static [W, D]."""
+    inputs = (x_t, state, static)
+    if _use_triton(*inputs, width=state.shape[1] + 1) and _no_grad_needed(*inputs):
+        return _ops().static_conv_step(x_t, state, static, residual=residual)
+    return reference.static_conv_step(x_t, state, static, residual=residual)
+
 
 __all__ = [
+    "BACKENDS",
     "dynamic_conv_headwise",
     "dynamic_conv_headwise_step",
     "dynamic_conv_lowrank",
     "dynamic_conv_lowrank_step",
+    "get_backend",
     "initial_state",
+    "set_backend",
     "short_conv",
     "static_conv",
     "static_conv_step",

@@ -1,0 +1,302 @@
+"""The Triton kernels as torch.library custom ops, with autograd, fake (meta) implementations and
+argument checks, so eager code, autograd and torch.compile(fullgraph=True) all see one opaque op.
+
+Ops (namespace `isoflop`):
+- lowrank_conv(x, z, U, static?, residual, cu_seqlens?) and lowrank_conv_backward -> (dx, dz, dU, ds)
+- headwise_conv(x, w?, static?, residual, cu_seqlens?) and headwise_conv_backward -> (dx, dw, ds);
+  w [B, T, W, H] with H | D (H = D is reference.short_conv's explicit filters; no w is the static conv)
+- conv_step(x_t, state, z_t?, U?, w_t?, static?, residual) -> (y_t, new_state); no autograd.
+Gradients of absent inputs come back as empty tensors (custom ops cannot return None) and are mapped
+to None for autograd.
+
+Positions inside packed sequences are computed from cu_seqlens inside the ops (no host sync). Its
+shape is always checked; its values only where that costs no device sync (CPU tensors), and bad
+values on the GPU give wrong results, never out-of-bounds accesses (kernels mask every lag).
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from isoflop.kernels.triton_common import interpreting
+from isoflop.kernels.triton_decode import conv_step as _conv_step
+from isoflop.kernels.triton_headwise import headwise_backward, headwise_forward
+from isoflop.kernels.triton_lowrank import lowrank_backward, lowrank_forward
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_WIDTH = 8  # taps are unrolled at compile time, with one accumulator each in the backward
+MAX_HEAD_SIZE = 256  # a channel tile holds at least one whole head
+_INTERPRETING = interpreting()  # read once: argument checks must stay traceable by torch.compile
+
+
+def _positions(cu_seqlens: Tensor | None, T: int, device: torch.device) -> Tensor | None:
+    """int32 [T]: each position's index inside its own sequence (None when not packed)."""
+    if cu_seqlens is None:
+        return None
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    t = torch.arange(T, device=device)
+    seq = (torch.searchsorted(cu, t, right=True) - 1).clamp(0, cu.numel() - 1)
+    return (t - cu[seq]).to(torch.int32)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Low-rank
+
+
+@torch.library.custom_op("isoflop::lowrank_conv", mutates_args=())
+def lowrank_conv(
+    x: Tensor, z: Tensor, U: Tensor, static: Optional[Tensor], residual: bool, cu_seqlens: Optional[Tensor]
+) -> Tensor:
+    static = static.contiguous() if static is not None else None
+    pos = _positions(cu_seqlens, x.shape[1], x.device)
+    return lowrank_forward(x.contiguous(), z.contiguous(), U.contiguous(), static, residual, pos)
+
+
+@lowrank_conv.register_fake
+def _(x, z, U, static, residual, cu_seqlens):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("isoflop::lowrank_conv_backward", mutates_args=())
+def lowrank_conv_backward(
+    dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Optional[Tensor], residual: bool,
+    cu_seqlens: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    static = static.contiguous() if static is not None else None
+    pos = _positions(cu_seqlens, x.shape[1], x.device)
+    dx, dz, dU, ds = lowrank_backward(
+        dy.contiguous(), x.contiguous(), z.contiguous(), U.contiguous(), static, residual, pos
+    )
+    return dx, dz, dU, ds if ds is not None else _empty(x)
+
+
+@lowrank_conv_backward.register_fake
+def _(dy, x, z, U, static, residual, cu_seqlens):
+    ds = torch.empty_like(static) if static is not None else _empty(x)
+    return torch.empty_like(x), torch.empty_like(z), torch.empty_like(U), ds
+
+
+def _lowrank_setup(ctx, inputs, output):
+    x, z, U, static, residual, cu_seqlens = inputs
+    ctx.save_for_backward(x, z, U, static, cu_seqlens)
+    ctx.residual = residual
+
+
+def _lowrank_grad(ctx, dy):
+    x, z, U, static, cu_seqlens = ctx.saved_tensors
+    dx, dz, dU, ds = lowrank_conv_backward(dy, x, z, U, static, ctx.residual, cu_seqlens)
+    return dx, dz, dU, ds if static is not None else None, None, None
+
+
+lowrank_conv.register_autograd(_lowrank_grad, setup_context=_lowrank_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Head-wise, explicit per-channel filters, static
+
+
+@torch.library.custom_op("isoflop::headwise_conv", mutates_args=())
+def headwise_conv(
+    x: Tensor, w: Optional[Tensor], static: Optional[Tensor], residual: bool, cu_seqlens: Optional[Tensor]
+) -> Tensor:
+    w = w.contiguous() if w is not None else None
+    static = static.contiguous() if static is not None else None
+    pos = _positions(cu_seqlens, x.shape[1], x.device)
+    return headwise_forward(x.contiguous(), w, static, residual, pos)
+
+
+@headwise_conv.register_fake
+def _(x, w, static, residual, cu_seqlens):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("isoflop::headwise_conv_backward", mutates_args=())
+def headwise_conv_backward(
+    dy: Tensor, x: Tensor, w: Optional[Tensor], static: Optional[Tensor], residual: bool,
+    cu_seqlens: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    w = w.contiguous() if w is not None else None
+    static = static.contiguous() if static is not None else None
+    pos = _positions(cu_seqlens, x.shape[1], x.device)
+    dx, dw, ds = headwise_backward(dy.contiguous(), x.contiguous(), w, static, residual, pos)
+    return dx, dw if dw is not None else _empty(x), ds if ds is not None else _empty(x)
+
+
+@headwise_conv_backward.register_fake
+def _(dy, x, w, static, residual, cu_seqlens):
+    dw = torch.empty_like(w) if w is not None else _empty(x)
+    ds = torch.empty_like(static) if static is not None else _empty(x)
+    return torch.empty_like(x), dw, ds
+
+
+def _headwise_setup(ctx, inputs, output):
+    x, w, static, residual, cu_seqlens = inputs
+    ctx.save_for_backward(x, w, static, cu_seqlens)
+    ctx.residual = residual
+
+
+def _headwise_grad(ctx, dy):
+    x, w, static, cu_seqlens = ctx.saved_tensors
+    dx, dw, ds = headwise_conv_backward(dy, x, w, static, ctx.residual, cu_seqlens)
+    return dx, dw if w is not None else None, ds if static is not None else None, None, None
+
+
+headwise_conv.register_autograd(_headwise_grad, setup_context=_headwise_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Decode
+
+
+@torch.library.custom_op("isoflop::conv_step", mutates_args=())
+def conv_step(
+    x_t: Tensor, state: Tensor, z_t: Optional[Tensor], U: Optional[Tensor], w_t: Optional[Tensor],
+    static: Optional[Tensor], residual: bool,
+) -> tuple[Tensor, Tensor]:
+    def c(t: Tensor | None) -> Tensor | None:
+        return t.contiguous() if t is not None else None
+
+    return _conv_step(c(x_t), c(state), c(z_t), c(U), c(w_t), c(static), residual)
+
+
+@conv_step.register_fake
+def _(x_t, state, z_t, U, w_t, static, residual):
+    return torch.empty_like(x_t), torch.empty_like(state)
+
+
+# --------------------------------------------------------------------------------------------
+# Checked entry points (same signatures and errors as the reference)
+
+
+def _check_x(x: Tensor) -> tuple[int, int, int]:
+    if x.ndim != 3:
+        raise ValueError(f"x must be [B, T, D]; got shape {tuple(x.shape)}")
+    return tuple(x.shape)
+
+
+def _check(x: Tensor, width: int, static: Tensor | None, cu_seqlens: Tensor | None, **inputs: Tensor | None) -> None:
+    B, T, D = x.shape
+    if not x.is_cuda and not _INTERPRETING:
+        raise ValueError(f"the Triton kernels need CUDA tensors (x is on {x.device}); on CPU set "
+                         "TRITON_INTERPRET=1 before importing them, or use kernels.set_backend('reference')")
+    named = {"x": x, "static": static, **inputs}
+    for name, t in named.items():
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernels take {SUPPORTED_DTYPES} "
+                             "(use kernels.set_backend('reference') for others)")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"filter width W={width} is outside the Triton kernels' range 1..{MAX_WIDTH}")
+    if static is not None and static.shape != (width, D):
+        raise ValueError(f"static filter must be [W, D]=({width}, {D}); got {tuple(static.shape)}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) need B == 1; got B={B}")
+        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor of N+1 >= 2 offsets; got "
+                             f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+        if not cu_seqlens.is_cuda:
+            cu = cu_seqlens.tolist()
+            if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"cu_seqlens must be non-decreasing, start at 0 and end at T={T}; got {cu}")
+
+
+def dynamic_conv_lowrank(
+    x: Tensor, z: Tensor, U: Tensor, static: Tensor | None = None, *,
+    residual: bool = True, cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Low-rank dynamic conv (see reference.dynamic_conv_lowrank) on the Triton kernels."""
+    B, T, D = _check_x(x)
+    if z.shape[:2] != (B, T):
+        raise ValueError(f"z must be [B, T, R]=({B}, {T}, R); got {tuple(z.shape)}")
+    R = z.shape[-1]
+    if U.ndim != 2 or U.shape[0] != R or U.shape[1] % D or U.shape[1] == 0:
+        raise ValueError(f"U must be [R={R}, W*D] with D={D}; got {tuple(U.shape)}")
+    _check(x, U.shape[1] // D, static, cu_seqlens, z=z, U=U)
+    return lowrank_conv(x, z, U, static, residual, cu_seqlens)
+
+
+def dynamic_conv_headwise(
+    x: Tensor, w: Tensor, static: Tensor | None = None, *,
+    residual: bool = True, cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Head-wise dynamic conv (see reference.dynamic_conv_headwise) on the Triton kernels."""
+    B, T, D = _check_x(x)
+    if w.ndim != 4 or w.shape[:2] != (B, T):
+        raise ValueError(f"w must be [B, T, W, H]=({B}, {T}, W, H); got {tuple(w.shape)}")
+    H = w.shape[-1]
+    if D % H:
+        raise ValueError(f"number of heads H={H} must divide D={D}")
+    if D // H > MAX_HEAD_SIZE:
+        raise ValueError(f"head size {D // H} exceeds the Triton kernels' maximum {MAX_HEAD_SIZE}")
+    _check(x, w.shape[2], static, cu_seqlens, w=w)
+    return headwise_conv(x, w, static, residual, cu_seqlens)
+
+
+def short_conv(
+    x: Tensor, filters: Tensor | None, static: Tensor | None = None, *,
+    residual: bool = False, cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Explicit per-position filters [B, T, W, D] and/or a static filter (see reference.short_conv)."""
+    if filters is None:
+        if static is None:
+            raise ValueError("short_conv needs dynamic filters, a static filter, or both")
+        return static_conv(x, static, residual=residual, cu_seqlens=cu_seqlens)
+    if filters.shape[-1] != _check_x(x)[2]:
+        raise ValueError(f"filters must be [B, T, W, D] with D={x.shape[-1]}; got {tuple(filters.shape)}")
+    return dynamic_conv_headwise(x, filters, static, residual=residual, cu_seqlens=cu_seqlens)
+
+
+def static_conv(
+    x: Tensor, static: Tensor, *, residual: bool = False, cu_seqlens: Tensor | None = None
+) -> Tensor:
+    """Static depthwise causal conv with a [W, D] filter (see reference.static_conv)."""
+    _check_x(x)
+    if static.ndim != 2:
+        raise ValueError(f"static filter must be [W, D]; got {tuple(static.shape)}")
+    _check(x, static.shape[0], static, cu_seqlens)
+    return headwise_conv(x, None, static, residual, cu_seqlens)
+
+
+def _check_step(x_t: Tensor, state: Tensor, static: Tensor | None, **inputs: Tensor | None) -> int:
+    if x_t.ndim != 2 or state.ndim != 3 or state.shape[0] != x_t.shape[0] or state.shape[2] != x_t.shape[1]:
+        raise ValueError(f"x_t must be [B, D] and state [B, W-1, D]; got {tuple(x_t.shape)} and {tuple(state.shape)}")
+    width = state.shape[1] + 1
+    _check(x_t[:, None], width, static, None, state=state, **inputs)
+    return width
+
+
+def dynamic_conv_lowrank_step(
+    x_t: Tensor, state: Tensor, z_t: Tensor, U: Tensor, static: Tensor | None = None, *, residual: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One decode step (see reference.dynamic_conv_lowrank_step); no autograd."""
+    width = _check_step(x_t, state, static, z_t=z_t, U=U)
+    B, D = x_t.shape
+    if z_t.shape[0] != B or z_t.ndim != 2 or U.shape != (z_t.shape[1], width * D):
+        raise ValueError(f"z_t must be [B={B}, R] and U [R, W*D={width * D}]; got {tuple(z_t.shape)} and {tuple(U.shape)}")
+    return conv_step(x_t, state, z_t, U, None, static, residual)
+
+
+def dynamic_conv_headwise_step(
+    x_t: Tensor, state: Tensor, w_t: Tensor, static: Tensor | None = None, *, residual: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One decode step (see reference.dynamic_conv_headwise_step); no autograd."""
+    width = _check_step(x_t, state, static, w_t=w_t)
+    B, D = x_t.shape
+    if w_t.ndim != 3 or w_t.shape[:2] != (B, width) or D % w_t.shape[2]:
+        raise ValueError(f"w_t must be [B={B}, W={width}, H] with H dividing D={D}; got {tuple(w_t.shape)}")
+    return conv_step(x_t, state, None, None, w_t, static, residual)
+
+
+def static_conv_step(
+    x_t: Tensor, state: Tensor, static: Tensor, *, residual: bool = False
+) -> tuple[Tensor, Tensor]:
+    """One decode step of the static conv (see reference.static_conv_step); no autograd."""
+    _check_step(x_t, state, static)
+    return conv_step(x_t, state, None, None, None, static, residual)

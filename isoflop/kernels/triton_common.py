@@ -1,0 +1,79 @@
+"""Pieces shared by the Triton kernels of the short convolution: index helpers inside kernels, and
+host-side helpers that pick block sizes and grids.
+
+Conventions of every kernel here (see reference.py for the operator):
+- tensors are contiguous, batch-first; row = b*T + t indexes [B, T, ...] tensors as [B*T, ...];
+- `pos` (int32 [T], only with packed sequences) is each position's index inside its own sequence, so
+  x[t-k] exists iff pos[t] >= k; without packing pos[t] = t;
+- the effective tap k is dynamic + static + (1 if k == 0 and residual), so the residual costs nothing;
+- everything accumulates in float32; outputs are cast to their tensor's dtype on store.
+Kernels use plain pointers and masks (no block pointers) so they run on Triton 3.6 to 3.9.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (kernels run on CPU tensors through numpy)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def processor_count(device: torch.device) -> int:
+    """Multiprocessors on `device` (4 when interpreting: the grid only needs a few programs)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Operand type of tl.dot for a given generator dtype: half types use the tensor cores natively;
+    float32 runs as exact float32 ("ieee"), never tf32, so float32 results match the reference."""
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
+
+
+def time_chunks(T: int, batch: int, tiles_across: int, block_t: int, device: torch.device,
+                programs_per_processor: int) -> tuple[int, int]:
+    """Split each sequence's T rows into chunks walked by one backward program each.
+
+    Returns (chunk_t, chunks_per_seq). Fewer, longer chunks mean fewer per-chunk partial sums to
+    write and reduce; enough chunks keep every multiprocessor busy. chunk_t is a multiple of block_t.
+    """
+    target = programs_per_processor * processor_count(device)
+    chunks = max(1, min(triton.cdiv(T, block_t), target // max(1, batch * tiles_across)))
+    chunk_t = triton.cdiv(triton.cdiv(T, chunks), block_t) * block_t
+    return chunk_t, triton.cdiv(T, chunk_t)
+
+
+@triton.jit
+def seq_pos(pos_ptr, t, t_ok, HAS_POS: tl.constexpr):
+    """Index of positions t inside their own sequence (t itself when sequences are not packed)."""
+    p = t
+    if HAS_POS:
+        p = tl.load(pos_ptr + t, mask=t_ok, other=0)
+    return p
+
+
+@triton.jit
+def mma(a, b, acc, FP32: tl.constexpr):
+    """acc + a @ b on the matrix units; exact float32 products when FP32 (no tf32 rounding)."""
+    if FP32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc

@@ -1,0 +1,198 @@
+"""Triton kernels for the head-wise dynamic short convolution, the static one and explicit filters.
+
+    y[t, d] = residual * x[t, d] + sum_k (w[t, k, d // hs] + s[k, d]) * x[t-k, d]
+
+Head-wise filters w [B, T, W, H] carry one tap per group ("head") of hs consecutive channels; hs = 1
+is a full per-channel filter [B, T, W, D] (reference.short_conv), and no w at all is the static conv.
+Nothing here needs the matrix units: both passes are pure streaming.
+
+Channel tiles always hold whole heads: a tile is HEADS = BLOCK_C / HS_P heads of HS_P lanes each
+(HS_P = hs rounded up to a power of two; lanes >= hs are masked), so for a power-of-two hs a tile is
+simply BLOCK_C consecutive channels. Because a tile holds whole heads, the filter gradient
+dw[t, k, h] = sum_{d in h} dy[t, d] * x[t-k, d] is complete inside one program and is written
+directly; only the static filter's gradient needs partial sums, one row per time tile, reduced in
+a fixed order afterwards (deterministic, no float atomics). Both passes are one program per
+(time tile, channel tile, batch): no loops, so every program's loads are in flight at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos
+
+
+@triton.jit
+def _tile_channels(pid_c, H, HS: tl.constexpr, HS_P: tl.constexpr, HEADS: tl.constexpr):
+    """Heads [HEADS], channels [HEADS, HS_P] and the channel mask of channel tile pid_c."""
+    h = pid_c * HEADS + tl.arange(0, HEADS)
+    lane = tl.arange(0, HS_P)
+    d = h[:, None] * HS + lane[None, :]
+    ok = (h < H)[:, None] & (lane < HS)[None, :]
+    return h, d, ok
+
+
+@triton.jit
+def _tap(w_ptr, s_ptr, row, row_ok, h, d, k: tl.constexpr, D, H, W: tl.constexpr,
+         HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, RESIDUAL: tl.constexpr,
+         BLOCK_T: tl.constexpr, HEADS: tl.constexpr):
+    """Effective tap k at rows `row` (float32, broadcastable to [BLOCK_T, HEADS, HS_P]): the head's
+    dynamic value (loaded once per head, not per channel) + static + residual."""
+    tap = tl.zeros([BLOCK_T, HEADS, 1], dtype=tl.float32)
+    if HAS_DYN:
+        w_ok = row_ok[:, None] & (h < H)[None, :]
+        w = tl.load(w_ptr + row[:, None] * (W * H) + k * H + h[None, :], mask=w_ok, other=0.0)
+        tap += w.to(tl.float32)[:, :, None]
+    if HAS_STATIC:
+        tap = tap + tl.load(s_ptr + k * D + d, mask=d < D, other=0.0).to(tl.float32)[None, :, :]
+    if RESIDUAL:
+        if k == 0:
+            tap += 1.0
+    return tap
+
+
+@triton.jit
+def _headwise_fwd_kernel(
+    x_ptr, w_ptr, s_ptr, pos_ptr, y_ptr,
+    T, D, H,
+    W: tl.constexpr, HS: tl.constexpr, HS_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
+):
+    HEADS: tl.constexpr = BLOCK_C // HS_P
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    h, d, c_ok = _tile_channels(pid_c, H, HS, HS_P, HEADS)
+    t_ok = t < T
+    p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
+    row = (b * T + t).to(tl.int64)
+    x_ptrs = x_ptr + row[:, None, None] * D + d[None, :, :]
+    acc = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
+    for k in tl.static_range(W):
+        lag_ok = t_ok & (p >= k) & (t >= k)
+        xk = tl.load(x_ptrs - k * D, mask=lag_ok[:, None, None] & c_ok[None, :, :], other=0.0)
+        tap = _tap(w_ptr, s_ptr, row, t_ok, h, d, k, D, H, W, HAS_DYN, HAS_STATIC, RESIDUAL, BLOCK_T, HEADS)
+        acc += tap * xk.to(tl.float32)
+    y_ptrs = y_ptr + row[:, None, None] * D + d[None, :, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None, None] & c_ok[None, :, :])
+
+
+@triton.jit
+def _headwise_bwd_kernel(
+    x_ptr, w_ptr, s_ptr, pos_ptr, dy_ptr,
+    dx_ptr, dw_ptr, ds_part_ptr,
+    T, D, H,
+    W: tl.constexpr, HS: tl.constexpr, HS_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
+):
+    HEADS: tl.constexpr = BLOCK_C // HS_P
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    h, d, c_ok = _tile_channels(pid_c, H, HS, HS_P, HEADS)
+    t_ok = t < T
+    p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
+    row = (b * T + t).to(tl.int64)
+    tile_ok = t_ok[:, None, None] & c_ok[None, :, :]
+    offsets = row[:, None, None] * D + d[None, :, :]
+    # dy[t] and x[t] first, so their latency overlaps the shifted loads that mostly hit their lines.
+    dy0 = tl.load(dy_ptr + offsets, mask=tile_ok, other=0.0)
+    x0 = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0)
+
+    # dx: the taps that read x[t] sit at later positions t+k.
+    dx = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
+    for k in tl.static_range(W):
+        if k == 0:
+            dyk = dy0
+            lead_ok = t_ok
+        else:
+            lead_ok = t_ok & (t + k < T)
+            lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
+            dyk = tl.load(dy_ptr + offsets + k * D, mask=lead_ok[:, None, None] & c_ok[None, :, :], other=0.0)
+        tap = _tap(w_ptr, s_ptr, row + k, lead_ok, h, d, k, D, H, W, HAS_DYN, HAS_STATIC, RESIDUAL, BLOCK_T, HEADS)
+        dx += tap * dyk.to(tl.float32)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+
+    # Filter gradients df = dy[t] * x[t-k]: dw summed over each head's lanes, written directly;
+    # the static filter's summed over this tile's rows into its own partial row.
+    partial_row = (b * tl.num_programs(0) + pid_t).to(tl.int64)
+    for k in tl.static_range(W):
+        if k == 0:
+            xk = x0
+        else:
+            lag_ok = t_ok & (p >= k) & (t >= k)
+            xk = tl.load(x_ptr + offsets - k * D, mask=lag_ok[:, None, None] & c_ok[None, :, :], other=0.0)
+        df = dy0.to(tl.float32) * xk.to(tl.float32)
+        if HAS_DYN:
+            dw_ptrs = dw_ptr + row[:, None] * (W * H) + k * H + h[None, :]
+            tl.store(dw_ptrs, tl.sum(df, axis=2).to(dw_ptr.dtype.element_ty), mask=t_ok[:, None] & (h < H)[None, :])
+        if HAS_STATIC:
+            tl.store(ds_part_ptr + partial_row * W * D + k * D + d, tl.sum(df, axis=0), mask=c_ok)
+
+
+def _blocks(D: int, hs_p: int, backward: bool) -> dict:
+    """Block sizes and warps; a channel tile holds at least one whole (padded) head. Picked by
+    `benchmarks/kernels.py --sweep` on an H200 (see benchmarks/KERNELS.md)."""
+    if interpreting():
+        return {"BLOCK_T": 8, "BLOCK_C": max(8, hs_p), "num_warps": 1}
+    if backward and hs_p == 1:
+        return {"BLOCK_T": 32, "BLOCK_C": max(hs_p, min(64, next_pow2(D))), "num_warps": 4}
+    if hs_p == 1:
+        return {"BLOCK_T": 32, "BLOCK_C": max(hs_p, min(128, next_pow2(D))), "num_warps": 4}
+    return {"BLOCK_T": 16, "BLOCK_C": max(hs_p, min(256, next_pow2(D))), "num_warps": 4}
+
+
+def _meta(x: Tensor, w: Tensor | None, static: Tensor | None, pos: Tensor | None, width: int) -> dict:
+    hs = x.shape[-1] // w.shape[-1] if w is not None else 1
+    return {
+        "W": width, "HS": hs, "HS_P": next_pow2(hs),
+        "HAS_DYN": w is not None, "HAS_STATIC": static is not None, "HAS_POS": pos is not None,
+    }
+
+
+def _grid(T: int, H: int, B: int, hs_p: int, blocks: dict) -> tuple[int, int, int]:
+    return triton.cdiv(T, blocks["BLOCK_T"]), triton.cdiv(H, blocks["BLOCK_C"] // hs_p), B
+
+
+def headwise_forward(
+    x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool, pos: Tensor | None,
+    blocks: dict | None = None,
+) -> Tensor:
+    """y [B, T, D] for contiguous x [B, T, D], w [B, T, W, H] or None, static [W, D] or None (not
+    both None), pos int32 [T] (packed sequences) or None. `blocks` overrides block sizes (benchmarks)."""
+    B, T, D = x.shape
+    width = w.shape[2] if w is not None else static.shape[0]
+    meta = _meta(x, w, static, pos, width)
+    blocks = blocks or _blocks(D, meta["HS_P"], backward=False)
+    H = D // meta["HS"]
+    y = torch.empty_like(x)
+    _headwise_fwd_kernel[_grid(T, H, B, meta["HS_P"], blocks)](
+        x, w if w is not None else x, static if static is not None else x, pos if pos is not None else x, y,
+        T, D, H, RESIDUAL=residual, **meta, **blocks,
+    )
+    return y
+
+
+def headwise_backward(
+    dy: Tensor, x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool,
+    pos: Tensor | None, blocks: dict | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(dx, dw or None, dstatic or None), each in its input's dtype; all inputs contiguous."""
+    B, T, D = x.shape
+    width = w.shape[2] if w is not None else static.shape[0]
+    meta = _meta(x, w, static, pos, width)
+    blocks = blocks or _blocks(D, meta["HS_P"], backward=True)
+    H = D // meta["HS"]
+    grid = _grid(T, H, B, meta["HS_P"], blocks)
+    dx = torch.empty_like(x)
+    dw = torch.empty_like(w) if w is not None else None
+    f32 = dict(device=x.device, dtype=torch.float32)
+    ds_part = torch.empty(B * grid[0], width * D, **f32) if static is not None else None
+    _headwise_bwd_kernel[grid](
+        x, w if w is not None else x, static if static is not None else x, pos if pos is not None else x, dy,
+        dx, dw if dw is not None else dx, ds_part if ds_part is not None else dx,
+        T, D, H, RESIDUAL=residual, **meta, **blocks,
+    )
+    ds = ds_part.sum(0).view(width, D).to(static.dtype) if static is not None else None
+    return dx, dw, ds

@@ -1,0 +1,267 @@
+"""Triton kernels for the low-rank dynamic short convolution (forward and backward).
+
+    y[t, d] = residual * x[t, d] + sum_k (f[t, k, d] + s[k, d]) * x[t-k, d],   f[t, k, :] = z[t] @ U_k
+
+with U_k = U[:, k*D:(k+1)*D]. The filters f never touch memory: each program forms its
+[rows, channels] slice of f_k = z @ U_k on the matrix units (R padded to >= 16), with the static
+filter as the product's initial value and the residual as +1 on tap 0.
+
+Forward: `_lowrank_conv_kernel`, one program per (time tile, channel tile, batch); x[t] is loaded
+first and the lagged tiles x[t-k] mostly hit its cache lines, so x comes from memory once.
+
+Backward, two kernels:
+- dx[t] = residual*dy[t] + sum_k (f[t+k, k] + s[k]) * dy[t+k] is the same kernel run on dy with
+  leads instead of lags (LEAD), filters recomputed from z[t+k];
+- `_lowrank_filter_grad_kernel`, one program per (channel tile, time chunk), walks its chunk tile
+  by tile (the next tile's x and dy loaded one iteration ahead) and folds each tap's filter
+  gradient df_k[t, d] = dy[t, d] * x[t-k, d] at once into dU_k^T += df_k^T @ z (one accumulator
+  per tap, kept in registers across the chunk), ds_k += sum_t df_k and dz += df_k @ U_k^T (a
+  partial over this channel tile).
+Partials go to float32 buffers and are summed in a fixed order afterwards, so results are
+bit-reproducible (no float atomics). Splitting dx out reads x and dy once more than one fused pass
+would (+134 MB at the paper's shape); the fused version measured slower (registers spilled), see
+benchmarks/KERNELS.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from isoflop.kernels.triton_common import (
+    dot_dtype,
+    interpreting,
+    mma,
+    next_pow2,
+    seq_pos,
+    time_chunks,
+)
+
+
+@triton.jit
+def _lowrank_conv_kernel(
+    x_ptr, z_ptr, u_ptr, s_ptr, pos_ptr, y_ptr,
+    T, D, R,
+    W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr, LEAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """y[t] = sum_k tap(t, k) * x[t-k] (forward), or with LEAD, y[t] = sum_k tap(t+k, k) * x[t+k]:
+    the same pass run on dy gives dx, each tap read by the position that used x[t]."""
+    pid_t, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i = tl.arange(0, BLOCK_T)
+    t = pid_t * BLOCK_T + i
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    r = tl.arange(0, R_P)
+    t_ok, d_ok, r_ok = t < T, d < D, r < R
+    p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
+    # 64-bit only in the tile's base row; offsets inside the tile stay 32-bit (fewer registers).
+    first_row = (b * T + pid_t * BLOCK_T).to(tl.int64)
+    tile = i[:, None] * D + d[None, :]
+    z_tile = z_ptr + first_row * R + i[:, None] * R + r[None, :]
+    x_tile = x_ptr + first_row * D
+    # x[t] first: its HBM latency then overlaps the filter products, and the shifted tiles below
+    # mostly hit the cache lines it brought in.
+    x0 = tl.load(x_tile + tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    z = tl.load(z_tile, mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(W):
+        tap = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        if HAS_STATIC:
+            tap += tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        u = tl.load(u_ptr + r[:, None] * (W * D) + k * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        if k == 0:
+            xk = x0
+            tap = mma(z, u.to(DOT_DTYPE), tap, FP32_DOT)
+            if RESIDUAL:
+                tap += 1.0
+        elif LEAD:
+            lead_ok = t_ok & (t + k < T)
+            lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
+            zk = tl.load(z_tile + k * R, mask=lead_ok[:, None] & r_ok[None, :], other=0.0)
+            tap = mma(zk.to(DOT_DTYPE), u.to(DOT_DTYPE), tap, FP32_DOT)
+            xk = tl.load(x_tile + (tile + k * D), mask=lead_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            tap = mma(z, u.to(DOT_DTYPE), tap, FP32_DOT)
+            lag_ok = t_ok & (p >= k) & (t >= k)
+            xk = tl.load(x_tile + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tap * xk.to(tl.float32)
+    tl.store(y_ptr + first_row * D + tile, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du, ds, dz,
+               k: tl.constexpr, W: tl.constexpr, HAS_STATIC: tl.constexpr,
+               DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Tap k's filter gradient df = dy[t] * x[t-k] on a [BLOCK_T, BLOCK_D] tile, folded at once into
+    dU_k^T += df^T @ z (du, [BLOCK_D, R_P]), ds_k += sum_t df (ds) and dz += df @ U_k^T. No-op for taps k >= W."""
+    if k < W:
+        if k == 0:
+            xk = x0
+        else:
+            lag_ok = t_ok & (p >= k) & (t >= k)
+            xk = tl.load(x_tile + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
+        df = dy0.to(tl.float32) * xk.to(tl.float32)
+        if HAS_STATIC:
+            ds += tl.sum(df, axis=0)
+        df = df.to(DOT_DTYPE)
+        du = mma(tl.trans(df), z, du, FP32_DOT)
+        u_t = tl.load(u_ptr + r[None, :] * (W * D) + k * D + d[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        dz = mma(df, u_t.to(DOT_DTYPE), dz, FP32_DOT)
+    return du, ds, dz
+
+
+@triton.jit
+def _store_partials(du_part_ptr, ds_part_ptr, du, ds, pid_n, r, r_ok, d, d_ok, R, D,
+                    k: tl.constexpr, W: tl.constexpr, HAS_STATIC: tl.constexpr):
+    if k < W:
+        du_ptrs = du_part_ptr + pid_n.to(tl.int64) * R * W * D + r[None, :] * (W * D) + k * D + d[:, None]
+        tl.store(du_ptrs, du, mask=d_ok[:, None] & r_ok[None, :])
+        if HAS_STATIC:
+            tl.store(ds_part_ptr + pid_n.to(tl.int64) * W * D + k * D + d, ds, mask=d_ok)
+
+
+@triton.jit
+def _lowrank_filter_grad_kernel(
+    x_ptr, z_ptr, u_ptr, pos_ptr, dy_ptr,
+    dz_part_ptr, du_part_ptr, ds_part_ptr,
+    B, T, D, R, chunks_per_seq, chunk_t,
+    W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_d, pid_n = tl.program_id(0), tl.program_id(1)
+    b = pid_n // chunks_per_seq
+    t_start = (pid_n % chunks_per_seq) * chunk_t
+    t_end = tl.minimum(T, t_start + chunk_t)
+    i = tl.arange(0, BLOCK_T)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    r = tl.arange(0, R_P)
+    d_ok, r_ok = d < D, r < R
+    tile = i[:, None] * D + d[None, :]  # 32-bit offsets inside a tile; 64-bit only per tile row
+    z_tile_offsets = i[:, None] * R + r[None, :]
+    # Per-tap accumulators of dU_k (and ds_k) over this chunk; taps >= W stay unused and vanish.
+    du0 = tl.zeros([BLOCK_D, R_P], dtype=tl.float32)
+    du1, du2, du3, du4, du5, du6, du7 = du0, du0, du0, du0, du0, du0, du0
+    ds0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    ds1, ds2, ds3, ds4, ds5, ds6, ds7 = ds0, ds0, ds0, ds0, ds0, ds0, ds0
+    # dy[t] and x[t] of the next tile are loaded one iteration ahead, so their latency overlaps
+    # the current tile's work.
+    first_ok = ((t_start + i) < t_end)[:, None] & d_ok[None, :]
+    first_row = (b * T + t_start).to(tl.int64)
+    dy_next = tl.load(dy_ptr + first_row * D + tile, mask=first_ok, other=0.0)
+    x_next = tl.load(x_ptr + first_row * D + tile, mask=first_ok, other=0.0)
+    for t0 in tl.range(t_start, t_end, BLOCK_T):
+        t = t0 + i
+        t_ok = t < t_end
+        p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
+        tile_row = (b * T + t0).to(tl.int64)
+        x_tile, dy_tile = x_ptr + tile_row * D, dy_ptr + tile_row * D
+        z_tile = z_ptr + tile_row * R
+        dy0, x0 = dy_next, x_next
+        ahead_ok = ((t + BLOCK_T) < t_end)[:, None] & d_ok[None, :]
+        dy_next = tl.load(dy_tile + BLOCK_T * D + tile, mask=ahead_ok, other=0.0)
+        x_next = tl.load(x_tile + BLOCK_T * D + tile, mask=ahead_ok, other=0.0)
+        z = tl.load(z_tile + z_tile_offsets, mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
+
+        # Filter gradients, tap by tap.
+        dz = tl.zeros([BLOCK_T, R_P], dtype=tl.float32)
+        du0, ds0, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du0, ds0, dz, 0, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
+        du1, ds1, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du1, ds1, dz, 1, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
+        du2, ds2, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du2, ds2, dz, 2, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
+        du3, ds3, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du3, ds3, dz, 3, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
+        du4, ds4, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du4, ds4, dz, 4, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
+        du5, ds5, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du5, ds5, dz, 5, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
+        du6, ds6, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du6, ds6, dz, 6, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
+        du7, ds7, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du7, ds7, dz, 7, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
+        dz_tile = dz_part_ptr + (pid_d.to(tl.int64) * B * T + tile_row) * R
+        tl.store(dz_tile + z_tile_offsets, dz, mask=t_ok[:, None] & r_ok[None, :])
+
+    _store_partials(du_part_ptr, ds_part_ptr, du0, ds0, pid_n, r, r_ok, d, d_ok, R, D, 0, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du1, ds1, pid_n, r, r_ok, d, d_ok, R, D, 1, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du2, ds2, pid_n, r, r_ok, d, d_ok, R, D, 2, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du3, ds3, pid_n, r, r_ok, d, d_ok, R, D, 3, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du4, ds4, pid_n, r, r_ok, d, d_ok, R, D, 4, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du5, ds5, pid_n, r, r_ok, d, d_ok, R, D, 5, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du6, ds6, pid_n, r, r_ok, d, d_ok, R, D, 6, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du7, ds7, pid_n, r, r_ok, d, d_ok, R, D, 7, W, HAS_STATIC)
+
+
+def _blocks(D: int, R_P: int, W_P: int, backward: bool) -> dict:
+    """Block sizes and warps (`backward` picks the filter-gradient kernel's). Interpreted runs use
+    the smallest legal tiles (tl.dot needs >= 16). The filter-gradient kernel keeps W dU
+    accumulators of [BLOCK_D, R_P] floats in registers, so wide ranks or filters get narrower tiles.
+    Picked by `benchmarks/kernels.py --sweep` on an H200 (see benchmarks/KERNELS.md)."""
+    if interpreting():
+        return {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1}
+    if backward:
+        narrow = R_P * W_P > 64
+        return {"BLOCK_T": 32 if narrow else 64, "BLOCK_D": 32 if narrow else 64, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_T": 32, "BLOCK_D": 128 if R_P <= 32 else 64, "num_warps": 4}
+
+
+def _meta(z: Tensor, U: Tensor, D: int, static: Tensor | None, pos: Tensor | None) -> dict:
+    return {
+        "W": U.shape[1] // D,
+        "R_P": max(16, next_pow2(z.shape[-1])),
+        "HAS_STATIC": static is not None,
+        "HAS_POS": pos is not None,
+        "DOT_DTYPE": dot_dtype(z.dtype),
+        "FP32_DOT": dot_dtype(z.dtype) == tl.float32,
+    }
+
+
+def _conv(src: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, pos: Tensor | None,
+          lead: bool, blocks: dict | None) -> Tensor:
+    B, T, D = src.shape
+    meta = _meta(z, U, D, static, pos)
+    blocks = blocks or _blocks(D, meta["R_P"], next_pow2(meta["W"]), backward=False)
+    out = torch.empty_like(src)
+    grid = (triton.cdiv(T, blocks["BLOCK_T"]), triton.cdiv(D, blocks["BLOCK_D"]), B)
+    _lowrank_conv_kernel[grid](
+        src, z, U, static if static is not None else src, pos if pos is not None else src, out,
+        T, D, z.shape[-1], RESIDUAL=residual, LEAD=lead, **meta, **blocks,
+    )
+    return out
+
+
+def lowrank_forward(
+    x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, pos: Tensor | None,
+    blocks: dict | None = None,
+) -> Tensor:
+    """y [B, T, D] for contiguous x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None,
+    pos int32 [T] (packed sequences) or None. `blocks` overrides the block sizes (benchmarks)."""
+    return _conv(x, z, U, static, residual, pos, lead=False, blocks=blocks)
+
+
+def lowrank_backward(
+    dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
+    pos: Tensor | None, blocks: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dx, dz, dU, dstatic or None), each in its input's dtype; all inputs contiguous. `blocks`
+    overrides the filter-gradient kernel's block sizes (benchmarks)."""
+    B, T, D = x.shape
+    R = z.shape[-1]
+    dx = _conv(dy, z, U, static, residual, pos, lead=True, blocks=None)
+    meta = _meta(z, U, D, static, pos)
+    W = meta["W"]
+    blocks = blocks or _blocks(D, meta["R_P"], next_pow2(W), backward=True)
+    d_tiles = triton.cdiv(D, blocks["BLOCK_D"])
+    # dz partials cost d_tiles floats per (row, r) and dU partials R*W*D floats per chunk: about
+    # two programs per multiprocessor balances both against keeping the chip busy.
+    chunk_t, chunks = time_chunks(T, B, d_tiles, blocks["BLOCK_T"], x.device, programs_per_processor=2)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dz_part = torch.empty(d_tiles, B * T, R, **f32)
+    du_part = torch.empty(B * chunks, R, W * D, **f32)
+    ds_part = torch.empty(B * chunks, W * D, **f32) if static is not None else du_part
+    _lowrank_filter_grad_kernel[(d_tiles, B * chunks)](
+        x, z, U, pos if pos is not None else x, dy,
+        dz_part, du_part, ds_part,
+        B, T, D, R, chunks, chunk_t,
+        **meta, **blocks,
+    )
+    dz = dz_part.sum(0).view(B, T, R).to(z.dtype)
+    dU = du_part.sum(0).to(U.dtype)
+    ds = ds_part.sum(0).view(W, D).to(static.dtype) if static is not None else None
+    return dx, dz, dU, ds

@@ -1,0 +1,376 @@
+"""The Triton kernels of the short convolution against the float64 PyTorch reference.
+
+Three groups:
+- dispatch tests, run in the suite's own process (no kernel is launched);
+- interpreter tests (tiny ragged shapes, float32 and float16, every feature, gradients included): they
+  need TRITON_INTERPRET=1 before Triton is imported, so `test_interpreter_suite` re-runs this file in
+  a subprocess with it set, and they are skipped in the suite's own process;
+- GPU tests (marked gpu): real shapes in bf16 and fp32, poisoned memory, determinism, torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from isoflop import kernels
+from isoflop.kernels import reference as ref
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(
+    not INTERPRETING, reason="runs in test_interpreter_suite's subprocess (TRITON_INTERPRET=1)"
+)
+# Relative error ||out - ref|| / ||ref|| against float64: float32 kernels use exact float32 products;
+# half types accumulate in float32 but round inputs, outputs and (backward) the filter gradient's
+# matrix-product operands to their own precision.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def triton_backend():
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend("auto")
+
+
+def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite values (unwritten output?)"
+    return ((out.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", gen=None):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def packed_offsets(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+
+
+def check_against_float64(fn, inputs: dict, dtype: torch.dtype, grads: bool = True, tol_scale: float = 1.0):
+    """Run fn(**inputs) through the dispatch (Triton) and fn on float64 copies through the reference;
+    compare outputs and, with grads, every input gradient for a random output gradient."""
+    tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    fast = {k: (v.detach().requires_grad_(grads) if k in tensors else v) for k, v in inputs.items()}
+    exact = {k: (v.detach().double().requires_grad_(grads) if k in tensors else v) for k, v in inputs.items()}
+    y = fn(**fast)
+    kernels.set_backend("reference")
+    try:
+        y_exact = fn(**exact)
+    finally:
+        kernels.set_backend("triton")
+    tol = TOLERANCE[dtype] * tol_scale
+    assert y.dtype == inputs["x"].dtype
+    errors = {"y": relative_error(y, y_exact.detach())}
+    if grads:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+        y.backward(dy)
+        y_exact.backward(dy.double())
+        for name in tensors:
+            assert fast[name].grad.dtype == inputs[name].dtype, name
+            errors[f"d{name}"] = relative_error(fast[name].grad, exact[name].grad)
+    bad = {k: e for k, e in errors.items() if not e < tol}
+    assert not bad, f"relative errors over {tol:.0e}: {bad} (all: {errors})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch (suite process, no kernels launched)
+
+
+def test_backend_names_are_checked():
+    if INTERPRETING:
+        pytest.skip("checks the non-interpreted process")
+    with pytest.raises(ValueError, match="allowed: auto, reference, triton"):
+        kernels.set_backend("cuda")
+    assert kernels.get_backend() == "auto"
+
+
+def test_auto_uses_the_reference_on_cpu_and_forced_triton_explains_itself(gen):
+    if INTERPRETING:
+        pytest.skip("checks the non-interpreted process")
+    x, z, U = rand(1, 6, 8, gen=gen), rand(1, 6, 2, gen=gen), rand(2, 3 * 8, gen=gen)
+    assert torch.equal(kernels.dynamic_conv_lowrank(x, z, U), ref.dynamic_conv_lowrank(x, z, U))
+    kernels.set_backend("triton")
+    try:
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            kernels.dynamic_conv_lowrank(x, z, U)
+    finally:
+        kernels.set_backend("auto")
+
+
+def test_environment_variable_sets_the_backend():
+    if INTERPRETING:
+        pytest.skip("checks the non-interpreted process")
+    code = """
+import importlib, os
+os.environ["ISOFLOP_KERNELS"] = "reference"
+from isoflop import kernels
+print(kernels.get_backend())
+os.environ["ISOFLOP_KERNELS"] = "fast"
+try:
+    importlib.reload(kernels)
+except ValueError as error:
+    print(error)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = out.stdout.strip().splitlines()
+    assert first == "reference"
+    assert "ISOFLOP_KERNELS='fast'" in second and "allowed: auto, reference, triton" in second
+
+
+def test_interpreter_suite():
+    """Runs this file's interpreter tests under TRITON_INTERPRET=1 in a fresh process."""
+    if INTERPRETING:
+        pytest.skip("already interpreting")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=600)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpreter: tiny ragged shapes, every feature, float32 and float16
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B, T, D, R, W, with_static, residual",
+    [(2, 13, 24, 3, 4, True, True), (2, 7, 17, 1, 1, False, False), (1, 20, 32, 17, 8, True, False), (3, 5, 16, 16, 3, True, True)],
+)
+def test_lowrank_matches_reference(gen, triton_backend, dtype, B, T, D, R, W, with_static, residual):
+    inputs = dict(
+        x=rand(B, T, D, dtype=dtype, gen=gen), z=rand(B, T, R, dtype=dtype, gen=gen),
+        U=rand(R, W * D, dtype=dtype, gen=gen) / R**0.5,
+        static=rand(W, D, dtype=dtype, gen=gen) if with_static else None, residual=residual,
+    )
+    check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["lowrank", "headwise", "static"])
+def test_packed_sequences(gen, triton_backend, dtype, kind):
+    lengths = [3, 1, 7, 2, 6]  # a length-1 document and documents shorter than W
+    T, D, R, W, H = sum(lengths), 24, 5, 4, 8
+    inputs = dict(x=rand(1, T, D, dtype=dtype, gen=gen), static=rand(W, D, dtype=dtype, gen=gen),
+                  cu_seqlens=packed_offsets(lengths))
+    if kind == "lowrank":
+        inputs.update(z=rand(1, T, R, dtype=dtype, gen=gen), U=rand(R, W * D, dtype=dtype, gen=gen))
+    if kind == "headwise":
+        inputs.update(w=rand(1, T, W, H, dtype=dtype, gen=gen))
+    fn = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynamic_conv_headwise,
+          "static": kernels.static_conv}[kind]
+    check_against_float64(fn, inputs, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "D, head_size, W, with_static, residual",
+    [(24, 1, 4, True, True), (24, 3, 3, False, True), (20, 4, 2, True, False), (24, 12, 1, True, True), (24, 24, 5, False, False)],
+)
+def test_headwise_matches_reference(gen, triton_backend, dtype, D, head_size, W, with_static, residual):
+    B, T = 2, 11
+    inputs = dict(
+        x=rand(B, T, D, dtype=dtype, gen=gen), w=rand(B, T, W, D // head_size, dtype=dtype, gen=gen),
+        static=rand(W, D, dtype=dtype, gen=gen) if with_static else None, residual=residual,
+    )
+    check_against_float64(kernels.dynamic_conv_headwise, inputs, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_static_and_explicit_filters(gen, triton_backend, dtype):
+    B, T, D, W = 2, 9, 20, 3
+    x, s = rand(B, T, D, dtype=dtype, gen=gen), rand(W, D, dtype=dtype, gen=gen)
+    check_against_float64(kernels.static_conv, dict(x=x, static=s), dtype)
+    filters = rand(B, T, W, D, dtype=dtype, gen=gen)
+    check_against_float64(kernels.short_conv, dict(x=x, filters=filters, static=s, residual=True), dtype)
+    check_against_float64(kernels.short_conv, dict(x=x, filters=None, static=s), dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("W", [1, 3, 4])
+def test_decode_steps_match_reference(gen, triton_backend, dtype, W):
+    B, T, D, R, H = 3, 5, 20, 5, 5
+    x, s = rand(B, T, D, dtype=dtype, gen=gen), rand(W, D, dtype=dtype, gen=gen)
+    z, U, w = rand(B, T, R, dtype=dtype, gen=gen), rand(R, W * D, dtype=dtype, gen=gen), rand(B, T, W, H, dtype=dtype, gen=gen)
+    steps = {
+        "lowrank": (kernels.dynamic_conv_lowrank_step, ref.dynamic_conv_lowrank_step, lambda t: (z[:, t], U, s)),
+        "headwise": (kernels.dynamic_conv_headwise_step, ref.dynamic_conv_headwise_step, lambda t: (w[:, t], None)),
+        "static": (kernels.static_conv_step, ref.static_conv_step, lambda t: (s,)),
+    }
+    for name, (fast, slow, args) in steps.items():
+        state = ref.initial_state(x[:, :1], W)  # decoding continues a 1-token prompt
+        for t in range(1, T):
+            y, new_state = fast(x[:, t], state, *args(t))
+            y_ref, state_ref = slow(*(a.double() if a is not None else None for a in (x[:, t], state, *args(t))))
+            assert relative_error(y, y_ref) < TOLERANCE[dtype], (name, t)
+            assert torch.equal(new_state, state_ref.to(dtype)), (name, t)
+            state = new_state
+
+
+@interpreted
+def test_decode_with_gradients_falls_back_to_the_differentiable_reference(gen, triton_backend):
+    x, state, s = rand(2, 8, gen=gen).requires_grad_(), rand(2, 3, 8, gen=gen), rand(4, 8, gen=gen)
+    y, _ = kernels.static_conv_step(x, state, s)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, s[0].expand(2, 8))
+
+
+@interpreted
+def test_custom_ops_pass_opcheck(gen):
+    """Schema, fake (meta) kernels, autograd registration and torch.compile's dispatch paths."""
+    from isoflop.kernels import ops
+
+    B, T, D, R, W = 1, 9, 16, 3, 3
+    x, z, U, s = (rand(*sh, gen=gen).requires_grad_() for sh in [(B, T, D), (B, T, R), (R, W * D), (W, D)])
+    cu = torch.tensor([0, 4, 9])
+    torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu))
+    torch.library.opcheck(ops.headwise_conv, (x, rand(B, T, W, 4, gen=gen).requires_grad_(), None, False, None))
+    torch.library.opcheck(ops.conv_step, (x[:, 0].detach(), rand(B, W - 1, D, gen=gen), z[:, 0].detach(), U.detach(), None, s.detach(), True))
+
+
+@interpreted
+def test_kernel_arguments_are_checked(gen, triton_backend):
+    x = rand(2, 5, 8, gen=gen)
+    with pytest.raises(ValueError, match="B == 1"):
+        kernels.static_conv(x, rand(3, 8, gen=gen), cu_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="end at T=5"):
+        kernels.static_conv(x[:1], rand(3, 8, gen=gen), cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="must divide D=8"):
+        kernels.dynamic_conv_headwise(x, rand(2, 5, 3, 3, gen=gen))
+    with pytest.raises(ValueError, match="U must be"):
+        kernels.dynamic_conv_lowrank(x, rand(2, 5, 4, gen=gen), rand(3, 16, gen=gen))
+    with pytest.raises(ValueError, match="float64"):
+        kernels.static_conv(x.double(), rand(3, 8, gen=gen).double())
+    with pytest.raises(ValueError, match="W=9"):
+        kernels.static_conv(x, rand(9, 8, gen=gen))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: real shapes, poisoned memory, determinism, torch.compile
+
+gpu = pytest.mark.gpu
+
+
+def poison_cuda_memory():
+    """Fill the caching allocator's free memory with NaN so that unwritten outputs show up."""
+    blocks = [torch.full((64 << 20,), float("nan"), device="cuda") for _ in range(16)]
+    del blocks
+
+
+def cuda_inputs(kind: str, B: int, T: int, D: int, W: int, dtype, R: int = 16, head_size: int = 16,
+                packed: list[int] | None = None, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(x=rand(B, T, D, dtype=dtype, device="cuda", gen=g), static=rand(W, D, dtype=dtype, device="cuda", gen=g) / W**0.5)
+    if kind == "lowrank":
+        inputs.update(z=rand(B, T, R, dtype=dtype, device="cuda", gen=g), U=rand(R, W * D, dtype=dtype, device="cuda", gen=g) / R**0.5)
+    if kind == "headwise":
+        inputs.update(w=rand(B, T, W, D // head_size, dtype=dtype, device="cuda", gen=g))
+    if packed is not None:
+        inputs["cu_seqlens"] = packed_offsets(packed).to("cuda")
+    return inputs
+
+
+FUNCTIONS = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynamic_conv_headwise, "static": kernels.static_conv}
+
+
+@gpu
+@pytest.mark.parametrize(
+    "kind, B, T, D, W, R, head_size, dtype",
+    [
+        ("lowrank", 2, 1031, 520, 4, 16, 1, torch.bfloat16),
+        ("lowrank", 2, 1031, 520, 4, 16, 1, torch.float32),
+        ("lowrank", 1, 777, 384, 3, 5, 1, torch.bfloat16),
+        ("lowrank", 2, 300, 256, 8, 64, 1, torch.bfloat16),
+        ("headwise", 2, 1031, 512, 4, 1, 1, torch.bfloat16),
+        ("headwise", 2, 1031, 528, 4, 1, 12, torch.bfloat16),
+        ("headwise", 2, 1031, 528, 4, 1, 12, torch.float32),
+        ("headwise", 2, 600, 512, 3, 1, 16, torch.bfloat16),
+        ("headwise", 1, 900, 512, 4, 1, 128, torch.bfloat16),
+        ("static", 3, 1000, 520, 4, 1, 1, torch.float32),
+    ],
+)
+def test_gpu_matches_float64_reference(triton_backend, dtype, kind, B, T, D, W, R, head_size):
+    poison_cuda_memory()
+    inputs = cuda_inputs(kind, B, T, D, W, dtype, R=R, head_size=head_size)
+    check_against_float64(FUNCTIONS[kind], inputs, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["lowrank", "headwise", "static"])
+def test_gpu_packed_sequences(triton_backend, kind):
+    lengths = [1, 700, 3, 1500, 2, 900]
+    poison_cuda_memory()
+    inputs = cuda_inputs(kind, 1, sum(lengths), 512, 4, torch.bfloat16, packed=lengths)
+    check_against_float64(FUNCTIONS[kind], inputs, torch.bfloat16)
+
+
+@gpu
+def test_gpu_mixed_dtypes_as_under_autocast(triton_backend):
+    """Autocast gives bf16 activations and float32 parameters (U, static)."""
+    inputs = cuda_inputs("lowrank", 2, 512, 512, 4, torch.bfloat16)
+    inputs["U"], inputs["static"] = inputs["U"].float(), inputs["static"].float()
+    check_against_float64(kernels.dynamic_conv_lowrank, inputs, torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["lowrank", "headwise"])
+def test_gpu_backward_is_bit_reproducible(triton_backend, kind):
+    inputs = cuda_inputs(kind, 2, 2048, 1024, 4, torch.bfloat16)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    dy = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def grads():
+        y = FUNCTIONS[kind](**inputs)
+        return torch.autograd.grad(y, list(leaves.values()), dy)
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["lowrank", "headwise"])
+def test_gpu_torch_compile_traces_without_graph_breaks(kind):
+    inputs = cuda_inputs(kind, 2, 256, 256, 4, torch.bfloat16)
+    leaves = [v.requires_grad_() for v in inputs.values() if isinstance(v, torch.Tensor)]
+
+    def model(**kw):
+        return (FUNCTIONS[kind](**kw).float() * 2.0).square().mean()
+
+    compiled = torch.compile(model, fullgraph=True)
+    eager_grads = torch.autograd.grad(model(**inputs), leaves)
+    compiled_grads = torch.autograd.grad(compiled(**inputs), leaves)
+    for a, b in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("W", [1, 4])
+def test_gpu_decode_matches_full_sequence(triton_backend, W):
+    B, T, D, R = 4, 16, 520, 16
+    inputs = cuda_inputs("lowrank", B, T, D, W, torch.bfloat16, R=R)
+    x, z, U, s = inputs["x"], inputs["z"], inputs["U"], inputs["static"]
+    full = ref.dynamic_conv_lowrank(*(t.double() for t in (x, z, U, s)))
+    state = torch.zeros(B, W - 1, D, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for t in range(T):
+            y, state = kernels.dynamic_conv_lowrank_step(x[:, t], state, z[:, t], U, s)
+            assert relative_error(y, full[:, t]) < TOLERANCE[torch.bfloat16]
+    assert torch.equal(state, ref.initial_state(x, W))
