@@ -21,14 +21,21 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
 
+# The main job on built-in defaults: a small CPU isoflop sweep, then fits, multipliers and plots.
+QUICKSTART := sweeps/quickstart.yaml
 quickstart: install
-	$(BIN)/isoflop quickstart
+	$(BIN)/isoflop plan $(QUICKSTART)
+	$(BIN)/isoflop run $(QUICKSTART)
+	$(BIN)/isoflop collect $(QUICKSTART)
+	$(BIN)/isoflop fit results/quickstart
+	$(BIN)/isoflop report results/quickstart
 
 test: install-dev
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 gpu-test: install-dev
 	$(BIN)/python -m pytest -q -m gpu
+	$(BIN)/python benchmarks/kernels.py --paper
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

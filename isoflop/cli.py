@@ -3,7 +3,7 @@
 One small function adds each subcommand's arguments and one runs it; heavy imports (torch, pandas)
 happen inside the run function, so `isoflop --help` and the torch-free subcommands stay fast.
 To add a subcommand, write `add_<name>(subparsers)` that sets `handler=` and list it in
-SUBCOMMANDS.
+_subcommands() (the sweep subcommands live in isoflop/orchestrator/commands.py).
 """
 
 from __future__ import annotations
@@ -77,9 +77,97 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- isoflop fit / report -------------------------------------------------------------------------
+
+
+def _budgets(text: str) -> list[float]:
+    """'1e18,3e19' -> [1e18, 3e19]: budgets (training FLOPs) at which to report multipliers."""
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--at {text!r}: expected FLOP budgets like 1e18,3e19")
+    if not values or any(not value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"--at {text!r}: budgets must be positive numbers")
+    return values
+
+
+def _add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", type=Path, help="a results folder holding runs.csv (e.g. results/quickstart)")
+    parser.add_argument("--at", type=_budgets, default=None, metavar="C[,C...]",
+                        help="also report the multiplier at these training budgets (FLOPs), e.g. 1e21")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def add_fit(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fit", help="fit loss-vs-compute power laws and compute multipliers from runs.csv",
+        description="Fit L(C) = E + A*C^-alpha to each architecture's compute-optimal frontier and "
+        "report the compute multiplier against the baseline, with a bootstrap 90% interval. Writes "
+        "fits.json and multipliers.csv next to runs.csv.",
+    )
+    _add_analysis_arguments(parser)
+    parser.set_defaults(handler=run_fit)
+
+
+def _reports_table_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A missing or malformed results table is the user's to fix: one line, no traceback."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        from isoflop.analysis.table import TableError
+
+        try:
+            return handler(args)
+        except (TableError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+
+    return wrapped
+
+
+@_reports_table_errors
+def run_fit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from isoflop.analysis.report import format_multiplier_table, run_fit as fit_results
+
+    outcome = fit_results(args.results, at=args.at, n_boot=args.n_boot, seed=args.seed)
+    Console().print(format_multiplier_table(outcome.multipliers, outcome.baseline))
+    print(f"wrote {outcome.fits_path} and {outcome.multipliers_path}")
+    return 0
+
+
+def add_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report", help="write report.md and every plot from runs.csv alone",
+        description="Regenerate fits, multipliers, plots (plots/*.png) and report.md from the tidy "
+        "table runs.csv (and evals.csv when present) of a results folder.",
+    )
+    _add_analysis_arguments(parser)
+    parser.set_defaults(handler=run_report)
+
+
+@_reports_table_errors
+def run_report(args: argparse.Namespace) -> int:
+    from isoflop.analysis.report import write_report
+
+    path = write_report(args.results, at=args.at, n_boot=args.n_boot, seed=args.seed)
+    print(f"wrote {path} and its plots in {path.parent / 'plots'}")
+    return 0
+
+
 # -- the command ---------------------------------------------------------------------------------
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_train,)
+
+def _subcommands() -> tuple[Callable[[argparse._SubParsersAction], None], ...]:
+    from isoflop.orchestrator import commands as sweep_commands
+
+    return (
+        add_train,
+        *sweep_commands.SUBCOMMANDS,
+        add_fit,
+        add_report,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"isoflop {isoflop.__version__}")
     subparsers = parser.add_subparsers(title="commands", required=True)
-    for add in SUBCOMMANDS:
+    for add in _subcommands():
         add(subparsers)
     return parser
 

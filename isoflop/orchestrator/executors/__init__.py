@@ -1,0 +1,48 @@
+"""Executors: hand a list of run directories to something that trains them.
+
+An executor is a tiny interface (after submitit): `execute(jobs, on_finish)` trains
+every job, each in its own process, and returns when all have ended. A Job is a run directory
+whose spec.json is written; what the run did is read back from its status.json, so executors
+differ only in where the process runs (this machine now; SLURM later).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from isoflop.orchestrator.spec import EXECUTOR_KINDS
+
+
+@dataclass(frozen=True)
+class Job:
+    run_id: str
+    rundir: Path
+    label: str  # what progress lines call the run, e.g. "dynamic-qkv d64-l2 1e12"
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    job: Job
+    returncode: int
+    seconds: float
+
+
+class Executor(Protocol):
+    workers: int  # runs at once
+
+    def execute(
+        self,
+        jobs: Sequence[Job],
+        on_finish: Callable[[JobEnd], None] = ...,
+    ) -> list[JobEnd]: ...
+
+
+def make_executor(kind: str, workers: int) -> Executor:
+    if kind == "local":
+        from isoflop.orchestrator.executors.local import LocalExecutor
+
+        return LocalExecutor(workers)
+    raise ValueError(f"executor kind={kind!r}; allowed: {', '.join(EXECUTOR_KINDS)}")

@@ -1,0 +1,276 @@
+"""Expansion: a Sweep -> one PlannedRun (a RunSpec plus its table labels) per grid cell and seed.
+
+Compute matching. An isoflop cell (budget C, size, architecture) trains on
+    tokens = C / flops_per_token(cfg).train
+rounded to whole optimiser steps, so each architecture is charged its own FLOPs (a dynamic conv's
+generator and filter application cost tokens). The FLOPs actually spent (`flops`) are recorded;
+rounding moves them off C by at most half a step.
+
+Sizes around the optimum (isoflop grids with n_sizes). A simple Chinchilla-style rule centres them:
+with C = 6 N D and D = 20 N tokens per parameter (Hoffmann et al. 2022), the compute-optimal size is
+    N_opt = sqrt(C / 120)    (N: non-embedding parameters)
+and the n sizes are spread log-uniformly from N_opt / spread to N_opt * spread, each rounded to a
+shape by `sizes.shape_for_params` (duplicates dropped). The rule only centres the curve; the fits
+find the real optimum.
+
+Ladder grids train every size on tokens_per_param x the baseline's total parameters at that size
+(the paper: about 50 tokens per parameter), the same tokens for every architecture.
+
+Hyper-parameter rules are evaluated with the baseline's numbers at the cell's shape (and budget), so
+all architectures of a cell share learning rate, batch size and schedule; only tokens differ.
+Run order: budget, then size, then architecture, then seed (small runs first; each finished budget
+is a usable isoflop slice).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from isoflop.data.tokenizers import nominal_vocab_size
+from isoflop.models import registry
+from isoflop.models.counting import count_params, flops_per_token
+from isoflop.models.config import ModelConfig
+from isoflop.models.sizes import Shape, resolve_size, shape_for_params
+from isoflop.orchestrator.rules import RuleError, evaluate_rule
+from isoflop.orchestrator.spec import (
+    TRAIN_FIELD_NAMES,
+    TRAIN_KEYS,
+    ArchitectureEntry,
+    IsoflopGrid,
+    LadderGrid,
+    Sweep,
+    SweepError,
+)
+from isoflop.runspec import OptimConfig, RunSpec, ScheduleConfig, TrainConfig
+
+CHINCHILLA_TOKENS_PER_PARAM = 20  # the N_opt rule above: C = 6 N (20 N) = 120 N^2
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep: its RunSpec and the labels and counts the tables need."""
+
+    spec: RunSpec
+    arch: str  # the sweep's architecture label (also spec.arch)
+    registry_arch: str
+    is_baseline: bool
+    size: str
+    budget: float  # nominal FLOPs of the grid cell; NaN for ladder grids
+    params: int
+    params_non_embedding: int
+    flops_per_token: int  # training FLOPs per token (forward + backward)
+
+    @property
+    def run_id(self) -> str:
+        return self.spec.run_id
+
+    @property
+    def tokens(self) -> int:
+        return self.spec.train.total_tokens
+
+    @property
+    def steps(self) -> int:
+        return self.spec.train.total_steps
+
+    @property
+    def flops(self) -> float:
+        return float(self.flops_per_token) * self.tokens
+
+    def labels(self) -> dict[str, Any]:
+        """The flat description used by the manifest, `plan --json` and the tidy table."""
+        model = self.spec.model
+        return {
+            "run_id": self.run_id,
+            "arch": self.arch,
+            "registry_arch": self.registry_arch,
+            "is_baseline": self.is_baseline,
+            "size": self.size,
+            "d_model": model.d_model,
+            "n_layers": model.n_layers,
+            "n_heads": model.n_heads,
+            "d_ff": model.d_ff,
+            "params": self.params,
+            "params_non_embedding": self.params_non_embedding,
+            "seq_len": self.spec.train.seq_len,
+            "batch_size": self.spec.train.batch_size,
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "budget": self.budget,
+            "flops": self.flops,
+            "flops_6n": 6.0 * self.params_non_embedding * self.tokens,
+            "flops_6n_total": 6.0 * self.params * self.tokens,
+            "lr": self.spec.optim.lr,
+            "seed": self.spec.seed,
+        }
+
+
+def without_nan(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN values (a ladder grid's budget, a loss not yet measured) as None, for JSON."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
+def chinchilla_sizes(budget: float, n_sizes: int, spread: float) -> list[Shape]:
+    """n shapes log-uniform in [N_opt/spread, N_opt*spread], N_opt = sqrt(C/120) (module docstring)."""
+    n_opt = math.sqrt(budget / (6 * CHINCHILLA_TOKENS_PER_PARAM))
+    exponents = [0.0] if n_sizes == 1 else [-1 + 2 * i / (n_sizes - 1) for i in range(n_sizes)]
+    return list(dict.fromkeys(shape_for_params(n_opt * spread**e) for e in exponents))
+
+
+def expand(sweep: Sweep) -> list[PlannedRun]:
+    """Every run of the sweep, in run order. Raises SweepError for cells that cannot be trained."""
+    expansion = _Expansion(sweep)
+    if isinstance(sweep.grid, IsoflopGrid):
+        runs = expansion.isoflop(sweep.grid)
+    else:
+        runs = expansion.ladder(sweep.grid)
+    _check_unique(runs, sweep)
+    return runs
+
+
+class _Expansion:
+    """Builds the runs of one sweep; keeps the file name and vocabulary at hand for errors."""
+
+    def __init__(self, sweep: Sweep) -> None:
+        self.sweep = sweep
+        self.file = str(sweep.path)
+        self.vocab_size = nominal_vocab_size(sweep.data.tokenizer)  # validated by the spec
+        self.seq_len: int = sweep.train["seq_len"]
+
+    def isoflop(self, grid: IsoflopGrid) -> list[PlannedRun]:
+        runs = []
+        for index, budget in enumerate(grid.budgets):
+            if grid.sizes is not None:
+                cells = [(label, resolve_size(label)) for label in grid.sizes]
+            else:
+                assert grid.n_sizes is not None and grid.spread is not None  # spec guarantees both
+                cells = [(s.name, s) for s in chinchilla_sizes(budget, grid.n_sizes, grid.spread)]
+            for label, shape in cells:
+                baseline_cfg = self.model_config(self.sweep.baseline, shape)
+                baseline_tokens = budget / flops_per_token(baseline_cfg, self.seq_len).train
+                hparams = self.hyper_parameters(baseline_cfg, shape, baseline_tokens)
+                for entry in self.sweep.architectures:
+                    cfg = self.model_config(entry, shape)
+                    per_token = flops_per_token(cfg, self.seq_len).train
+                    steps = self.steps(budget / per_token, hparams, grid.min_steps, f"grid.budgets[{index}]",
+                                       budget, f"{entry.name} at size {label}", per_token=per_token)
+                    runs += self.runs(entry, label, cfg, budget, steps, hparams)
+        return runs
+
+    def ladder(self, grid: LadderGrid) -> list[PlannedRun]:
+        runs = []
+        for index, label in enumerate(grid.sizes):
+            shape = resolve_size(label)
+            baseline_cfg = self.model_config(self.sweep.baseline, shape)
+            tokens = grid.tokens_per_param * count_params(baseline_cfg).total
+            hparams = self.hyper_parameters(baseline_cfg, shape, tokens)
+            steps = self.steps(tokens, hparams, grid.min_steps, f"grid.sizes[{index}]", label,
+                               f"size {label} at {grid.tokens_per_param:g} tokens per parameter")
+            for entry in self.sweep.architectures:
+                cfg = self.model_config(entry, shape)
+                runs += self.runs(entry, label, cfg, math.nan, steps, hparams)
+        return runs
+
+    def model_config(self, entry: ArchitectureEntry, shape: Shape) -> ModelConfig:
+        try:
+            cfg = registry.make_model_config(
+                entry.arch, shape.d_model, shape.n_layers, shape.n_heads, shape.d_ff,
+                vocab_size=self.vocab_size, max_seq_len=self.seq_len, **entry.overrides,
+            )
+            count_params(cfg)  # checks what only the counts see (a head size that must divide d_ff)
+        except (TypeError, ValueError) as exc:
+            raise SweepError(self.file, f"architectures.{entry.name}.overrides", entry.overrides,
+                             f"gives no valid model at size {shape.name}: {exc}") from None
+        return cfg
+
+    def hyper_parameters(self, cfg: ModelConfig, shape: Shape, tokens: float) -> dict[str, Any]:
+        """Every `train` key's value for this cell: rules evaluated, integers rounded."""
+        context = {
+            "params": float(count_params(cfg).non_embedding),
+            "params_total": float(count_params(cfg).total),
+            "d_model": shape.d_model,
+            "n_layers": shape.n_layers,
+            "n_heads": shape.n_heads,
+            "d_ff": shape.d_ff,
+            "tokens": tokens,
+        }
+        values = {}
+        for key, value in self.sweep.train.items():
+            try:
+                values[key] = evaluate_rule(value, context)
+            except RuleError as exc:
+                raise SweepError(self.file, f"train.{key}", str(value), str(exc)) from None
+            field_type = _field_type(key)
+            if field_type == "int":
+                values[key] = int(round(values[key]))
+            elif field_type == "float":
+                values[key] = float(values[key])
+            if field_type in ("int", "float") and not values[key] >= 0:
+                raise SweepError(self.file, f"train.{key}", str(value),
+                                 f"gives {values[key]} at size {shape.name}", "values >= 0")
+        if values["batch_size"] < 1:
+            raise SweepError(self.file, "train.batch_size", str(self.sweep.train["batch_size"]),
+                             f"gives {values['batch_size']} at size {shape.name}", "a batch size >= 1")
+        return values
+
+    def steps(self, tokens: float, hparams: dict[str, Any], min_steps: int, path: str, value: Any,
+              what: str, per_token: float = 1.0) -> int:
+        """Whole optimiser steps for `tokens`; a SweepError naming the cell when below min_steps.
+        per_token converts tokens back to the unit of `value` (FLOPs per token for budgets)."""
+        tokens_per_step = hparams["batch_size"] * self.seq_len
+        steps = round(tokens / tokens_per_step)
+        if steps < min_steps:
+            needed = min_steps * tokens_per_step * per_token
+            raise SweepError(
+                self.file, path, value,
+                f"{what} gets {tokens:.3g} tokens = {steps} steps of {tokens_per_step} tokens "
+                f"(batch {hparams['batch_size']} x seq {self.seq_len}); the grid needs "
+                f">= {min_steps} steps (grid.min_steps)",
+                f"a value >= {needed:.3g} for this size, a smaller batch, or a smaller size",
+            )
+        return steps
+
+    def runs(self, entry: ArchitectureEntry, label: str, cfg: ModelConfig, budget: float, steps: int,
+             hparams: dict[str, Any]) -> list[PlannedRun]:
+        configs = {TrainConfig: {}, OptimConfig: {}, ScheduleConfig: {}}
+        for key, value in hparams.items():
+            configs[TRAIN_KEYS[key][0]][TRAIN_FIELD_NAMES[key]] = value
+        train = TrainConfig(total_tokens=steps * hparams["batch_size"] * self.seq_len, **configs[TrainConfig])
+        counts = count_params(cfg)
+        per_token = flops_per_token(cfg, self.seq_len).train
+        return [
+            PlannedRun(
+                spec=RunSpec(
+                    arch=entry.name, model=cfg, data=self.sweep.data, train=train,
+                    optim=OptimConfig(**configs[OptimConfig]),
+                    schedule=ScheduleConfig(**configs[ScheduleConfig]), seed=seed, size=label,
+                ),
+                arch=entry.name, registry_arch=entry.arch, is_baseline=entry.baseline, size=label,
+                budget=budget, params=counts.total, params_non_embedding=counts.non_embedding,
+                flops_per_token=per_token,
+            )
+            for seed in self.sweep.seeds
+        ]
+
+
+def _field_type(key: str) -> str:
+    """'int', 'float' or 'other' for a `train` key, from its dataclass default."""
+    config_class, _ = TRAIN_KEYS[key]
+    default = config_class.__dataclass_fields__[TRAIN_FIELD_NAMES[key]].default
+    if isinstance(default, bool):
+        return "other"
+    return {int: "int", float: "float"}.get(type(default), "other")
+
+
+def _check_unique(runs: list[PlannedRun], sweep: Sweep) -> None:
+    """Two cells giving one identical run (e.g. budgets so close they round to the same steps)."""
+    seen: dict[str, PlannedRun] = {}
+    for run in runs:
+        other = seen.setdefault(run.run_id, run)
+        if other is not run:
+            raise SweepError(
+                sweep.path, "grid", {"budgets": [other.budget, run.budget], "size": run.size},
+                f"two cells give the same run {run.run_id} ({run.arch}, size {run.size}, "
+                f"{run.tokens} tokens)", "grid cells that differ after rounding to whole steps",
+            )

@@ -1,0 +1,105 @@
+"""The plan of a sweep: what each run is and what it will cost, as a rich table or as JSON.
+
+Torch-free: planning a 1000-run sweep takes well under a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+from isoflop.orchestrator.estimate import DeviceProfile
+from isoflop.orchestrator.formats import duration, human, sci
+from isoflop.orchestrator.grid import PlannedRun, without_nan
+from isoflop.orchestrator.spec import Sweep
+from isoflop.runspec import DataConfig
+
+# Corpora whose size `plan` may read by loading them: loading is quick when the tokens are
+# cached and a few seconds to tokenize otherwise. BPE (trains a tokenizer first) and
+# python-site (hundreds of MB to tokenize) are left to `isoflop run`, which loads them anyway.
+CHEAP_CORPUS_TOKENIZERS = ("bytes",)
+EXPENSIVE_CORPORA = ("python-site",)
+
+
+@dataclass(frozen=True)
+class Plan:
+    sweep: Sweep
+    runs: list[PlannedRun]
+    profile: DeviceProfile
+    seconds: list[float]  # estimated time of each run, in run order
+    warnings: list[str]
+
+    @property
+    def total_seconds(self) -> float:
+        """Estimated wall time of the sweep with its executor's workers."""
+        return self.profile.sweep_seconds(self.seconds, self.sweep.executor.workers)
+
+    @property
+    def total_flops(self) -> float:
+        return sum(run.flops for run in self.runs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sweep": self.sweep.name,
+            "file": str(self.sweep.path),
+            "device_profile": self.profile.name,
+            "n_runs": len(self.runs),
+            "total_flops": self.total_flops,
+            "workers": self.sweep.executor.workers,
+            "total_est_seconds": self.total_seconds,
+            "warnings": self.warnings,
+            "runs": [
+                without_nan(run.labels()) | {"est_seconds": seconds}
+                for run, seconds in zip(self.runs, self.seconds)
+            ],
+        }
+
+
+def make_plan(sweep: Sweep, runs: list[PlannedRun], profile: DeviceProfile,
+              train_tokens: int | None = None) -> Plan:
+    """train_tokens: the corpus's training tokens when known; runs needing more get a warning."""
+    warnings = []
+    if train_tokens is not None:
+        for run in runs:
+            if run.tokens > train_tokens:
+                warnings.append(
+                    f"{run.arch} size {run.size} budget {run.budget:.3g}: {run.tokens:,} tokens > "
+                    f"{train_tokens:,} training tokens in {sweep.data.corpus} "
+                    f"({run.tokens / train_tokens:.2f} epochs: data repeats)"
+                )
+    return Plan(sweep, runs, profile, [profile.run_seconds(run) for run in runs], warnings)
+
+
+def corpus_train_tokens(data: DataConfig) -> int | None:
+    """Training tokens of the corpus if they can be had cheaply (see CHEAP_CORPUS_TOKENIZERS), else None."""
+    if data.tokenizer not in CHEAP_CORPUS_TOKENIZERS or data.corpus in EXPENSIVE_CORPORA:
+        return None
+    from isoflop.data import load_corpus  # numpy only; imported here to keep `plan --json` lean
+
+    return load_corpus(data).n_train_tokens
+
+
+def plan_table(plan: Plan) -> Table:
+    """One row per run; '*' marks the baseline architecture."""
+    workers = plan.sweep.executor.workers
+    table = Table(title=f"sweep {plan.sweep.name}: {len(plan.runs)} runs ({plan.profile.name} estimate)",
+                  box=box.SIMPLE_HEAD,
+                  caption=f"* baseline; params: total (non-embedding); total time with {workers} "
+                          f"worker{'s' if workers > 1 else ''}")
+    headers = ("arch", "size", "budget", "params", "tokens", "steps", "tok/param", "FLOPs", "lr", "est. time")
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("arch", "size") else "right", no_wrap=True)
+    for run, seconds in zip(plan.runs, plan.seconds):
+        table.add_row(
+            f"{run.arch}*" if run.is_baseline else run.arch, run.size,
+            sci(run.budget),
+            f"{human(run.params)} ({human(run.params_non_embedding)})", human(run.tokens), f"{run.steps:,}",
+            f"{run.tokens / run.params:.1f}", sci(run.flops), sci(run.spec.optim.lr), duration(seconds),
+        )
+    table.add_section()
+    table.add_row("total", "", "", "", human(sum(r.tokens for r in plan.runs)), "", "",
+                  sci(plan.total_flops), "", duration(plan.total_seconds))
+    return table

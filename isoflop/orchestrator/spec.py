@@ -1,0 +1,494 @@
+"""The sweep file: its schema, and validation that names the file, key path, bad value and what is allowed.
+
+A sweep file (YAML) says what to train; `grid.expand` turns it into RunSpecs. Layout:
+
+    name: quickstart                       # runs go to <runs root>/<name>/<run id>/
+    description: optional free text
+    data: {corpus: python-stdlib, tokenizer: bytes, val_fraction: 0.02}
+    architectures:                         # sweep name -> registry architecture (+ model overrides)
+      transformer: {arch: transformer, baseline: true}     # exactly one baseline
+      dynamic-qkv: {arch: dynamic-qkv, overrides: {conv: {rank: 8}}}
+    grid:                                  # either an isoflop grid ...
+      kind: isoflop
+      budgets: [1.0e+12, 3.0e+12]          # training FLOPs per run (each architecture its own FLOPs)
+      sizes: [d64-l2, 2.5M]                # explicit sizes, or:  n_sizes: 4, spread: 3
+      min_steps: 10                        # optional: a cell with fewer optimiser steps is an error
+    # grid: {kind: ladder, sizes: [150M, 300M], tokens_per_param: 50}   # ... or a size ladder
+    train:                                 # one flat section; numbers may be size rules (rules.py)
+      batch_size: 16
+      seq_len: 128
+      lr: "0.003 * (params / 1e6) ** -0.25"
+    seeds: [0]
+    executor: {kind: local, workers: 2}
+
+`train` keys map onto TrainConfig, OptimConfig and ScheduleConfig fields (TRAIN_KEYS below; defaults are
+those dataclasses' defaults). Every numeric `train` key except seq_len may be a rule: a number, a formula
+string over the model's size, or a table (see rules.py).
+
+Validation here is structural (keys, types, ranges, names that resolve). `grid.expand` completes it with
+what needs the model counts: budgets too small for a size, model overrides the registry rejects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import yaml
+
+from isoflop.data.tokenizers import TOKENIZER_NAMES_HELP, nominal_vocab_size
+from isoflop.models import registry, sizes
+from isoflop.orchestrator.rules import Formula, Rule, RuleError, Table, TableRow
+from isoflop.runspec import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
+
+SCHEDULE_KINDS: tuple[str, ...] = ("cosine", "wsd")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+EXECUTOR_KINDS: tuple[str, ...] = ("local",)
+GRID_KINDS: tuple[str, ...] = ("isoflop", "ladder")
+DEFAULT_MIN_STEPS = 10  # fewer optimiser steps than this cannot say anything about a size
+DEFAULT_SPREAD = 3.0  # n_sizes grids: sizes from N_opt/3 to 3*N_opt unless the file says otherwise
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # safe as a directory name
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot be run. The message names file, key path, bad value and what is allowed."""
+
+    def __init__(self, file: Path | str, path: str, value: Any, problem: str, allowed: str = "") -> None:
+        self.file, self.path, self.value = str(file), path, value
+        self.problem, self.allowed = problem, allowed
+        message = f"{file}: {path or '<top level>'} = {value!r}: {problem}"
+        super().__init__(f"{message}; allowed: {allowed}" if allowed else message)
+
+
+class _Invalid(Exception):
+    """Raised by value parsers; the section reading the key turns it into a SweepError."""
+
+    def __init__(self, problem: str, allowed: str = "") -> None:
+        super().__init__(problem)
+        self.problem, self.allowed = problem, allowed
+
+
+# -- the parsed sweep -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchitectureEntry:
+    name: str  # the sweep's label, used in tables and as RunSpec.arch
+    arch: str  # registry architecture
+    baseline: bool
+    overrides: dict[str, Any]  # ModelConfig overrides passed to registry.make_model_config
+
+
+@dataclass(frozen=True)
+class IsoflopGrid:
+    """Every architecture at every size for every budget. sizes None: n_sizes shapes per budget,
+    spread log-uniformly from N_opt/spread to N_opt*spread around the Chinchilla-style optimum."""
+
+    budgets: tuple[float, ...]
+    sizes: tuple[str, ...] | None
+    n_sizes: int | None
+    spread: float | None
+    min_steps: int
+    kind: str = "isoflop"
+
+
+@dataclass(frozen=True)
+class LadderGrid:
+    """Every architecture at every size, each trained on tokens_per_param tokens per baseline parameter."""
+
+    sizes: tuple[str, ...]
+    tokens_per_param: float
+    min_steps: int
+    kind: str = "ladder"
+
+
+Grid = Union[IsoflopGrid, LadderGrid]
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    kind: str = "local"
+    workers: int = 1  # runs at once; on GPUs they are spread round-robin and may share a GPU
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    path: Path
+    description: str
+    data: DataConfig
+    architectures: tuple[ArchitectureEntry, ...]
+    grid: Grid
+    train: dict[str, Any]  # TRAIN_KEYS name -> value or Rule, defaults filled in
+    seeds: tuple[int, ...]
+    executor: ExecutorConfig
+
+    @property
+    def baseline(self) -> ArchitectureEntry:
+        return next(a for a in self.architectures if a.baseline)
+
+    def architecture(self, name: str) -> ArchitectureEntry:
+        for entry in self.architectures:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"architecture {name!r} is not in sweep {self.name!r}")
+
+
+# -- value parsers: each returns the parsed value or raises _Invalid -------------------------
+
+
+def _number(value: Any) -> float:
+    # YAML 1.1 reads 1e12 (no dot) as a string, so numeric strings are accepted too.
+    if isinstance(value, bool):
+        raise _Invalid("is a boolean, not a number", "a number")
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise _Invalid(f"is a {type(value).__name__}, not a number", "a number")
+
+
+def _positive(value: Any) -> float:
+    number = _number(value)
+    if not number > 0 or number == float("inf"):
+        raise _Invalid("must be positive and finite", "a number > 0")
+    return number
+
+
+def _non_negative(value: Any) -> float:
+    number = _number(value)
+    if not 0 <= number < float("inf"):
+        raise _Invalid("must be >= 0 and finite", "a number >= 0")
+    return number
+
+
+def _factor(value: Any) -> float:
+    number = _number(value)
+    if not 1 <= number < float("inf"):
+        raise _Invalid("must be a finite factor >= 1", "a number >= 1")
+    return number
+
+
+def _open_fraction(value: Any) -> float:
+    number = _number(value)
+    if not 0 < number < 1:
+        raise _Invalid("is outside (0, 1)", "a number strictly between 0 and 1")
+    return number
+
+
+def _fraction(value: Any) -> float:
+    number = _number(value)
+    if not 0 <= number <= 1:
+        raise _Invalid("is outside [0, 1]", "a number in [0, 1]")
+    return number
+
+
+def _int_at_least(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            number = _number(value)
+        except _Invalid as exc:
+            raise _Invalid(exc.problem, f"an integer >= {minimum}") from None
+        if number != int(number) or number < minimum:
+            raise _Invalid(f"must be a whole number >= {minimum}", f"an integer >= {minimum}")
+        return int(number)
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"is a {type(value).__name__}, not a boolean", "true or false")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"is a {type(value).__name__}, not a non-empty string", "a non-empty string")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise _Invalid("is not a known choice", ", ".join(choices))
+        return value
+
+    return parse
+
+
+def _pattern(pattern: re.Pattern[str], allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not pattern.match(value):
+            raise _Invalid("has the wrong form", allowed)
+        return value
+
+    return parse
+
+
+def _tokenizer(value: Any) -> str:
+    try:
+        nominal_vocab_size(value)
+    except (TypeError, ValueError):
+        raise _Invalid("is not a known tokenizer", TOKENIZER_NAMES_HELP) from None
+    return value
+
+
+def _size(value: Any) -> str:
+    """A size label or parameter target that sizes.resolve_size accepts; kept as written."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _Invalid(f"is a {type(value).__name__}",
+                       "a named size, a parameter count or 'd<width>-l<layers>'")
+    try:
+        sizes.resolve_size(value)
+    except ValueError as exc:
+        problem, _, allowed = str(exc).partition("; allowed: ")
+        raise _Invalid(problem, allowed) from None
+    return str(value)
+
+
+def _rule(parse_constant: Callable[[Any], float]) -> Callable[[Any], Rule]:
+    """A constant (checked by parse_constant), a formula string, or a table of {max_params, value}."""
+    allowed = "a number, a formula string over params/tokens/d_model/..., or a list of {max_params, value}"
+
+    def parse(value: Any) -> Rule:
+        if isinstance(value, str):
+            try:
+                return parse_constant(float(value))
+            except ValueError:
+                pass
+            try:
+                return Formula(value)
+            except RuleError as exc:
+                raise _Invalid(str(exc), allowed) from None
+        if isinstance(value, list):
+            return _table(value, parse_constant)
+        return parse_constant(value)
+
+    return parse
+
+
+def _table(rows: list[Any], parse_constant: Callable[[Any], float]) -> Table:
+    parsed = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or "value" not in row or set(row) - {"value", "max_params"}:
+            raise _Invalid(f"row {index} is {row!r}", "rows like {max_params: 1e6, value: 0.003}")
+        try:
+            value = parse_constant(row["value"])
+            max_params = _positive(row["max_params"]) if "max_params" in row else None
+        except _Invalid as exc:
+            raise _Invalid(f"row {index}: {exc.problem}", exc.allowed) from None
+        parsed.append(TableRow(value=value, max_params=max_params))
+    try:
+        return Table(tuple(parsed))
+    except RuleError as exc:
+        raise _Invalid(str(exc), "rows sorted by max_params; only the last may omit it") from None
+
+
+# -- the flat `train` section ----------------------------------------------------------------
+
+# key -> (dataclass it configures, parser). Rules are allowed where the parser is a _rule.
+TRAIN_KEYS: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "batch_size": (TrainConfig, _rule(_int_at_least(1))),
+    "seq_len": (TrainConfig, _int_at_least(2)),
+    "eval_every_tokens": (TrainConfig, _rule(_int_at_least(0))),
+    "eval_tokens": (TrainConfig, _rule(_int_at_least(1))),
+    "checkpoint_every_tokens": (TrainConfig, _rule(_int_at_least(0))),
+    "compile": (TrainConfig, _bool),
+    "device": (TrainConfig, _choice(DEVICES)),
+    "lr": (OptimConfig, _rule(_positive)),
+    "weight_decay": (OptimConfig, _rule(_fraction)),
+    "beta1": (OptimConfig, _rule(_fraction)),
+    "beta2": (OptimConfig, _rule(_fraction)),
+    "eps": (OptimConfig, _rule(_positive)),
+    "grad_clip": (OptimConfig, _rule(_non_negative)),  # 0: no clipping
+    "schedule": (ScheduleConfig, _choice(SCHEDULE_KINDS)),
+    "warmup_fraction": (ScheduleConfig, _rule(_fraction)),
+    "decay_fraction": (ScheduleConfig, _rule(_fraction)),
+    "min_lr_ratio": (ScheduleConfig, _rule(_fraction)),
+}
+# The sweep key `schedule` is ScheduleConfig.kind; every other key is the dataclass field of that name.
+TRAIN_FIELD_NAMES: dict[str, str] = {key: key for key in TRAIN_KEYS} | {"schedule": "kind"}
+
+
+def _train_defaults() -> dict[str, Any]:
+    defaults = {}
+    for key, (config_class, _) in TRAIN_KEYS.items():
+        field = {f.name: f for f in dataclasses.fields(config_class)}[TRAIN_FIELD_NAMES[key]]
+        defaults[key] = field.default
+    return defaults
+
+
+# -- reading sections -----------------------------------------------------------------------
+
+
+class _Section:
+    """A mapping at a key path; takes keys one by one and rejects whatever is left over."""
+
+    def __init__(self, mapping: Any, path: str, file: Path) -> None:
+        if not isinstance(mapping, dict):
+            raise SweepError(file, path, mapping, f"is a {type(mapping).__name__}, not a mapping",
+                             "a mapping of keys")
+        self.mapping, self.path, self.file = dict(mapping), path, file
+        self.known: list[str] = []
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def take(self, key: str, parse: Callable[[Any], Any], default: Any = ...) -> Any:
+        self.known.append(key)
+        if key not in self.mapping:
+            if default is ...:
+                raise SweepError(self.file, self.key_path(key), None, "is missing", "a value")
+            return default
+        return self.parse(self.key_path(key), self.mapping.pop(key), parse)
+
+    def parse(self, path: str, value: Any, parse: Callable[[Any], Any]) -> Any:
+        try:
+            return parse(value)
+        except _Invalid as exc:
+            raise SweepError(self.file, path, value, exc.problem, exc.allowed) from None
+
+    def section(self, key: str, default: Any = ...) -> "_Section":
+        value = self.take(key, lambda v: v, default)
+        return _Section(value, self.key_path(key), self.file)
+
+    def list_of(self, key: str, parse: Callable[[Any], Any], default: Any = ...) -> tuple[Any, ...]:
+        values = self.take(key, lambda v: v, default)
+        if values is default:
+            return values
+        if not isinstance(values, list) or not values:
+            raise SweepError(self.file, self.key_path(key), values, "is not a non-empty list", "a list")
+        return tuple(self.parse(f"{self.key_path(key)}[{i}]", v, parse) for i, v in enumerate(values))
+
+    def done(self) -> None:
+        if self.mapping:
+            key = next(iter(self.mapping))
+            raise SweepError(
+                self.file, self.key_path(str(key)), self.mapping[key], "is not a known key",
+                ", ".join(self.known),
+            )
+
+
+def load_sweep(path: Path | str) -> Sweep:
+    """Read and validate a sweep file. Raises SweepError on the first problem found."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SweepError(path, "", None, "the sweep file does not exist", "a path to a YAML file") from None
+    except yaml.YAMLError as exc:
+        raise SweepError(path, "", None, f"is not valid YAML: {exc}", "a YAML mapping") from None
+    return parse_sweep(document, path)
+
+
+def parse_sweep(document: Any, path: Path | str) -> Sweep:
+    """Validate an already-loaded sweep document; `path` names it in errors."""
+    path = Path(path)
+    top = _Section(document, "", path)
+    name = top.take("name", _pattern(NAME_PATTERN, "letters, digits, '.', '_' and '-' (a directory name)"))
+    description = top.take("description", _string, "")
+    data = _parse_data(top.section("data"))
+    architectures = _parse_architectures(top.section("architectures"))
+    grid = _parse_grid(top.section("grid"))
+    train = _parse_train(top.section("train", {}))
+    seeds = top.list_of("seeds", _int_at_least(0), (0,))
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(path, "seeds", list(seeds), "has repeated seeds", "distinct integers")
+    executor = _parse_executor(top.section("executor", {}))
+    top.done()
+    return Sweep(name, path, description, data, architectures, grid, train, seeds, executor)
+
+
+def _parse_data(section: _Section) -> DataConfig:
+    defaults = DataConfig()
+    corpus = section.take("corpus", _string, defaults.corpus)
+    tokenizer = section.take("tokenizer", _tokenizer, defaults.tokenizer)
+    val_fraction = section.take("val_fraction", _open_fraction, defaults.val_fraction)
+    bin_dtype = section.take("bin_dtype", _choice(("uint16", "uint32")), defaults.bin_dtype)
+    section.done()
+    return DataConfig(corpus=corpus, tokenizer=tokenizer, val_fraction=val_fraction, bin_dtype=bin_dtype)
+
+
+def _parse_architectures(section: _Section) -> tuple[ArchitectureEntry, ...]:
+    known = registry.architecture_names()
+    entries = []
+    for label in list(section.mapping):
+        # Labels become table values, CSV cells and parts of file names: keep them plain.
+        if not isinstance(label, str) or not NAME_PATTERN.match(label):
+            raise SweepError(section.file, section.key_path(str(label)), label, "is not a plain name",
+                             "letters, digits, '.', '_' and '-'")
+        if section.mapping[label] is None:  # `transformer:` with nothing under it
+            section.mapping[label] = {}
+        entry = section.section(label)
+        arch = entry.take("arch", _choice(tuple(known)), label if label in known else ...)
+        baseline = entry.take("baseline", _bool, False)
+        overrides = entry.take("overrides", _overrides, {})
+        entry.done()
+        entries.append(ArchitectureEntry(label, arch, baseline, overrides))
+    if not entries:
+        raise SweepError(section.file, section.path, {}, "names no architecture", "at least one architecture")
+    baselines = [e.name for e in entries if e.baseline]
+    if len(baselines) != 1:
+        raise SweepError(section.file, section.path, baselines or None,
+                         f"has {len(baselines)} baselines", "exactly one entry with baseline: true")
+    return tuple(entries)
+
+
+def _overrides(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"is a {type(value).__name__}",
+                       "a mapping of ModelConfig fields, e.g. {conv: {rank: 8}}")
+    return value
+
+
+def _parse_grid(section: _Section) -> Grid:
+    kind = section.take("kind", _choice(GRID_KINDS))
+    min_steps = section.take("min_steps", _int_at_least(1), DEFAULT_MIN_STEPS)
+    if kind == "ladder":
+        grid: Grid = LadderGrid(
+            sizes=section.list_of("sizes", _size),
+            tokens_per_param=section.take("tokens_per_param", _positive),
+            min_steps=min_steps,
+        )
+    else:
+        budgets = section.list_of("budgets", _positive)
+        explicit = section.list_of("sizes", _size, None)
+        n_sizes = section.take("n_sizes", _int_at_least(1), None)
+        spread = section.take("spread", _factor, None)
+        if (explicit is None) == (n_sizes is None):
+            chosen = {"sizes": list(explicit) if explicit else None, "n_sizes": n_sizes}
+            raise SweepError(section.file, section.path, chosen, "needs exactly one way to choose sizes",
+                             "either sizes: [...] or n_sizes: N (with an optional spread)")
+        if explicit is not None and spread is not None:
+            raise SweepError(section.file, section.key_path("spread"), spread,
+                             "only applies to n_sizes", "spread with n_sizes, not with sizes")
+        if n_sizes is not None and spread is None:
+            spread = DEFAULT_SPREAD
+        grid = IsoflopGrid(budgets, explicit, n_sizes, spread, min_steps)
+    section.done()
+    return grid
+
+
+def _parse_train(section: _Section) -> dict[str, Any]:
+    train = _train_defaults()
+    for key, (_, parse) in TRAIN_KEYS.items():
+        train[key] = section.take(key, parse, train[key])
+    section.done()
+    return train
+
+
+def _parse_executor(section: _Section) -> ExecutorConfig:
+    defaults = ExecutorConfig()
+    executor = ExecutorConfig(
+        kind=section.take("kind", _choice(EXECUTOR_KINDS), defaults.kind),
+        workers=section.take("workers", _int_at_least(1), defaults.workers),
+    )
+    section.done()
+    return executor

@@ -1,0 +1,117 @@
+"""run_fit and write_report: files written from runs.csv alone, plots that exist and show something."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+from rich.console import Console
+
+from isoflop.analysis.multiplier import MULTIPLIER_COLUMNS
+from isoflop.analysis.report import format_multiplier_table, run_fit, write_report
+from isoflop.analysis.synthetic import simulate_evals, simulate_runs
+
+FACTORS = {"transformer": 1.0, "dynamic-qkv": 1.5, "static-qkv": 1.25}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def ink_fraction(pixels: np.ndarray) -> float:
+    """Share of pixels that are not (near) white."""
+    return float(np.mean(np.any(pixels[..., :3] < 0.9, axis=-1)))
+
+
+def distinct_colours(pixels: np.ndarray) -> int:
+    rgb = np.round(pixels[..., :3] * 255).astype(np.uint32)
+    return len(np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]))
+
+
+@pytest.fixture
+def results(tmp_path):
+    runs = simulate_runs([1e17, 1e18, 1e19], FACTORS, baseline="transformer", noise=0.002, seed=0,
+                         sweep="quick")
+    runs.loc[0, "state"] = "diverged"
+    runs.loc[0, "final_val_loss"] = np.nan
+    runs.loc[1, "git_sha"] = "abc1234"
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    return tmp_path
+
+
+def test_run_fit_writes_fits_json_and_multipliers_csv(results):
+    outcome = run_fit(results, at=[1e20], n_boot=200, seed=1)
+    assert outcome.baseline == "transformer" and len(outcome.usable) == 35
+    document = json.loads(outcome.fits_path.read_text())
+    assert document["baseline"] == "transformer" and document["n_boot"] == 200 and document["seed"] == 1
+    assert set(document["archs"]) == set(FACTORS)
+    entry = document["archs"]["dynamic-qkv"]
+    assert entry["with_E"] is False and entry["E"] == 0.0 and entry["n_points"] == 3
+    assert entry["alpha"] == pytest.approx(outcome.fits["dynamic-qkv"].alpha)
+    assert entry["bootstrap"]["alpha"]["p5"] < entry["alpha"] < entry["bootstrap"]["alpha"]["p95"]
+    assert entry["n_boot_valid"] == 200
+    written = pd.read_csv(outcome.multipliers_path)
+    assert list(written.columns) == list(MULTIPLIER_COLUMNS)
+    assert len(written) == 2 * 4  # two archs x (three grid budgets + one named)
+    np.testing.assert_allclose(written["multiplier"], outcome.multipliers["multiplier"])
+    assert written.loc[written["budget"] == 1e20, "extrapolated"].all()
+
+
+def test_multiplier_table_prints_every_row(results):
+    outcome = run_fit(results, n_boot=50)
+    console = Console(record=True, width=120)
+    console.print(format_multiplier_table(outcome.multipliers, outcome.baseline))
+    text = console.export_text()
+    assert "Compute multiplier M vs transformer" in text
+    assert text.count("dynamic-qkv") == 3 and text.count("static-qkv") == 3
+    assert "extrap." in text
+
+
+def test_report_regenerates_everything_from_runs_csv(results):
+    evals = simulate_evals(pd.read_csv(results / "runs.csv"), FACTORS)
+    evals.to_csv(results / "evals.csv", index=False)
+    path = write_report(results, n_boot=100)
+    assert path == results / "report.md"
+    text = path.read_text()
+    assert "# Report: quick" in text
+    assert "baseline: **transformer**" in text
+    assert "runs: 36 (diverged: 1, done: 35); used in fits: 35" in text
+    assert "| dynamic-qkv | 1e+18 |" in text
+    assert "`abc1234`" in text and "`synthetic`" in text  # provenance from the table
+    links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    assert links == ["plots/isoflop_curves.png", "plots/frontier.png", "plots/multiplier.png",
+                     "plots/training_curves.png"]
+    for link in links:
+        image = results / link
+        assert image.read_bytes()[:8] == PNG_SIGNATURE
+        pixels = imread(image)
+        assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600
+        assert ink_fraction(pixels) > 0.02 and distinct_colours(pixels) > 20  # not a blank canvas
+    assert (results / "fits.json").is_file() and (results / "multipliers.csv").is_file()
+    # Regenerating from the same table gives the same report.
+    assert write_report(results, n_boot=100).read_text() == text
+
+
+def test_report_without_evals_has_no_training_curves(results):
+    text = write_report(results, n_boot=20).read_text()
+    assert "training_curves.png" not in text
+    assert not (results / "plots" / "training_curves.png").exists()
+
+
+def test_only_the_baseline_gives_an_empty_multiplier_table(tmp_path):
+    runs = simulate_runs([1e17, 1e18, 1e19], {"transformer": 1.0}, baseline="transformer")
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    text = write_report(tmp_path, n_boot=20).read_text()
+    assert "No architecture besides the baseline has a fit." in text
+    assert (tmp_path / "plots" / "multiplier.png").stat().st_size > 0
+
+
+def test_run_fit_wants_the_results_directory(results):
+    with pytest.raises(NotADirectoryError, match="expected the results directory holding runs.csv"):
+        run_fit(results / "runs.csv")
+
+
+def test_a_baseline_without_finished_runs_is_a_clear_error(results):
+    runs = pd.read_csv(results / "runs.csv")
+    runs.loc[runs["arch"] == "transformer", "state"] = "failed"
+    runs.to_csv(results / "runs.csv", index=False)
+    with pytest.raises(ValueError, match="cannot fit the baseline 'transformer': it has no usable run"):
+        run_fit(results, n_boot=10)
