@@ -67,6 +67,13 @@ class TrainConfig:
     checkpoint_every_tokens: int = 0  # 0: checkpoint at every eval
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    # WSD runs only: token counts (each < total_tokens) at which a cooldown branches off the stable
+    # phase and is trained to that count, giving one extra endpoint per entry (see train/trainer.py).
+    cooldown_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # From JSON the counts arrive as a list; a tuple keeps the config hashable.
+        object.__setattr__(self, "cooldown_tokens", tuple(int(t) for t in self.cooldown_tokens))
 
     @property
     def tokens_per_step(self) -> int:
@@ -89,7 +96,11 @@ class RunSpec:
     size: str = ""  # a label for tables (e.g. '300M' or 'd256-l4'); not part of the identity
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data; the model through ModelConfig.to_dict, which leaves out later-added fields
+        at their defaults, so existing run ids do not change when a field is added."""
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
@@ -109,6 +120,8 @@ class RunSpec:
         d = self.to_dict()
         d.pop("size")
         d["train"].pop("device")
+        if not d["train"]["cooldown_tokens"]:
+            d["train"].pop("cooldown_tokens")  # added later: runs without branches keep their ids
         return d
 
     @property

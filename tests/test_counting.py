@@ -117,9 +117,11 @@ def test_flops_per_token_by_hand():
     flops = flops_per_token(cfg, T)
     assert set(flops.breakdown) == set(BREAKDOWN_KEYS)
     assert flops.breakdown == {
-        "attention_projections": L * 4 * 2 * d * d,
+        "mixer_projections": L * 4 * 2 * d * d,
         "attention_scores": L * (2 * T * d + 2 * T * d),
+        "recurrence": 0,
         "mlp": L * 3 * 2 * d * f,
+        "router": 0,
         "conv_generators": L * 3 * (2 * d * R + 2 * R * W * d),
         "conv_apply": L * 3 * (2 * W * d + d),
         "lm_head": 2 * d * V,

@@ -71,7 +71,9 @@ def test_good_file_parses_with_defaults(tmp_path):
     assert sweep.train["schedule"] == "cosine"
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "paper-small.yaml"])
+@pytest.mark.parametrize(
+    "name", ["quickstart.yaml", "paper-small.yaml", "linear-rnn-small.yaml", "moe-small.yaml"]
+)
 def test_shipped_sweeps_validate_and_expand(name):
     sweep = load_sweep(REPO / "sweeps" / name)
     runs = expand(sweep)

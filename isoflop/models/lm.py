@@ -1,17 +1,24 @@
 """The language model: a Llama-style pre-norm decoder, readable top to bottom.
 
     idx -> tok_emb -> n_layers x Block -> norm -> lm_head (tied to tok_emb by default) -> logits
-    Block: x = x + attn(attn_norm(x)); x = x + mlp(mlp_norm(x))
+    Block: x = x + mixer(mixer_norm(x)); x = x + ffn(ffn_norm(x))
 
-RMSNorm, RoPE, SwiGLU, no biases anywhere (the convs' static filters are the only bias-like
-tensors). Short convolutions, when the config asks for them, follow the linears named by
-`cfg.conv.linears` inside Attention and SwiGLU (see conv.py, attention.py, mlp.py).
+The mixer is causal self-attention with RoPE (cfg.mixer 'attention'), Mamba-2 or Gated DeltaNet
+(mixers/); the feed-forward a SwiGLU MLP or a mixture of SwiGLU experts (cfg.ffn 'moe', moe.py).
+RMSNorm, no biases anywhere (the convs' static filters are the only bias-like tensors). Short
+convolutions, when the config asks for them, sit inside the mixer and the MLP (see conv.py).
 
-Packed documents: forward(idx [1, T], cu_seqlens=[0, ..., T]) keeps attention, RoPE positions and
-convs inside each document, so a packed row computes exactly what separate rows would.
+Packed documents: forward(idx [1, T], cu_seqlens=[0, ..., T]) keeps attention, RoPE positions,
+recurrent states and convs inside each document, so a packed row computes exactly what separate
+rows would.
+
+Loss: cross-entropy, plus for MoE models the routers' auxiliary losses while training
+(`model.training`), so evaluations see pure cross-entropy. `last_losses` keeps the parts of the last
+loss (cross_entropy, and load_balance and router_z for MoE), detached, for logging.
 
 Decode: new_cache() -> prefill(prompt) -> forward_step(token) ...; the cache holds every layer's
-rotated keys/values and every conv's last W-1 inputs. generate() wraps that loop.
+rotated keys/values (attention) or recurrent state (Mamba-2, Gated DeltaNet) and every conv's last
+W-1 inputs. generate() wraps that loop.
 """
 
 from __future__ import annotations
@@ -33,38 +40,71 @@ from isoflop.models.attention import (
 )
 from isoflop.models.config import ModelConfig
 from isoflop.models.conv import DynamicShortConv, StaticShortConv
+from isoflop.models.mixers import GatedDeltaNet, Mamba2
 from isoflop.models.mlp import SwiGLU
+from isoflop.models.moe import MoE, router_loss
 from isoflop.models.norm import RMSNorm
+
+MIXERS = {"attention": Attention, "mamba2": Mamba2, "gated-deltanet": GatedDeltaNet}
+FFNS = {"swiglu": SwiGLU, "moe": MoE}
+
+
+@dataclass
+class LayerCache:
+    """One layer's decode state: its convs' last inputs keyed by linear name, and the attention's
+    KV cache or the recurrent mixer's state."""
+
+    conv_states: dict[str, Tensor]
+    kv: KVCache | None = None
+    state: Tensor | None = None
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MIXERS[cfg.mixer](cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FFNS[cfg.ffn](cfg)
 
     def forward(
         self, x: Tensor, rope: Rope, cu_seqlens: Tensor | None = None,
         document_mask: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, document_mask)
-        return x + self.mlp(self.mlp_norm(x), cu_seqlens)
+        h = self.mixer_norm(x)
+        if isinstance(self.mixer, Attention):  # positions and documents as RoPE and a mask
+            x = x + self.mixer(h, rope, cu_seqlens, document_mask)
+        else:  # a recurrence knows order already; documents restart its state
+            x = x + self.mixer(h, cu_seqlens)
+        return x + self.ffn(self.ffn_norm(x), cu_seqlens)
 
-    def step(
-        self, x_t: Tensor, rope: Rope, kv: KVCache, conv_states: dict[str, Tensor], pos: int
-    ) -> Tensor:
-        x_t = x_t + self.attn.step(self.attn_norm(x_t), rope, kv, conv_states, pos)
-        return x_t + self.mlp.step(self.mlp_norm(x_t), conv_states)
+    def step(self, x_t: Tensor, rope: Rope, cache: LayerCache, pos: int) -> Tensor:
+        h_t = self.mixer_norm(x_t)
+        if isinstance(self.mixer, Attention):
+            x_t = x_t + self.mixer.step(h_t, rope, cache.kv, cache.conv_states, pos)
+        else:
+            out, cache.state = self.mixer.step(h_t, cache.conv_states, cache.state)
+            x_t = x_t + out
+        return x_t + self.ffn.step(self.ffn_norm(x_t), cache.conv_states)
+
+    def new_cache(
+        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> LayerCache:
+        conv_states = self.mixer.convs.empty_states(batch_size, device, dtype)
+        if isinstance(self.ffn, SwiGLU):  # the MoE has no convs
+            conv_states |= self.ffn.convs.empty_states(batch_size, device, dtype)
+        if isinstance(self.mixer, Attention):
+            kv = KVCache.empty(batch_size, self.mixer.n_heads, max_len, self.mixer.head_dim,
+                               device, dtype)
+            return LayerCache(conv_states, kv=kv)
+        return LayerCache(conv_states, state=self.mixer.empty_state(batch_size, device, dtype))
 
 
 @dataclass
 class DecodeCache:
-    """Per layer: the KV cache and the conv states keyed by linear name; pos = tokens seen."""
+    """Every layer's LayerCache; pos = tokens seen."""
 
-    kv: list[KVCache]
-    conv_states: list[dict[str, Tensor]]
+    layers: list[LayerCache]
     max_len: int
     pos: int = 0
 
@@ -79,31 +119,43 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.last_losses: dict[str, Tensor] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """normal(0, init_std) for every matrix; the residual branches' output projections (o,
-        down) get init_std / sqrt(2 * n_layers) (GPT-2): 2 * n_layers branches add into the
-        residual stream, and this keeps its variance at init independent of depth. The convs
+        """normal(0, init_std) for every matrix; the residual branches' output projections (the
+        mixers' o, the MLPs' down, the experts' down) get init_std / sqrt(2 * n_layers) (GPT-2):
+        2 * n_layers branches add into the residual stream, and this keeps its variance at init
+        independent of depth. The experts' stacked weights and the recurrent mixers' decay and
+        step-size parameters are not Linears and keep the init their modules gave them. The convs
         re-initialise last, because the first pass also hit their generators' Linears."""
         std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, std)
-        for block in self.blocks:
-            for projection in (block.attn.o, block.mlp.down):
-                nn.init.normal_(projection.weight, 0.0, std / math.sqrt(2 * self.config.n_layers))
+        for module in self.modules():
+            if isinstance(module, tuple(MIXERS.values())):
+                nn.init.normal_(module.o.weight, 0.0, residual_std)
+            elif isinstance(module, SwiGLU):  # also an MoE's shared expert
+                nn.init.normal_(module.down.weight, 0.0, residual_std)
         for module in self.modules():
             if isinstance(module, (StaticShortConv, DynamicShortConv)):
                 module.reset_parameters()
 
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, cu_seqlens: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """idx [B, T] int64 -> (logits [B, T, V] float32, mean cross-entropy in fp32 or None).
+        """idx [B, T] int64 -> (logits [B, T, V] float32, loss in fp32 or None).
 
-        cu_seqlens [N+1] (with B == 1) marks packed documents: [0, end_1, ..., T]. Targets equal to
-        -100 are ignored by the loss (F.cross_entropy's default ignore_index).
+        The loss is the mean cross-entropy; for MoE models in training mode, plus the routers'
+        weighted auxiliary losses (module docstring). cu_seqlens [N+1] (with B == 1) marks packed
+        documents: [0, end_1, ..., T]. Targets equal to -100 are ignored by the loss
+        (F.cross_entropy's default ignore_index).
         """
         B, T = idx.shape
         if T > self.config.max_seq_len:
@@ -124,6 +176,12 @@ class LanguageModel(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+            self.last_losses = {"cross_entropy": loss.detach()}
+            if self.moe_layers:
+                aux, parts = router_loss(self.moe_layers)
+                self.last_losses |= {name: value.detach() for name, value in parts.items()}
+                if self.training:
+                    loss = loss + aux
         return logits, loss
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -159,16 +217,8 @@ class LanguageModel(nn.Module):
         weight = self.tok_emb.weight
         device = weight.device if device is None else device
         dtype = weight.dtype if dtype is None else dtype
-        kv = [
-            KVCache.empty(batch_size, cfg.n_heads, max_len, cfg.head_dim, device, dtype)
-            for _ in self.blocks
-        ]
-        conv_states = [
-            {**block.attn.convs.empty_states(batch_size, device, dtype),
-             **block.mlp.convs.empty_states(batch_size, device, dtype)}
-            for block in self.blocks
-        ]
-        return DecodeCache(kv, conv_states, max_len)
+        layers = [block.new_cache(batch_size, max_len, device, dtype) for block in self.blocks]
+        return DecodeCache(layers, max_len)
 
     def forward_step(self, idx_t: Tensor, cache: DecodeCache) -> Tensor:
         """The next token of every row, idx_t [B] int64 -> its logits [B, V] float32."""
@@ -178,8 +228,8 @@ class LanguageModel(nn.Module):
         positions = torch.tensor([pos], device=idx_t.device)
         rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
         x = self.tok_emb(idx_t)
-        for block, kv, conv_states in zip(self.blocks, cache.kv, cache.conv_states):
-            x = block.step(x, rope, kv, conv_states, pos)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block.step(x, rope, layer_cache, pos)
         cache.pos = pos + 1
         return self.lm_head(self.norm(x)).float()
 

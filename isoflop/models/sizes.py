@@ -11,6 +11,11 @@ shape the rule builds has
 Sizes are counted in non-embedding parameters of the plain Transformer (no convs):
 n_layers * (4 d^2 + 3 d d_ff + 2 d) + d, see `isoflop.models.counting`; the embedding is left out
 because it depends on the tokenizer, which a sweep may change without changing the model.
+Every family uses the same shapes: Mamba-2 and Gated DeltaNet blocks take the width, depth and
+heads (of 64 channels) and keep the SwiGLU of d_ff; an MoE model's experts are each d_ff wide. Their
+own parameter counts differ from the name (`counting.count_params` has them exactly), as they do
+for the Transformer with convs; a sweep compares families at equal shapes and charges each its own
+FLOPs.
 
 `shape_for_params(target)` searches every candidate with d_model in 64..8192 (step 64), n_layers in
 1..128 and an aspect ratio within 4x of 64 (16..256; at the small end this allows d_model 64 with

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from isoflop.models.config import ModelConfig
-from isoflop.models.counting import linear_shapes
+from isoflop.models.counting import conv_streams
 from isoflop.orchestrator.grid import PlannedRun
 
 EVALS_PER_RUN = 11  # the trainer's default: about 10 evals over the run, and one at the end
@@ -42,8 +42,8 @@ EVALS_PER_RUN = 11  # the trainer's default: about 10 evals over the run, and on
 
 def conv_elements_per_token(cfg: ModelConfig) -> int:
     """Channels x taps summed over every short conv of the model (0 without convs)."""
-    shapes = linear_shapes(cfg)
-    return cfg.n_layers * sum(shapes[name][1] * cfg.conv.width for name in cfg.conv.linears)
+    streams = conv_streams(cfg).values()
+    return cfg.n_layers * sum(channels * cfg.conv.width for _, channels in streams)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+"""The optional fla-core bridge: flash-linear-attention's Triton kernels for both recurrences.
+
+fla-core (the `fla` extra: pip install 'isoflop[fla]') is imported on first use, and only when a
+call could go to it: CUDA tensors in bfloat16 or float16 (its chunked kernels refuse float32). A
+missing or broken install (an ImportError, or a Triton it does not work with) falls back to the
+PyTorch reference, with one warning saying why. Mamba-2's scan runs as `chunk_simple_gla` (its
+recurrence is linear attention with a scalar decay per head: C, B, dt * x as query, key, value,
+scale 1) and Gated DeltaNet's as `chunk_gated_delta_rule`; both take packed documents (cu_seqlens)
+natively. Written against fla-core's [B, T, H, ...] layout (the default since its 0.2 releases).
+
+Backend: "auto" (default) uses fla where it can and the reference elsewhere; "reference" always the
+reference; "fla" insists (a call fla cannot take raises, saying why). Pick it with `set_backend` or
+the environment variable ISOFLOP_MIXER_KERNELS. Decode steps always run the reference step.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "reference", "fla")
+FLA_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _validated(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r}; allowed: {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _validated(os.environ.get("ISOFLOP_MIXER_KERNELS", "auto"), "ISOFLOP_MIXER_KERNELS")
+
+
+def set_backend(name: str) -> None:
+    """Choose the recurrence kernels for every later call: "auto", "reference" or "fla"."""
+    global _backend
+    _backend = _validated(name, "mixer backend")
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@functools.cache
+def _load() -> tuple[dict[str, Callable[..., Any]] | None, str]:
+    """fla-core's two ops, or None and the reason they cannot be used."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as exc:  # noqa: BLE001 - a broken install must fall back, not stop a run
+        return None, f"fla-core cannot be imported ({type(exc).__name__}: {exc})"
+    return {"ssd": chunk_simple_gla, "gated_delta_rule": chunk_gated_delta_rule}, ""
+
+
+def available() -> bool:
+    """Whether fla-core imports here."""
+    return _load()[0] is not None
+
+
+def use_fla(activations: Tensor) -> bool:
+    """Whether a recurrence over these activations (the mixer's projections) runs on fla-core."""
+    if _backend == "reference":
+        return False
+    suitable = activations.is_cuda and activations.dtype in FLA_DTYPES
+    ops, reason = _load()
+    if _backend == "fla":
+        if ops is None:
+            raise RuntimeError(f"mixer backend 'fla' was asked for, but {reason}")
+        if not suitable:
+            raise ValueError(
+                f"mixer backend 'fla' needs CUDA tensors in {', '.join(map(str, FLA_DTYPES))}; got "
+                f"{activations.device.type} {activations.dtype}"
+            )
+        return True
+    if suitable and ops is None:
+        _warn_once(reason)
+    return suitable and ops is not None
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"{reason}; the recurrent mixers run the PyTorch reference", stacklevel=3)
+
+
+def ssd(x: Tensor, a: Tensor, B: Tensor, C: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """Mamba-2's scan (see ssd.py for shapes) on fla-core; x, B in C's dtype, a in float32."""
+    ops = _load()[0]
+    y, _ = ops["ssd"](
+        q=C, k=B.to(C.dtype), v=x.to(C.dtype), g=a.float(), scale=1.0, cu_seqlens=cu_seqlens
+    )
+    return y
+
+
+def gated_delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
+    cu_seqlens: Tensor | None,
+) -> Tensor:
+    """Gated DeltaNet's scan (see delta_rule.py for shapes) on fla-core."""
+    ops = _load()[0]
+    o, _ = ops["gated_delta_rule"](
+        q=q, k=k.to(q.dtype), v=v.to(q.dtype), g=g.float(), beta=beta.to(q.dtype), scale=scale,
+        cu_seqlens=cu_seqlens,
+    )
+    return o
