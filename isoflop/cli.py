@@ -97,16 +97,29 @@ def _add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also report the multiplier at these training budgets (FLOPs), e.g. 1e21")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument(
+        "--method", choices=("frontier", "approach2", "approach3"), default="frontier",
+        help="the compute-optimal loss curve behind the multipliers: frontier (lowest-loss run per "
+        "budget), approach2 (interpolated minimum per budget) or approach3 (the fitted surface "
+        "L(N, D)); default frontier",
+    )
+    parser.add_argument("--wallclock", action="store_true",
+                        help="also give the wall-clock multiplier, from the measured throughput")
 
 
 def add_fit(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "fit", help="fit loss-vs-compute power laws and compute multipliers from runs.csv",
-        description="Fit L(C) = E + A*C^-alpha to each architecture's compute-optimal frontier and "
-        "report the compute multiplier against the baseline, with a bootstrap 90% interval. Writes "
-        "fits.json and multipliers.csv next to runs.csv.",
+        description="Fit each architecture's compute-optimal loss L*(C) = E + A*C^-alpha (by "
+        "--method) and report the compute multiplier against the baseline, with a paired bootstrap "
+        "90% interval and P(M > 1). Writes fits.json and multipliers.csv next to runs.csv.",
     )
     _add_analysis_arguments(parser)
+    parser.add_argument(
+        "--resample-budgets", action=argparse.BooleanOptionalAction, default=None,
+        help="also redraw whole budgets in the bootstrap (default: only for approach3, which fits "
+        "every run; a 3-parameter law through a redrawn set of 4-6 budgets is often undetermined)",
+    )
     parser.set_defaults(handler=run_fit)
 
 
@@ -131,8 +144,15 @@ def run_fit(args: argparse.Namespace) -> int:
 
     from isoflop.analysis.report import format_multiplier_table, run_fit as fit_results
 
-    outcome = fit_results(args.results, at=args.at, n_boot=args.n_boot, seed=args.seed)
-    Console().print(format_multiplier_table(outcome.multipliers, outcome.baseline))
+    outcome = fit_results(args.results, at=args.at, n_boot=args.n_boot, seed=args.seed,
+                          method=args.method, wallclock=args.wallclock,
+                          resample_budgets=args.resample_budgets)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a file or pipe: wrapped rows help no one
+    console.print(format_multiplier_table(outcome.multipliers, outcome.baseline))
+    for warning in outcome.result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {outcome.fits_path} and {outcome.multipliers_path}")
     return 0
 
@@ -151,7 +171,8 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from isoflop.analysis.report import write_report
 
-    path = write_report(args.results, at=args.at, n_boot=args.n_boot, seed=args.seed)
+    path = write_report(args.results, at=args.at, n_boot=args.n_boot, seed=args.seed,
+                        method=args.method, wallclock=args.wallclock)
     print(f"wrote {path} and its plots in {path.parent / 'plots'}")
     return 0
 

@@ -61,7 +61,7 @@ def test_bounds_hold_when_data_want_a_negative_E():
     # The batched fit (bootstrap) holds the same bound and finds the same optimum.
     log_ref = np.mean(np.log(C))
     lx = (np.log(C) - log_ref)[None, :]
-    E, u, alpha = fit_with_E_batch(lx, np.log(L)[None, :], np.array([1.0, 1.0, 0.1]))[0]
+    E, _, alpha = fit_with_E_batch(lx, np.log(L)[None, :], np.array([1.0, 1.0, 0.1]))[0]
     assert 0 <= E < 1e-6 and rel(alpha, fit.alpha) < 1e-4
 
 

@@ -14,7 +14,11 @@ from isoflop.analysis.bootstrap import (
     replicate_frontiers,
 )
 from isoflop.analysis.fits import PowerLawFit, fit_frontiers
-from isoflop.analysis.multiplier import MULTIPLIER_COLUMNS, multiplier_band, multiplier_table
+from isoflop.analysis.multiplier import (
+    MULTIPLIER_COLUMNS,
+    multiplier_band,
+    multiplier_table,
+)
 from isoflop.analysis.synthetic import LossSurface, simulate_runs
 from isoflop.analysis.table import usable_runs, validate_runs
 
@@ -90,7 +94,7 @@ def test_extrapolation_flags_follow_both_fitted_ranges():
 
 
 def test_a_loss_the_baseline_never_reaches_gives_an_infinite_multiplier():
-    common = dict(n_points=5, with_E=True, c_min=1e15, c_max=1e19, rms=0.0)
+    common = {"n_points": 5, "with_E": True, "c_min": 1e15, "c_max": 1e19, "rms": 0.0}
     baseline = PowerLawFit(E=2.0, A=1e4, alpha=0.2, **common)
     better = PowerLawFit(E=1.0, A=1e4, alpha=0.2, **common)
 
@@ -137,7 +141,7 @@ def test_paired_draws_pick_the_same_budgets_and_size_slots_for_every_arch():
 
     def drawn_budgets_and_ranks(arch):
         grid = grids[arch]
-        C, L = replicate_frontiers(grid, draws)
+        _, L = replicate_frontiers(grid, draws)
         rows = grid.runs.reset_index(drop=True)
         budget = rows.set_index("final_val_loss")["budget"]
         return budget[L.ravel()].to_numpy().reshape(L.shape)

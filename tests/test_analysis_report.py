@@ -77,8 +77,9 @@ def test_report_regenerates_everything_from_runs_csv(results):
     assert "| dynamic-qkv | 1e+18 |" in text
     assert "`abc1234`" in text and "`synthetic`" in text  # provenance from the table
     links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
-    assert links == ["plots/isoflop_curves.png", "plots/frontier.png", "plots/multiplier.png",
-                     "plots/training_curves.png"]
+    assert links == [f"plots/{name}.png" for name in (
+        "isoflop_curves", "frontier", "multiplier", "allocation", "residuals", "bootstrap",
+        "training_curves")]
     for link in links:
         image = results / link
         assert image.read_bytes()[:8] == PNG_SIGNATURE
@@ -113,5 +114,6 @@ def test_a_baseline_without_finished_runs_is_a_clear_error(results):
     runs = pd.read_csv(results / "runs.csv")
     runs.loc[runs["arch"] == "transformer", "state"] = "failed"
     runs.to_csv(results / "runs.csv", index=False)
-    with pytest.raises(ValueError, match="cannot fit the baseline 'transformer': it has no usable run"):
+    expected = "cannot fit the baseline 'transformer' by frontier: it has no usable run"
+    with pytest.raises(ValueError, match=expected):
         run_fit(results, n_boot=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -160,3 +161,75 @@ def test_status_counts_states_and_renders(sweep_runs):
     console.print(status_table(sweep.name, rows))
     text = console.export_text()
     assert "4 runs (2 done, 1 failed, 1 interrupted)" in text and "boom" in text
+
+
+BRANCHED = SWEEP.replace("budgets: [1.0e+11], sizes: [tiny, d64-l2]}",
+                         "budgets: [1.0e+11, 2.0e+11, 3.0e+11], sizes: [tiny], cooldowns: true}"
+                         ).replace("lr: 0.002}", "lr: 0.002, schedule: wsd, warmup_fraction: 0.05}")
+
+
+def finish_with_branches(rundir: RunDir, run, branch_losses: list[float]) -> list[dict]:
+    """A finished run of `run` whose result.json records its cooldown branches, as the trainer does."""
+    finish(rundir, run, [3.0, 2.0])
+    result = rundir.read_result()
+    records = [
+        {"tokens": tokens, "steps": tokens // run.spec.train.tokens_per_step,
+         "flops": run.flops_per_token * tokens, "branch_flops": 0.2 * run.flops_per_token * tokens,
+         "final_val_loss": loss, "final_train_loss": loss + 0.05, "lr": 2e-5,
+         "train_time_s": 0.5 + i, "tokens_per_s": 4000.0 + i}
+        for i, ((tokens, _), loss) in enumerate(zip(run.branches, branch_losses))
+    ]
+    rundir.result_path.write_text(json.dumps(result | {"branches": records}))
+    return records
+
+
+@pytest.fixture
+def branched_runs(tmp_path: Path):
+    path = tmp_path / "branched.yaml"
+    path.write_text(BRANCHED)
+    sweep = load_sweep(path)
+    runs = expand(sweep)
+    directory = tmp_path / "runs" / sweep.name
+    write_manifest(directory, sweep.name, str(path), runs)
+    return sweep, runs, directory
+
+
+def test_a_branched_run_gives_a_row_per_branch_endpoint(tmp_path, branched_runs):
+    _, (done, failed), directory = branched_runs
+    records = finish_with_branches(RunDir(directory / done.run_id), done, [2.6, 2.3])
+    failing = RunDir(directory / failed.run_id).create()
+    failing.write_status("running")
+    failing.write_status("failed", error="RuntimeError: boom")
+    name, entries = read_manifest(directory)  # the manifest carries the branches
+    runs_path, _ = collect(name, entries, directory, tmp_path / "out")
+    table = pd.read_csv(runs_path).set_index("run_id")
+    ids = [f"{done.run_id}-c{t}" for t, _ in done.branches]
+    assert list(table.index[:3]) == [done.run_id, *ids] and len(table) == 6
+
+    branches = table.loc[ids]
+    assert list(branches.budget) == [1e11, 2e11] and list(branches.state) == ["done", "done"]
+    assert list(branches.tokens) == [r["tokens"] for r in records]
+    assert list(branches.steps) == [r["steps"] for r in records]
+    assert list(branches.flops) == [r["flops"] for r in records]
+    assert list(branches.flops_6n) == [6 * done.params_non_embedding * r["tokens"] for r in records]
+    assert list(branches.flops_6n_total) == [6 * done.params * r["tokens"] for r in records]
+    assert list(branches.final_val_loss) == [2.6, 2.3]
+    assert list(branches.final_train_loss) == pytest.approx([2.65, 2.35])
+    assert list(branches.wall_s) == [0.5, 1.5] and list(branches.tokens_per_s) == [4000.0, 4001.0]
+    assert set(branches.lr) == {0.002}  # the run's peak learning rate, as on its own row
+    assert set(branches.device) == {"Test CPU"} and set(branches.git_sha) == {"deadbeef"}
+    assert table.loc[done.run_id].final_val_loss == 2.0 and table.loc[done.run_id].budget == 3e11
+
+    # The failed run's branches share its state and have no measured numbers.
+    unfinished = table.loc[[f"{failed.run_id}-c{t}" for t, _ in failed.branches]]
+    assert set(unfinished.state) == {"failed"} and unfinished.final_val_loss.isna().all()
+    assert unfinished.device.isna().all() and list(unfinished.budget) == [1e11, 2e11]
+
+
+def test_a_finished_run_missing_a_branch_record_is_an_error(tmp_path, branched_runs):
+    sweep, runs, directory = branched_runs
+    rundir = RunDir(directory / runs[0].run_id)
+    finish_with_branches(rundir, runs[0], [2.6])  # records the first branch only
+    missing = runs[0].branches[1][0]
+    with pytest.raises(ValueError, match=rf"result.json: no cooldown branch record at {missing} tokens"):
+        collect(sweep.name, [r.labels() for r in runs], directory, tmp_path / "out")

@@ -53,7 +53,7 @@ class ArchGrid:
     ladder: np.ndarray
 
     @classmethod
-    def of(cls, runs: pd.DataFrame, arch: str) -> "ArchGrid":
+    def of(cls, runs: pd.DataFrame, arch: str) -> ArchGrid:
         group = runs[runs["arch"] == arch].sort_values(["budget", SIZE_COLUMN, "run_id"])
         group = group.reset_index(drop=True)
         budget = group["budget"].to_numpy(float)

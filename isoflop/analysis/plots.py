@@ -23,10 +23,12 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
+from isoflop.analysis.allocation import AllocationLaw
+from isoflop.analysis.approach3 import SurfaceFit
 from isoflop.analysis.bootstrap import PowerLawSamples
-from isoflop.atomic import atomic_output
 from isoflop.analysis.fits import PowerLawFit, frontier_points
 from isoflop.analysis.multiplier import multiplier_band
+from isoflop.atomic import atomic_output
 
 DPI = 120
 COMPUTE_LABEL = "training compute C [FLOPs]"
@@ -187,6 +189,9 @@ def plot_frontier(
     return _save(fig, path)
 
 
+BAND_CLIP = 3.0  # the multiplier axis spans the estimates x/÷ this at most
+
+
 @_styled
 def plot_multiplier(
     fits: dict[str, PowerLawFit],
@@ -196,9 +201,10 @@ def plot_multiplier(
     path: Path,
 ) -> Path:
     """M(C) per architecture with its 90% bootstrap band, the reported budgets as points (hollow
-    where extrapolated) and the baseline at M = 1. The curve spans the fits' compute and the
-    reported budgets; the y range follows the interpolated part, so a band that explodes far from
-    the data does not flatten the rest."""
+    where extrapolated) and the baseline at M = 1. M is a ratio, so the y axis is logarithmic; its
+    range follows the point estimates (x/÷ BAND_CLIP at most), so a band that explodes where the
+    data are thin (few sizes per budget, one seed) cannot flatten the curves, and the plot says so
+    when it cuts a band."""
     fig, (ax,) = _new_figure()
     colors = arch_colors(list(fits), baseline)
     base_fit = fits[baseline]
@@ -207,26 +213,33 @@ def plot_multiplier(
     c_hi = max([f.c_max for f in fits.values()] + list(budgets))
     C = np.geomspace(c_lo, c_hi, 120)
     ax.axhline(1.0, color="black", lw=1.2, label=f"{baseline} (baseline)")
-    y_values = [1.0]
+    estimates, band = [1.0], []
     for arch in _arch_order(fits, baseline)[1:]:
         fit, color = fits[arch], colors[arch]
         M, lo, hi = multiplier_band(fit, base_fit, samples[arch], samples[baseline], C)
         inside = fit.covers(C) & base_fit.covers(M * C)
-        ax.fill_between(C, lo, hi, color=color, alpha=0.18, lw=0)
+        ax.fill_between(C, lo, hi, color=color, alpha=0.15, lw=0)
         ax.plot(C, np.where(inside, M, np.nan), "-", color=color, lw=2, label=f"{arch} (90% band)")
         ax.plot(C, np.where(inside, np.nan, M), "--", color=color, lw=1.2)
         rows = multipliers[multipliers["arch"] == arch]
         for extrapolated, part in rows.groupby("extrapolated"):
             ax.plot(part["budget"], part["multiplier"], "o", ms=7, color=color,
                     markerfacecolor="white" if extrapolated else color)
-        shown = inside & np.isfinite(lo) & np.isfinite(hi)
-        y_values += list(M[inside & np.isfinite(M)]) + list(lo[shown]) + list(hi[shown])
-        y_values += list(rows["multiplier"][np.isfinite(rows["multiplier"])])
+        estimates += list(M[inside & np.isfinite(M) & (M > 0)])
+        estimates += list(rows["multiplier"][np.isfinite(rows["multiplier"]) & (rows["multiplier"] > 0)])
+        shown = inside & np.isfinite(lo) & np.isfinite(hi) & (lo > 0)
+        band += list(lo[shown]) + list(hi[shown])
     ax.set_xscale("log")
+    ax.set_yscale("log")
     _log_ticks(ax.xaxis, C)
-    y_lo, y_hi = min(y_values), max(y_values)
-    pad = 0.1 * (y_hi - y_lo) + 0.05
-    ax.set_ylim(max(0.0, y_lo - pad), y_hi + pad)
+    floor, ceiling = min(estimates) / BAND_CLIP, max(estimates) * BAND_CLIP
+    y_lo = max(floor, min(band + estimates)) / 1.1
+    y_hi = min(ceiling, max(band + estimates)) * 1.1
+    ax.set_ylim(y_lo, y_hi)
+    _log_ticks(ax.yaxis, np.array([y_lo, y_hi]))
+    if band and (min(band) < floor or max(band) > ceiling):
+        ax.text(0.99, 0.01, "band cut at the axis limits", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=8, color="0.35")
     ax.set_xlabel(COMPUTE_LABEL)
     ax.set_ylabel(f"compute multiplier vs {baseline}")
     ax.set_title("M(C) = C_baseline(L_arch(C)) / C  (dashed, hollow: extrapolated)")
@@ -259,4 +272,112 @@ def plot_training_curves(evals: pd.DataFrame, runs: pd.DataFrame, baseline: str,
     _log_ticks(axes[0].xaxis, evals["tokens"].to_numpy(float))
     axes[0].set_ylabel(LOSS_LABEL)
     fig.suptitle("Training curves: validation loss vs tokens")
+    return _save(fig, path)
+
+
+def _new_panels(n_panels: int, width: float = 5.2, height: float = 4.4) -> tuple[Figure, list[Axes]]:
+    """Side-by-side panels that share nothing (each has its own quantity)."""
+    fig = Figure(figsize=(width * n_panels, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(1, n_panels, squeeze=False)[0])
+    for ax in axes:
+        ax.grid(True, which="major", alpha=0.3)
+    return fig, axes
+
+
+@_styled
+def plot_allocation(
+    allocations: dict[str, AllocationLaw],
+    minima: dict[str, pd.DataFrame],
+    c_range: tuple[float, float],
+    baseline: str,
+    title: str,
+    path: Path,
+) -> Path:
+    """N_opt(C) and D_opt(C) per architecture with their 90% bootstrap bands, over c_range;
+    Approach 2's per-budget minima as points (hollow where a budget was rejected: drawn at the
+    best run's size instead)."""
+    fig, (ax_n, ax_d) = _new_panels(2)
+    colors = arch_colors(list(allocations), baseline)
+    C = np.geomspace(*c_range, 100)
+    for arch in _arch_order(allocations, baseline):
+        law, color = allocations[arch], colors[arch]
+        for ax, which, predict in ((ax_n, "params", law.params), (ax_d, "tokens", law.tokens)):
+            lo, hi = law.band(C, which)
+            ax.fill_between(C, lo, hi, color=color, alpha=0.18, lw=0)
+            exponent = law.aN if which == "params" else law.aD
+            ax.plot(C, predict(C), "-", color=color, lw=2, label=f"{arch}: C^{exponent:.3f}")
+            points = minima.get(arch)
+            if points is not None and len(points):
+                column = "N_opt" if which == "params" else "D_opt"
+                ax.plot(points["C"], points[column], "o", color=color, ms=6, markeredgecolor="white")
+    for ax, label, name in ((ax_n, PARAMS_LABEL, "N_opt"), (ax_d, TOKENS_LABEL, "D_opt")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(COMPUTE_LABEL)
+        ax.set_ylabel(f"compute-optimal {label}")
+        ax.set_title(f"{name}(C) (band: 90% bootstrap)")
+        ax.legend(loc="upper left")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+@_styled
+def plot_residuals(
+    runs: pd.DataFrame,
+    surfaces: dict[str, SurfaceFit],
+    flagged: pd.DataFrame,
+    baseline: str,
+    path: Path,
+) -> Path:
+    """Log-loss residual of every run against its architecture's Approach-3 surface, vs compute,
+    coloured by budget; flagged runs ringed in red."""
+    archs = _arch_order(surfaces, baseline)
+    fig, axes = _new_figure(max(1, len(archs)), width=4.8)
+    norm = _budget_norm(runs)
+    flagged_ids = set(flagged["run_id"])
+    for ax, arch in zip(axes, archs):
+        group = runs[runs["arch"] == arch]
+        fit = surfaces[arch]
+        residual = np.log(group["final_val_loss"].to_numpy(float)) - np.log(
+            fit.predict(group["params_non_embedding"], group["tokens"]))
+        colors = [_budget_color(norm, b) for b in group["budget"]]
+        ax.axhline(0.0, color="black", lw=1)
+        ax.scatter(group["flops"], residual, c=colors, s=28, edgecolors="none")
+        ringed = group["run_id"].isin(flagged_ids).to_numpy()
+        if ringed.any():
+            ax.scatter(group["flops"][ringed], residual[ringed], s=140, facecolors="none",
+                       edgecolors="red", linewidths=1.5, label="flagged")
+            ax.legend(loc="upper right")
+        ax.set_xscale("log")
+        ax.set_xlabel(COMPUTE_LABEL)
+        ax.set_title(f"{_panel_title(arch, baseline)}: rms {fit.rms:.2g}")
+    _log_ticks(axes[0].xaxis, runs["flops"].to_numpy(float))
+    axes[0].set_ylabel("log L - log L_fit(N, D)")
+    fig.suptitle("Residuals of the Approach-3 surface (colour: budget; red ring: flagged run)")
+    return _save(fig, path)
+
+
+@_styled
+def plot_bootstrap_distributions(
+    exponents: dict[str, dict[str, tuple[float, np.ndarray]]], baseline: str, title: str, path: Path
+) -> Path:
+    """Histograms of each parameter's bootstrap replicates, one panel per parameter, the
+    architectures overlaid; a vertical line at each full-data estimate."""
+    names = sorted({name for by_name in exponents.values() for name in by_name})
+    fig, axes = _new_panels(max(1, len(names)), width=4.2, height=3.8)
+    colors = arch_colors(list(exponents), baseline)
+    for ax, name in zip(axes, names):
+        for arch in _arch_order(exponents, baseline):
+            if name not in exponents[arch]:
+                continue
+            value, replicates = exponents[arch][name]
+            replicates = replicates[np.isfinite(replicates)]
+            if len(replicates):
+                ax.hist(replicates, bins=40, color=colors[arch], alpha=0.45, label=arch)
+            ax.axvline(value, color=colors[arch], lw=1.5)
+        ax.set_xlabel(name)
+        ax.set_ylabel("replicates")
+        ax.legend(loc="upper right")
+    fig.suptitle(title)
     return _save(fig, path)

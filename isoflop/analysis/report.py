@@ -1,8 +1,10 @@
 """What `isoflop fit` and `isoflop report` produce, from results/<sweep>/runs.csv alone.
 
-run_fit writes fits.json and multipliers.csv; write_report reruns it and adds the plots and
-report.md. Outputs are written through a temporary file and a rename, and hold no timestamp, so
-regenerating from an unchanged table gives the same text.
+run_fit fits every architecture by one method (frontier, Approach 2 or Approach 3; methods.py),
+bootstraps it (paired across architectures), and writes fits.json and multipliers.csv;
+write_report reruns it, adds Approaches 2 and 3 for the compute-optimal allocation, the outlier
+list and every plot, and writes report.md. Outputs are written through a temporary file and a
+rename, and hold no timestamp, so regenerating from an unchanged table gives the same text.
 """
 
 from __future__ import annotations
@@ -18,26 +20,41 @@ from rich import box
 from rich.table import Table
 
 from isoflop import __version__
-from isoflop.atomic import atomic_write_text
-from isoflop.analysis.bootstrap import PERCENTILES, PowerLawSamples, bootstrap_fits
-from isoflop.analysis.fits import MIN_POINTS_FOR_E, PowerLawFit, fit_frontiers
+from isoflop.analysis.approach2 import Approach2Fit
+from isoflop.analysis.approach3 import SurfaceFit, fit_surface
+from isoflop.analysis.bootstrap import PERCENTILES, PowerLawSamples
+from isoflop.analysis.fits import MIN_POINTS_FOR_E, PowerLawFit
+from isoflop.analysis.methods import (
+    MethodResult,
+    exponent_tests,
+    fit_method,
+    kappa_of,
+    surface_arrays,
+)
 from isoflop.analysis.multiplier import INTERVAL, multiplier_table
+from isoflop.analysis.outliers import flag_outliers
 from isoflop.analysis.plots import (
+    plot_allocation,
+    plot_bootstrap_distributions,
     plot_frontier,
     plot_isoflop_curves,
     plot_multiplier,
+    plot_residuals,
     plot_training_curves,
 )
 from isoflop.analysis.table import baseline_arch, load_evals, load_runs, usable_runs
+from isoflop.atomic import atomic_write_text
 
 FITS_FILE = "fits.json"
 MULTIPLIERS_FILE = "multipliers.csv"
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
-LAW = (
-    "L(C) = E + A * C^-alpha; C = training FLOPs (column flops), "
-    "L = final validation loss [nats/token]"
-)
+LAWS = {
+    "frontier": "L(C) = E + A * C^-alpha through the lowest-loss run of each budget",
+    "approach2": "L_opt(C) = E + A * C^-alpha through the interpolated minimum of each budget",
+    "approach3": "L*(C) = E + A * C^-alpha along the optimum of L(N, D) = E + A/N^alpha + B/D^beta",
+}
+UNITS = "C = training FLOPs (column flops), L = final validation loss [nats/token]"
 PROVENANCE_COLUMNS = ("git_sha", "corpus_fingerprint", "device", "isoflop_version")
 
 
@@ -48,22 +65,52 @@ class FitOutcome:
     runs: pd.DataFrame  # all rows of runs.csv, validated
     usable: pd.DataFrame  # the rows the fits used
     baseline: str
-    fits: dict[str, PowerLawFit]
-    samples: dict[str, PowerLawSamples]
-    skipped: dict[str, str]  # arch -> why it has no fit
+    result: MethodResult
     multipliers: pd.DataFrame
-    n_boot: int
-    seed: int
+    exponent_tests: pd.DataFrame
+    surfaces: dict[str, SurfaceFit]  # Approach-3 fits (no bootstrap) for residuals and outliers
+    outliers: pd.DataFrame
     fits_path: Path
     multipliers_path: Path
 
+    @property
+    def method(self) -> str:
+        return self.result.method
+
+    @property
+    def fits(self) -> dict[str, PowerLawFit]:
+        return self.result.fits
+
+    @property
+    def samples(self) -> dict[str, PowerLawSamples]:
+        return self.result.samples
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return self.result.skipped
+
+    @property
+    def n_boot(self) -> int:
+        return self.result.n_boot
+
+    @property
+    def seed(self) -> int:
+        return self.result.seed
+
 
 def run_fit(
-    results_dir: str | Path, at: list[float] | None = None, n_boot: int = 1000, seed: int = 0
+    results_dir: str | Path,
+    at: list[float] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    method: str = "frontier",
+    wallclock: bool = False,
+    resample_budgets: bool | None = None,
 ) -> FitOutcome:
-    """Fit every architecture of results_dir/runs.csv, bootstrap, and compute the multipliers
-    against the baseline at the grid's budgets and at the named budgets `at` (FLOPs); writes
-    results_dir/fits.json and results_dir/multipliers.csv."""
+    """Fit every architecture of results_dir/runs.csv by `method` (METHODS), bootstrap (paired
+    across architectures; resample_budgets None: the method's default), and compute the multipliers
+    against the baseline at the grid's budgets and at the named budgets `at` (FLOPs), with the
+    wall-clock multiplier when `wallclock`; writes results_dir/fits.json and multipliers.csv."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise NotADirectoryError(f"{results_dir}: expected the results directory holding runs.csv")
@@ -72,60 +119,87 @@ def run_fit(
     baseline = baseline_arch(runs)
     if usable.empty:
         raise ValueError(f"{results_dir}: no usable run (state 'done' with a finite final_val_loss)")
-    fits, skipped = fit_frontiers(usable)
-    if baseline not in fits:
-        reason = skipped.get(baseline, "it has no usable run")
-        raise ValueError(f"{results_dir}: cannot fit the baseline {baseline!r}: {reason}")
-    samples = bootstrap_fits(usable, fits, n_boot=n_boot, seed=seed)
-    multipliers = multiplier_table(usable, fits, samples, baseline, at=at)
+    result = fit_method(usable, method, n_boot=n_boot, seed=seed, resample_budgets=resample_budgets)
+    if baseline not in result.archs:
+        reason = result.skipped.get(baseline, "it has no usable run")
+        raise ValueError(f"{results_dir}: cannot fit the baseline {baseline!r} by {method}: {reason}")
+    multipliers = multiplier_table(usable, result.fits, result.samples, baseline, at=at,
+                                   wallclock=wallclock)
+    tests = exponent_tests(result, baseline, INTERVAL)
+    surfaces = _surfaces(usable, result)
+    outliers = flag_outliers(runs, surfaces)
     fits_path, multipliers_path = results_dir / FITS_FILE, results_dir / MULTIPLIERS_FILE
-    fits_document = _fits_document(baseline, fits, samples, skipped, n_boot, seed)
-    atomic_write_text(fits_path, json.dumps(fits_document, indent=2, allow_nan=False) + "\n")
+    document = _fits_document(baseline, result, tests, outliers)
+    atomic_write_text(fits_path, json.dumps(document, indent=2, allow_nan=False) + "\n")
     atomic_write_text(multipliers_path, multipliers.to_csv(index=False))
-    return FitOutcome(runs, usable, baseline, fits, samples, skipped, multipliers, n_boot, seed,
+    return FitOutcome(runs, usable, baseline, result, multipliers, tests, surfaces, outliers,
                       fits_path, multipliers_path)
 
 
+def _surfaces(usable: pd.DataFrame, result: MethodResult) -> dict[str, SurfaceFit]:
+    """Approach-3 surfaces of every architecture that has enough runs (reused when the method is
+    Approach 3; fitted without a bootstrap otherwise)."""
+    surfaces = {}
+    for arch, group in usable.groupby("arch", sort=True):
+        detail = result.archs[arch].detail if arch in result.archs else None
+        if isinstance(detail, SurfaceFit):
+            surfaces[arch] = detail
+            continue
+        N, D, L, C = surface_arrays(group)
+        try:
+            surfaces[arch] = fit_surface(N, D, L, kappa=kappa_of(group), C=C, warn=False)
+        except ValueError:
+            continue
+    return surfaces
+
+
 def _fits_document(
-    baseline: str,
-    fits: dict[str, PowerLawFit],
-    samples: dict[str, PowerLawSamples],
-    skipped: dict[str, str],
-    n_boot: int,
-    seed: int,
+    baseline: str, result: MethodResult, tests: pd.DataFrame, outliers: pd.DataFrame
 ) -> dict[str, object]:
-    archs = {
-        arch: {
-            **fit.to_dict(),
-            "n_boot_valid": samples[arch].n_valid,
-            "bootstrap": samples[arch].percentiles(),
-        }
-        for arch, fit in fits.items()
-    }
     document = {
-        "law": LAW, "baseline": baseline, "n_boot": n_boot, "seed": seed, "interval": INTERVAL,
-        "percentiles": list(PERCENTILES), "archs": archs, "skipped": skipped,
+        "method": result.method, "law": f"{LAWS[result.method]}; {UNITS}", "baseline": baseline,
+        "n_boot": result.n_boot, "seed": result.seed, "resample_budgets": result.resample_budgets,
+        "interval": INTERVAL, "percentiles": list(PERCENTILES),
+        "archs": {arch: r.to_dict() for arch, r in result.archs.items()},
+        "skipped": result.skipped,
+        "exponent_tests": tests.to_dict(orient="records"),
+        "warnings": list(result.warnings),
+        "outliers": outliers.to_dict(orient="records"),
     }
     return _json_safe(document)
 
 
 def _json_safe(value: object) -> object:
-    """Non-finite floats become null: plain JSON has no NaN or inf."""
+    """Plain JSON: non-finite floats become null, numpy scalars Python ones."""
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
 def _multiplier_cells(row: pd.Series) -> list[str]:
-    """budget, M, interval, loss of the arch, loss of the baseline at the same compute."""
-    return [
+    """budget, M, interval, P(M > 1), loss of the arch, loss of the baseline at the same compute."""
+    cells = [
         f"{row['budget']:.3g}", f"{row['multiplier']:.2f}x", f"{row['lo']:.2f}-{row['hi']:.2f}",
-        f"{row['loss_arch']:.3f}", f"{row['loss_baseline_at_C']:.3f}",
+        f"{row['p_gt_1']:.2f}", f"{row['loss_arch']:.3f}", f"{row['loss_baseline_at_C']:.3f}",
     ]
+    if "wall_multiplier" in row:
+        cells.append(f"{row['wall_multiplier']:.2f}x ({row['wall_lo']:.2f}-{row['wall_hi']:.2f})")
+    return cells
+
+
+def _multiplier_headers(multipliers: pd.DataFrame, markdown: bool) -> list[str]:
+    headers = (["budget C [FLOPs]", "M", f"{INTERVAL:.0%} interval", "P(M > 1)", "loss (arch)",
+                "loss (baseline, same C)"] if markdown else
+               ["C [FLOPs]", "M", f"{INTERVAL:.0%} CI", "P(M>1)", "L arch", "L base"])
+    if "wall_multiplier" in multipliers.columns:
+        headers.append("wall-clock M (interval)")
+    return headers
 
 
 def format_multiplier_table(multipliers: pd.DataFrame, baseline: str) -> Table:
@@ -133,10 +207,11 @@ def format_multiplier_table(multipliers: pd.DataFrame, baseline: str) -> Table:
     table = Table(
         title=f"Compute multiplier M vs {baseline}",
         caption=f"M = C_{baseline}(L_arch(C)) / C; M > 1: the architecture reaches the baseline's "
-        "loss with M times less compute. extrap.: a fit used outside the compute it was fitted on",
+        "loss with M times less compute. P(M>1): share of paired bootstrap replicates with M > 1. "
+        "extrap.: a fit used outside the compute it was fitted on",
         box=box.SIMPLE_HEAD,
     )
-    for header in ("arch", "C [FLOPs]", "M", f"{INTERVAL:.0%} CI", "L arch", "L base", "note"):
+    for header in ["arch", *_multiplier_headers(multipliers, markdown=False), "note"]:
         table.add_column(header, justify="left" if header in ("arch", "note") else "right")
     for _, row in multipliers.iterrows():
         note = "extrap." if row["extrapolated"] else ""
@@ -152,27 +227,96 @@ def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def _multipliers_markdown(multipliers: pd.DataFrame) -> str:
     rows = [
-        [row["arch"], *_multiplier_cells(row), "extrapolated" if row["extrapolated"] else ""]
+        [row["arch"], *_multiplier_cells(row), "extrapolated" if row["extrapolated"] else "interpolated"]
         for _, row in multipliers.iterrows()
     ]
-    headers = ["architecture", "budget C [FLOPs]", "M", f"{INTERVAL:.0%} interval", "loss (arch)",
-               "loss (baseline, same C)", "note"]
+    headers = ["architecture", *_multiplier_headers(multipliers, markdown=True), "budget is"]
     return _markdown_table(headers, rows)
 
 
-def _fits_markdown(outcome: FitOutcome) -> str:
+def _interval(percentiles: dict[str, float]) -> str:
+    return f"[{percentiles['p5']:.3g}, {percentiles['p95']:.3g}]"
+
+
+def _laws_markdown(result: MethodResult, baseline: str) -> str:
     rows = []
-    for arch, fit in sorted(outcome.fits.items()):
-        boot = outcome.samples[arch].percentiles()["alpha"]
+    for arch, r in sorted(result.archs.items()):
+        fit, boot = r.law, r.samples.percentiles()
         rows.append([
-            arch + (" (baseline)" if arch == outcome.baseline else ""),
+            arch + (" (baseline)" if arch == baseline else ""),
             f"{fit.E:.4g}" if fit.with_E else "0 (fixed)", f"{fit.A:.4g}", f"{fit.alpha:.4g}",
-            f"[{boot['p5']:.3g}, {boot['p95']:.3g}]", str(fit.n_points),
-            f"{fit.c_min:.3g} - {fit.c_max:.3g}", f"{fit.rms:.2g}",
+            _interval(boot["alpha"]), str(fit.n_points), f"{fit.c_min:.3g} - {fit.c_max:.3g}",
+            f"{fit.rms:.2g}", f"{r.samples.n_valid}/{result.n_boot}",
         ])
     headers = ["architecture", "E", "A", "alpha", f"alpha {INTERVAL:.0%}", "points",
-               "C range [FLOPs]", "rms log-loss residual"]
+               "C range [FLOPs]", "rms log-loss residual", "valid replicates"]
     return _markdown_table(headers, rows)
+
+
+def _exponent_tests_markdown(tests: pd.DataFrame) -> str:
+    rows = [[
+        row["arch"], row["exponent"], f"{row['value']:.4g}", f"{row['baseline_value']:.4g}",
+        f"{row['difference']:+.4f}", f"[{row['lo']:+.4f}, {row['hi']:+.4f}]", f"{row['p_value']:.3f}",
+    ] for _, row in tests.iterrows()]
+    headers = ["architecture", "exponent", "value", "baseline", "difference",
+               f"{INTERVAL:.0%} interval", "bootstrap p"]
+    return _markdown_table(headers, rows)
+
+
+def _surface_markdown(result: MethodResult, baseline: str) -> str:
+    rows = []
+    for arch, r in sorted(result.archs.items()):
+        s = r.detail
+        boot = r.to_dict()["surface"]["bootstrap"]
+
+        def cell(name: str, fmt: str, s: SurfaceFit = s, boot: dict = boot) -> str:
+            return (f"{getattr(s, name):{fmt}} "
+                    f"[{boot[name]['p5']:{fmt}}, {boot[name]['p95']:{fmt}}]")
+
+        rows.append([
+            arch + (" (baseline)" if arch == baseline else ""), cell("E", ".4g"), cell("A", ".4g"),
+            cell("B", ".4g"), cell("alpha", ".3f"), cell("beta", ".3f"),
+            f"{s.params_exponent:.3f}", f"{s.kappa:.3g}", str(s.n_points),
+            ", ".join(s.at_bounds) or "none",
+        ])
+    headers = ["architecture", "E", "A", "B", "alpha", "beta", "a = beta/(alpha+beta)", "kappa",
+               "runs", "on a bound"]
+    return _markdown_table(headers, rows)
+
+
+def _allocation_markdown(result: MethodResult, baseline: str) -> str:
+    rows = []
+    for arch, r in sorted(result.archs.items()):
+        law = r.allocation
+        boot = law.to_dict()["bootstrap"]
+        rows.append([
+            arch + (" (baseline)" if arch == baseline else ""),
+            f"{law.kN:.3g} C^{law.aN:.3f}", _interval(boot["aN"]),
+            f"{law.kD:.3g} C^{law.aD:.3f}", _interval(boot["aD"]),
+        ])
+    headers = ["architecture", "N_opt(C)", f"aN {INTERVAL:.0%}", "D_opt(C)", f"aD {INTERVAL:.0%}"]
+    return _markdown_table(headers, rows)
+
+
+def _minima_markdown(fit: Approach2Fit, arch: str) -> str:
+    rows = [[
+        arch, f"{m['budget']:.3g}", str(m["n_sizes"]),
+        *(("-", "-", "-") if m["rejected"] else
+          (f"{m['N_opt']:.3g}", f"{m['D_opt']:.3g}", f"{m['L_opt']:.4f}")),
+        m["rejected"] or "kept",
+    ] for _, m in fit.minima.iterrows()]
+    return _markdown_table(["architecture", "budget", "sizes", "N_opt", "D_opt", "L_opt", "minimum"],
+                           rows)
+
+
+def _outliers_markdown(outliers: pd.DataFrame) -> str:
+    if outliers.empty:
+        return "No run flagged."
+    rows = [[row["run_id"], row["arch"], str(row["size"]),
+             f"{row['budget']:.3g}" if np.isfinite(row["budget"]) else "ladder",
+             f"{row['final_val_loss']:.4f}" if np.isfinite(row["final_val_loss"]) else "-",
+             row["reason"]] for _, row in outliers.iterrows()]
+    return _markdown_table(["run", "architecture", "size", "budget", "final loss", "reason"], rows)
 
 
 def _provenance(runs: pd.DataFrame) -> list[str]:
@@ -184,13 +328,42 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
 
 
 def write_report(
-    results_dir: str | Path, at: list[float] | None = None, n_boot: int = 1000, seed: int = 0
+    results_dir: str | Path,
+    at: list[float] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    method: str = "frontier",
+    wallclock: bool = False,
 ) -> Path:
     """Regenerate fits, multipliers and every plot from results_dir/runs.csv (and evals.csv when
-    present) and write results_dir/report.md; returns its path. Plots go to results_dir/plots/."""
+    present) and write results_dir/report.md; returns its path. Plots go to results_dir/plots/.
+
+    Besides `method` (which gives the multipliers), Approaches 2 and 3 are fitted for the
+    compute-optimal allocation whenever the table supports them."""
     results_dir = Path(results_dir)
-    outcome = run_fit(results_dir, at=at, n_boot=n_boot, seed=seed)
+    outcome = run_fit(results_dir, at=at, n_boot=n_boot, seed=seed, method=method,
+                      wallclock=wallclock)
+    others = {
+        name: (outcome.result if name == method else
+               fit_method(outcome.usable, name, n_boot=n_boot, seed=seed, surfaces=outcome.surfaces))
+        for name in ("approach2", "approach3")
+    }
     plots_dir = results_dir / PLOTS_DIR
+    figures = _draw_figures(outcome, others, plots_dir)
+    evals = load_evals(results_dir)
+    if evals is not None and not evals.empty:
+        figures.append(("Training curves", plot_training_curves(
+            evals, outcome.runs, outcome.baseline, plots_dir / "training_curves.png")))
+    links = [(title, path.relative_to(results_dir)) for title, path in figures]
+    text = _report_text(outcome, others, links)
+    report_path = results_dir / REPORT_FILE
+    atomic_write_text(report_path, text)
+    return report_path
+
+
+def _draw_figures(
+    outcome: FitOutcome, others: dict[str, MethodResult], plots_dir: Path
+) -> list[tuple[str, Path]]:
     baseline, usable = outcome.baseline, outcome.usable
     figures = [
         ("IsoFLOP curves", plot_isoflop_curves(usable, baseline, plots_dir / "isoflop_curves.png")),
@@ -199,58 +372,123 @@ def write_report(
         ("Compute multiplier", plot_multiplier(outcome.fits, outcome.samples, outcome.multipliers,
                                                baseline, plots_dir / "multiplier.png")),
     ]
-    evals = load_evals(results_dir)
-    if evals is not None and not evals.empty:
-        figures.append(("Training curves", plot_training_curves(
-            evals, outcome.runs, baseline, plots_dir / "training_curves.png")))
-    text = _report_text(outcome, [(title, path.relative_to(results_dir)) for title, path in figures])
-    report_path = results_dir / REPORT_FILE
-    atomic_write_text(report_path, text)
-    return report_path
+    allocation_source = next((others[name] for name in ("approach3", "approach2")
+                              if baseline in others[name].archs), None)
+    if allocation_source is not None:
+        minima = {arch: r.detail.minima[r.detail.minima["rejected"] == ""]
+                  for arch, r in others["approach2"].archs.items()}
+        allocations = {arch: r.allocation for arch, r in allocation_source.archs.items()}
+        c_range = (float(usable["flops"].min()), float(usable["flops"].max()))
+        title = (f"Compute-optimal allocation ({allocation_source.method}; points: Approach 2 "
+                 "minima)")
+        figures.append(("Compute-optimal N and D", plot_allocation(
+            allocations, minima, c_range, baseline, title, plots_dir / "allocation.png")))
+    if outcome.surfaces:
+        figures.append(("Residuals", plot_residuals(usable, outcome.surfaces, outcome.outliers,
+                                                    baseline, plots_dir / "residuals.png")))
+    exponents = {arch: {"E": (r.law.E, r.samples.E), **r.exponents}
+                 for arch, r in outcome.result.archs.items()}
+    figures.append(("Bootstrap distributions", plot_bootstrap_distributions(
+        exponents, baseline, f"Bootstrap replicates ({outcome.method}, {outcome.n_boot} paired "
+        "resamples; line: full-data fit)", plots_dir / "bootstrap.png")))
+    return figures
 
 
-def _report_text(outcome: FitOutcome, figures: list[tuple[str, Path]]) -> str:
-    runs, usable = outcome.runs, outcome.usable
+def _report_text(
+    outcome: FitOutcome, others: dict[str, MethodResult], figures: list[tuple[str, Path]]
+) -> str:
+    runs, usable, result, baseline = outcome.runs, outcome.usable, outcome.result, outcome.baseline
     sweeps = ", ".join(sorted(str(s) for s in runs["sweep"].dropna().unique()))
     archs = sorted(runs["arch"].unique())
     counts = runs["state"].value_counts().sort_index()
     states = ", ".join(f"{state}: {count}" for state, count in counts.items())
     budgets = np.unique(usable["budget"].to_numpy(float))
     budgets = budgets[np.isfinite(budgets)]
+    resampled = "budgets and sizes" if result.resample_budgets else "sizes within each budget"
     lines = [
         f"# Report: {sweeps}",
         "",
-        f"- architectures: {', '.join(archs)}; baseline: **{outcome.baseline}**",
+        f"- architectures: {', '.join(archs)}; baseline: **{baseline}**",
         f"- runs: {len(runs)} ({states}); used in fits: {len(usable)} (done, finite final loss)",
         "- grid: " + (f"isoflop, budgets {', '.join(f'{b:.3g}' for b in budgets)} FLOPs" if len(budgets)
                       else "ladder (no budgets)"),
-        f"- law: {LAW}",
+        f"- method: **{result.method}**: {LAWS[result.method]}; {UNITS}",
         "",
         "## Compute multipliers",
         "",
-        f"M(C) = C_{outcome.baseline}(L_arch(C)) / C: the compute the baseline needs to reach the loss "
-        "the architecture reaches with C, over C. Intervals: "
-        f"{INTERVAL:.0%} bootstrap over runs ({outcome.n_boot} resamples, seed {outcome.seed}, "
-        "stratified by architecture and budget). Extrapolated: a law used outside the compute range "
-        "it was fitted on.",
+        (f"M(C) = C_{baseline}(L_arch(C)) / C: the compute the baseline needs to reach the loss "
+         "the architecture reaches with C, over C. Intervals: "
+         f"{INTERVAL:.0%} paired bootstrap ({result.n_boot} resamples, seed {result.seed}; "
+         f"{resampled} redrawn, the same draws for every architecture). P(M > 1): share of "
+         "replicates with M > 1. Extrapolated: a law used outside the compute range it was fitted "
+         "on (the architecture's at C or the baseline's at M*C)."),
         "",
         (_multipliers_markdown(outcome.multipliers) if len(outcome.multipliers)
          else "No architecture besides the baseline has a fit."),
         "",
+        "## Do the exponents differ?",
+        "",
+        ("Difference of each exponent from the baseline's over the paired replicates; p: "
+         "two-sided bootstrap p-value of no difference."),
+        "",
+        (_exponent_tests_markdown(outcome.exponent_tests) if len(outcome.exponent_tests)
+         else "No architecture besides the baseline has a fit."),
+        "",
         "## Fits",
         "",
-        "Frontier: the lowest-loss run of each budget (every run of a ladder). With fewer than "
-        f"{MIN_POINTS_FOR_E} budgets E is fixed to 0 (a straight line in log-log).",
+        (f"{LAWS[result.method]}. With fewer than {MIN_POINTS_FOR_E} budgets a frontier law fixes "
+         "E to 0 (a straight line in log-log)."),
         "",
-        _fits_markdown(outcome),
+        _laws_markdown(result, baseline),
         "",
     ]
-    if outcome.skipped:
-        reasons = "; ".join(f"{arch} ({why})" for arch, why in sorted(outcome.skipped.items()))
+    if result.skipped:
+        reasons = "; ".join(f"{arch} ({why})" for arch, why in sorted(result.skipped.items()))
         lines += [f"Not fitted: {reasons}", ""]
+    lines += _approach_sections(others, baseline)
+    lines += ["## Flagged runs", "", _outliers_markdown(outcome.outliers), ""]
+    notes = sorted(set(result.warnings) | {w for r in others.values() for w in r.warnings})
+    if notes:
+        lines += ["## Warnings", "", *(f"- {note}" for note in notes), ""]
     lines += ["## Plots", ""]
     for title, path in figures:
         lines += [f"### {title}", "", f"![{title}]({path.as_posix()})", ""]
     lines += ["## Provenance", "", *_provenance(runs),
               f"- generated by isoflop {__version__} from runs.csv", ""]
     return "\n".join(lines)
+
+
+def _approach_sections(others: dict[str, MethodResult], baseline: str) -> list[str]:
+    approach3, approach2 = others["approach3"], others["approach2"]
+    lines = ["## Approach 3: the loss surface", ""]
+    if approach3.archs:
+        lines += [
+            ("L(N, D) = E + A/N^alpha + B/D^beta (N non-embedding parameters, D tokens), Huber "
+             "(delta 1e-3) on log-loss, L-BFGS-B from a grid of starts; brackets: "
+             f"{INTERVAL:.0%} paired bootstrap, budgets and sizes redrawn. kappa: median FLOPs per "
+             "parameter-token, the C = kappa N D of the closed-form optimum."),
+            "",
+            _surface_markdown(approach3, baseline),
+            "",
+            _allocation_markdown(approach3, baseline),
+            "",
+        ]
+    if approach3.skipped:
+        lines += ["Not fitted: " + "; ".join(f"{a} ({w})" for a, w in sorted(approach3.skipped.items())),
+                  ""]
+    lines += ["## Approach 2: minima of the IsoFLOP curves", ""]
+    if approach2.archs:
+        lines += [
+            ("A robust parabola in log N per budget; a budget whose minimum the grid does not "
+             "bracket is rejected."),
+            "",
+            _allocation_markdown(approach2, baseline),
+            "",
+            *(line for arch, r in sorted(approach2.archs.items())
+              for line in (_minima_markdown(r.detail, arch), "")),
+        ]
+    if approach2.skipped:
+        lines += ["Not fitted: " + "; ".join(f"{a} ({w})" for a, w in sorted(approach2.skipped.items())),
+                  ""]
+    return lines
+

@@ -5,6 +5,13 @@ sweep gets a row, finished or not; the analysis keeps rows with state 'done' and
 final_val_loss. Numbers a run has not produced yet are left empty (NaN when read by pandas).
 Labels (arch, baseline, size, budget) come from the sweep, measured numbers from result.json and
 metrics.jsonl; tokens, steps and FLOPs are the run's actual ones when it finished, else the plan's.
+
+A run with WSD cooldown branches (an entry with `branches`, from `grid: {cooldowns: true}`) stands
+for several runs of the isoflop grid: its own row (the trunk, at the largest budget) is followed by
+one row per branch endpoint, run_id `<run id>-c<tokens>`, with the branch's budget, tokens and steps,
+the FLOPs a separate run to those tokens spends (docs/analysis.md, section 5), and the losses and
+throughput of the branch's record in result.json (wall_s: the branch's own training time). Until the
+run finishes, a branch row carries the run's state and the plan's numbers, like the trunk's row.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ EVALS_COLUMNS: tuple[str, ...] = (
 
 
 def run_rows(sweep_name: str, entries: list[dict[str, Any]], directory: Path) -> list[dict[str, Any]]:
-    """One runs.csv row per entry (PlannedRun.labels() or a manifest entry)."""
+    """One runs.csv row per entry (PlannedRun.labels() or a manifest entry), each followed by the
+    rows of its cooldown branches (module docstring)."""
     rows = []
     for entry in run_states(entries, directory):
-        result = RunDir(directory / entry["run_id"]).read_result()
+        rundir = RunDir(directory / entry["run_id"])
+        result = rundir.read_result()
         row = {column: entry.get(column) for column in RUNS_COLUMNS} | {"sweep": sweep_name}
         if result is not None:
             provenance = result.get("provenance", {})
@@ -55,7 +64,40 @@ def run_rows(sweep_name: str, entries: list[dict[str, Any]], directory: Path) ->
                 "isoflop_version": provenance.get("isoflop_version"),
             }
         rows.append(row)
+        rows += [branch_row(row, branch, result, rundir) for branch in entry.get("branches", [])]
     return rows
+
+
+def branch_row(trunk: dict[str, Any], branch: dict[str, Any], result: dict[str, Any] | None,
+               rundir: RunDir) -> dict[str, Any]:
+    """The row of one cooldown branch endpoint ({tokens, budget} of the entry's `branches`), built
+    on its run's row `trunk`: same labels, state and provenance, the branch's own numbers."""
+    tokens = branch["tokens"]
+    row = trunk | {
+        "run_id": f"{trunk['run_id']}-c{tokens}",
+        "budget": branch["budget"],
+        "tokens": tokens,
+        "steps": tokens // (trunk["batch_size"] * trunk["seq_len"]),
+    }
+    if result is None:  # the plan's FLOPs, scaled to the branch's tokens; measured numbers empty
+        scale = tokens / trunk["tokens"]
+        return row | {column: trunk[column] * scale for column in ("flops", "flops_6n", "flops_6n_total")}
+    record = next((r for r in result.get("branches", []) if r["tokens"] == tokens), None)
+    if record is None:
+        recorded = [r["tokens"] for r in result.get("branches", [])]
+        raise ValueError(f"{rundir.result_path}: no cooldown branch record at {tokens} tokens "
+                         f"(recorded: {recorded}), though the sweep's manifest names one; "
+                         "allowed: a result.json written by the run of this manifest entry")
+    per_token = result["flops_per_token"]
+    return row | {
+        "flops": record["flops"],
+        "flops_6n": per_token["six_n"] * tokens,
+        "flops_6n_total": per_token["six_n_total"] * tokens,
+        "final_val_loss": record["final_val_loss"],
+        "final_train_loss": record["final_train_loss"],
+        "wall_s": record["train_time_s"],
+        "tokens_per_s": record["tokens_per_s"],
+    }
 
 
 def eval_rows(entries: list[dict[str, Any]], directory: Path) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
     step seconds = step_overhead + tokens_per_step * (flops_per_token / rate
                                                      + conv_elements_per_token * conv_element_seconds)
-    run seconds  = startup + steps * step seconds + evals
+    run seconds  = startup + trained steps * step seconds + evals
 
 - `rate`: sustained training FLOP/s of the matrix work (matmuls, counted as in models.counting);
 - `step_overhead`: the time of a step that does not grow with the model: kernel launches or op
@@ -12,7 +12,9 @@
   little about their time; conv_elements_per_token = sum over conv modules of channels x width;
 - evals: about EVALS_PER_RUN per run (the trainer's default when eval_every_tokens is 0), each a
   forward pass over eval_tokens, costed as a third of training on as many tokens;
-- startup: the worker's start (forked from the fork server), corpus load, model build.
+- startup: the worker's start (forked from the fork server), corpus load, model build;
+- cooldown branches (grid `cooldowns: true`): the trained steps are those of run.spent_flops, the
+  trunk's plus each branch's decay, and each branch adds one eval.
 
 A sweep's time is the sum over runs divided by how many runs the device sustains at once without
 slowing each other (`concurrency`, capped by the workers).
@@ -46,6 +48,12 @@ def conv_elements_per_token(cfg: ModelConfig) -> int:
     return cfg.n_layers * sum(channels * cfg.conv.width for _, channels in streams)
 
 
+def trained_steps(run: PlannedRun) -> float:
+    """Optimiser steps the run takes: its own, plus the decay steps of its cooldown branches."""
+    decay_flops = run.spent_flops - run.flops
+    return run.steps + decay_flops / (run.flops_per_token * run.spec.train.tokens_per_step)
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str
@@ -61,8 +69,9 @@ class DeviceProfile:
                          + conv_elements_per_token(run.spec.model) * self.conv_element_seconds)
         step_seconds = self.step_overhead + train.tokens_per_step * token_seconds
         n_evals = run.tokens // train.eval_every_tokens + 1 if train.eval_every_tokens else EVALS_PER_RUN
+        n_evals += len(run.branches)  # each branch endpoint is evaluated once
         eval_seconds = n_evals * train.eval_tokens / train.tokens_per_step * step_seconds / 3
-        return self.startup + run.steps * step_seconds + eval_seconds
+        return self.startup + trained_steps(run) * step_seconds + eval_seconds
 
     def sweep_seconds(self, run_seconds: list[float], workers: int) -> float:
         return sum(run_seconds) / max(1, min(workers, self.concurrency))

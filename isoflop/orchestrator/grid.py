@@ -16,6 +16,15 @@ find the real optimum.
 Ladder grids train every size on tokens_per_param x the baseline's total parameters at that size
 (the paper: about 50 tokens per parameter), the same tokens for every architecture.
 
+Cooldown branches (isoflop grids with `cooldowns: true`, WSD schedule). The cells of one architecture,
+size and seed differ only in their tokens, and a WSD run's stable phase is shared by all of them. So
+they become one run, trained to the largest budget's tokens, with a cooldown branch ending at each
+smaller budget's tokens (TrainConfig.cooldown_tokens; the trainer checkpoints before each). Each
+branch endpoint is a run of its own for the tables (PlannedRun.branches pairs its tokens with its
+budget), and the compute spent is the largest run plus the decay part of the others: see
+docs/analysis.md. Rules that depend on tokens would give the cells different hyper-parameters, and
+are refused for such grids.
+
 Hyper-parameter rules are evaluated with the baseline's numbers at the cell's shape (and budget), so
 all architectures of a cell share learning rate, batch size and schedule; only tokens differ.
 Run order: budget, then size, then architecture, then seed (small runs first; each finished budget
@@ -24,14 +33,15 @@ is a usable isoflop slice).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from isoflop.data.tokenizers import nominal_vocab_size
 from isoflop.models import registry
-from isoflop.models.counting import count_params, flops_per_token
 from isoflop.models.config import ModelConfig
+from isoflop.models.counting import count_params, flops_per_token
 from isoflop.models.sizes import Shape, resolve_size, shape_for_params
 from isoflop.orchestrator.rules import RuleError, evaluate_rule
 from isoflop.orchestrator.spec import (
@@ -61,10 +71,17 @@ class PlannedRun:
     params: int
     params_non_embedding: int
     flops_per_token: int  # training FLOPs per token (forward + backward)
+    branches: tuple[tuple[int, float], ...] = ()  # (tokens, budget) of each cooldown branch
 
     @property
     def run_id(self) -> str:
         return self.spec.run_id
+
+    @property
+    def spent_flops(self) -> float:
+        """What training costs: the trunk plus the decay steps of each cooldown branch."""
+        decay = self.spec.schedule.decay_fraction
+        return self.flops + sum(decay * self.flops_per_token * tokens for tokens, _ in self.branches)
 
     @property
     def tokens(self) -> int:
@@ -103,7 +120,8 @@ class PlannedRun:
             "flops_6n_total": 6.0 * self.params * self.tokens,
             "lr": self.spec.optim.lr,
             "seed": self.spec.seed,
-        }
+        } | ({"branches": [{"tokens": t, "budget": b} for t, b in self.branches]}
+             if self.branches else {})
 
 
 def without_nan(row: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +174,60 @@ class _Expansion:
                     steps = self.steps(budget / per_token, hparams, grid.min_steps, f"grid.budgets[{index}]",
                                        budget, f"{entry.name} at size {label}", per_token=per_token)
                     runs += self.runs(entry, label, cfg, budget, steps, hparams)
-        return runs
+        return self.with_cooldown_branches(runs) if grid.cooldowns else runs
+
+    def with_cooldown_branches(self, runs: list[PlannedRun]) -> list[PlannedRun]:
+        """One run per (architecture, size, seed), branching at each smaller budget (module
+        docstring); it takes the place of the group's first cell in run order."""
+        groups: dict[tuple[str, str, int], list[PlannedRun]] = {}
+        for run in runs:
+            groups.setdefault((run.arch, run.size, run.spec.seed), []).append(run)
+        merged = []
+        for members in groups.values():
+            trunk = max(members, key=lambda r: r.tokens)
+            others = sorted((r for r in members if r is not trunk), key=lambda r: r.tokens)
+            for other in others:
+                self.check_shares_trunk(other, trunk)
+            train = dataclasses.replace(trunk.spec.train,
+                                        cooldown_tokens=tuple(r.tokens for r in others))
+            merged.append(dataclasses.replace(
+                trunk, spec=dataclasses.replace(trunk.spec, train=train),
+                branches=tuple((r.tokens, r.budget) for r in others),
+            ))
+        return merged
+
+    def check_shares_trunk(self, branch: PlannedRun, trunk: PlannedRun) -> None:
+        """A branch must differ from its trunk in tokens only, and its cooldown must start after the
+        trunk's warm-up (the trainer's rule, checked here before anything trains)."""
+        a, b = branch.spec, trunk.spec
+        differing = [
+            f"{section}.{key}" for section in ("train", "optim", "schedule")
+            for key, value in dataclasses.asdict(getattr(a, section)).items()
+            if key != "total_tokens" and value != dataclasses.asdict(getattr(b, section))[key]
+        ]
+        if differing:
+            raise SweepError(
+                self.file, "grid.cooldowns", True,
+                f"{branch.arch} at size {branch.size}: {', '.join(differing)} differ between budgets "
+                f"{branch.budget:g} and {trunk.budget:g} (a rule over tokens?), but cooldown branches "
+                "share one run", "hyper-parameters that do not depend on the budget",
+            )
+        schedule, steps = b.schedule, branch.steps
+        if steps == trunk.steps:
+            raise SweepError(self.file, "grid.budgets", [branch.budget, trunk.budget],
+                             f"give {branch.arch} at size {branch.size} the same {steps} steps",
+                             "budgets that differ after rounding to whole steps")
+        if round(schedule.decay_fraction * steps) < 1:
+            raise SweepError(self.file, "train.decay_fraction", schedule.decay_fraction,
+                             f"leaves the cooldown branch of {branch.arch} at size {branch.size} "
+                             f"({steps} steps) no decay step", "a larger decay fraction")
+        if steps - round(schedule.decay_fraction * steps) < round(schedule.warmup_fraction * trunk.steps):
+            raise SweepError(
+                self.file, "grid.budgets", branch.budget,
+                f"{branch.arch} at size {branch.size}: the cooldown branch of {steps} steps would "
+                f"start its decay inside the warm-up of the {trunk.steps}-step run",
+                "a larger smallest budget, or a smaller train.warmup_fraction",
+            )
 
     def ladder(self, grid: LadderGrid) -> list[PlannedRun]:
         runs = []

@@ -1,6 +1,8 @@
 """The plan of a sweep: what each run is and what it will cost, as a rich table or as JSON.
 
-Torch-free: planning a 1000-run sweep takes well under a second.
+A run with cooldown branches (grid `cooldowns: true`) costs its own FLOPs plus the decay of each
+branch (PlannedRun.spent_flops): totals and time estimates count that, and its table row shows both
+parts. Torch-free: planning a 1000-run sweep takes well under a second.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ class Plan:
 
     @property
     def total_flops(self) -> float:
-        return sum(run.flops for run in self.runs)
+        """What the sweep spends, cooldown branches' decays included."""
+        return sum(run.spent_flops for run in self.runs)
+
+    @property
+    def total_tokens(self) -> float:
+        """Tokens the sweep trains on, cooldown branches' decays included."""
+        return sum(run.tokens + (run.spent_flops - run.flops) / run.flops_per_token for run in self.runs)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,11 +56,12 @@ class Plan:
             "device_profile": self.profile.name,
             "n_runs": len(self.runs),
             "total_flops": self.total_flops,
+            "n_branches": sum(len(run.branches) for run in self.runs),
             "workers": self.sweep.executor.workers,
             "total_est_seconds": self.total_seconds,
             "warnings": self.warnings,
             "runs": [
-                without_nan(run.labels()) | {"est_seconds": seconds}
+                without_nan(run.labels()) | {"spent_flops": run.spent_flops, "est_seconds": seconds}
                 for run, seconds in zip(self.runs, self.seconds)
             ],
         }
@@ -83,23 +92,43 @@ def corpus_train_tokens(data: DataConfig) -> int | None:
 
 
 def plan_table(plan: Plan) -> Table:
-    """One row per run; '*' marks the baseline architecture."""
+    """One row per run; '*' marks the baseline architecture. A run with cooldown branches shows
+    the budgets it covers and its FLOPs as its own + the branches' decays."""
     workers = plan.sweep.executor.workers
-    table = Table(title=f"sweep {plan.sweep.name}: {len(plan.runs)} runs ({plan.profile.name} estimate)",
+    n_branches = sum(len(run.branches) for run in plan.runs)
+    branches = f" + {n_branches} cooldown branches" if n_branches else ""
+    caption = "* baseline; params: total (non-embedding)"
+    if n_branches:
+        caption += "; branched runs: budgets low..high, FLOPs own + branch decays (in the totals too)"
+    table = Table(title=f"sweep {plan.sweep.name}: {len(plan.runs)} runs{branches} "
+                        f"({plan.profile.name} estimate)",
                   box=box.SIMPLE_HEAD,
-                  caption=f"* baseline; params: total (non-embedding); total time with {workers} "
-                          f"worker{'s' if workers > 1 else ''}")
+                  caption=f"{caption}; total time with {workers} worker{'s' if workers > 1 else ''}")
     headers = ("arch", "size", "budget", "params", "tokens", "steps", "tok/param", "FLOPs", "lr", "est. time")
     for header in headers:
         table.add_column(header, justify="left" if header in ("arch", "size") else "right", no_wrap=True)
     for run, seconds in zip(plan.runs, plan.seconds):
         table.add_row(
             f"{run.arch}*" if run.is_baseline else run.arch, run.size,
-            sci(run.budget),
+            _budgets(run),
             f"{human(run.params)} ({human(run.params_non_embedding)})", human(run.tokens), f"{run.steps:,}",
-            f"{run.tokens / run.params:.1f}", sci(run.flops), sci(run.spec.optim.lr), duration(seconds),
+            f"{run.tokens / run.params:.1f}", _flops(run), sci(run.spec.optim.lr), duration(seconds),
         )
     table.add_section()
-    table.add_row("total", "", "", "", human(sum(r.tokens for r in plan.runs)), "", "",
+    table.add_row("total", "", "", "", human(plan.total_tokens), "", "",
                   sci(plan.total_flops), "", duration(plan.total_seconds))
     return table
+
+
+def _budgets(run: PlannedRun) -> str:
+    """'3e11', or '1e11..3e11' for a run whose branches stand for the smaller budgets."""
+    if not run.branches:
+        return sci(run.budget)
+    return f"{sci(min(budget for _, budget in run.branches))}..{sci(run.budget)}"
+
+
+def _flops(run: PlannedRun) -> str:
+    """'3e11', or '3e11 + 6e10' (own + cooldown decays) for a run with branches."""
+    if not run.branches:
+        return sci(run.flops)
+    return f"{sci(run.flops)} + {sci(run.spent_flops - run.flops)}"

@@ -13,13 +13,16 @@ A sweep file (YAML) says what to train; `grid.expand` turns it into RunSpecs. La
       budgets: [1.0e+12, 3.0e+12]          # training FLOPs per run (each architecture its own FLOPs)
       sizes: [d64-l2, 2.5M]                # explicit sizes, or:  n_sizes: 4, spread: 3
       min_steps: 10                        # optional: a cell with fewer optimiser steps is an error
+      cooldowns: false                     # optional, needs `schedule: wsd`: one run per size,
+                                           # a cooldown branch at each smaller budget (grid.py)
     # grid: {kind: ladder, sizes: [150M, 300M], tokens_per_param: 50}   # ... or a size ladder
     train:                                 # one flat section; numbers may be size rules (rules.py)
       batch_size: 16
       seq_len: 128
       lr: "0.003 * (params / 1e6) ** -0.25"
     seeds: [0]
-    executor: {kind: local, workers: 2}
+    executor: {kind: local, workers: 2}   # or, for `isoflop submit`:
+    # executor: {kind: slurm, partition: gpu, gpus_per_run: 1, time: "2:00:00", array_parallelism: 16}
 
 `train` keys map onto TrainConfig, OptimConfig and ScheduleConfig fields (TRAIN_KEYS below; defaults are
 those dataclasses' defaults). Every numeric `train` key except seq_len may be a rule: a number, a formula
@@ -46,7 +49,7 @@ from isoflop.runspec import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
 
 SCHEDULE_KINDS: tuple[str, ...] = ("cosine", "wsd")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-EXECUTOR_KINDS: tuple[str, ...] = ("local",)
+EXECUTOR_KINDS: tuple[str, ...] = ("local", "slurm")
 GRID_KINDS: tuple[str, ...] = ("isoflop", "ladder")
 DEFAULT_MIN_STEPS = 10  # fewer optimiser steps than this cannot say anything about a size
 DEFAULT_SPREAD = 3.0  # n_sizes grids: sizes from N_opt/3 to 3*N_opt unless the file says otherwise
@@ -93,6 +96,7 @@ class IsoflopGrid:
     spread: float | None
     min_steps: int
     kind: str = "isoflop"
+    cooldowns: bool = False  # one WSD run per (architecture, size), branching at smaller budgets
 
 
 @dataclass(frozen=True)
@@ -109,9 +113,27 @@ Grid = Union[IsoflopGrid, LadderGrid]
 
 
 @dataclass(frozen=True)
+class SlurmSettings:
+    """What `isoflop submit` asks SLURM for. Every run is one task of a job array."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_run: int = 0
+    cpus_per_run: int = 1
+    mem_gb: float | None = None  # None: the partition's default
+    time_min: int = 60  # limit of one attempt; a run that hits it is requeued and resumes
+    array_parallelism: int = 64  # tasks of one array running at once
+    max_array_size: int = 1000  # tasks per array; SLURM's default MaxArraySize (1001) allows 1001
+    max_requeues: int = 3  # time-limit requeues per run before it counts as failed
+    setup: tuple[str, ...] = ()  # shell lines run first in every job, e.g. "module load cuda"
+
+
+@dataclass(frozen=True)
 class ExecutorConfig:
-    kind: str = "local"
-    workers: int = 1  # runs at once; on GPUs they are spread round-robin and may share a GPU
+    kind: str = "local"  # what `isoflop run` (local) or `isoflop submit` (slurm) uses by default
+    workers: int = 1  # local: runs at once; on GPUs they are spread round-robin and may share a GPU
+    slurm: SlurmSettings = SlurmSettings()
 
 
 @dataclass(frozen=True)
@@ -380,11 +402,23 @@ def load_sweep(path: Path | str) -> Sweep:
     """Read and validate a sweep file. Raises SweepError on the first problem found."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SweepError(path, "", None, "the sweep file does not exist", "a path to a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise SweepError(path, "", None, f"is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                         "a UTF-8 YAML file") from None
+    except OSError as exc:
+        raise SweepError(path, "", None, f"cannot be read: {exc.strerror}", "a readable YAML file") from None
+    try:
+        document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SweepError(path, "", None, f"is not valid YAML: {exc}", "a YAML mapping") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        # PyYAML's constructors raise these for values it parses but cannot build (2001-13-45,
+        # '!!float abc', very deep nesting): still the file's fault, not a crash of ours.
+        raise SweepError(path, "", None, f"is not valid YAML: a value cannot be read "
+                         f"({type(exc).__name__}: {exc})", "a YAML mapping") from None
     return parse_sweep(document, path)
 
 
@@ -398,6 +432,10 @@ def parse_sweep(document: Any, path: Path | str) -> Sweep:
     architectures = _parse_architectures(top.section("architectures"))
     grid = _parse_grid(top.section("grid"))
     train = _parse_train(top.section("train", {}))
+    if getattr(grid, "cooldowns", False) and train["schedule"] != "wsd":
+        raise SweepError(path, "grid.cooldowns", True,
+                         f"needs a stable phase to branch from, but train.schedule is "
+                         f"{train['schedule']!r}", "train.schedule: wsd, or cooldowns: false")
     seeds = top.list_of("seeds", _int_at_least(0), (0,))
     if len(set(seeds)) != len(seeds):
         raise SweepError(path, "seeds", list(seeds), "has repeated seeds", "distinct integers")
@@ -471,7 +509,8 @@ def _parse_grid(section: _Section) -> Grid:
                              "only applies to n_sizes", "spread with n_sizes, not with sizes")
         if n_sizes is not None and spread is None:
             spread = DEFAULT_SPREAD
-        grid = IsoflopGrid(budgets, explicit, n_sizes, spread, min_steps)
+        cooldowns = section.take("cooldowns", _bool, False)
+        grid = IsoflopGrid(budgets, explicit, n_sizes, spread, min_steps, cooldowns=cooldowns)
     section.done()
     return grid
 
@@ -485,10 +524,93 @@ def _parse_train(section: _Section) -> dict[str, Any]:
 
 
 def _parse_executor(section: _Section) -> ExecutorConfig:
+    """kind and workers, then the SLURM settings as flat keys (SLURM_KEYS) of the same section."""
     defaults = ExecutorConfig()
-    executor = ExecutorConfig(
-        kind=section.take("kind", _choice(EXECUTOR_KINDS), defaults.kind),
-        workers=section.take("workers", _int_at_least(1), defaults.workers),
-    )
+    kind = section.take("kind", _choice(EXECUTOR_KINDS), defaults.kind)
+    workers = section.take("workers", _int_at_least(1), defaults.workers)
+    slurm = {field: section.take(key, parse, getattr(defaults.slurm, field))
+             for key, (field, parse) in SLURM_KEYS.items()}
     section.done()
-    return executor
+    return ExecutorConfig(kind, workers, SlurmSettings(**slurm))
+
+
+def _slurm_name(value: Any) -> str:
+    # Partition, account and QOS names go into sbatch options; a comma lists several partitions.
+    return _pattern(re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,-]*$"), "a SLURM name, e.g. gpu or gpu,cpu")(value)
+
+
+_TIME_PATTERN = re.compile(r"^(?:(?P<days>\d+)-)?(?P<hours>\d+):(?P<minutes>\d+)(?::(?P<seconds>\d+))?$")
+
+
+def _minutes(value: Any) -> int:
+    """A time limit: whole minutes, or '[D-]HH:MM[:SS]' (rounded up to minutes; submitit wants minutes)."""
+    allowed = "minutes (an integer >= 1) or a time like \"2:00:00\" or \"1-12:00\""
+    if isinstance(value, str) and ":" in value:
+        match = _TIME_PATTERN.match(value.strip())
+        if not match:
+            raise _Invalid("is not a time", allowed)
+        days, hours, minutes, seconds = (int(match[g] or 0) for g in ("days", "hours", "minutes", "seconds"))
+        total = days * 1440 + hours * 60 + minutes + (1 if seconds else 0)
+        if total < 1:
+            raise _Invalid("is shorter than a minute", allowed)
+        return total
+    try:
+        return _int_at_least(1)(value)
+    except _Invalid as exc:
+        raise _Invalid(exc.problem, allowed) from None
+
+
+_MEMORY_UNITS = {"M": 1 / 1024, "MB": 1 / 1024, "G": 1.0, "GB": 1.0, "T": 1024.0, "TB": 1024.0}
+
+
+def _memory_gb(value: Any) -> float:
+    """Memory per run: a number of GB, or a string with a unit (500M, 16G, 1T)."""
+    allowed = "GB as a number, or a size like 500M, 16G or 1T"
+    if isinstance(value, str):
+        match = re.match(r"^\s*([0-9.]+)\s*([A-Za-z]*)\s*$", value)
+        unit = match[2].upper() if match else ""
+        if not match or unit not in _MEMORY_UNITS:
+            raise _Invalid("is not a memory size", allowed)
+        value, scale = match[1], _MEMORY_UNITS[unit]
+    else:
+        scale = 1.0
+    try:
+        return _positive(value) * scale
+    except _Invalid as exc:
+        raise _Invalid(exc.problem, allowed) from None
+
+
+def _shell_lines(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(line, str) and "\n" not in line for line in value):
+        raise _Invalid(f"is a {type(value).__name__}", "a list of one-line shell commands")
+    return tuple(value)
+
+
+# sweep key (also the `isoflop submit` option, with '-' for '_') -> (SlurmSettings field, parser)
+SLURM_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "partition": ("partition", _slurm_name),
+    "account": ("account", _slurm_name),
+    "qos": ("qos", _slurm_name),
+    "gpus_per_run": ("gpus_per_run", _int_at_least(0)),
+    "cpus_per_run": ("cpus_per_run", _int_at_least(1)),
+    "mem": ("mem_gb", _memory_gb),
+    "time": ("time_min", _minutes),
+    "array_parallelism": ("array_parallelism", _int_at_least(1)),
+    "max_array_size": ("max_array_size", _int_at_least(1)),
+    "max_requeues": ("max_requeues", _int_at_least(0)),
+    "setup": ("setup", _shell_lines),
+}
+
+
+def slurm_settings_with(settings: SlurmSettings, overrides: dict[str, Any], origin: str) -> SlurmSettings:
+    """`settings` with some keys of SLURM_KEYS replaced (command-line options); errors name `origin`."""
+    changes = {}
+    for key, value in overrides.items():
+        if key not in SLURM_KEYS:
+            raise SweepError(origin, key, value, "is not a SLURM setting", ", ".join(SLURM_KEYS))
+        field, parse = SLURM_KEYS[key]
+        try:
+            changes[field] = parse(value)
+        except _Invalid as exc:
+            raise SweepError(origin, key, value, exc.problem, exc.allowed) from None
+    return dataclasses.replace(settings, **changes)

@@ -8,11 +8,22 @@ its checkpoint and ends exactly where an uninterrupted run would have.
 One optimiser step sees batch_size x seq_len tokens. Evals on the held-out split happen every
 `eval_every_tokens` (about 10 times when 0) and always after the last step; each appends one line
 to metrics.jsonl. A NaN or infinite loss stops the run as 'diverged' (no result.json).
+
+Cooldown branches (WSD schedule, `train.cooldown_tokens`): one run gives a finished model at several
+token counts. For each count D_i the trunk, still in its stable phase, is checkpointed where a run of
+D_i tokens would start its decay (checkpoints/branch-<D_i>.pt, kept), a branch is trained from there
+to D_i with the linear decay of that shorter run, evaluated, and recorded in result.json under
+`branches`; then the trunk is restored from the checkpoint and goes on. Every branch endpoint is a
+point of its own for the analysis, at the cost of its decay steps only. With no warm-up its
+endpoint equals that of a separate WSD run of D_i tokens exactly (the same seed, data order, and
+learning rate at every step); with a warm-up it differs only in the warm-up's length (a fraction of
+the trunk's tokens, not of D_i). A crash inside a branch resumes from the branch point.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -47,6 +58,15 @@ class Diverged(Exception):
     def __init__(self, step: int, value: float, where: str) -> None:
         super().__init__(f"{where} loss is {value} at step {step}")
         self.step, self.value, self.where = step, value, where
+
+
+class Stopped(Exception):
+    """Training stopped because `should_stop` said so (a preemption or time-limit signal), right
+    after saving a checkpoint at `step`; the next start resumes there."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped on request at step {step} after saving a checkpoint")
+        self.step = step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,6 +105,7 @@ class Progress:
     train_s: float = 0.0  # time spent in training steps, all attempts
     elapsed_s: float = 0.0  # wall time including evals and checkpoints, all attempts
     lr: float = 0.0
+    branches: list[dict[str, Any]] = field(default_factory=list)  # finished cooldown branches
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -116,6 +137,50 @@ class LossReadback:
         return values
 
 
+@dataclass(frozen=True)
+class Branch:
+    """A cooldown branch: it leaves the trunk at step `start` and ends at step `end` (= tokens /
+    tokens per step), decaying the LR as a WSD run of `end` steps would."""
+
+    tokens: int
+    start: int
+    end: int
+
+
+def plan_branches(spec: RunSpec) -> list[Branch]:
+    """The spec's cooldown branches by start step; ValueError naming train.cooldown_tokens for a
+    count the schedule cannot branch at."""
+    train, schedule = spec.train, spec.schedule
+    if not train.cooldown_tokens:
+        return []
+    if schedule.kind != "wsd":
+        raise ValueError(f"train.cooldown_tokens={list(train.cooldown_tokens)} needs schedule.kind="
+                         f"'wsd' (a stable phase to branch from); got {schedule.kind!r}")
+    warmup_steps = round(schedule.warmup_fraction * train.total_steps)
+    branches = []
+    for tokens in sorted(set(train.cooldown_tokens)):
+        end = tokens // train.tokens_per_step
+        start = end - round(schedule.decay_fraction * end)
+        if not 1 <= end < train.total_steps:
+            raise ValueError(
+                f"train.cooldown_tokens has {tokens} = {end} steps of {train.tokens_per_step} tokens; "
+                f"allowed: 1 to {train.total_steps - 1} steps (fewer than the run's own)"
+            )
+        if start == end:
+            raise ValueError(
+                f"train.cooldown_tokens has {tokens}: schedule.decay_fraction="
+                f"{schedule.decay_fraction!r} leaves its branch no decay step; allowed: a decay "
+                "fraction that gives every branch at least one step"
+            )
+        if start < warmup_steps:
+            raise ValueError(
+                f"train.cooldown_tokens has {tokens}: its cooldown would start at step {start}, inside "
+                f"the warm-up ({warmup_steps} steps); allowed: counts whose decay starts after it"
+            )
+        branches.append(Branch(tokens=end * train.tokens_per_step, start=start, end=end))
+    return sorted(branches, key=lambda b: (b.start, b.end))
+
+
 class Trainer:
     """Holds one run's model, data and bookkeeping; `fit()` runs it to the end."""
 
@@ -125,8 +190,10 @@ class Trainer:
         rundir: RunDir,
         echo: bool,
         on_step: Callable[[int], None] | None,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.spec, self.rundir, self.echo, self.on_step = spec, rundir, echo, on_step
+        self.should_stop = should_stop
         train: TrainConfig = spec.train
         self.device = resolve_device(train.device)
         if self.device.type == "cuda":
@@ -144,6 +211,7 @@ class Trainer:
         )
         self.flops = flops_per_token(spec.model, train.seq_len)
         self.params = count_params(spec.model)
+        self.branches = plan_branches(spec)
 
         self.corpus = load_corpus(spec.data)
         if self.corpus.vocab_size > spec.model.vocab_size:
@@ -219,9 +287,8 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def train_step(self, step: int) -> None:
+    def train_step(self, step: int, lr: float) -> None:
         spec = self.spec
-        lr = lr_at(step, self.total_steps, spec.optim.lr, spec.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = self.sampler.next_batch()
@@ -233,8 +300,18 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.readback.add(step + 1, loss)
+        # Log the language-modelling loss alone: MoE models add router losses to what they train on.
+        logged = getattr(self.model, "last_losses", {}).get("cross_entropy", loss)
+        self.readback.add(step + 1, logged)
         self.progress.lr = lr
+
+    def trunk_lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.spec.optim.lr, self.spec.schedule)
+
+    def branch_lr(self, step: int, branch: Branch) -> float:
+        """The decay of a WSD run of branch.end steps (its warm-up is the trunk's, long past)."""
+        schedule = dataclasses.replace(self.spec.schedule, warmup_fraction=0.0)
+        return lr_at(step, branch.end, self.spec.optim.lr, schedule)
 
     def collect_losses(self) -> None:
         values = self.readback.drain()
@@ -289,13 +366,24 @@ class Trainer:
         wall_origin = time.perf_counter() - p.elapsed_s
         step_start = time.perf_counter()
         while p.step < self.total_steps:
-            self.train_step(p.step)
+            branch = self.branch_due()
+            if branch is not None:
+                trained_s = time.perf_counter() - step_start
+                p.interval_train_s += trained_s
+                p.train_s += trained_s
+                self.run_branch(branch, wall_origin)
+                p = self.progress  # restored from the branch point
+                step_start = time.perf_counter()
+                continue
+            self.train_step(p.step, self.trunk_lr(p.step))
             p.step += 1
             eval_now = p.step % self.eval_every == 0 or p.step == self.total_steps
             if self.checkpoint_every is None:
                 checkpoint_now = eval_now
             else:
                 checkpoint_now = p.step % self.checkpoint_every == 0
+            stop_now = p.step < self.total_steps and self.should_stop()  # the last step finishes
+            checkpoint_now = checkpoint_now or stop_now
             if eval_now or checkpoint_now or p.step % readback_every == 0:
                 self.collect_losses()
             if eval_now or checkpoint_now:
@@ -310,15 +398,71 @@ class Trainer:
                     p.elapsed_s = time.perf_counter() - wall_origin
                     self.save()
                 step_start = time.perf_counter()
+            if stop_now:
+                raise Stopped(p.step)
             if self.on_step is not None:
                 self.on_step(p.step)
         p.elapsed_s = time.perf_counter() - wall_origin
         return self.result()
 
+    # -- cooldown branches ----------------------------------------------------------------------
+
+    def branch_due(self) -> Branch | None:
+        """The branch that leaves the trunk at the current step and has no record yet."""
+        done = {record["tokens"] for record in self.progress.branches}
+        return next((b for b in self.branches if b.start == self.progress.step
+                     and b.tokens not in done), None)
+
+    def run_branch(self, branch: Branch, wall_origin: float) -> None:
+        """Checkpoint the trunk, train and evaluate the branch, record it, restore the trunk."""
+        self.collect_losses()
+        self.synchronize()
+        self.progress.elapsed_s = time.perf_counter() - wall_origin
+        self.save()  # the resume point if the branch is interrupted
+        save_checkpoint(self.rundir.checkpoint_dir / f"branch-{branch.tokens}.pt", self.model,
+                        self.optimizer, self.sampler.state_dict(), self.progress.state_dict())
+        readback_every = LOSS_READBACK_EVERY.get(self.device.type, 1)
+        start = time.perf_counter()
+        losses: list[float] = []
+        for step in range(branch.start, branch.end):
+            lr = self.branch_lr(step, branch)
+            self.train_step(step, lr)
+            if (step + 1 - branch.start) % readback_every == 0:
+                losses += self.readback.drain()
+        losses += self.readback.drain()
+        self.synchronize()
+        train_s = time.perf_counter() - start
+        val_loss = self.evaluate()
+        if not math.isfinite(val_loss):
+            raise Diverged(branch.end, val_loss, f"cooldown branch at {branch.tokens} tokens: val")
+        steps = branch.end - branch.start
+        record = {
+            "tokens": branch.tokens,
+            "steps": branch.end,
+            "flops": self.flops.train * branch.tokens,  # what a separate run to this count spends
+            "branch_flops": self.flops.train * self.tokens_at(steps),  # what the branch spent
+            "final_val_loss": val_loss,
+            "final_train_loss": sum(losses) / max(1, len(losses)),  # mean over the cooldown
+            "lr": lr,
+            "train_time_s": train_s,
+            "tokens_per_s": self.tokens_at(steps) / max(train_s, 1e-9),
+        }
+        sampler_state, trainer_state = load_checkpoint(
+            self.checkpoint_path, self.model, self.optimizer, self.device
+        )
+        self.sampler.load_state_dict(sampler_state)
+        self.progress = Progress.from_state_dict(trainer_state)
+        self.progress.branches.append(record)
+        self.progress.elapsed_s = time.perf_counter() - wall_origin
+        self.save()  # the branch is done: a later crash does not redo it
+        self.log(f"cooldown branch to {branch.tokens:,} tokens (steps {branch.start}-{branch.end})"
+                 f" | train {record['final_train_loss']:.4f} | val {val_loss:.4f}")
+
     def result(self) -> dict[str, Any]:
         p, flops = self.progress, self.flops
         last = self.rundir.read_metrics()[-1]
         tokens = self.tokens_at(p.step)
+        branches = {"branches": sorted(p.branches, key=lambda b: b["tokens"])} if self.branches else {}
         return {
             "state": "done",
             "run_id": self.spec.run_id,
@@ -340,6 +484,7 @@ class Trainer:
             "train_time_s": p.train_s,
             "tokens_per_s": tokens / max(p.train_s, 1e-9),
             "provenance": provenance(self.spec.run_id, self.corpus.fingerprint, self.device),
+            **branches,
         }
 
 
@@ -366,12 +511,16 @@ def run(
     *,
     echo: bool = False,
     on_step: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
     """Train `spec` in `rundir` and return its result (state 'done' or 'diverged').
 
     echo: also print the progress lines (they always go to the run's log file).
     on_step: called with the number of steps done after each step; an exception it raises
         interrupts the run like a crash would (tests use it to check resuming).
+    should_stop: asked after each step; True saves a checkpoint there, records status
+        'preempted' and raises Stopped (the worker sets it on SIGTERM/SIGUSR2, i.e. on SLURM
+        preemption or an approaching time limit).
     Raises whatever stopped the run, after recording status 'failed' with the error.
     """
     rd = RunDir(rundir).create()
@@ -385,9 +534,13 @@ def run(
         return _diverged_result(spec, status["reason"], status["step"])
     rd.write_status("running", run_id=spec.run_id)
     try:
-        trainer = Trainer(spec, rd, echo, on_step)
+        trainer = Trainer(spec, rd, echo, on_step, should_stop)
         trainer.resume()
         result = trainer.fit()
+    except Stopped as stopped:
+        rd.write_status("preempted", step=stopped.step, reason=str(stopped))
+        rd.append_log(f"preempted: {stopped}")
+        raise
     except Diverged as d:
         reason = str(d)
         rd.write_status("diverged", error=reason, reason=reason, step=d.step, value=str(d.value))
