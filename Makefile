@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # requirement can pull a multi-GB CUDA build onto a machine with no GPU).
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-dev quickstart test gpu-test clean
+.PHONY: install install-dev quickstart test gpu-test slurm-up slurm-down clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ quickstart: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+# A real single-node SLURM cluster on this machine (root; installs with apt-get when missing), to
+# try `isoflop submit`; `eval "$$(scripts/local-slurm.sh env)"` points SLURM commands at it.
+slurm-up:
+	scripts/local-slurm.sh up
+
+slurm-down:
+	scripts/local-slurm.sh down
 
 gpu-test: install-dev
 	$(BIN)/python -m pytest -q -m gpu

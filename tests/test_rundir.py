@@ -123,7 +123,7 @@ def test_status_lifecycle(tmp_path):
     assert second["attempts"] == 2 and second["error"] is None and second["finished_at"] is None
     done = rd.write_status("done")
     assert rd.state == "done" and done["attempts"] == 2
-    assert set(STATES) == {"pending", "running", "done", "failed", "diverged"}
+    assert set(STATES) == {"pending", "running", "done", "failed", "diverged", "preempted"}
 
 
 def test_status_counts_a_crashed_process_as_an_attempt(tmp_path):

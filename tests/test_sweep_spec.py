@@ -123,7 +123,7 @@ def test_unknown_keys_are_rejected(tmp_path, key, value, path, allowed):
         ("seeds", [0, 0], "seeds", "distinct"),
         ("seeds", [-1], "seeds[0]", ">= 0"),
         ("name", "my sweep/1", "name", "directory name"),
-        ("executor.kind", "slurm", "executor.kind", "local"),
+        ("executor.kind", "pbs", "executor.kind", "local, slurm"),
         ("executor.workers", 0, "executor.workers", ">= 1"),
         ("architectures.dyn.arch", "dynamic-qvk", "architectures.dyn.arch", "dynamic-qkv"),
         ("architectures.dyn.baseline", "no", "architectures.dyn.baseline", "true or false"),

@@ -1,10 +1,12 @@
-"""The sweep subcommands of `isoflop`: plan, run, status and collect.
+"""The sweep subcommands of `isoflop`: plan, run, submit, retry, status and collect.
 
 Each has `add_<name>(subparsers)` (its arguments; sets `handler=`) and `<name>_command(args)`, the
 convention of isoflop/cli.py. Imports happen inside the handlers so `isoflop --help` stays fast, and
 none of them imports torch (only the worker processes that `run` starts do).
-A sweep problem (SweepError) prints one line naming file, key path, value and what is allowed, and
-exits with EXIT_SWEEP_ERROR.
+A sweep problem (SweepError) or a bad option prints one line naming file, key path, value and what
+is allowed, and exits with EXIT_SWEEP_ERROR; a full disk or an unwritable runs folder prints which
+file and why (EXIT_UNWRITABLE); SLURM refusing a submission or query prints what it said
+(EXIT_SLURM_ERROR). Never a traceback for any of these.
 """
 
 from __future__ import annotations
@@ -18,21 +20,36 @@ from pathlib import Path
 from typing import Any
 
 EXIT_SWEEP_ERROR = 2
+EXIT_SLURM_ERROR = 3
+EXIT_UNWRITABLE = 74  # EX_IOERR
 
 
 Handler = Callable[[argparse.Namespace], int]
 
 
+class UsageError(Exception):
+    """A command-line value that cannot work (e.g. --only matching nothing); one line, exit 2."""
+
+
 def _reports_sweep_errors(handler: Handler) -> Handler:
     @functools.wraps(handler)
     def wrapped(args: argparse.Namespace) -> int:
+        from isoflop.orchestrator.jobs import SlurmQueryError
+        from isoflop.orchestrator.rundir import UnwritableError
         from isoflop.orchestrator.spec import SweepError
+        from isoflop.orchestrator.submit import SubmitError
 
         try:
             return handler(args)
-        except (SweepError, FileNotFoundError) as error:
+        except (SweepError, UsageError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_SWEEP_ERROR
+        except UnwritableError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_UNWRITABLE
+        except (SubmitError, SlurmQueryError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_SLURM_ERROR
 
     return wrapped
 
@@ -123,47 +140,189 @@ def add_run(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("sweep", type=Path, help="the sweep's YAML file")
     parser.add_argument("--workers", type=int, default=None,
                         help="runs at once (default: executor.workers of the sweep file)")
-    parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
-                        help="train only matching runs (arch, size, budget, seed, run_id); repeatable")
+    _add_only(parser, "train")
     _add_runs_dir(parser)
     parser.set_defaults(handler=run_command)
 
 
-@_reports_sweep_errors
-def run_command(args: argparse.Namespace) -> int:
-    from isoflop.orchestrator.executors import make_executor
-    from isoflop.orchestrator.launch import launch, parse_only, select
+def _selected_runs(args: argparse.Namespace) -> tuple[Any, list[Any], Path]:
+    """(sweep, the runs --only selects, the sweep's folder of runs); records the sweep's manifest."""
+    from isoflop.orchestrator.launch import parse_only, select
     from isoflop.orchestrator.layout import sweep_dir, write_manifest
 
     sweep, all_runs = _load(args.sweep)
     try:
         runs = select(all_runs, parse_only(args.only))
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_SWEEP_ERROR
+        raise UsageError(str(error)) from None
     if not runs:
-        print(f"error: --only {' '.join(args.only)} matches none of the {len(all_runs)} runs of "
-              f"sweep {sweep.name}", file=sys.stderr)
-        return EXIT_SWEEP_ERROR
+        raise UsageError(f"--only {' '.join(args.only)} matches none of the {len(all_runs)} runs of "
+                         f"sweep {sweep.name}")
     directory = sweep_dir(sweep.name, args.runs_dir)
     write_manifest(directory, sweep.name, str(sweep.path), all_runs)  # the whole sweep, even with --only
-    workers = args.workers or sweep.executor.workers
+    return sweep, runs, directory
+
+
+def _add_only(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
+                        help=f"{verb} only matching runs (arch, size, budget, seed, run_id); repeatable")
+
+
+def _train_here(sweep: Any, runs: list[Any], directory: Path, workers: int) -> int:
+    """Train `runs` on this machine with the local executor; exit status 0 if all finished."""
+    from isoflop.orchestrator.executors import make_executor
+    from isoflop.orchestrator.launch import launch
+
     console = _console()
 
     def prepare_data() -> None:
         from isoflop.data import load_corpus
 
         console.print(f"loading corpus {sweep.data.corpus} ({sweep.data.tokenizer}) ...")
-        corpus = load_corpus(sweep.data)
+        try:
+            corpus = load_corpus(sweep.data)
+        except ValueError as error:  # a corpus that does not exist or cannot be read: say so, once
+            raise UsageError(str(error)) from None
         console.print(corpus.describe())
         for run in runs:
             if run.tokens > corpus.n_train_tokens:
                 console.print(f"[yellow]warning:[/] {run.arch} {run.size} needs {run.tokens:,} tokens: "
                               f"{run.tokens / corpus.n_train_tokens:.2f} epochs of the corpus (data repeats)")
 
-    executor = make_executor(sweep.executor.kind, workers)
-    report = launch(sweep, runs, directory, executor, console, prepare_data)
+    report = launch(sweep, runs, directory, make_executor("local", workers), console, prepare_data)
     return 0 if report.all_finished else 1
+
+
+@_reports_sweep_errors
+def run_command(args: argparse.Namespace) -> int:
+    sweep, runs, directory = _selected_runs(args)
+    # `run` trains here whatever executor.kind says: `submit` is the way to SLURM.
+    return _train_here(sweep, runs, directory, args.workers or sweep.executor.workers)
+
+
+# -- isoflop submit / retry -----------------------------------------------------------------------
+
+# --option -> (sweep key of SLURM_KEYS, metavar, help)
+SLURM_OPTIONS: dict[str, tuple[str, str, str]] = {
+    "--partition": ("partition", "NAME", "SLURM partition (default: the cluster's default)"),
+    "--account": ("account", "NAME", "SLURM account to charge"),
+    "--qos": ("qos", "NAME", "SLURM quality of service"),
+    "--gpus-per-run": ("gpus_per_run", "N", "GPUs per run (default 0)"),
+    "--cpus-per-run": ("cpus_per_run", "N", "CPUs per run, also its torch threads (default 1)"),
+    "--mem": ("mem", "SIZE", "memory per run, e.g. 16G (default: the partition's)"),
+    "--time": ("time", "TIME", ("time limit per attempt: minutes or [D-]HH:MM[:SS] (default 60); "
+                                "a run that hits it is requeued and resumes from its checkpoint")),
+    "--array-parallelism": ("array_parallelism", "N", "array tasks running at once (default 64)"),
+    "--max-array-size": ("max_array_size", "N", "tasks per job array (default 1000)"),
+    "--max-requeues": ("max_requeues", "N", "time-limit requeues per run (default 3)"),
+}
+
+
+def _add_executor_options(parser: argparse.ArgumentParser) -> None:
+    from isoflop.orchestrator.spec import EXECUTOR_KINDS
+
+    parser.add_argument("--executor", choices=EXECUTOR_KINDS, default=None,
+                        help="where the runs train (default: executor.kind of the sweep file)")
+    group = parser.add_argument_group("SLURM settings (default: the sweep file's executor section)")
+    for option, (key, metavar, help_text) in SLURM_OPTIONS.items():
+        group.add_argument(option, dest=f"slurm_{key}", metavar=metavar, default=None, help=help_text)
+
+
+def _slurm_settings(args: argparse.Namespace, sweep: Any) -> Any:
+    from isoflop.orchestrator.spec import slurm_settings_with
+
+    overrides = {key: getattr(args, f"slurm_{key}") for key, _, _ in SLURM_OPTIONS.values()
+                 if getattr(args, f"slurm_{key}") is not None}
+    return slurm_settings_with(sweep.executor.slurm, overrides, "command line")
+
+
+def add_submit(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "submit", help="submit a sweep's unfinished runs to SLURM as job arrays, and return",
+        description="Submit every run of the sweep that is not finished and has no live job as "
+        "SLURM job arrays (one task per run), then return at once; the job ids go into the run "
+        "directories (job.json) and `isoflop status` follows them. The isoflop package is copied "
+        "to <runs>/<sweep>/.code/<hash>/ and the jobs run that copy, so editing the checkout "
+        "does not change waiting jobs. Failed and cancelled runs are left to `isoflop retry`.",
+    )
+    parser.add_argument("sweep", type=Path, help="the sweep's YAML file")
+    _add_executor_options(parser)
+    _add_only(parser, "submit")
+    _add_runs_dir(parser)
+    parser.set_defaults(handler=submit_command)
+
+
+def _submit_to_slurm(args: argparse.Namespace, sweep: Any, runs: list[Any], directory: Path,
+                     wanted: frozenset[str]) -> int:
+    from isoflop.orchestrator.submit import submit
+
+    settings = _slurm_settings(args, sweep)
+    report = submit(sweep.name, runs, directory, settings, wanted)
+    arrays = sorted({job_id.split("_")[0] for job_id in report.submitted.values()}, key=int)
+    runs_dir = f" --runs-dir {args.runs_dir}" if args.runs_dir else ""
+    notes = [f"{report.finished} finished"] if report.finished else []
+    notes += [f"{report.busy} queued or running already"] if report.busy else []
+    notes += [f"{n} {state}" for state, n in sorted(report.left.items())]
+    print(f"sweep {sweep.name}: submitted {len(report.submitted)} of {report.selected} runs"
+          + (f" ({', '.join(notes)})" if notes else ""))
+    if report.submitted:
+        print(f"  SLURM job arrays {', '.join(arrays)}: partition {settings.partition or '(default)'}, "
+              f"{settings.time_min} min per attempt, {settings.cpus_per_run} CPUs and "
+              f"{settings.gpus_per_run} GPUs per run, at most {settings.array_parallelism} at once")
+        print(f"  code pinned at {report.code}")
+        print(f"  follow them with: isoflop status {args.sweep}{runs_dir}")
+    if set(report.left) & {"failed", "cancelled"} and "failed" not in wanted:
+        print(f"  failed or cancelled runs are not resubmitted: isoflop retry {args.sweep} --failed{runs_dir}")
+    return 0
+
+
+@_reports_sweep_errors
+def submit_command(args: argparse.Namespace) -> int:
+    from isoflop.orchestrator.submit import SUBMITTABLE
+
+    sweep, runs, directory = _selected_runs(args)
+    if (args.executor or sweep.executor.kind) != "slurm":
+        raise UsageError(f"submit hands runs to SLURM but {args.sweep} has executor.kind="
+                         f"{sweep.executor.kind!r}; allowed: --executor slurm (or kind: slurm in the "
+                         f"sweep file); `isoflop run` trains on this machine")
+    return _submit_to_slurm(args, sweep, runs, directory, SUBMITTABLE)
+
+
+def add_retry(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "retry", help="run a sweep's failed (or cancelled) runs again",
+        description="Run again the runs of the sweep that failed (--failed) or were cancelled "
+        "(--cancelled): submitted to SLURM with --executor slurm, else trained here. They resume "
+        "from their checkpoints where they have one.",
+    )
+    parser.add_argument("sweep", type=Path, help="the sweep's YAML file")
+    parser.add_argument("--failed", action="store_true", help="retry the failed runs")
+    parser.add_argument("--cancelled", action="store_true", help="retry the cancelled runs")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="local executor: runs at once (default: executor.workers of the sweep)")
+    _add_executor_options(parser)
+    _add_only(parser, "retry")
+    _add_runs_dir(parser)
+    parser.set_defaults(handler=retry_command)
+
+
+@_reports_sweep_errors
+def retry_command(args: argparse.Namespace) -> int:
+    from isoflop.orchestrator.submit import choose
+
+    wanted = frozenset(state for state, chosen in (("failed", args.failed), ("cancelled", args.cancelled))
+                       if chosen)
+    if not wanted:
+        raise UsageError("retry which runs? allowed: --failed, --cancelled (or both)")
+    sweep, runs, directory = _selected_runs(args)
+    if (args.executor or sweep.executor.kind) == "slurm":
+        return _submit_to_slurm(args, sweep, runs, directory, wanted)
+    todo, report = choose(runs, directory, wanted)
+    if not todo:
+        print(f"sweep {sweep.name}: no {' or '.join(sorted(wanted))} runs to retry "
+              f"({report.finished} of {report.selected} finished)")
+        return 0
+    return _train_here(sweep, todo, directory, args.workers or sweep.executor.workers)
 
 
 # -- isoflop status -------------------------------------------------------------------------------
@@ -172,7 +331,9 @@ def run_command(args: argparse.Namespace) -> int:
 def add_status(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "status", help="count a sweep's runs by state and list them",
-        description="Show how many runs of a sweep are done, running, failed, ... and a table of runs.",
+        description="Show how many runs of a sweep are done, running, failed, ... and a table of runs. "
+        "Runs submitted to SLURM also get their job's state (pending, running, preempted, cancelled, "
+        "failed), asked of SLURM in one batch for the whole sweep.",
     )
     parser.add_argument("sweep", type=Path, help="the sweep's YAML file, or its folder of runs")
     parser.add_argument("--json", action="store_true", help="print the runs and states as JSON")
@@ -225,5 +386,5 @@ def collect_command(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_plan, add_run, add_status, add_collect,
+    add_plan, add_run, add_submit, add_retry, add_status, add_collect,
 )

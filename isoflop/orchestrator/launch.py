@@ -1,8 +1,11 @@
 """Run the unfinished runs of a sweep: write their specs, hand them to an executor, show progress.
 
 Idempotent: a run whose status is done or diverged is never started again (training is
-deterministic, so a diverged run would diverge again), a failed or interrupted one is restarted and
-resumes from its checkpoint, and one that a live worker is training (its lock is held) is left to it.
+deterministic, so a diverged run would diverge again), a failed, preempted or interrupted one is
+restarted and resumes from its checkpoint, and one that a live worker is training (it holds the
+run's lease) is left to it. A run whose worker process was killed (SIGKILL, out of memory) is
+recorded as failed with the worker's exit code; its checkpoint survives, so the next launch resumes
+it from there.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def _final_state(end: JobEnd) -> str:
     if end.returncode == EXIT_LOCKED:
         return "busy elsewhere"
     state = rundir.state
-    if state in FINISHED_STATES or state == "failed":
+    if state in FINISHED_STATES or state in ("failed", "preempted"):
         return state
     rundir.write_status("failed", error=f"worker exited with code {end.returncode} while {state}")
     return "failed"

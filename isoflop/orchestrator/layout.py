@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from isoflop.orchestrator.grid import PlannedRun, without_nan
-from isoflop.orchestrator.rundir import RunDir, atomic_write_json, read_json
+from isoflop.orchestrator.rundir import RunDir, atomic_write_json, read_json, writing
 
 RUNS_ENV = "ISOFLOP_RUNS"
 DEFAULT_RUNS_ROOT = Path("runs")
@@ -44,7 +44,8 @@ def manifest_entry(run: PlannedRun) -> dict[str, Any]:
 
 def write_manifest(directory: Path, sweep_name: str, sweep_file: str, runs: list[PlannedRun]) -> None:
     """Record the sweep's current runs (a later `run` of an edited sweep file rewrites it)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    with writing(directory):  # the first write into a runs folder: say clearly if it is unwritable
+        directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / MANIFEST_NAME, {
         "sweep": sweep_name,
         "sweep_file": sweep_file,

@@ -1,74 +1,111 @@
-"""One run in its own process: `python -m isoflop.orchestrator.worker RUNDIR`, or `forked_main`
-in a process forked by the local executor.
+"""One run in its own process: `python -m isoflop.orchestrator.worker RUNDIR`, `forked_main` in a
+process forked by the local executor, or the child process of a SLURM job (executors/slurm.py).
 
 Reads RUNDIR/spec.json and trains it with `isoflop.train.run` (which writes status, metrics,
 checkpoints and result, and resumes from its checkpoint). The only module of the orchestrator that
 imports torch, and only here, in the child process.
 
-While it trains, the worker holds an exclusive lock on RUNDIR/.lock, so two sweeps launched on the
-same runs folder never train one run twice; a worker that finds the lock taken exits with
-EXIT_LOCKED. The lock dies with the process, so a crashed worker never leaves a stale one.
+While it trains, the worker holds the run's lease (rundir.RunLease), so two sweeps launched on the
+same runs folder, or a SLURM job and a local run, never train one run twice; a worker that finds
+the lease taken exits with EXIT_LOCKED. The lease ends with the process (or, on another machine,
+a lease period after its last renewal), so a crashed worker never leaves a stale lock.
+
+SIGTERM and SIGUSR2 (what SLURM sends on preemption and before a time limit) and SIGINT ask the
+run to stop: it saves a checkpoint at the end of the current step, records status 'preempted' and
+the worker exits with EXIT_PREEMPTED; the next start resumes there. A second SIGINT stops at once.
 ISOFLOP_THREADS sets torch's intra-op threads (the local executor divides the cores among workers).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import fcntl
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from types import FrameType
 
-from isoflop.orchestrator.rundir import RunDir
+from isoflop.orchestrator.rundir import RunDir, RunLease, hold_lease, lease_holder
 from isoflop.runspec import RunSpec
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another process is training this run
-LOCK_NAME = ".lock"
+EXIT_PREEMPTED = 76  # stopped by a signal after saving a checkpoint; a restart resumes
 THREADS_ENV = "ISOFLOP_THREADS"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+LEASE_POLL_S = 1.0
 
 
-@contextlib.contextmanager
-def run_lock(path: Path) -> Iterator[bool]:
-    """Yields True while holding the run's lock, False if another process holds it."""
-    with open(path / LOCK_NAME, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def run_lock(path: Path | str) -> AbstractContextManager[RunLease | None]:
+    """Hold the run's lease while the block runs; yields None if a live process holds it."""
+    return hold_lease(path)
 
 
 def is_locked(path: Path) -> bool:
     """Whether a live worker is training the run in `path` right now."""
-    if not (path / LOCK_NAME).exists():
-        return False
-    with run_lock(path) as acquired:
-        return not acquired
+    return lease_holder(path) is not None
 
 
-def train_rundir(path: Path | str) -> int:
-    """Train the run in `path` (its spec.json); the exit status a worker process should return."""
+@contextlib.contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """An Event set by SIGTERM, SIGUSR2 or SIGINT while the block runs (a repeated SIGINT raises
+    KeyboardInterrupt: a user pressing Ctrl-C twice wants out now). Handlers are restored after."""
+    requested = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train_rundir(path: Path | str, wait_for_lease_s: float = 0.0) -> int:
+    """Train the run in `path` (its spec.json); the exit status a worker process should return.
+
+    wait_for_lease_s: how long to wait for a lease held by another process (a requeued SLURM job
+    may start before its previous attempt's lease has expired on another node)."""
     rundir = RunDir(path)
     spec_dict = rundir.read_spec()
     if spec_dict is None:
         print(f"{rundir.spec_path} does not exist", file=sys.stderr)
         return 2
-    with run_lock(rundir.path) as acquired:
-        if not acquired:
-            print(f"{rundir.path} is being trained by another process", file=sys.stderr)
+    deadline = time.monotonic() + wait_for_lease_s
+    while True:
+        with run_lock(rundir.path) as lease:
+            if lease is not None:
+                return _train(rundir, RunSpec.from_dict(spec_dict))
+        if time.monotonic() >= deadline:
+            holder = lease_holder(rundir.path) or {}
+            print(f"{rundir.path} is being trained by another process (pid {holder.get('pid')} on "
+                  f"{holder.get('host')})", file=sys.stderr)
             return EXIT_LOCKED
-        import torch
+        time.sleep(LEASE_POLL_S)
 
-        from isoflop.train import run
 
-        if os.environ.get(THREADS_ENV):
-            torch.set_num_threads(int(os.environ[THREADS_ENV]))
-        result = run(RunSpec.from_dict(spec_dict), rundir.path)
+def _train(rundir: RunDir, spec: RunSpec) -> int:
+    import torch
+
+    from isoflop.train import run
+    from isoflop.train.trainer import Stopped
+
+    if os.environ.get(THREADS_ENV):
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
+    with stop_requests() as requested:
+        try:
+            result = run(spec, rundir.path, should_stop=requested.is_set)
+        except Stopped as stopped:
+            print(f"{rundir.path}: {stopped}", file=sys.stderr)
+            return EXIT_PREEMPTED
     return 0 if result["state"] in ("done", "diverged") else 1
 
 
@@ -87,11 +124,13 @@ def forked_main(path: str, env: dict[str, str], log_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m isoflop.orchestrator.worker RUNDIR", file=sys.stderr)
-        return 2
-    return train_rundir(argv[0])
+    parser = argparse.ArgumentParser(prog="python -m isoflop.orchestrator.worker",
+                                     description="Train one run directory.")
+    parser.add_argument("rundir", help="a run directory holding spec.json")
+    parser.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long for another process's lease to end (default: 0)")
+    args = parser.parse_args(argv)
+    return train_rundir(args.rundir, args.wait_for_lease)
 
 
 if __name__ == "__main__":

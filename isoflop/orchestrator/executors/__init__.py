@@ -3,7 +3,8 @@
 An executor is a tiny interface (after submitit): `execute(jobs, on_finish)` trains
 every job, each in its own process, and returns when all have ended. A Job is a run directory
 whose spec.json is written; what the run did is read back from its status.json, so executors
-differ only in where the process runs (this machine now; SLURM later).
+differ only in where the process runs. SLURM jobs go through `isoflop submit`
+(orchestrator/submit.py), which returns at once instead of waiting.
 """
 
 from __future__ import annotations
@@ -45,4 +46,7 @@ def make_executor(kind: str, workers: int) -> Executor:
         from isoflop.orchestrator.executors.local import LocalExecutor
 
         return LocalExecutor(workers)
+    if kind == "slurm":
+        raise ValueError("executor kind 'slurm' submits jobs and returns at once: use `isoflop submit`; "
+                         "`isoflop run` trains on this machine (kind: local)")
     raise ValueError(f"executor kind={kind!r}; allowed: {', '.join(EXECUTOR_KINDS)}")
