@@ -38,3 +38,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small text corpus: a few standard-library modules, enough for train and val windows."""
+    import json
+    import textwrap
+    from pathlib import Path
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for module in (json, textwrap, os):
+        (folder / Path(module.__file__).name).write_text(Path(module.__file__).read_text())
+    return folder

@@ -29,18 +29,6 @@ executor: {{workers: 2}}
 """
 
 
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    """A small text corpus: a few standard-library modules, enough for train and val windows."""
-    import json
-    import textwrap
-
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for module in (json, textwrap, os):
-        (folder / Path(module.__file__).name).write_text(Path(module.__file__).read_text())
-    return folder
-
 
 def load(tmp_path: Path, corpus: Path | str):
     path = tmp_path / "sweep.yaml"

@@ -51,16 +51,6 @@ executor: {{workers: {workers}}}
 """
 
 
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    import textwrap
-
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for module in (json, textwrap, os):
-        (folder / Path(module.__file__).name).write_text(Path(module.__file__).read_text())
-    return folder
-
 
 def write_sweep(folder: Path, corpus: Path, name: str, budget: str = "1.0e+9", more: str = "",
                 seeds: str = "[0]", workers: int = 2) -> Path:

@@ -54,17 +54,6 @@ THREE_ARCHS = TWO_ARCHS + "\n  static-qkv: {}"
 ONE_ARCH = "  transformer: {baseline: true}"
 
 
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    """A small text corpus: a few standard-library modules, enough for train and val windows."""
-    import textwrap
-
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for module in (json, textwrap, os):
-        (folder / Path(module.__file__).name).write_text(Path(module.__file__).read_text())
-    return folder
-
 
 def write_sweep(tmp_path: Path, corpus: Path, name: str, architectures: str = TWO_ARCHS,
                 budget: str = "1.0e+9", executor: str = "") -> Path:
