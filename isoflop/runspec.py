@@ -15,6 +15,30 @@ from typing import Any
 
 from isoflop.models.config import ModelConfig
 
+TASK_KINDS: tuple[str, ...] = ("mqar", "mqar-varkey", "fuzzy")
+QUERY_PLACEMENTS: tuple[str, ...] = ("uniform", "end")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A synthetic associative-recall task (isoflop/data/synthetic.py), trained on instead of a corpus.
+
+    kind: 'mqar' (one-token keys and values), 'mqar-varkey' (keys of 1..key_len tokens, one-token
+    values) or 'fuzzy' (keys of key_len tokens, values of value_len tokens).
+    vocab_size: every token id, the filler 0 included (it is also the model's vocabulary).
+    n_pairs: key-value pairs per sequence; every pair is queried once.
+    query_placement: 'uniform' (random filler gaps before the queries) or 'end' (right after the pairs).
+    n_test: sequences in the fixed test set.
+    """
+
+    kind: str = "mqar"
+    vocab_size: int = 64
+    n_pairs: int = 8
+    key_len: int = 1
+    value_len: int = 1
+    query_placement: str = "uniform"
+    n_test: int = 512
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -24,12 +48,19 @@ class DataConfig:
     tokenizer: 'bytes' (vocab 256) or 'bpe-<vocab>' (trained on the corpus with `tokenizers`).
     val_fraction: share of documents (by a stable hash of their path) held out for validation.
     bin_dtype: element type of .bin shards (uint16 or uint32).
+    task: a synthetic recall task instead of the corpus (None: language modelling on the corpus).
     """
 
     corpus: str = "python-stdlib"
     tokenizer: str = "bytes"
     val_fraction: float = 0.02
     bin_dtype: str = "uint16"
+    task: TaskConfig | None = None
+
+    def __post_init__(self) -> None:
+        # From JSON the task arrives as a mapping.
+        if isinstance(self.task, dict):
+            object.__setattr__(self, "task", TaskConfig(**self.task))
 
 
 @dataclass(frozen=True)
@@ -100,6 +131,8 @@ class RunSpec:
         at their defaults, so existing run ids do not change when a field is added."""
         d = dataclasses.asdict(self)
         d["model"] = self.model.to_dict()
+        if d["data"]["task"] is None:
+            d["data"].pop("task")  # added later: language-modelling runs keep their ids
         return d
 
     @classmethod

@@ -381,3 +381,55 @@ def plot_bootstrap_distributions(
         ax.legend(loc="upper right")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+ACCURACY_LABEL = "test accuracy (exact match per answer token)"
+
+
+@_styled
+def plot_recall_accuracy(summary: pd.DataFrame, x: str, baseline: str, path: Path) -> Path:
+    """Recall accuracy per architecture: the median over seeds with min/max error bars (as the
+    paper), each config at its best learning rate (analysis/recall.py's summary table).
+
+    x 'difficulty': one panel per model size, difficulties in grid order on a categorical axis;
+    x 'd_model': one panel per difficulty, model width on a log2 axis. Architectures are nudged
+    sideways a little so their error bars do not hide each other."""
+    panel_key, panel_order = ("size", "d_model") if x == "difficulty" else ("difficulty", "difficulty_rank")
+    panels = summary.sort_values(panel_order)[panel_key].unique()
+    fig, axes = _new_figure(max(1, len(panels)), width=6.4 if len(panels) == 1 else 5.0)
+    archs = _arch_order(summary["arch"].unique(), baseline)
+    colors = arch_colors(archs, baseline)
+    labels = summary.sort_values("difficulty_rank")["difficulty"].unique()
+    position = {label: i for i, label in enumerate(labels)}
+    for ax, panel in zip(axes, panels):
+        cells = summary[summary[panel_key] == panel]
+        for index, arch in enumerate(archs):
+            points = cells[cells["arch"] == arch]
+            nudge = (index - (len(archs) - 1) / 2) * 0.06
+            if x == "difficulty":
+                points = points.sort_values("difficulty_rank")
+                xs = np.array([position[d] for d in points["difficulty"]], float) + nudge
+            else:
+                points = points.sort_values("d_model")
+                xs = points["d_model"].to_numpy(float) * 2.0**nudge
+            median = points["median"].to_numpy(float)
+            errors = [median - points["min"].to_numpy(float), points["max"].to_numpy(float) - median]
+            ax.errorbar(xs, median, yerr=errors, fmt="o-", color=colors[arch], capsize=3, lw=1.4,
+                        label=_panel_title(arch, baseline))
+        ax.set_title(f"size {panel}" if x == "difficulty" else f"task {panel}")
+        ax.set_ylim(-0.03, 1.03)
+        if x == "difficulty":
+            ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+            ax.set_xlabel("task difficulty")
+        else:
+            ax.set_xscale("log", base=2)
+            widths = np.unique(summary["d_model"].to_numpy(float))
+            ax.set_xticks(widths, [f"{w:g}" for w in widths])
+            ax.set_xlim(widths.min() / 1.5, widths.max() * 1.5)  # one width alone: no zoomed-in axis
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel("model width d_model")
+    axes[0].set_ylabel(ACCURACY_LABEL)
+    axes[-1].legend(title="architecture (median, min-max over seeds)", loc="best")
+    what = "difficulty" if x == "difficulty" else "model width"
+    fig.suptitle(f"Recall accuracy vs {what} (best LR per config)")
+    return _save(fig, path)

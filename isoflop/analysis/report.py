@@ -42,7 +42,8 @@ from isoflop.analysis.plots import (
     plot_residuals,
     plot_training_curves,
 )
-from isoflop.analysis.table import baseline_arch, load_evals, load_runs, usable_runs
+from isoflop.analysis.recall import write_recall_report
+from isoflop.analysis.table import baseline_arch, is_recall_table, load_evals, load_runs, usable_runs
 from isoflop.atomic import atomic_write_text
 
 FITS_FILE = "fits.json"
@@ -339,8 +340,13 @@ def write_report(
     present) and write results_dir/report.md; returns its path. Plots go to results_dir/plots/.
 
     Besides `method` (which gives the multipliers), Approaches 2 and 3 are fitted for the
-    compute-optimal allocation whenever the table supports them."""
+    compute-optimal allocation whenever the table supports them.
+
+    A table of associative-recall runs (a `task` column filled) gets the recall report instead
+    (analysis/recall.py: accuracy per architecture; the fit options do not apply)."""
     results_dir = Path(results_dir)
+    if is_recall_table(load_runs(results_dir)):
+        return write_recall_report(results_dir)
     outcome = run_fit(results_dir, at=at, n_boot=n_boot, seed=seed, method=method,
                       wallclock=wallclock)
     others = {

@@ -1,7 +1,9 @@
 """The tidy results table (results/<sweep>/runs.csv and evals.csv): load, validate, select.
 
 Analysis reads nothing else, so every column it relies on is checked here once, with an error that
-names the file, the column and the bad value. Compute C is the column `flops` (analytic training
+names the file, the column and the bad value. The recall columns (task, difficulty, difficulty_rank,
+accuracy; empty for language-modelling runs) came later: a table without them reads as if they were
+empty. Compute C is the column `flops` (analytic training
 FLOPs actually spent); the 6N columns are kept for comparison only.
 """
 
@@ -18,19 +20,22 @@ EVALS_FILE = "evals.csv"
 # Columns read as text whatever they look like: a 12-hex-digit run id or git sha may be all digits.
 RUN_TEXT_COLUMNS: tuple[str, ...] = (
     "run_id", "sweep", "arch", "size", "state", "device", "corpus_fingerprint", "git_sha",
-    "isoflop_version",
+    "isoflop_version", "task", "difficulty",
 )
 RUN_NUMERIC_COLUMNS: tuple[str, ...] = (
     "d_model", "n_layers", "n_heads", "d_ff", "params", "params_non_embedding", "seq_len",
     "batch_size", "tokens", "steps", "budget", "flops", "flops_6n", "flops_6n_total",
-    "final_val_loss", "final_train_loss", "lr", "seed", "wall_s", "tokens_per_s",
+    "final_val_loss", "final_train_loss", "lr", "seed", "wall_s", "tokens_per_s", "difficulty_rank",
+    "accuracy",
 )
 RUN_COLUMNS: tuple[str, ...] = (
     "run_id", "sweep", "arch", "is_baseline", "size", "d_model", "n_layers", "n_heads", "d_ff",
     "params", "params_non_embedding", "seq_len", "batch_size", "tokens", "steps", "budget", "flops",
     "flops_6n", "flops_6n_total", "final_val_loss", "final_train_loss", "lr", "seed", "state",
     "wall_s", "tokens_per_s", "device", "corpus_fingerprint", "git_sha", "isoflop_version",
+    "task", "difficulty", "difficulty_rank", "accuracy",
 )
+RECALL_COLUMNS: tuple[str, ...] = ("task", "difficulty", "difficulty_rank", "accuracy")  # optional
 EVAL_TEXT_COLUMNS: tuple[str, ...] = ("run_id", "arch", "size")
 EVAL_COLUMNS: tuple[str, ...] = (
     "run_id", "arch", "size", "step", "tokens", "flops", "train_loss", "val_loss", "lr",
@@ -75,8 +80,11 @@ def load_evals(path: str | Path) -> pd.DataFrame | None:
 def validate_runs(df: pd.DataFrame, source: str = "<DataFrame>") -> pd.DataFrame:
     """A copy of `df` with contract types (numbers as float, is_baseline as bool); raises
     TableError naming `source`, the column and the offending value when the contract is broken."""
-    _require_columns(df, RUN_COLUMNS, source)
     df = df.copy()
+    for column in RECALL_COLUMNS:
+        if column not in df.columns:  # a table written before recall runs existed
+            df[column] = np.nan
+    _require_columns(df, RUN_COLUMNS, source)
     for column in RUN_NUMERIC_COLUMNS:
         df[column] = _numeric(df, column, source)
     for column in ("run_id", "arch", "state"):
@@ -138,6 +146,11 @@ def usable_runs(df: pd.DataFrame) -> pd.DataFrame:
         & (df["flops"] > 0)
     )
     return df[keep]
+
+
+def is_recall_table(df: pd.DataFrame) -> bool:
+    """True when the runs are associative-recall runs (a task), to be reported by accuracy."""
+    return bool(df["task"].notna().any())
 
 
 def baseline_arch(df: pd.DataFrame) -> str:

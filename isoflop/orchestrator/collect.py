@@ -12,6 +12,10 @@ one row per branch endpoint, run_id `<run id>-c<tokens>`, with the branch's budg
 the FLOPs a separate run to those tokens spends (docs/analysis.md, section 5), and the losses and
 throughput of the branch's record in result.json (wall_s: the branch's own training time). Until the
 run finishes, a branch row carries the run's state and the plan's numbers, like the trunk's row.
+
+Recall runs (a synthetic task, `grid: {kind: recall}`) fill task (its kind), difficulty (the label of
+its task setting), difficulty_rank (that setting's place in the grid) and accuracy (exact match per
+answer token on the task's fixed test set); language-modelling runs leave them empty.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ RUNS_COLUMNS: tuple[str, ...] = (
     "budget", "flops", "flops_6n", "flops_6n_total",
     "final_val_loss", "final_train_loss", "lr", "seed", "state",
     "wall_s", "tokens_per_s", "device", "corpus_fingerprint", "git_sha", "isoflop_version",
+    "task", "difficulty", "difficulty_rank", "accuracy",
 )
 EVALS_COLUMNS: tuple[str, ...] = (
     "run_id", "arch", "size", "step", "tokens", "flops", "train_loss", "val_loss", "lr",
@@ -56,6 +61,7 @@ def run_rows(sweep_name: str, entries: list[dict[str, Any]], directory: Path) ->
                 "flops_6n_total": result["flops_per_token"]["six_n_total"] * tokens,
                 "final_val_loss": result["final_val_loss"],
                 "final_train_loss": result["final_train_loss"],
+                "accuracy": result.get("final_accuracy"),
                 "wall_s": result["wall_time_s"],
                 "tokens_per_s": result["tokens_per_s"],
                 "device": provenance.get("device_name") or provenance.get("device"),

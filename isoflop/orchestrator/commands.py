@@ -120,7 +120,7 @@ def plan_command(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     console.print(plan_table(plan))
-    if train_tokens is None:
+    if train_tokens is None and sweep.data.task is None:  # task batches are generated, never run out
         console.print(f"data check skipped: the size of {sweep.data.corpus} ({sweep.data.tokenizer}) "
                       "is not cheaply known here; `isoflop run` checks it after loading the corpus")
     for warning in plan.warnings:
@@ -176,6 +176,8 @@ def _train_here(sweep: Any, runs: list[Any], directory: Path, workers: int) -> i
     console = _console()
 
     def prepare_data() -> None:
+        if sweep.data.task is not None:  # a synthetic task: runs generate their own batches
+            return
         from isoflop.data import load_corpus
 
         console.print(f"loading corpus {sweep.data.corpus} ({sweep.data.tokenizer}) ...")

@@ -25,6 +25,11 @@ budget), and the compute spent is the largest run plus the decay part of the oth
 docs/analysis.md. Rules that depend on tokens would give the cells different hyper-parameters, and
 are refused for such grids.
 
+Recall grids (a synthetic task in data.task) train every architecture at every size, difficulty and
+learning rate for the grid's steps; the model's vocabulary is the task's. Their hyper-parameter rules
+see no token count (tokens is NaN), and `lrs` replaces train.lr. Run order: difficulty, size,
+architecture, learning rate, seed. Budget is NaN, as for ladders.
+
 Hyper-parameter rules are evaluated with the baseline's numbers at the cell's shape (and budget), so
 all architectures of a cell share learning rate, batch size and schedule; only tokens differ.
 Run order: budget, then size, then architecture, then seed (small runs first; each finished budget
@@ -50,10 +55,18 @@ from isoflop.orchestrator.spec import (
     ArchitectureEntry,
     IsoflopGrid,
     LadderGrid,
+    RecallGrid,
     Sweep,
     SweepError,
+    difficulty_label,
 )
-from isoflop.runspec import OptimConfig, RunSpec, ScheduleConfig, TrainConfig
+from isoflop.runspec import (
+    DataConfig,
+    OptimConfig,
+    RunSpec,
+    ScheduleConfig,
+    TrainConfig,
+)
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # the N_opt rule above: C = 6 N (20 N) = 120 N^2
 
@@ -72,6 +85,8 @@ class PlannedRun:
     params_non_embedding: int
     flops_per_token: int  # training FLOPs per token (forward + backward)
     branches: tuple[tuple[int, float], ...] = ()  # (tokens, budget) of each cooldown branch
+    difficulty: str = ""  # recall grids: difficulty_label of the task setting
+    difficulty_rank: int = 0  # recall grids: its place in grid.difficulties (the plots' order)
 
     @property
     def run_id(self) -> str:
@@ -121,7 +136,14 @@ class PlannedRun:
             "lr": self.spec.optim.lr,
             "seed": self.spec.seed,
         } | ({"branches": [{"tokens": t, "budget": b} for t, b in self.branches]}
-             if self.branches else {})
+             if self.branches else {}) | self.task_labels()
+
+    def task_labels(self) -> dict[str, Any]:
+        """Recall runs only: the task kind and difficulty (language-modelling labels stay as they were)."""
+        task = self.spec.data.task
+        if task is None:
+            return {}
+        return {"task": task.kind, "difficulty": self.difficulty, "difficulty_rank": self.difficulty_rank}
 
 
 def without_nan(row: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +163,8 @@ def expand(sweep: Sweep) -> list[PlannedRun]:
     expansion = _Expansion(sweep)
     if isinstance(sweep.grid, IsoflopGrid):
         runs = expansion.isoflop(sweep.grid)
+    elif isinstance(sweep.grid, RecallGrid):
+        runs = expansion.recall(sweep.grid)
     else:
         runs = expansion.ladder(sweep.grid)
     _check_unique(runs, sweep)
@@ -243,11 +267,34 @@ class _Expansion:
                 runs += self.runs(entry, label, cfg, math.nan, steps, hparams)
         return runs
 
-    def model_config(self, entry: ArchitectureEntry, shape: Shape) -> ModelConfig:
+    def recall(self, grid: RecallGrid) -> list[PlannedRun]:
+        runs = []
+        base_task = self.sweep.data.task
+        assert base_task is not None  # the spec pairs recall grids with a task
+        for rank, difficulty in enumerate(grid.difficulties):
+            task = dataclasses.replace(base_task, **difficulty)
+            data = dataclasses.replace(self.sweep.data, task=task)
+            for label in grid.sizes:
+                shape = resolve_size(label)
+                baseline_cfg = self.model_config(self.sweep.baseline, shape, task.vocab_size)
+                hparams = self.hyper_parameters(baseline_cfg, shape, math.nan)
+                for entry in self.sweep.architectures:
+                    cfg = self.model_config(entry, shape, task.vocab_size)
+                    for lr in grid.lrs:
+                        runs += [
+                            dataclasses.replace(run, difficulty=difficulty_label(difficulty),
+                                                difficulty_rank=rank)
+                            for run in self.runs(entry, label, cfg, math.nan, grid.steps,
+                                                 hparams | {"lr": float(lr)}, data)
+                        ]
+        return runs
+
+    def model_config(self, entry: ArchitectureEntry, shape: Shape, vocab_size: int | None = None) -> ModelConfig:
+        """vocab_size: the task's for recall grids (None: the tokenizer's)."""
         try:
             cfg = registry.make_model_config(
                 entry.arch, shape.d_model, shape.n_layers, shape.n_heads, shape.d_ff,
-                vocab_size=self.vocab_size, max_seq_len=self.seq_len, **entry.overrides,
+                vocab_size=vocab_size or self.vocab_size, max_seq_len=self.seq_len, **entry.overrides,
             )
             count_params(cfg)  # checks what only the counts see (a head size that must divide d_ff)
         except (TypeError, ValueError) as exc:
@@ -303,7 +350,7 @@ class _Expansion:
         return steps
 
     def runs(self, entry: ArchitectureEntry, label: str, cfg: ModelConfig, budget: float, steps: int,
-             hparams: dict[str, Any]) -> list[PlannedRun]:
+             hparams: dict[str, Any], data: DataConfig | None = None) -> list[PlannedRun]:
         configs = {TrainConfig: {}, OptimConfig: {}, ScheduleConfig: {}}
         for key, value in hparams.items():
             configs[TRAIN_KEYS[key][0]][TRAIN_FIELD_NAMES[key]] = value
@@ -313,7 +360,7 @@ class _Expansion:
         return [
             PlannedRun(
                 spec=RunSpec(
-                    arch=entry.name, model=cfg, data=self.sweep.data, train=train,
+                    arch=entry.name, model=cfg, data=data or self.sweep.data, train=train,
                     optim=OptimConfig(**configs[OptimConfig]),
                     schedule=ScheduleConfig(**configs[ScheduleConfig]), seed=seed, size=label,
                 ),

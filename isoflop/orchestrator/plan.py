@@ -84,6 +84,8 @@ def make_plan(sweep: Sweep, runs: list[PlannedRun], profile: DeviceProfile,
 
 def corpus_train_tokens(data: DataConfig) -> int | None:
     """Training tokens of the corpus if they can be had cheaply (see CHEAP_CORPUS_TOKENIZERS), else None."""
+    if data.task is not None:  # synthetic batches are generated afresh: no data to run out of
+        return None
     if data.tokenizer not in CHEAP_CORPUS_TOKENIZERS or data.corpus in EXPENSIVE_CORPORA:
         return None
     from isoflop.data import load_corpus  # numpy only; imported here to keep `plan --json` lean
@@ -104,13 +106,14 @@ def plan_table(plan: Plan) -> Table:
                         f"({plan.profile.name} estimate)",
                   box=box.SIMPLE_HEAD,
                   caption=f"{caption}; total time with {workers} worker{'s' if workers > 1 else ''}")
-    headers = ("arch", "size", "budget", "params", "tokens", "steps", "tok/param", "FLOPs", "lr", "est. time")
+    recall = any(run.difficulty for run in plan.runs)  # recall grids: a difficulty, not a budget
+    headers = ("arch", "size", "difficulty" if recall else "budget", "params", "tokens", "steps", "tok/param", "FLOPs", "lr", "est. time")
     for header in headers:
         table.add_column(header, justify="left" if header in ("arch", "size") else "right", no_wrap=True)
     for run, seconds in zip(plan.runs, plan.seconds):
         table.add_row(
             f"{run.arch}*" if run.is_baseline else run.arch, run.size,
-            _budgets(run),
+            run.difficulty if recall else _budgets(run),
             f"{human(run.params)} ({human(run.params_non_embedding)})", human(run.tokens), f"{run.steps:,}",
             f"{run.tokens / run.params:.1f}", _flops(run), sci(run.spec.optim.lr), duration(seconds),
         )

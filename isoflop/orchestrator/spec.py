@@ -16,6 +16,9 @@ A sweep file (YAML) says what to train; `grid.expand` turns it into RunSpecs. La
       cooldowns: false                     # optional, needs `schedule: wsd`: one run per size,
                                            # a cooldown branch at each smaller budget (grid.py)
     # grid: {kind: ladder, sizes: [150M, 300M], tokens_per_param: 50}   # ... or a size ladder
+    # ... or, with data: {task: {kind: mqar, vocab_size: 64, n_pairs: 8}}, an associative-recall grid:
+    # grid: {kind: recall, sizes: [d64-l2-h4], difficulties: [{n_pairs: 4}, {n_pairs: 8}],
+    #        lrs: [1e-3, 3e-3], steps: 2000}
     train:                                 # one flat section; numbers may be size rules (rules.py)
       batch_size: 16
       seq_len: 128
@@ -27,6 +30,11 @@ A sweep file (YAML) says what to train; `grid.expand` turns it into RunSpecs. La
 `train` keys map onto TrainConfig, OptimConfig and ScheduleConfig fields (TRAIN_KEYS below; defaults are
 those dataclasses' defaults). Every numeric `train` key except seq_len may be a rule: a number, a formula
 string over the model's size, or a table (see rules.py).
+
+A recall grid trains every architecture at every size on every difficulty (TaskConfig fields that
+replace those of data.task) with every learning rate of `lrs` (which replaces train.lr) for `steps`
+optimiser steps; the analysis keeps, per (architecture, size, difficulty), the LR with the best mean
+test accuracy over seeds (isoflop/analysis/recall.py). A task needs a recall grid and vice versa.
 
 Validation here is structural (keys, types, ranges, names that resolve). `grid.expand` completes it with
 what needs the model counts: budgets too small for a size, model overrides the registry rejects.
@@ -42,15 +50,24 @@ from typing import Any, Callable, Union
 
 import yaml
 
+from isoflop.data.synthetic import check_task
 from isoflop.data.tokenizers import TOKENIZER_NAMES_HELP, nominal_vocab_size
 from isoflop.models import registry, sizes
 from isoflop.orchestrator.rules import Formula, Rule, RuleError, Table, TableRow
-from isoflop.runspec import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
+from isoflop.runspec import (
+    QUERY_PLACEMENTS,
+    TASK_KINDS,
+    DataConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TaskConfig,
+    TrainConfig,
+)
 
 SCHEDULE_KINDS: tuple[str, ...] = ("cosine", "wsd")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 EXECUTOR_KINDS: tuple[str, ...] = ("local", "slurm")
-GRID_KINDS: tuple[str, ...] = ("isoflop", "ladder")
+GRID_KINDS: tuple[str, ...] = ("isoflop", "ladder", "recall")
 DEFAULT_MIN_STEPS = 10  # fewer optimiser steps than this cannot say anything about a size
 DEFAULT_SPREAD = 3.0  # n_sizes grids: sizes from N_opt/3 to 3*N_opt unless the file says otherwise
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # safe as a directory name
@@ -109,7 +126,24 @@ class LadderGrid:
     kind: str = "ladder"
 
 
-Grid = Union[IsoflopGrid, LadderGrid]
+@dataclass(frozen=True)
+class RecallGrid:
+    """Every architecture at every size, difficulty (data.task overrides) and learning rate, for
+    `steps` optimiser steps each."""
+
+    sizes: tuple[str, ...]
+    difficulties: tuple[dict[str, Any], ...]  # TaskConfig fields replacing those of data.task
+    lrs: tuple[float, ...]
+    steps: int
+    kind: str = "recall"
+
+
+def difficulty_label(difficulty: dict[str, Any]) -> str:
+    """'n_pairs=8,key_len=2' (in the file's key order); 'base' for the task as it is."""
+    return ",".join(f"{key}={value}" for key, value in difficulty.items()) or "base"
+
+
+Grid = Union[IsoflopGrid, LadderGrid, RecallGrid]
 
 
 @dataclass(frozen=True)
@@ -432,6 +466,7 @@ def parse_sweep(document: Any, path: Path | str) -> Sweep:
     architectures = _parse_architectures(top.section("architectures"))
     grid = _parse_grid(top.section("grid"))
     train = _parse_train(top.section("train", {}))
+    _check_task_and_grid(data, grid, train["seq_len"], path)
     if getattr(grid, "cooldowns", False) and train["schedule"] != "wsd":
         raise SweepError(path, "grid.cooldowns", True,
                          f"needs a stable phase to branch from, but train.schedule is "
@@ -450,8 +485,45 @@ def _parse_data(section: _Section) -> DataConfig:
     tokenizer = section.take("tokenizer", _tokenizer, defaults.tokenizer)
     val_fraction = section.take("val_fraction", _open_fraction, defaults.val_fraction)
     bin_dtype = section.take("bin_dtype", _choice(("uint16", "uint32")), defaults.bin_dtype)
+    task = section.take("task", lambda v: v, None)
+    if task is not None:
+        task = _parse_task(_Section(task, section.key_path("task"), section.file))
     section.done()
-    return DataConfig(corpus=corpus, tokenizer=tokenizer, val_fraction=val_fraction, bin_dtype=bin_dtype)
+    return DataConfig(corpus=corpus, tokenizer=tokenizer, val_fraction=val_fraction, bin_dtype=bin_dtype,
+                      task=task)
+
+
+def _parse_task(section: _Section) -> TaskConfig:
+    defaults = TaskConfig()
+    fields = {"kind": section.take("kind", _choice(TASK_KINDS), defaults.kind)}
+    for key in ("vocab_size", "n_pairs", "key_len", "value_len", "n_test"):
+        fields[key] = section.take(key, _int_at_least(1), getattr(defaults, key))
+    fields["query_placement"] = section.take("query_placement", _choice(QUERY_PLACEMENTS),
+                                             defaults.query_placement)
+    section.done()
+    return TaskConfig(**fields)
+
+
+def _check_task_and_grid(data: DataConfig, grid: Grid, seq_len: int, file: Path) -> None:
+    """A task goes with a recall grid; the task at every difficulty must be one check_task accepts."""
+    if (data.task is not None) != isinstance(grid, RecallGrid):
+        if data.task is None:
+            raise SweepError(file, "data.task", None, "is missing, but grid.kind is 'recall'",
+                             "a task mapping, e.g. {kind: mqar, vocab_size: 64, n_pairs: 8}")
+        raise SweepError(file, "grid.kind", grid.kind, "does not train on data.task",
+                         "recall (with data.task), or no data.task")
+    if data.task is None:
+        return
+    try:
+        check_task(data.task, seq_len)
+    except ValueError as exc:
+        raise SweepError(file, "data.task", dataclasses.asdict(data.task), str(exc)) from None
+    assert isinstance(grid, RecallGrid)
+    for index, difficulty in enumerate(grid.difficulties):
+        try:
+            check_task(dataclasses.replace(data.task, **difficulty), seq_len)
+        except ValueError as exc:
+            raise SweepError(file, f"grid.difficulties[{index}]", difficulty, str(exc)) from None
 
 
 def _parse_architectures(section: _Section) -> tuple[ArchitectureEntry, ...]:
@@ -489,8 +561,22 @@ def _overrides(value: Any) -> dict[str, Any]:
 def _parse_grid(section: _Section) -> Grid:
     kind = section.take("kind", _choice(GRID_KINDS))
     min_steps = section.take("min_steps", _int_at_least(1), DEFAULT_MIN_STEPS)
-    if kind == "ladder":
-        grid: Grid = LadderGrid(
+    if kind == "recall":
+        grid: Grid = RecallGrid(
+            sizes=section.list_of("sizes", _size),
+            difficulties=section.list_of("difficulties", _difficulty),
+            lrs=section.list_of("lrs", _positive),
+            steps=section.take("steps", _int_at_least(min_steps)),
+        )
+        labels = [difficulty_label(d) for d in grid.difficulties]
+        if len(set(labels)) != len(labels):
+            raise SweepError(section.file, section.key_path("difficulties"), labels,
+                             "has repeated difficulties", "distinct task settings")
+        if len(set(grid.lrs)) != len(grid.lrs):
+            raise SweepError(section.file, section.key_path("lrs"), list(grid.lrs), "has repeated values",
+                             "distinct learning rates")
+    elif kind == "ladder":
+        grid = LadderGrid(
             sizes=section.list_of("sizes", _size),
             tokens_per_param=section.take("tokens_per_param", _positive),
             min_steps=min_steps,
@@ -513,6 +599,26 @@ def _parse_grid(section: _Section) -> Grid:
         grid = IsoflopGrid(budgets, explicit, n_sizes, spread, min_steps, cooldowns=cooldowns)
     section.done()
     return grid
+
+
+_TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskConfig))
+
+
+def _difficulty(value: Any) -> dict[str, Any]:
+    """A mapping of TaskConfig fields (checked against the task by _check_task_and_grid)."""
+    allowed = f"a mapping of task fields ({', '.join(_TASK_FIELDS)}), e.g. {{n_pairs: 8}}"
+    if not isinstance(value, dict):
+        raise _Invalid(f"is a {type(value).__name__}", allowed)
+    unknown = [key for key in value if key not in _TASK_FIELDS]
+    if unknown:
+        raise _Invalid(f"names {unknown[0]!r}, not a task field", allowed)
+    for key, item in value.items():
+        if key in ("kind", "query_placement"):
+            if not isinstance(item, str):
+                raise _Invalid(f"{key} is a {type(item).__name__}", allowed)
+        elif isinstance(item, bool) or not isinstance(item, int) or item < 1:
+            raise _Invalid(f"{key} is {item!r}, not an integer >= 1", allowed)
+    return dict(value)
 
 
 def _parse_train(section: _Section) -> dict[str, Any]:

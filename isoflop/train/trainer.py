@@ -18,6 +18,11 @@ point of its own for the analysis, at the cost of its decay steps only. With no 
 endpoint equals that of a separate WSD run of D_i tokens exactly (the same seed, data order, and
 learning rate at every step); with a warm-up it differs only in the warm-up's length (a fraction of
 the trunk's tokens, not of D_i). A crash inside a branch resumes from the branch point.
+
+Task runs (`data.task`, a synthetic recall task of isoflop/data/synthetic.py): training batches are
+generated afresh, batch i a pure function of (seed, i), so resuming stays exact; evals use the task's
+fixed test set, and add `accuracy` (exact match per answer token) to each metrics line and
+`final_accuracy` to result.json.
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ import torch
 
 from isoflop.data.corpora import load_corpus
 from isoflop.data.loader import BatchSampler, eval_windows
+from isoflop.data.synthetic import (
+    TaskSampler,
+    answer_hits,
+    fixed_test_set,
+    task_fingerprint,
+)
 from isoflop.models.counting import count_params, flops_per_token
 from isoflop.models.lm import build_model
 from isoflop.orchestrator.rundir import RunDir
@@ -213,22 +224,17 @@ class Trainer:
         self.params = count_params(spec.model)
         self.branches = plan_branches(spec)
 
-        self.corpus = load_corpus(spec.data)
-        if self.corpus.vocab_size > spec.model.vocab_size:
+        self.task = spec.data.task
+        if self.task is None:
+            self.sampler, eval_batches, vocab_size, self.data_fingerprint = self.corpus_data()
+        else:
+            self.sampler, eval_batches, vocab_size, self.data_fingerprint = self.task_data()
+        if vocab_size > spec.model.vocab_size:
             raise ValueError(
-                f"the corpus has {self.corpus.vocab_size} token ids but model.vocab_size="
-                f"{spec.model.vocab_size}; allowed: model.vocab_size >= the corpus's vocabulary"
+                f"the data has {vocab_size} token ids but model.vocab_size="
+                f"{spec.model.vocab_size}; allowed: model.vocab_size >= the data's vocabulary"
             )
-        self.sampler = BatchSampler(
-            self.corpus.train, train.batch_size, train.seq_len, spec.seed,
-            pin_memory=self.device.type == "cuda",
-        )
-        self.eval_batches = [
-            (x.to(self.device), y.to(self.device))
-            for x, y in eval_windows(
-                self.corpus.val, train.batch_size, train.seq_len, train.eval_tokens
-            )
-        ]
+        self.eval_batches = [(x.to(self.device), y.to(self.device)) for x, y in eval_batches]
 
         seed_everything(spec.seed)  # just before init: the same spec gives the same weights
         self.model = build_model(spec.model).to(self.device)
@@ -243,6 +249,27 @@ class Trainer:
         self.readback = LossReadback()
         self.progress = Progress()
         self.checkpoint_path = rundir.checkpoint_dir / CHECKPOINT_NAME
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def corpus_data(self) -> tuple[BatchSampler, list[tuple[torch.Tensor, torch.Tensor]], int, str]:
+        """Sampler, eval batches, vocabulary and fingerprint of the spec's corpus."""
+        train = self.spec.train
+        corpus = load_corpus(self.spec.data)
+        sampler = BatchSampler(corpus.train, train.batch_size, train.seq_len, self.spec.seed,
+                               pin_memory=self.device.type == "cuda")
+        batches = eval_windows(corpus.val, train.batch_size, train.seq_len, train.eval_tokens)
+        return sampler, batches, corpus.vocab_size, corpus.fingerprint
+
+    def task_data(self) -> tuple[TaskSampler, list[tuple[torch.Tensor, torch.Tensor]], int, str]:
+        """The same for a synthetic task: fresh training batches, its fixed test set."""
+        train, task = self.spec.train, self.task
+        assert task is not None
+        inputs, targets = (torch.from_numpy(a) for a in fixed_test_set(task, train.seq_len))
+        batches = [(inputs[i:i + train.batch_size], targets[i:i + train.batch_size])
+                   for i in range(0, len(inputs), train.batch_size)]
+        sampler = TaskSampler(task, train.batch_size, train.seq_len, self.spec.seed)
+        return sampler, batches, task.vocab_size, task_fingerprint(task, train.seq_len)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -291,8 +318,7 @@ class Trainer:
         spec = self.spec
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.sampler.next_batch()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = (torch.as_tensor(a).to(self.device, non_blocking=True) for a in self.sampler.next_batch())
         with self.autocast():
             _, loss = self.forward(x, targets=y)
         loss.backward()
@@ -319,20 +345,25 @@ class Trainer:
         self.progress.interval_steps += len(values)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> tuple[float, float | None]:
+        """Mean loss over the eval targets, and for task runs the answer accuracy (else None)."""
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, correct, answers = 0.0, 0, 0, 0
         for x, y in self.eval_batches:
             with self.autocast():
-                _, loss = self.forward(x, targets=y)
-            total += loss.float().item() * y.numel()
-            count += y.numel()
+                logits, loss = self.forward(x, targets=y)
+            counted = int((y != -100).sum())  # the loss is a mean over targets not ignored
+            total += loss.float().item() * counted
+            count += counted
+            if self.task is not None:
+                hits, n = answer_hits(logits.argmax(-1).cpu().numpy(), y.cpu().numpy())
+                correct, answers = correct + hits, answers + n
         self.model.train()
-        return total / count
+        return total / count, (correct / answers if self.task is not None else None)
 
     def record_eval(self) -> None:
         p = self.progress
-        val_loss = self.evaluate()
+        val_loss, accuracy = self.evaluate()
         if not math.isfinite(val_loss):
             raise Diverged(p.step, val_loss, "val")
         tokens = self.tokens_at(p.step)
@@ -345,7 +376,7 @@ class Trainer:
             "lr": p.lr,
             "tokens_per_s": self.tokens_at(p.interval_steps) / max(p.interval_train_s, 1e-9),
             "elapsed_s": p.elapsed_s,
-        }
+        } | ({"accuracy": accuracy} if accuracy is not None else {})
         self.rundir.append_metrics(record)
         p.interval_loss_sum, p.interval_steps, p.interval_train_s = 0.0, 0, 0.0
         self.rundir.write_status(
@@ -432,7 +463,7 @@ class Trainer:
         losses += self.readback.drain()
         self.synchronize()
         train_s = time.perf_counter() - start
-        val_loss = self.evaluate()
+        val_loss, _ = self.evaluate()
         if not math.isfinite(val_loss):
             raise Diverged(branch.end, val_loss, f"cooldown branch at {branch.tokens} tokens: val")
         steps = branch.end - branch.start
@@ -463,6 +494,7 @@ class Trainer:
         last = self.rundir.read_metrics()[-1]
         tokens = self.tokens_at(p.step)
         branches = {"branches": sorted(p.branches, key=lambda b: b["tokens"])} if self.branches else {}
+        accuracy = {"final_accuracy": last["accuracy"]} if "accuracy" in last else {}
         return {
             "state": "done",
             "run_id": self.spec.run_id,
@@ -483,8 +515,9 @@ class Trainer:
             "wall_time_s": p.elapsed_s,
             "train_time_s": p.train_s,
             "tokens_per_s": tokens / max(p.train_s, 1e-9),
-            "provenance": provenance(self.spec.run_id, self.corpus.fingerprint, self.device),
+            "provenance": provenance(self.spec.run_id, self.data_fingerprint, self.device),
             **branches,
+            **accuracy,
         }
 
 
