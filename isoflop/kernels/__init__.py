@@ -15,11 +15,11 @@ imported on first use, so CPU-only code never pays for them.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 from torch import Tensor
 
+from isoflop.backends import BackendChoice
 from isoflop.kernels import reference
 from isoflop.kernels.reference import initial_state
 
@@ -30,28 +30,21 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_WIDTH, _MAX_HEAD_SIZE = 8, 256
 
 
-def _validated(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source}={name!r} is not a kernel backend; allowed: {', '.join(BACKENDS)}")
-    return name
-
-
-_backend = _validated(os.environ.get("ISOFLOP_KERNELS", "auto"), "ISOFLOP_KERNELS")
+_choice = BackendChoice("ISOFLOP_KERNELS", BACKENDS, "kernel backend")
 
 
 def set_backend(name: str) -> None:
     """Choose the kernels for every later call: "auto", "triton" or "reference"."""
-    global _backend
-    _backend = _validated(name, "backend")
+    _choice.set(name)
 
 
 def get_backend() -> str:
-    return _backend
+    return _choice.get()
 
 
 def _use_triton(x: Tensor, *others: Tensor | None, width: int = 1, head_size: int = 1) -> bool:
-    if _backend != "auto":
-        return _backend == "triton"
+    if _choice.name != "auto":
+        return _choice.name == "triton"
     tensors = [x, *(t for t in others if t is not None)]
     return (
         _HAVE_TRITON

@@ -16,7 +16,6 @@ the environment variable ISOFLOP_MIXER_KERNELS. Decode steps always run the refe
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,27 +23,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from isoflop.backends import BackendChoice
+
 BACKENDS = ("auto", "reference", "fla")
 FLA_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _validated(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source}={name!r}; allowed: {', '.join(BACKENDS)}")
-    return name
-
-
-_backend = _validated(os.environ.get("ISOFLOP_MIXER_KERNELS", "auto"), "ISOFLOP_MIXER_KERNELS")
+_choice = BackendChoice("ISOFLOP_MIXER_KERNELS", BACKENDS, "mixer backend")
 
 
 def set_backend(name: str) -> None:
     """Choose the recurrence kernels for every later call: "auto", "reference" or "fla"."""
-    global _backend
-    _backend = _validated(name, "mixer backend")
+    _choice.set(name)
 
 
 def get_backend() -> str:
-    return _backend
+    return _choice.get()
 
 
 @functools.cache
@@ -65,11 +59,11 @@ def available() -> bool:
 
 def use_fla(activations: Tensor) -> bool:
     """Whether a recurrence over these activations (the mixer's projections) runs on fla-core."""
-    if _backend == "reference":
+    if _choice.name == "reference":
         return False
     suitable = activations.is_cuda and activations.dtype in FLA_DTYPES
     ops, reason = _load()
-    if _backend == "fla":
+    if _choice.name == "fla":
         if ops is None:
             raise RuntimeError(f"mixer backend 'fla' was asked for, but {reason}")
         if not suitable:
