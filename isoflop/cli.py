@@ -9,6 +9,7 @@ _subcommands() (the sweep subcommands live in isoflop/orchestrator/commands.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import isoflop
 
 EXIT_CONFIG_ERROR = 2
+
+Handler = Callable[[argparse.Namespace], int]
 EXIT_INTERRUPTED = 130
 
 
@@ -123,19 +126,38 @@ def add_fit(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_fit)
 
 
-def _reports_table_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A missing or malformed results table is the user's to fix: one line, no traceback."""
+ErrorExits = list[tuple[tuple[type[BaseException], ...], int]]
 
-    def wrapped(args: argparse.Namespace) -> int:
-        from isoflop.analysis.table import TableError
 
-        try:
-            return handler(args)
-        except (TableError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
+def one_line_errors(error_exits: Callable[[], ErrorExits]) -> Callable[[Handler], Handler]:
+    """Errors that are the user's to fix (or the world's: a full disk, an unreachable cluster)
+    print one line and exit with their code; anything else is a bug and keeps its traceback.
+    `error_exits` lists (error types, exit code), first match wins; it is called inside the
+    handler so the error classes (and what they import) load only when a command runs."""
 
-    return wrapped
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def wrapped(args: argparse.Namespace) -> int:
+            exits = error_exits()
+            try:
+                return handler(args)
+            except tuple(t for types, _ in exits for t in types) as error:
+                print(f"error: {error}", file=sys.stderr)
+                return next(code for types, code in exits if isinstance(error, types))
+
+        return wrapped
+
+    return decorate
+
+
+def _table_error_exits() -> ErrorExits:
+    # A missing or malformed results table is the user's to fix.
+    from isoflop.analysis.table import TableError
+
+    return [((TableError, FileNotFoundError), EXIT_CONFIG_ERROR)]
+
+
+_reports_table_errors = one_line_errors(_table_error_exits)
 
 
 @_reports_table_errors

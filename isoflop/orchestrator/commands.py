@@ -12,46 +12,36 @@ file and why (EXIT_UNWRITABLE); SLURM refusing a submission or query prints what
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from isoflop.cli import ErrorExits, one_line_errors
 
 EXIT_SWEEP_ERROR = 2
 EXIT_SLURM_ERROR = 3
 EXIT_UNWRITABLE = 74  # EX_IOERR
 
 
-Handler = Callable[[argparse.Namespace], int]
-
-
 class UsageError(Exception):
     """A command-line value that cannot work (e.g. --only matching nothing); one line, exit 2."""
 
 
-def _reports_sweep_errors(handler: Handler) -> Handler:
-    @functools.wraps(handler)
-    def wrapped(args: argparse.Namespace) -> int:
-        from isoflop.orchestrator.jobs import SlurmQueryError
-        from isoflop.orchestrator.rundir import UnwritableError
-        from isoflop.orchestrator.spec import SweepError
-        from isoflop.orchestrator.submit import SubmitError
+def _sweep_error_exits() -> ErrorExits:
+    from isoflop.orchestrator.jobs import SlurmQueryError
+    from isoflop.orchestrator.rundir import UnwritableError
+    from isoflop.orchestrator.spec import SweepError
+    from isoflop.orchestrator.submit import SubmitError
 
-        try:
-            return handler(args)
-        except (SweepError, UsageError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_SWEEP_ERROR
-        except UnwritableError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_UNWRITABLE
-        except (SubmitError, SlurmQueryError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_SLURM_ERROR
+    return [
+        ((SweepError, UsageError, FileNotFoundError), EXIT_SWEEP_ERROR),
+        ((UnwritableError,), EXIT_UNWRITABLE),
+        ((SubmitError, SlurmQueryError), EXIT_SLURM_ERROR),
+    ]
 
-    return wrapped
+
+_reports_sweep_errors = one_line_errors(_sweep_error_exits)
 
 
 def _add_runs_dir(parser: argparse.ArgumentParser) -> None:
