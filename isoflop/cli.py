@@ -154,7 +154,7 @@ def _table_error_exits() -> ErrorExits:
     # A missing or malformed results table is the user's to fix.
     from isoflop.analysis.table import TableError
 
-    return [((TableError, FileNotFoundError), EXIT_CONFIG_ERROR)]
+    return [((TableError, FileNotFoundError, NotADirectoryError), EXIT_CONFIG_ERROR)]
 
 
 _reports_table_errors = one_line_errors(_table_error_exits)

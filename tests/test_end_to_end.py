@@ -114,3 +114,11 @@ def test_a_bad_sweep_file_is_one_line_and_exit_2(tmp_path, capsys):
         assert isoflop(command, path) == 2
         error = capsys.readouterr().err
         assert error.startswith(f"error: {path}: grid.budgets[0] = -1") and error.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["fit", "report"])
+def test_analysis_of_a_missing_results_folder_is_one_line(tmp_path, capsys, command):
+    missing = tmp_path / "no-such-results"
+    assert isoflop(command, missing) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(missing) in err and err.count("\n") == 1
