@@ -386,6 +386,28 @@ def test_the_reference_runs_where_fla_cannot():
         fla.set_backend("auto")
 
 
+def test_the_backend_rule(recwarn):
+    """fla.decide, the rule use_fla applies once it knows the machine (runs on CPU)."""
+    refused = "fla-core refuses its gated backward here"
+    assert not fla.decide("reference", True, "", "", "cuda bf16")
+    assert fla.decide("auto", True, "", "", "cuda bf16")
+    assert not fla.decide("auto", False, "", "", "cpu float32")
+    assert not recwarn.list  # unsuitable tensors take the reference silently
+    fla._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="training steps run the PyTorch reference"):
+        assert not fla.decide("auto", True, "", refused, "cuda bf16")
+    with pytest.warns(UserWarning, match="recurrent mixers run the PyTorch reference"):
+        assert not fla.decide("auto", True, "fla-core cannot be imported", "", "cuda bf16")
+    assert fla.decide("fla", True, "", "", "cuda bf16")
+    with pytest.raises(RuntimeError, match="asked for a training step, but " + refused):
+        fla.decide("fla", True, "", refused, "cuda bf16")
+    with pytest.raises(RuntimeError, match="cannot be imported"):
+        fla.decide("fla", True, "fla-core cannot be imported", "", "cuda bf16")
+    with pytest.raises(ValueError, match="needs CUDA tensors .* got cpu float32"):
+        fla.decide("fla", False, "", "", "cpu float32")
+    fla._warn_once.cache_clear()
+
+
 needs_fla = pytest.mark.skipif(not fla.available(), reason="fla-core is not installed")
 
 
@@ -400,11 +422,8 @@ def _on_both_backends(run):
     return results
 
 
-@pytest.mark.gpu
-@needs_fla
-@pytest.mark.parametrize("op", ["ssd", "gated_delta_rule"])
-@pytest.mark.parametrize("packed", [False, True])
-def test_fla_kernels_agree_with_the_reference(op, packed):
+def _fla_inputs(op, packed):
+    """Inputs of one recurrence in the dtypes the mixers give fla-core, and cu_seqlens."""
     torch.manual_seed(0)
     b, T = (1, 300) if packed else (2, 200)
     cu = torch.tensor([0, 37, 160, 300], device="cuda") if packed else None
@@ -415,19 +434,65 @@ def test_fla_kernels_agree_with_the_reference(op, packed):
     else:
         q, k, v, decay, beta, _ = delta_inputs(b=b, T=T, H=4, K=32, V=64)
         inputs = [(q, bf16), (k, bf16), (v, bf16), (decay, fp32), (beta, bf16)]
-    inputs = [t.to("cuda", dtype).requires_grad_() for t, dtype in inputs]
+    return [t.to("cuda", dtype).requires_grad_() for t, dtype in inputs], cu
+
+
+def _recurrence(op, inputs, cu):
+    return scan.ssd(*inputs, cu) if op == "ssd" else scan.gated_delta_rule(*inputs, 32**-0.5, cu)
+
+
+@pytest.mark.gpu
+@needs_fla
+@pytest.mark.parametrize("op", ["ssd", "gated_delta_rule"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fla_forward_agrees_with_the_reference(op, packed):
+    inputs, cu = _fla_inputs(op, packed)
 
     def run():
-        out = (scan.ssd(*inputs, cu) if op == "ssd"
-               else scan.gated_delta_rule(*inputs, 32**-0.5, cu))
-        grads = torch.autograd.grad(out.float().square().sum(), inputs)
-        return out.float(), [g.float() for g in grads]
+        with torch.no_grad():
+            return _recurrence(op, inputs, cu).float()
 
-    (out_fla, grads_fla), (out_ref, grads_ref) = _on_both_backends(run)
-    scale = out_ref.abs().max()
-    assert (out_fla - out_ref).abs().max() <= 0.02 * scale
+    out_fla, out_ref = _on_both_backends(run)
+    assert (out_fla - out_ref).abs().max() <= 0.02 * out_ref.abs().max()
+
+
+@pytest.mark.gpu
+@needs_fla
+@pytest.mark.parametrize("op", ["ssd", "gated_delta_rule"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fla_gradients_agree_with_the_reference(op, packed):
+    if fla.backward_problem():
+        pytest.skip(fla.backward_problem())
+    inputs, cu = _fla_inputs(op, packed)
+
+    def run():
+        grads = torch.autograd.grad(_recurrence(op, inputs, cu).float().square().sum(), inputs)
+        return [g.float() for g in grads]
+
+    grads_fla, grads_ref = _on_both_backends(run)
     for g_fla, g_ref in zip(grads_fla, grads_ref):
         assert (g_fla - g_ref).abs().max() <= 0.05 * g_ref.abs().max() + 1e-3
+
+
+@pytest.mark.gpu
+@needs_fla
+@pytest.mark.parametrize("op", ["ssd", "gated_delta_rule"])
+def test_training_steps_take_the_reference_where_fla_refuses_its_backward(op):
+    """On Hopper with Triton 3.4-3.7.0 fla-core raises in the backward; "auto" must not get there."""
+    if not fla.backward_problem():
+        pytest.skip("fla-core's backward runs on this machine")
+    inputs, cu = _fla_inputs(op, packed=False)
+    with pytest.warns(UserWarning, match="training steps run the PyTorch reference"):
+        fla._warn_once.cache_clear()
+        out = _recurrence(op, inputs, cu)
+    out.float().square().sum().backward()  # the reference's backward: no error
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)
+    fla.set_backend("fla")
+    try:
+        with pytest.raises(RuntimeError, match="training step"):
+            _recurrence(op, inputs, cu)
+    finally:
+        fla.set_backend("auto")
 
 
 @pytest.mark.gpu
@@ -440,7 +505,7 @@ def test_models_on_fla_agree_with_the_reference(arch):
     idx = torch.randint(0, 96, (2, 150), device="cuda")
 
     def run():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             return model(idx, idx)[1].item()
 
     loss_fla, loss_ref = _on_both_backends(run)

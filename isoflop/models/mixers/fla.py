@@ -8,6 +8,12 @@ recurrence is linear attention with a scalar decay per head: C, B, dt * x as que
 scale 1) and Gated DeltaNet's as `chunk_gated_delta_rule`; both take packed documents (cu_seqlens)
 natively. Written against fla-core's [B, T, H, ...] layout (the default since its 0.2 releases).
 
+fla-core refuses the backward of both gated kernels on Hopper GPUs with Triton 3.4.0 to 3.7.0
+(those releases miscompile it: wrong gradients, fla issue #640) unless tilelang is installed. The
+refusal comes only in the backward, after the forward ran, so `use_fla` checks that combination up
+front: there, calls that need gradients (training) run the reference, and calls that do not (eval,
+generation) still run fla-core.
+
 Backend: "auto" (default) uses fla where it can and the reference elsewhere; "reference" always the
 reference; "fla" insists (a call fla cannot take raises, saying why). Pick it with `set_backend` or
 the environment variable ISOFLOP_MIXER_KERNELS. Decode steps always run the reference step.
@@ -16,6 +22,8 @@ the environment variable ISOFLOP_MIXER_KERNELS. Decode steps always run the refe
 from __future__ import annotations
 
 import functools
+import importlib.util
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -57,29 +65,67 @@ def available() -> bool:
     return _load()[0] is not None
 
 
-def use_fla(activations: Tensor) -> bool:
-    """Whether a recurrence over these activations (the mixer's projections) runs on fla-core."""
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+@functools.cache
+def backward_problem() -> str:
+    """Why fla-core's gated backward cannot run on this machine, or "" where it can."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return ""
+    if importlib.util.find_spec("tilelang") is not None:  # fla-core's fix: its tilelang backward
+        return ""
+    import triton
+
+    if (3, 4, 0) <= _version(triton.__version__) < (3, 7, 1):
+        return (f"fla-core refuses its gated backward on Hopper with Triton {triton.__version__} "
+                "(3.4.0 to 3.7.0 give wrong gradients, fla issue #640; Triton >= 3.7.1 or "
+                "tilelang lifts it)")
+    return ""
+
+
+def use_fla(activations: Tensor, needs_grad: bool = False) -> bool:
+    """Whether a recurrence over these activations (the mixer's projections) runs on fla-core;
+    needs_grad: the call will be differentiated."""
     if _choice.name == "reference":
         return False
     suitable = activations.is_cuda and activations.dtype in FLA_DTYPES
     ops, reason = _load()
-    if _choice.name == "fla":
-        if ops is None:
-            raise RuntimeError(f"mixer backend 'fla' was asked for, but {reason}")
+    return decide(
+        _choice.name, suitable, reason if ops is None else "",
+        backward_problem() if needs_grad and suitable else "",
+        f"{activations.device.type} {activations.dtype}",
+    )
+
+
+def decide(backend: str, suitable: bool, import_problem: str, grad_problem: str, got: str) -> bool:
+    """use_fla's rule, apart from the machine: "fla" insists (raises if it cannot), "auto" takes
+    fla-core where the tensors suit it and nothing stands in the way (warning once if something
+    does), "reference" never."""
+    if backend == "reference":
+        return False
+    if backend == "fla":
+        if import_problem:
+            raise RuntimeError(f"mixer backend 'fla' was asked for, but {import_problem}")
         if not suitable:
             raise ValueError(
                 f"mixer backend 'fla' needs CUDA tensors in {', '.join(map(str, FLA_DTYPES))}; got "
-                f"{activations.device.type} {activations.dtype}"
+                f"{got}"
             )
+        if grad_problem:
+            raise RuntimeError(f"mixer backend 'fla' was asked for a training step, but {grad_problem}")
         return True
-    if suitable and ops is None:
-        _warn_once(reason)
-    return suitable and ops is not None
+    if suitable and import_problem:
+        _warn_once(f"{import_problem}; the recurrent mixers run the PyTorch reference")
+    elif suitable and grad_problem:
+        _warn_once(f"{grad_problem}; training steps run the PyTorch reference")
+    return suitable and not import_problem and not grad_problem
 
 
 @functools.cache
-def _warn_once(reason: str) -> None:
-    warnings.warn(f"{reason}; the recurrent mixers run the PyTorch reference", stacklevel=3)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
 
 
 def ssd(x: Tensor, a: Tensor, B: Tensor, C: Tensor, cu_seqlens: Tensor | None) -> Tensor:

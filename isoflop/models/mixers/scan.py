@@ -30,6 +30,10 @@ def _by_document(
     return torch.cat(pieces, dim=1)
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _as_long(cu_seqlens: Tensor | None, device: torch.device) -> Tensor | None:
     return None if cu_seqlens is None else cu_seqlens.to(device=device, dtype=torch.long)
 
@@ -37,7 +41,7 @@ def _as_long(cu_seqlens: Tensor | None, device: torch.device) -> Tensor | None:
 def ssd(x: Tensor, a: Tensor, B: Tensor, C: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
     """Mamba-2's scan: x [b, T, H, P] (scaled by dt), a [b, T, H] (dt * A), B, C [b, T, H, N]
     -> y [b, T, H, P] (see ssd.py)."""
-    if fla.use_fla(C):
+    if fla.use_fla(C, _needs_grad(x, a, B, C)):
         return fla.ssd(x, a, B, C, _as_long(cu_seqlens, C.device))
     return _by_document(lambda *t: ssd_chunked(*t)[0], (x, a, B, C), cu_seqlens)
 
@@ -48,7 +52,7 @@ def gated_delta_rule(
 ) -> Tensor:
     """Gated DeltaNet's scan: q, k [b, T, H, K] (unit norm), v [b, T, H, V], g and beta
     [b, T, H] -> o [b, T, H, V] (see delta_rule.py)."""
-    if fla.use_fla(q):
+    if fla.use_fla(q, _needs_grad(q, k, v, g, beta)):
         return fla.gated_delta_rule(q, k, v, g, beta, scale, _as_long(cu_seqlens, q.device))
     return _by_document(
         lambda *t: gated_delta_rule_chunked(*t, scale)[0], (q, k, v, g, beta), cu_seqlens
