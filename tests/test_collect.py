@@ -31,7 +31,7 @@ CONTRACT_RUNS = (
     "run_id sweep arch is_baseline size d_model n_layers n_heads d_ff params params_non_embedding "
     "seq_len batch_size tokens steps budget flops flops_6n flops_6n_total final_val_loss "
     "final_train_loss lr seed state wall_s tokens_per_s device corpus_fingerprint git_sha isoflop_version "
-    "task difficulty difficulty_rank accuracy"
+    "task difficulty difficulty_rank accuracy torch_version triton_version"
 ).split()
 CONTRACT_EVALS = "run_id arch size step tokens flops train_loss val_loss lr tokens_per_s elapsed_s".split()
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from isoflop.analysis.recall import best_learning_rates, summarise
+from isoflop.analysis.recall import best_learning_rates, head_to_head, summarise, write_recall_report
 from isoflop.cli import main
 from isoflop.models.config import ModelConfig
 from isoflop.orchestrator.grid import expand
@@ -140,6 +140,28 @@ def test_the_best_lr_is_chosen_by_mean_accuracy_over_seeds():
     assert best.to_dict() == {"a": 0.003, "b": 0.001}  # b: a tie goes to the smaller LR
     summary = summarise(runs).set_index("arch")
     assert summary.loc["a", ["median", "min", "max", "n_seeds"]].tolist() == [0.55, 0.5, 0.6, 2]
+
+
+def test_head_to_head_counts_cells_won_over_each_rival():
+    summary = pd.DataFrame(
+        [("a", "s", "d1", 0.9), ("b", "s", "d1", 0.5), ("a", "s", "d2", 0.4), ("b", "s", "d2", 0.6),
+         ("a", "t", "d1", 0.7), ("b", "t", "d1", 0.7), ("c", "t", "d1", 0.1)],
+        columns=["arch", "size", "difficulty", "median"])
+    duels = head_to_head(summary).set_index(["arch", "versus"])
+    assert duels.loc[("a", "b"), ["cells", "wins", "ties"]].tolist() == [3, 1, 1]
+    assert duels.loc[("a", "b"), "mean_margin"] == pytest.approx((0.4 - 0.2 + 0.0) / 3)
+    assert duels.loc[("b", "a"), "wins"] == 1
+    assert duels.loc[("c", "a"), ["cells", "wins"]].tolist() == [1, 0]  # c ran one cell only
+
+
+def test_the_committed_gpu_results_regenerate_from_their_table(tmp_path):
+    """results/recall: the report comes back from runs.csv alone, and says what the runs found."""
+    committed = Path(__file__).parent.parent / "results" / "recall"
+    (tmp_path / "runs.csv").write_bytes((committed / "runs.csv").read_bytes())
+    report = write_recall_report(tmp_path).read_text()
+    assert report == (committed / "report.md").read_text()
+    assert (tmp_path / "recall_summary.csv").read_text() == (committed / "recall_summary.csv").read_text()
+    assert "240 of 240 runs finished" in report and "torch_version: `2.11.0+cu130`" in report
 
 
 def test_the_cpu_recall_sweep_end_to_end(tmp_path, capsys, monkeypatch):

@@ -2,8 +2,8 @@
 
 Analysis reads nothing else, so every column it relies on is checked here once, with an error that
 names the file, the column and the bad value. The recall columns (task, difficulty, difficulty_rank,
-accuracy; empty for language-modelling runs) came later: a table without them reads as if they were
-empty. Compute C is the column `flops` (analytic training
+accuracy; empty for language-modelling runs) and the framework versions (torch_version,
+triton_version) came later: a table without them reads as if they were empty. Compute C is the column `flops` (analytic training
 FLOPs actually spent); the 6N columns are kept for comparison only.
 """
 
@@ -20,7 +20,7 @@ EVALS_FILE = "evals.csv"
 # Columns read as text whatever they look like: a 12-hex-digit run id or git sha may be all digits.
 RUN_TEXT_COLUMNS: tuple[str, ...] = (
     "run_id", "sweep", "arch", "size", "state", "device", "corpus_fingerprint", "git_sha",
-    "isoflop_version", "task", "difficulty",
+    "isoflop_version", "task", "difficulty", "torch_version", "triton_version",
 )
 RUN_NUMERIC_COLUMNS: tuple[str, ...] = (
     "d_model", "n_layers", "n_heads", "d_ff", "params", "params_non_embedding", "seq_len",
@@ -33,9 +33,15 @@ RUN_COLUMNS: tuple[str, ...] = (
     "params", "params_non_embedding", "seq_len", "batch_size", "tokens", "steps", "budget", "flops",
     "flops_6n", "flops_6n_total", "final_val_loss", "final_train_loss", "lr", "seed", "state",
     "wall_s", "tokens_per_s", "device", "corpus_fingerprint", "git_sha", "isoflop_version",
-    "task", "difficulty", "difficulty_rank", "accuracy",
+    "task", "difficulty", "difficulty_rank", "accuracy", "torch_version", "triton_version",
 )
-RECALL_COLUMNS: tuple[str, ...] = ("task", "difficulty", "difficulty_rank", "accuracy")  # optional
+# Optional: filled with NaN where a table predates them.
+LATER_COLUMNS: tuple[str, ...] = (
+    "task", "difficulty", "difficulty_rank", "accuracy", "torch_version", "triton_version",
+)
+PROVENANCE_COLUMNS: tuple[str, ...] = (
+    "git_sha", "corpus_fingerprint", "device", "isoflop_version", "torch_version", "triton_version",
+)
 EVAL_TEXT_COLUMNS: tuple[str, ...] = ("run_id", "arch", "size")
 EVAL_COLUMNS: tuple[str, ...] = (
     "run_id", "arch", "size", "step", "tokens", "flops", "train_loss", "val_loss", "lr",
@@ -81,8 +87,8 @@ def validate_runs(df: pd.DataFrame, source: str = "<DataFrame>") -> pd.DataFrame
     """A copy of `df` with contract types (numbers as float, is_baseline as bool); raises
     TableError naming `source`, the column and the offending value when the contract is broken."""
     df = df.copy()
-    for column in RECALL_COLUMNS:
-        if column not in df.columns:  # a table written before recall runs existed
+    for column in LATER_COLUMNS:
+        if column not in df.columns:  # a table written before these columns existed
             df[column] = np.nan
     _require_columns(df, RUN_COLUMNS, source)
     for column in RUN_NUMERIC_COLUMNS:
@@ -162,3 +168,12 @@ def baseline_arch(df: pd.DataFrame) -> str:
             f"the table needs exactly one baseline architecture (is_baseline true); found {found}"
         )
     return archs[0]
+
+
+def provenance_lines(runs: pd.DataFrame) -> list[str]:
+    """Markdown bullets: every value each provenance column takes in the table."""
+    lines = []
+    for column in PROVENANCE_COLUMNS:
+        values = sorted(str(v) for v in runs[column].dropna().unique())
+        lines.append(f"- {column}: {', '.join(f'`{v}`' for v in values) if values else 'not recorded'}")
+    return lines

@@ -34,7 +34,7 @@ RUNS_COLUMNS: tuple[str, ...] = (
     "budget", "flops", "flops_6n", "flops_6n_total",
     "final_val_loss", "final_train_loss", "lr", "seed", "state",
     "wall_s", "tokens_per_s", "device", "corpus_fingerprint", "git_sha", "isoflop_version",
-    "task", "difficulty", "difficulty_rank", "accuracy",
+    "task", "difficulty", "difficulty_rank", "accuracy", "torch_version", "triton_version",
 )
 EVALS_COLUMNS: tuple[str, ...] = (
     "run_id", "arch", "size", "step", "tokens", "flops", "train_loss", "val_loss", "lr",
@@ -68,6 +68,8 @@ def run_rows(sweep_name: str, entries: list[dict[str, Any]], directory: Path) ->
                 "corpus_fingerprint": provenance.get("corpus_fingerprint"),
                 "git_sha": provenance.get("git_sha"),
                 "isoflop_version": provenance.get("isoflop_version"),
+                "torch_version": provenance.get("torch_version"),
+                "triton_version": provenance.get("triton_version"),
             }
         rows.append(row)
         rows += [branch_row(row, branch, result, rundir) for branch in entry.get("branches", [])]
