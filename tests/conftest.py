@@ -52,3 +52,14 @@ def corpus(tmp_path):
     for module in (json, textwrap, os):
         (folder / Path(module.__file__).name).write_text(Path(module.__file__).read_text())
     return folder
+
+
+@pytest.fixture
+def float64():
+    """Default dtype float64 for the test (comparisons where only rounding may differ)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

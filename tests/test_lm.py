@@ -10,13 +10,13 @@ import torch
 from isoflop.models.attention import rope_angles
 from isoflop.models.config import ModelConfig
 from isoflop.models.conv import DynamicShortConv, StaticShortConv
-from isoflop.models.lm import LanguageModel, build_model
+from isoflop.models.lm import build_model
 from isoflop.models.registry import (
     architecture_names,
     get_architecture,
     make_model_config,
 )
-from model_checks import parameters_without_gradient
+from model_checks import parameters_without_gradient, trained_like
 
 VOCAB, D, LAYERS, HEADS, D_FF, MAX_LEN = 96, 32, 2, 2, 64, 32
 ARCHS = architecture_names()
@@ -28,18 +28,6 @@ TRANSFORMER_ARCHS = [name for name in ARCHS
 
 def tiny_config(arch: str, **overrides) -> ModelConfig:
     return make_model_config(arch, D, LAYERS, HEADS, D_FF, VOCAB, MAX_LEN, **overrides)
-
-
-def trained_like(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
-    """A model whose zero-initialised generator maps hold real values, as after training, so that
-    the dynamic part of every conv takes part in the comparison."""
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, DynamicShortConv):
-                (module.up if module.kind == "lowrank" else module.proj.weight).normal_(0.0, 0.3)
-    return model
 
 
 def expected_parameter_count(cfg: ModelConfig) -> int:
@@ -266,26 +254,3 @@ def test_bad_inputs_are_named():
         model(torch.zeros(1, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="max_len=64; allowed: 1..32"):
         model.new_cache(1, 64)
-
-
-def test_each_conv_filters_its_linears_output_with_filters_from_that_linears_input():
-    """Generator inputs: q/k/v and gate/up read the block's normed input, o the attention output,
-    down the SwiGLU hidden; each conv filters the output of the linear it follows."""
-    model = trained_like(tiny_config("dynamic-all-linear"))
-    seen: dict[str, tuple] = {}
-    block = model.blocks[1]
-    for owner in (block.mixer, block.ffn):
-        for name, conv in owner.convs.items():
-            linear = getattr(owner, name)
-            linear.register_forward_hook(
-                lambda m, args, out, name=name: seen.__setitem__(f"{name}.linear", (args[0], out)))
-            conv.register_forward_pre_hook(
-                lambda m, args, name=name: seen.__setitem__(f"{name}.conv", args[:2]))
-    with torch.no_grad():
-        model(torch.randint(0, VOCAB, (1, 8)))
-    names = ["q", "k", "v", "o", "gate", "up", "down"]
-    assert sorted(block.mixer.convs) + sorted(block.ffn.convs) == sorted(names[:4]) + sorted(names[4:])
-    for name in names:
-        linear_input, linear_output = seen[f"{name}.linear"]
-        filtered, generator_input = seen[f"{name}.conv"]
-        assert filtered is linear_output and generator_input is linear_input, name

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from isoflop.models.config import RECURRENCE_CHUNK_SIZE, ConvSpec, ModelConfig, SSMSpec
-from isoflop.models.conv import DynamicShortConv
 from isoflop.models.counting import count_params, flops_per_token
 from isoflop.models.lm import build_model
 from isoflop.models.mixers import GatedDeltaNet, Mamba2, fla, scan
@@ -27,7 +26,7 @@ from isoflop.models.registry import make_model_config
 from isoflop.orchestrator.grid import expand
 from isoflop.orchestrator.spec import load_sweep
 from isoflop.runspec import DataConfig, RunSpec, TrainConfig
-from model_checks import parameters_without_gradient
+from model_checks import parameters_without_gradient, randomise_generators
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,22 +47,6 @@ def small_config(arch: str, **overrides) -> ModelConfig:
 
 def mixer_config(mixer: str, conv: ConvSpec) -> ModelConfig:
     return ModelConfig(**SMALL, mixer=mixer, conv=conv, ssm=SSMSpec(state_size=8, n_groups=2))
-
-
-def randomise_generators(module: torch.nn.Module) -> None:
-    """Give the dynamic convs' zero-initialised maps real values, as training would."""
-    with torch.no_grad():
-        for conv in module.modules():
-            if isinstance(conv, DynamicShortConv):
-                (conv.up if conv.kind == "lowrank" else conv.proj.weight).normal_(0.0, 0.3)
-
-
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 # -- the recurrences ----------------------------------------------------------------------------

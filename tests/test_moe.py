@@ -48,14 +48,6 @@ def naive_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("moe", [
     {"n_experts": 4, "top_k": 2},
     {"n_experts": 4, "top_k": 1},

@@ -3,6 +3,10 @@
 Layout: q, k, v, o are separate bias-free d->d Linears. A conv placed on q/k/v filters the full
 d-wide projection before it is split into heads and rotated (the paper's placement), with the
 attention block's normed input as generator input; a conv on o reads the attention output.
+
+q, k, v and their dynamic convs' generator input maps all read the normed input, so they run as
+one matmul over their concatenated weights (`LinearConvs.project`); o and its conv's generator
+read the attention output and make a second one.
 """
 
 from __future__ import annotations
@@ -82,6 +86,11 @@ class Attention(nn.Module):
         shapes = {name: (d, d) for name in ("q", "k", "v", "o")}
         self.convs = LinearConvs(cfg.conv, shapes, cfg.init_std)
 
+    @property
+    def qkv(self) -> dict[str, nn.Linear]:
+        """The linears that read the normed input, in the order forward unpacks them."""
+        return {"q": self.q, "k": self.k, "v": self.v}
+
     def _to_heads(self, q: Tensor, k: Tensor, v: Tensor, rope: Rope) -> tuple[Tensor, ...]:
         """[B, T, d] each -> [B, H, T, head_dim]; QK-norm (if any) before RoPE."""
         B, T, _ = q.shape
@@ -97,27 +106,23 @@ class Attention(nn.Module):
         """h [B, T, d] is the block's normed input. document_mask: see causal_document_mask;
         None means plain causal attention over the whole row."""
         B, T, d = h.shape
-        q = self.convs.run("q", self.q(h), h, cu_seqlens)
-        k = self.convs.run("k", self.k(h), h, cu_seqlens)
-        v = self.convs.run("v", self.v(h), h, cu_seqlens)
+        q, k, v = self.convs.project_and_run(h, self.qkv, cu_seqlens)
         q, k, v = self._to_heads(q, k, v, rope)
         if document_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask)
         out = out.transpose(1, 2).reshape(B, T, d)
-        return self.convs.run("o", self.o(out), out, cu_seqlens)
+        return self.convs.project_and_run(out, {"o": self.o}, cu_seqlens)[0]
 
     def step(
         self, h_t: Tensor, rope: Rope, kv: KVCache, conv_states: dict[str, Tensor], pos: int
     ) -> Tensor:
         """One decode token h_t [B, d] at position pos; updates kv and conv_states."""
         B, d = h_t.shape
-        q = self.convs.step("q", self.q(h_t), h_t, conv_states)
-        k = self.convs.step("k", self.k(h_t), h_t, conv_states)
-        v = self.convs.step("v", self.v(h_t), h_t, conv_states)
+        q, k, v = self.convs.project_and_step(h_t, self.qkv, conv_states)
         q, k, v = self._to_heads(q[:, None], k[:, None], v[:, None], rope)
         keys, values = kv.append(pos, k, v)
         out = F.scaled_dot_product_attention(q, keys, values)  # every cached key is in the past
         out = out.reshape(B, d)
-        return self.convs.step("o", self.o(out), out, conv_states)
+        return self.convs.project_and_step(out, {"o": self.o}, conv_states)[0]

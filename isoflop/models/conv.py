@@ -12,6 +12,13 @@ Filters are [W, channels] with tap k = lag k (tap 0 is the current token), the r
 nn.Conv1d's weight order. Static filters and the dynamic convs' static bias are marked
 `_no_weight_decay`: decaying them would pull the conv towards the identity, not towards "no
 feature", which is what weight decay on a matrix means.
+
+Fused projections: a dynamic conv's generator starts with a map of the linear's input h (`down`
+or `proj`, `generator_input`), and linears of one block often read the same h (q, k, v; gate, up).
+`LinearConvs.project` computes those linears and their convs' generator inputs in one matmul over
+the concatenated weights; the convs then take the result as `z` instead of h. The parameters stay
+separate modules (same init, counts, weight-decay marks and state-dict keys), so the fused model is
+the unfused one computed in fewer, larger matmuls.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from isoflop import kernels
@@ -48,6 +56,7 @@ class StaticShortConv(nn.Module):
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         """x [B, T, channels] -> [B, T, channels]."""
+        x = x.contiguous()  # see DynamicShortConv.forward
         return kernels.static_conv(x, self.weight, residual=self.residual, cu_seqlens=cu_seqlens)
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,29 +122,47 @@ class DynamicShortConv(nn.Module):
             else:
                 self.proj.weight.zero_()
 
-    def _headwise_taps(self, h: Tensor) -> Tensor:
-        """proj(h) [..., W*H] -> [..., W, H] (tap-major)."""
-        return self.proj(h).unflatten(-1, (self.width, self.n_heads))
+    @property
+    def generator_input(self) -> nn.Linear:
+        """The generator's map of h: `down` (in_features -> rank) or `proj` (in_features -> W*H)."""
+        return self.down if self.kind == "lowrank" else self.proj
 
-    def forward(self, x: Tensor, h: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
-        """x [B, T, channels] is filtered; h [B, T, in_features] generates the filters."""
+    def forward(
+        self, x: Tensor, h: Tensor | None, cu_seqlens: Tensor | None = None, *,
+        z: Tensor | None = None,
+    ) -> Tensor:
+        """x [B, T, channels] is filtered; h [B, T, in_features] generates the filters, or
+        z = generator_input(h) [B, T, rank or W*H] when the caller has computed it already."""
+        z = self.generator_input(h) if z is None else z
+        # x and z are often views into a fused projection (LinearConvs.project). The kernels take
+        # contiguous inputs: copying here, once, means the copies are what the backward saves, so
+        # it neither copies again nor keeps the whole fused output alive.
+        x, z = x.contiguous(), z.contiguous()
         if self.kind == "lowrank":
             return kernels.dynamic_conv_lowrank(
-                x, self.down(h), self.up, self.bias, residual=self.residual, cu_seqlens=cu_seqlens
+                x, z, self.up, self.bias, residual=self.residual, cu_seqlens=cu_seqlens
             )
         return kernels.dynamic_conv_headwise(
-            x, self._headwise_taps(h), self.bias, residual=self.residual, cu_seqlens=cu_seqlens
+            x, self._taps(z), self.bias, residual=self.residual, cu_seqlens=cu_seqlens
         )
 
-    def step(self, x_t: Tensor, h_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """One decode token: x_t [B, channels], h_t [B, in_features], state [B, W-1, channels]."""
+    def step(
+        self, x_t: Tensor, h_t: Tensor | None, state: Tensor, *, z_t: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One decode token: x_t [B, channels], h_t [B, in_features] (or its projection z_t),
+        state [B, W-1, channels]."""
+        z_t = self.generator_input(h_t) if z_t is None else z_t
         if self.kind == "lowrank":
             return kernels.dynamic_conv_lowrank_step(
-                x_t, state, self.down(h_t), self.up, self.bias, residual=self.residual
+                x_t, state, z_t, self.up, self.bias, residual=self.residual
             )
         return kernels.dynamic_conv_headwise_step(
-            x_t, state, self._headwise_taps(h_t), self.bias, residual=self.residual
+            x_t, state, self._taps(z_t), self.bias, residual=self.residual
         )
+
+    def _taps(self, z: Tensor) -> Tensor:
+        """The head-wise generator's output [..., W*H] -> [..., W, H] (tap-major)."""
+        return z.unflatten(-1, (self.width, self.n_heads))
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         return torch.zeros(batch_size, self.width - 1, self.channels, device=device, dtype=dtype)
@@ -164,7 +191,8 @@ class LinearConvs(nn.ModuleDict):
 
     `run(name, y, h)` filters the linear's output y with its conv (generator input h, the linear's
     input) or returns y unchanged when that linear has no conv, so blocks read the same whatever
-    the placement.
+    the placement. `project(h, linears)` runs linears that read the same h, and the generator
+    input maps of their dynamic convs, as one matmul; `run(name, y, h, z=z)` then uses its z.
     """
 
     def __init__(
@@ -178,24 +206,64 @@ class LinearConvs(nn.ModuleDict):
         }
         super().__init__(convs)
 
-    def run(self, name: str, y: Tensor, h: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    def project(
+        self, h: Tensor, linears: dict[str, nn.Linear]
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """name -> (linears[name](h), its dynamic conv's generator_input(h) or None), all from
+        one matmul of h with the weights concatenated (one read of h, one larger GEMM instead of
+        several small ones), then split. Works on any leading shape (training or one decode
+        token). The weights are concatenated on every call: a copy of a few MB, against a matmul
+        over every token of the batch."""
+        names = list(linears)
+        generated = [n for n in names if n in self and isinstance(self[n], DynamicShortConv)]
+        weights = [linears[n].weight for n in names]
+        weights += [self[n].generator_input.weight for n in generated]
+        if len(weights) == 1:
+            return {names[0]: (linears[names[0]](h), None)}
+        parts = F.linear(h, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1)
+        z = dict(zip(generated, parts[len(names):]))
+        return {n: (y, z.get(n)) for n, y in zip(names, parts)}
+
+    def run(
+        self, name: str, y: Tensor, h: Tensor | None, cu_seqlens: Tensor | None = None, *,
+        z: Tensor | None = None,
+    ) -> Tensor:
+        """The conv of linear `name` on its output y; a dynamic conv's filters come from z when
+        given (see `project`), otherwise from h."""
         if name not in self:
             return y
         conv = self[name]
         if isinstance(conv, DynamicShortConv):
-            return conv(y, h, cu_seqlens)
+            return conv(y, h, cu_seqlens, z=z)
         return conv(y, cu_seqlens)
 
-    def step(self, name: str, y_t: Tensor, h_t: Tensor, states: dict[str, Tensor]) -> Tensor:
+    def step(
+        self, name: str, y_t: Tensor, h_t: Tensor | None, states: dict[str, Tensor], *,
+        z_t: Tensor | None = None,
+    ) -> Tensor:
         """One decode token; replaces states[name] with the conv's new state."""
         if name not in self:
             return y_t
         conv = self[name]
         if isinstance(conv, DynamicShortConv):
-            y_t, states[name] = conv.step(y_t, h_t, states[name])
+            y_t, states[name] = conv.step(y_t, h_t, states[name], z_t=z_t)
         else:
             y_t, states[name] = conv.step(y_t, states[name])
         return y_t
+
+    def project_and_run(
+        self, h: Tensor, linears: dict[str, nn.Linear], cu_seqlens: Tensor | None = None
+    ) -> list[Tensor]:
+        """The outputs of `linears` (all reading h), each through its conv, from one matmul."""
+        projected = self.project(h, linears)
+        return [self.run(name, y, h, cu_seqlens, z=z) for name, (y, z) in projected.items()]
+
+    def project_and_step(
+        self, h_t: Tensor, linears: dict[str, nn.Linear], states: dict[str, Tensor]
+    ) -> list[Tensor]:
+        """The same for one decode token h_t [B, in_features]; updates states."""
+        projected = self.project(h_t, linears)
+        return [self.step(name, y, h_t, states, z_t=z) for name, (y, z) in projected.items()]
 
     def empty_states(
         self, batch_size: int, device: torch.device, dtype: torch.dtype

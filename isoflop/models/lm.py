@@ -171,11 +171,9 @@ class LanguageModel(nn.Module):
         x = self.tok_emb(idx)
         for block in self.blocks:
             x = block(x, rope, cu_seqlens, document_mask)
-        logits = self.lm_head(self.norm(x)).float()
+        logits, loss = self.logits_and_loss(x, targets)
 
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        if loss is not None:
             self.last_losses = {"cross_entropy": loss.detach()}
             if self.moe_layers:
                 aux, parts = router_loss(self.moe_layers)
@@ -183,6 +181,14 @@ class LanguageModel(nn.Module):
                 if self.training:
                     loss = loss + aux
         return logits, loss
+
+    def logits_and_loss(self, x: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The last block's output x [B, T, d] -> (logits float32, mean cross-entropy or None).
+        A method of its own so that `compile_regions` can compile it as one region."""
+        logits = self.lm_head(self.norm(x)).float()
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Two AdamW groups: matrices decay; vectors, norm gains and conv filters (marked
@@ -273,3 +279,17 @@ class LanguageModel(nn.Module):
 def build_model(cfg: ModelConfig) -> LanguageModel:
     """The model for cfg, initialised from torch's current RNG (seed it before calling)."""
     return LanguageModel(cfg)
+
+
+def compile_regions(model: LanguageModel, **options) -> LanguageModel:
+    """Compile each block and the output head in place, with torch.compile(**options).
+
+    Regional compilation: the blocks run the same code on parameters of the same shapes, so
+    torch.compile traces and optimises one block and reuses it for every layer, and its cold
+    compile time no longer grows with depth (compiling the whole model unrolls every layer into
+    one graph). What stays eager between the regions (the embedding lookup, RoPE angles) is a
+    few small kernels per step."""
+    for block in model.blocks:
+        block.compile(**options)
+    model.logits_and_loss = torch.compile(model.logits_and_loss, **options)
+    return model

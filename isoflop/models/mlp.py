@@ -1,7 +1,9 @@
 """SwiGLU feed-forward: down(silu(gate(h)) * up(h)), bias-free, hidden width d_ff.
 
 With convs after every linear, gate and up are filtered with the MLP's normed input as generator
-input, and down with the SwiGLU hidden (each conv reads its linear's input).
+input, and down with the SwiGLU hidden (each conv reads its linear's input). gate, up and their
+dynamic convs' generator input maps run as one matmul (`LinearConvs.project`), down and its conv's
+generator as another.
 """
 
 from __future__ import annotations
@@ -24,14 +26,12 @@ class SwiGLU(nn.Module):
         self.convs = LinearConvs(cfg.conv, shapes, cfg.init_std)
 
     def forward(self, h: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
-        gate = self.convs.run("gate", self.gate(h), h, cu_seqlens)
-        up = self.convs.run("up", self.up(h), h, cu_seqlens)
+        gate, up = self.convs.project_and_run(h, {"gate": self.gate, "up": self.up}, cu_seqlens)
         hidden = F.silu(gate) * up
-        return self.convs.run("down", self.down(hidden), hidden, cu_seqlens)
+        return self.convs.project_and_run(hidden, {"down": self.down}, cu_seqlens)[0]
 
     def step(self, h_t: Tensor, conv_states: dict[str, Tensor]) -> Tensor:
         """One decode token h_t [B, d]; updates conv_states."""
-        gate = self.convs.step("gate", self.gate(h_t), h_t, conv_states)
-        up = self.convs.step("up", self.up(h_t), h_t, conv_states)
+        gate, up = self.convs.project_and_step(h_t, {"gate": self.gate, "up": self.up}, conv_states)
         hidden = F.silu(gate) * up
-        return self.convs.step("down", self.down(hidden), hidden, conv_states)
+        return self.convs.project_and_step(hidden, {"down": self.down}, conv_states)[0]

@@ -1,0 +1,329 @@
+"""Training throughput of the Transformer and its short-conv variants, side by side in one run.
+
+    PYTHONPATH=. python benchmarks/train_throughput.py [--config 300M|small|both|tiny]
+        [--variants transformer,static-qkv,...] [--batch-size N] [--seq-len T] [--steps N]
+        [--warmup N] [--rounds N] [--compile blocks|model|none] [--no-compile] [--device cuda|cpu]
+        [--out FILE.json|FILE.csv]
+
+Each step is a whole training step as the trainer runs it: forward and backward under bf16 autocast
+(CUDA), gradient clipping, a fused AdamW step and zero_grad, on a fixed batch of random tokens that
+already sits on the device (the trainer's pinned, asynchronous loading is not what is measured). No
+value is read back inside the loop, so the host never waits for the device between steps.
+
+Per config, every variant is built, compiled and warmed up first; then the timed steps run in
+`--rounds` interleaved rounds (each round times every variant for steps / rounds steps), so drifts
+of clock or temperature hit all variants alike and the slowdowns are ratios measured side by side.
+Columns: tok/s over all timed steps; MFU = analytic training FLOPs per token
+(`counting.flops_per_token(cfg, seq_len).train`) x tok/s / the bf16 matmul rate measured in the same
+run (8192^3, mean of 10 after warm-up); peak GiB = the most memory the variant allocated during its
+warm-up steps (its parameters, gradients, optimiser state and activations), above what was allocated
+before it was built; slowdown = the Transformer's tok/s over the variant's, minus one.
+
+Compilation (`--compile`): `blocks` (default) compiles each block and the output head
+(`lm.compile_regions`), so each variant compiles one block instead of every layer and the default
+run (two configs x five variants) stays within a few minutes; `model` compiles the whole model as
+the trainer does; `none` runs eagerly. Shapes are static (dynamic=False).
+
+Configs: 300M is the paper's reference (d1024-l16, vocab 100,352, seq 4096, 8 x 4096 tokens a step);
+small is the 150M size of the ladder (d768-l12) at the same context and batch; tiny is a CPU-sized
+smoke run (and the default off CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from isoflop.models.config import ModelConfig
+from isoflop.models.counting import count_params, flops_per_token
+from isoflop.models.lm import build_model, compile_regions
+from isoflop.models.registry import architecture_names, make_model_config
+from isoflop.models.sizes import PAPER_VOCAB_SIZE, resolve_size
+
+DEFAULT_VARIANTS = ("transformer", "static-qkv", "dynamic-qkv", "dynamic-headwise-qkv", "dynamic-all-linear")
+BASELINE = "transformer"
+COMPILE_MODES = ("blocks", "model", "none")
+GRAD_CLIP = 1.0  # the trainer's default (optim.grad_clip); clipping is part of its step
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    size: str  # a size the ladder resolves (isoflop.models.sizes.resolve_size)
+    seq_len: int
+    batch_size: int
+    vocab_size: int
+
+
+CONFIGS = {
+    "300M": BenchConfig("300M", "300M", seq_len=4096, batch_size=8, vocab_size=PAPER_VOCAB_SIZE),
+    "small": BenchConfig("small", "150M", seq_len=4096, batch_size=8, vocab_size=PAPER_VOCAB_SIZE),
+    "tiny": BenchConfig("tiny", "tiny", seq_len=64, batch_size=2, vocab_size=256),
+}
+CONFIG_CHOICES = {"300M": ["300M"], "small": ["small"], "both": ["300M", "small"], "tiny": ["tiny"]}
+
+
+@dataclass
+class Result:
+    config: str
+    variant: str
+    params: int
+    seq_len: int
+    batch_size: int
+    train_flops_per_token: int
+    setup_s: float = 0.0
+    peak_gib: float | None = None
+    error: str | None = None  # why the variant could not be built, compiled or stepped
+    round_s: list[float] = field(default_factory=list)
+    timed_steps: int = 0
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+    slowdown: float | None = None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, repeats: int = 10, warmup_s: float = 0.5) -> float:
+    """FLOP/s of a large square matmul in the dtype training computes in: bf16 8192^3 on CUDA,
+    float32 at a CPU-sized shape elsewhere. The mean over `repeats` after `warmup_s` seconds of
+    the same matmul (so an idle GPU has raised its clocks first)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
+        a @ b
+        synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+class VariantRun:
+    """One variant's model, optimiser and batch, ready to take training steps."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, compile_mode: str, seq_len: int,
+                 batch_size: int) -> None:
+        self.device = device
+        torch.manual_seed(0)
+        with torch.device(device):  # initialise on the device: no host-side init, no copy
+            self.model = build_model(cfg)
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(0.1), lr=1e-4,
+                                           fused=device.type == "cuda")
+        if compile_mode == "blocks":
+            self.forward = compile_regions(self.model, dynamic=False)
+        elif compile_mode == "model":
+            self.forward = torch.compile(self.model, dynamic=False)
+        else:
+            self.forward = self.model
+        tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=device)
+        self.x, self.y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def autocast(self):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                              enabled=self.device.type == "cuda")
+
+    def step(self) -> None:
+        with self.autocast():
+            loss = self.forward(self.x, targets=self.y)[1]  # the logits are dropped at once
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def timed(self, steps: int) -> float:
+        """Seconds for `steps` steps; the device is synchronised before and after only."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def set_up(
+    result: Result, cfg: ModelConfig, args: argparse.Namespace, device: torch.device
+) -> VariantRun | None:
+    """Build, compile and warm up one variant, recording its setup time and peak memory; None
+    (and result.error) if that fails: one variant out of memory or failing to compile must not
+    lose the others' numbers."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    try:
+        run = VariantRun(cfg, device, args.compile, result.seq_len, result.batch_size)
+        for _ in range(args.warmup):  # the first step compiles
+            run.step()
+        synchronize(device)
+    except Exception as error:  # reported in the table; the other variants go on
+        result.error = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+        print(f"  {result.config} {result.variant}: FAILED {result.error}", flush=True)
+        return None
+    result.setup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        result.peak_gib = (torch.cuda.max_memory_allocated(device) - before) / 2**30
+    print(f"  {result.config} {result.variant}: built, compiled and warmed up in "
+          f"{result.setup_s:.1f} s", flush=True)
+    return run
+
+
+def bench_config(bench: BenchConfig, args: argparse.Namespace, device: torch.device,
+                 peak_flops: float) -> list[Result]:
+    """Every variant of one config: set up one after the other, then timed in interleaved rounds."""
+    seq_len = args.seq_len or bench.seq_len
+    batch_size = args.batch_size or bench.batch_size
+    shape = resolve_size(bench.size)
+    torch._dynamo.reset()  # fresh compile caches: no recompile limits carried across configs
+    runs: dict[str, VariantRun] = {}
+    results = []
+    for variant in args.variants:
+        cfg = make_model_config(variant, shape.d_model, shape.n_layers, shape.n_heads, shape.d_ff,
+                                bench.vocab_size, seq_len)
+        result = Result(config=bench.name, variant=variant, params=count_params(cfg).total,
+                        seq_len=seq_len, batch_size=batch_size,
+                        train_flops_per_token=flops_per_token(cfg, seq_len).train)
+        results.append(result)
+        run = set_up(result, cfg, args, device)
+        if run is None:
+            release_memory(device)
+        else:
+            runs[variant] = run
+    timed = [r for r in results if r.variant in runs]
+    per_round = max(1, args.steps // args.rounds)
+    for _ in range(args.rounds):
+        for result in timed:
+            result.round_s.append(runs[result.variant].timed(per_round))
+            result.timed_steps += per_round
+    baseline_s = next((sum(r.round_s) for r in timed if r.variant == BASELINE), None)
+    for result in timed:
+        result.tokens_per_s = result.timed_steps * batch_size * seq_len / sum(result.round_s)
+        result.mfu = result.train_flops_per_token * result.tokens_per_s / peak_flops
+        if baseline_s is not None:  # equal step counts: the ratio of times is that of rates
+            result.slowdown = sum(result.round_s) / baseline_s - 1
+    return results
+
+
+def print_table(results: list[Result]) -> None:
+    head = (f"{'config':7s} {'variant':22s} {'params':>8s} {'tok/s':>10s} {'MFU':>6s} "
+            f"{'peak GiB':>8s} {'slowdown':>9s} {'setup s':>8s}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        if r.error is not None:
+            print(f"{r.config:7s} {r.variant:22s} {r.params / 1e6:7.1f}M  FAILED {r.error}")
+            continue
+        peak = f"{r.peak_gib:8.1f}" if r.peak_gib is not None else f"{'-':>8s}"
+        slow = f"{100 * r.slowdown:+8.1f}%" if r.slowdown is not None else f"{'-':>9s}"
+        print(f"{r.config:7s} {r.variant:22s} {r.params / 1e6:7.1f}M {r.tokens_per_s:10.0f} "
+              f"{100 * r.mfu:5.1f}% {peak} {slow} {r.setup_s:8.1f}")
+
+
+def write_results(path: Path, results: list[Result], meta: dict) -> None:
+    rows = [asdict(r) for r in results]
+    if path.suffix == ".csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "round_s"])
+            writer.writeheader()
+            writer.writerows({k: v for k, v in row.items() if k != "round_s"} for row in rows)
+    else:
+        path.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=list(CONFIG_CHOICES), default=None,
+                        help="default: both on CUDA, tiny elsewhere")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help="comma-separated architecture names (the registry's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the config's")
+    parser.add_argument("--seq-len", type=int, default=None, help="override the config's")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed steps per variant (steps // rounds in each round, at least 1)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="blocks")
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const="none",
+                        help="same as --compile none")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--out", type=Path, default=None, help="write the table as .json or .csv")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in architecture_names()]
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; allowed: "
+                     f"{', '.join(architecture_names())}")
+    args.variants = variants
+    for name in ("batch_size", "seq_len", "steps", "warmup", "rounds"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            parser.error(f"--{name.replace('_', '-')}={value}; allowed: an integer >= "
+                         f"{0 if name == 'warmup' else 1}")
+    if args.out is not None and args.out.suffix not in (".json", ".csv"):
+        parser.error(f"--out {args.out}: allowed: a file ending in .json or .csv")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    configs = CONFIG_CHOICES[args.config or ("both" if device.type == "cuda" else "tiny")]
+    # One compiled block per variant lives in the same code cache; a variant falling back to eager
+    # after too many recompiles would be a silent slowdown, so make it an error instead.
+    dynamo = torch._dynamo.config
+    if hasattr(dynamo, "recompile_limit"):
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(args.variants))
+    if hasattr(dynamo, "fail_on_recompile_limit_hit"):
+        dynamo.fail_on_recompile_limit_hit = True
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as the trainer: TF32 for what stays fp32
+        import isoflop.kernels.ops  # noqa: F401  (the Triton ops, loaded before any tracing)
+        print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    peak_flops = matmul_peak(device)
+    print(f"matmul peak {peak_flops / 1e12:.1f} TFLOP/s "
+          f"({'bf16 8192^3' if device.type == 'cuda' else 'fp32 512^3'}); compile: {args.compile}",
+          flush=True)
+    meta = {"device": str(device), "compile": args.compile, "matmul_peak_flops": peak_flops,
+            "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    results = []
+    started = time.perf_counter()
+    for name in configs:
+        bench = CONFIGS[name]
+        print(f"{name}: {resolve_size(bench.size).name}, seq {args.seq_len or bench.seq_len}, "
+              f"batch {args.batch_size or bench.batch_size}", flush=True)
+        done = bench_config(bench, args, device, peak_flops)
+        release_memory(device)
+        results += done
+        print_table(done)  # each config's table as soon as it is done
+        if args.out is not None:
+            write_results(args.out, results, meta)
+    print(f"\nall done in {time.perf_counter() - started:.0f} s; MFU against the measured matmul "
+          f"peak; slowdown = transformer tok/s / variant tok/s - 1, measured side by side")
+    if len(configs) > 1:
+        print()
+        print_table(results)
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Fused projections (q/k/v, gate/up and the dynamic convs' generator inputs in one matmul),
+regional compilation, and the training-throughput benchmark at a CPU size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from isoflop.models.attention import apply_rope, rope_angles
+from isoflop.models.counting import count_params
+from isoflop.models.lm import LanguageModel, build_model, compile_regions
+from isoflop.models.registry import architecture_names, get_architecture, make_model_config
+from model_checks import trained_like
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB, D, LAYERS, HEADS, D_FF, MAX_LEN = 96, 32, 2, 2, 64, 32
+TRANSFORMER_ARCHS = [name for name in architecture_names()
+                     if (get_architecture(name).mixer, get_architecture(name).ffn) == ("attention", "swiglu")]
+
+
+def tiny_config(arch: str, **overrides):
+    return make_model_config(arch, D, LAYERS, HEADS, D_FF, VOCAB, MAX_LEN, **overrides)
+
+
+def unfused(owner, name: str, inp: torch.Tensor) -> torch.Tensor:
+    """The computation before fusion: the linear on its own, then its conv, whose generator reads
+    the linear's input."""
+    return owner.convs.run(name, getattr(owner, name)(inp), inp)
+
+
+def unfused_logits(model: LanguageModel, idx: torch.Tensor) -> torch.Tensor:
+    """The model's forward written out with every linear and every generator map separate."""
+    cfg = model.config
+    B, T = idx.shape
+    rope = rope_angles(torch.arange(T), cfg.head_dim, cfg.rope_theta)
+    x = model.tok_emb(idx)
+    for block in model.blocks:
+        attention, mlp = block.mixer, block.ffn
+        h = block.mixer_norm(x)
+        q, k, v = (unfused(attention, name, h).view(B, T, HEADS, -1).transpose(1, 2) for name in "qkv")
+        if attention.q_norm is not None:
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        out = F.scaled_dot_product_attention(apply_rope(q, rope), apply_rope(k, rope), v, is_causal=True)
+        x = x + unfused(attention, "o", out.transpose(1, 2).reshape(B, T, -1))
+        h = block.ffn_norm(x)
+        x = x + unfused(mlp, "down", F.silu(unfused(mlp, "gate", h)) * unfused(mlp, "up", h))
+    return model.lm_head(model.norm(x)).float()
+
+
+@pytest.mark.parametrize("arch", TRANSFORMER_ARCHS)
+def test_fused_model_equals_the_unfused_computation(arch, float64):
+    """Logits and every parameter's gradient, in float64 so that only rounding may differ."""
+    model = trained_like(tiny_config(arch))
+    idx, targets = torch.randint(0, VOCAB, (2, 12)), torch.randint(0, VOCAB, (2, 12))
+    fused_logits, fused_loss = model(idx, targets)
+    fused_grads = torch.autograd.grad(fused_loss, list(model.parameters()))
+    logits = unfused_logits(model, idx)
+    loss = F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(fused_logits, logits)
+    for (name, _), fused_grad, grad in zip(model.named_parameters(), fused_grads, grads):
+        torch.testing.assert_close(fused_grad, grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+class MatmulShapes(TorchDispatchMode):
+    """(inner, outer) dimensions of every matrix product run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            weight = args[-1]  # [in, out]
+            self.shapes.append(tuple(weight.shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch, expected", [
+    # q, k, v and their generators' D->R maps as one matmul; o (and its conv's map) as another.
+    ("transformer", [(D, 3 * D), (D, D), (D, 2 * D_FF), (D_FF, D)]),
+    ("dynamic-qkv", [(D, 3 * D + 3 * 16), (D, D), (D, 2 * D_FF), (D_FF, D)]),
+    ("dynamic-headwise-qkv", [(D, 3 * D + 3 * 4 * D // 16), (D, D), (D, 2 * D_FF), (D_FF, D)]),
+    ("dynamic-all-linear", [(D, 3 * D + 48), (D, D + 16), (D, 2 * D_FF + 32), (D_FF, D + 16)]),
+])
+def test_each_group_of_linears_reading_one_input_is_one_matmul(arch, expected):
+    """A block's matmuls of its inputs (the low-rank convs' own z @ U products read R-wide inputs
+    and are left out)."""
+    torch.manual_seed(0)
+    block = build_model(tiny_config(arch)).blocks[0]
+    x = torch.randn(2, 8, D)
+    with torch.no_grad(), MatmulShapes() as seen:
+        block(x, rope_angles(torch.arange(8), D // HEADS, 10000.0))
+    assert [s for s in seen.shapes if s[0] in (D, D_FF)] == expected
+
+
+def test_the_state_dict_layout_is_unchanged():
+    """Fusion concatenates weights at call time only: parameters, their keys (so checkpoints from
+    before still load), counts and weight-decay groups are those of the separate layers."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("dynamic-all-linear"))
+    keys = {k.removeprefix("blocks.0.") for k in model.state_dict() if k.startswith("blocks.0.")}
+    linears = {f"mixer.{n}.weight" for n in "qkvo"} | {f"ffn.{n}.weight" for n in ("gate", "up", "down")}
+    convs = {f"{owner}.convs.{n}.{p}" for owner, names in (("mixer", "qkvo"), ("ffn", ("gate", "up", "down")))
+             for n in names for p in ("down.weight", "up", "bias")}
+    assert keys == linears | convs | {"mixer_norm.weight", "ffn_norm.weight"}
+    assert sum(p.numel() for p in model.parameters()) == count_params(model.config).total
+
+
+def test_decoding_equals_the_full_forward_with_fused_projections():
+    """The decode step runs the same fused projections on one token at a time."""
+    model = trained_like(tiny_config("dynamic-all-linear-qknorm", conv={"kind": "dynamic-headwise",
+                                                                          "head_size": 8}))
+    idx = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache(batch_size=2, max_len=10)
+        stepped = [model.forward_step(idx[:, t], cache) for t in range(10)]
+    torch.testing.assert_close(torch.stack(stepped, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_regional_compilation_traces_one_block_for_every_layer():
+    """compile_regions: one graph for all blocks and one for the head, and the same loss and
+    gradients as eager. aot_eager traces forward and backward as inductor would, without
+    generating code (no C++ compiler needed here)."""
+    from torch._dynamo.utils import counters
+
+    cfg = make_model_config("dynamic-qkv", D, 3, HEADS, D_FF, VOCAB, MAX_LEN)
+    eager = trained_like(cfg)
+    compiled = trained_like(cfg)
+    idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    torch._dynamo.reset()
+    counters.clear()
+    compile_regions(compiled, backend="aot_eager", dynamic=False)
+    compiled_loss = compiled(idx, targets)[1]
+    compiled_loss.backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    eager_loss = eager(idx, targets)[1]
+    eager_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for a, b in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    torch._dynamo.reset()
+
+
+def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_throughput_benchmark_runs_every_variant_at_a_cpu_size(tmp_path):
+    out = tmp_path / "throughput.json"
+    done = run_benchmark("--config", "tiny", "--device", "cpu", "--no-compile", "--steps", "2",
+                         "--rounds", "2", "--warmup", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["results"]
+    variants = [r["variant"] for r in results]
+    assert variants == ["transformer", "static-qkv", "dynamic-qkv", "dynamic-headwise-qkv",
+                        "dynamic-all-linear"]
+    for r in results:
+        cfg = make_model_config(r["variant"], 64, 1, 1, 192, 256, 64)
+        assert r["params"] == count_params(cfg).total
+        assert r["timed_steps"] == 2 and len(r["round_s"]) == 2
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+        assert r["slowdown"] == pytest.approx(results[0]["tokens_per_s"] / r["tokens_per_s"] - 1)
+    assert results[0]["slowdown"] == 0
+    table = done.stdout.split("slowdown")[1]
+    assert all(v in table for v in variants)
+
+
+def test_throughput_benchmark_names_a_bad_variant():
+    done = run_benchmark("--config", "tiny", "--variants", "transformer,nope")
+    assert done.returncode == 2
+    assert "--variants: unknown nope; allowed: transformer" in done.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_throughput_benchmark_compiles_and_runs(tmp_path):
+    """The GPU path end to end at a tiny size: Triton kernels, bf16 autocast, regional compile."""
+    out = tmp_path / "throughput.csv"
+    done = run_benchmark("--config", "tiny", "--variants", "transformer,dynamic-all-linear",
+                         "--steps", "2", "--rounds", "1", "--warmup", "1", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(out.read_text().splitlines()) == 1 + 2
