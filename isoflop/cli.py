@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,12 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         "--rundir", type=Path, default=None,
         help="run directory (default: runs/train/<run_id>)",
     )
+    parser.add_argument(
+        "--parallel", choices=("auto", "ddp", "fsdp"), default=None,
+        help="under torchrun (one process per GPU): replicate the model (ddp) or shard it (fsdp); "
+        "default: $ISOFLOP_PARALLEL, else auto (fsdp when a replica would not fit). The global "
+        "batch, and so the result, stays the config's whatever the number of processes",
+    )
     parser.set_defaults(handler=run_train)
 
 
@@ -58,17 +65,22 @@ def run_train(args: argparse.Namespace) -> int:
     flops = flops_per_token(spec.model, spec.train.seq_len)
     steps = spec.train.total_steps
     tokens = steps * spec.train.tokens_per_step
-    print(f"run {spec.run_id} -> {rundir}")
-    print(
-        f"{spec.arch} {spec.size}: {_si(params.total)} params ({_si(params.non_embedding)} "
-        f"non-embedding) | {_si(tokens)} tokens in {steps} steps"
-        f" | {_si(flops.train * tokens)} FLOPs",
-        flush=True,
-    )
+    # Under torchrun every rank runs this command; one of them speaks.
+    speaks = os.environ.get("RANK", "0") == "0"
+    if speaks:
+        print(f"run {spec.run_id} -> {rundir}")
+        print(
+            f"{spec.arch} {spec.size}: {_si(params.total)} params ({_si(params.non_embedding)} "
+            f"non-embedding) | {_si(tokens)} tokens in {steps} steps"
+            f" | {_si(flops.train * tokens)} FLOPs",
+            flush=True,
+        )
 
     from isoflop.train import run
 
-    result = run(spec, rundir, echo=True)
+    result = run(spec, rundir, echo=True, parallel=args.parallel)
+    if not speaks:
+        return 0 if result["state"] == "done" else 1
     if result["state"] != "done":
         print(f"run {spec.run_id} {result['state']}: {result['reason']}", file=sys.stderr)
         return 1

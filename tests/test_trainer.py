@@ -16,6 +16,7 @@ from isoflop.orchestrator.rundir import RunDir
 from isoflop.runspec import DataConfig, OptimConfig, RunSpec, ScheduleConfig, TrainConfig
 from isoflop.train import run
 from isoflop.train.checkpoint import load_checkpoint, save_checkpoint
+from word_corpus import write_word_corpus
 
 BATCH, SEQ = 8, 32
 TOKENS_PER_STEP = BATCH * SEQ
@@ -24,14 +25,7 @@ TIMING_FIELDS = ("tokens_per_s", "elapsed_s")
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    """A dozen small text files of random words: enough structure for the loss to fall."""
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "the a cat dog sat ran on under mat log and then it was good bad".split()
-    for i in range(12):
-        text = ". ".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(300))
-        (folder / f"doc{i:02d}.txt").write_text(text)
-    return folder
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"), n_files=12, sentences=300)
 
 
 def make_spec(corpus_dir, steps=12, eval_every=4, arch="transformer", **changes) -> RunSpec:

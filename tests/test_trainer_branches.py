@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 from test_trainer import TOKENS_PER_STEP, make_spec
@@ -12,21 +11,14 @@ from isoflop.orchestrator.rundir import RunDir
 from isoflop.runspec import RunSpec
 from isoflop.train import run
 from isoflop.train.trainer import Trainer, plan_branches
+from word_corpus import write_word_corpus
 
 WSD = {"kind": "wsd", "warmup_fraction": 0.0, "decay_fraction": 0.25}
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    """Small text files of random words, as in test_trainer: enough structure for the loss to fall."""
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "and", "then",
-             "it", "was", "good", "bad"]
-    for i in range(12):
-        text = ". ".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(300))
-        (folder / f"doc{i:02d}.txt").write_text(text)
-    return folder
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"), n_files=12, sentences=300)
 
 
 def wsd_spec(corpus_dir, steps, cooldown_steps=(), **schedule):

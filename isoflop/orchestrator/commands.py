@@ -130,6 +130,11 @@ def add_run(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("sweep", type=Path, help="the sweep's YAML file")
     parser.add_argument("--workers", type=int, default=None,
                         help="runs at once (default: executor.workers of the sweep file)")
+    parser.add_argument("--gpus-per-run", type=int, default=None, metavar="N",
+                        help="GPUs per run, one process each (default: executor.gpus_per_run; "
+                        "workers x N must fit the machine)")
+    parser.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default=None,
+                        help="how a run of several GPUs splits (default: executor.parallel)")
     _add_only(parser, "train")
     _add_runs_dir(parser)
     parser.set_defaults(handler=run_command)
@@ -158,7 +163,8 @@ def _add_only(parser: argparse.ArgumentParser, verb: str) -> None:
                         help=f"{verb} only matching runs (arch, size, budget, seed, run_id); repeatable")
 
 
-def _train_here(sweep: Any, runs: list[Any], directory: Path, workers: int) -> int:
+def _train_here(sweep: Any, runs: list[Any], directory: Path, workers: int,
+                gpus_per_run: int | None = None, parallel: str | None = None) -> int:
     """Train `runs` on this machine with the local executor; exit status 0 if all finished."""
     from isoflop.orchestrator.executors import make_executor
     from isoflop.orchestrator.launch import launch
@@ -181,7 +187,12 @@ def _train_here(sweep: Any, runs: list[Any], directory: Path, workers: int) -> i
                 console.print(f"[yellow]warning:[/] {run.arch} {run.size} needs {run.tokens:,} tokens: "
                               f"{run.tokens / corpus.n_train_tokens:.2f} epochs of the corpus (data repeats)")
 
-    report = launch(sweep, runs, directory, make_executor("local", workers), console, prepare_data)
+    try:
+        executor = make_executor("local", workers, gpus_per_run or sweep.executor.gpus_per_run,
+                                 sweep.executor.nodes_per_run, parallel or sweep.executor.parallel)
+    except ValueError as error:  # more GPUs than the machine has, several nodes
+        raise UsageError(str(error)) from None
+    report = launch(sweep, runs, directory, executor, console, prepare_data)
     return 0 if report.all_finished else 1
 
 
@@ -189,7 +200,8 @@ def _train_here(sweep: Any, runs: list[Any], directory: Path, workers: int) -> i
 def run_command(args: argparse.Namespace) -> int:
     sweep, runs, directory = _selected_runs(args)
     # `run` trains here whatever executor.kind says: `submit` is the way to SLURM.
-    return _train_here(sweep, runs, directory, args.workers or sweep.executor.workers)
+    return _train_here(sweep, runs, directory, args.workers or sweep.executor.workers,
+                       args.gpus_per_run, args.parallel)
 
 
 # -- isoflop submit / retry -----------------------------------------------------------------------
@@ -199,7 +211,9 @@ SLURM_OPTIONS: dict[str, tuple[str, str, str]] = {
     "--partition": ("partition", "NAME", "SLURM partition (default: the cluster's default)"),
     "--account": ("account", "NAME", "SLURM account to charge"),
     "--qos": ("qos", "NAME", "SLURM quality of service"),
-    "--gpus-per-run": ("gpus_per_run", "N", "GPUs per run (default 0)"),
+    "--gpus-per-run": ("gpus_per_run", "N", "GPUs per run and node, one task each (default 0)"),
+    "--nodes-per-run": ("nodes_per_run", "N", "nodes per run (default 1)"),
+    "--parallel": ("parallel", "MODE", "how a run of several GPUs splits: ddp, fsdp or auto (default)"),
     "--cpus-per-run": ("cpus_per_run", "N", "CPUs per run, also its torch threads (default 1)"),
     "--mem": ("mem", "SIZE", "memory per run, e.g. 16G (default: the partition's)"),
     "--time": ("time", "TIME", ("time limit per attempt: minutes or [D-]HH:MM[:SS] (default 60); "

@@ -26,6 +26,7 @@ A sweep file (YAML) says what to train; `grid.expand` turns it into RunSpecs. La
     seeds: [0]
     executor: {kind: local, workers: 2}   # or, for `isoflop submit`:
     # executor: {kind: slurm, partition: gpu, gpus_per_run: 1, time: "2:00:00", array_parallelism: 16}
+    # Runs larger than one GPU: gpus_per_run: 8, nodes_per_run: 2, parallel: fsdp (train/distributed.py)
 
 `train` keys map onto TrainConfig, OptimConfig and ScheduleConfig fields (TRAIN_KEYS below; defaults are
 those dataclasses' defaults). Every numeric `train` key except seq_len may be a rule: a number, a formula
@@ -67,6 +68,9 @@ from isoflop.runspec import (
 SCHEDULE_KINDS: tuple[str, ...] = ("cosine", "wsd")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 EXECUTOR_KINDS: tuple[str, ...] = ("local", "slurm")
+# How a run of several processes splits the work (isoflop/train/distributed.py): replicas (ddp),
+# shards (fsdp), or fsdp only when a replica would not fit (auto). Not part of any run's identity.
+PARALLEL_MODES: tuple[str, ...] = ("auto", "ddp", "fsdp")
 GRID_KINDS: tuple[str, ...] = ("isoflop", "ladder", "recall")
 DEFAULT_MIN_STEPS = 10  # fewer optimiser steps than this cannot say anything about a size
 DEFAULT_SPREAD = 3.0  # n_sizes grids: sizes from N_opt/3 to 3*N_opt unless the file says otherwise
@@ -148,12 +152,17 @@ Grid = Union[IsoflopGrid, LadderGrid, RecallGrid]
 
 @dataclass(frozen=True)
 class SlurmSettings:
-    """What `isoflop submit` asks SLURM for. Every run is one task of a job array."""
+    """What `isoflop submit` asks SLURM for. Every run is one element of a job array: one task, or
+    with gpus_per_run > 1 or nodes_per_run > 1 one task per GPU on each of its nodes, training the
+    run together (isoflop/train/distributed.py). gpus_per_run and parallel also hold for `isoflop
+    run` (the local executor), which trains on one node."""
 
     partition: str | None = None  # None: the cluster's default partition
     account: str | None = None
     qos: str | None = None
-    gpus_per_run: int = 0
+    gpus_per_run: int = 0  # per node; a run of more than one trains on all of them at once
+    nodes_per_run: int = 1
+    parallel: str = "auto"  # how several GPUs split a run: ddp, fsdp, or auto (fsdp if it must)
     cpus_per_run: int = 1
     mem_gb: float | None = None  # None: the partition's default
     time_min: int = 60  # limit of one attempt; a run that hits it is requeued and resumes
@@ -168,6 +177,20 @@ class ExecutorConfig:
     kind: str = "local"  # what `isoflop run` (local) or `isoflop submit` (slurm) uses by default
     workers: int = 1  # local: runs at once; on GPUs they are spread round-robin and may share a GPU
     slurm: SlurmSettings = SlurmSettings()
+
+    # The settings that size one run hold for both executors; they live with the SLURM ones because
+    # the sweep file's executor section (and `isoflop submit`'s options) list them together.
+    @property
+    def gpus_per_run(self) -> int:
+        return self.slurm.gpus_per_run
+
+    @property
+    def nodes_per_run(self) -> int:
+        return self.slurm.nodes_per_run
+
+    @property
+    def parallel(self) -> str:
+        return self.slurm.parallel
 
 
 @dataclass(frozen=True)
@@ -698,6 +721,8 @@ SLURM_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "account": ("account", _slurm_name),
     "qos": ("qos", _slurm_name),
     "gpus_per_run": ("gpus_per_run", _int_at_least(0)),
+    "nodes_per_run": ("nodes_per_run", _int_at_least(1)),
+    "parallel": ("parallel", _choice(PARALLEL_MODES)),
     "cpus_per_run": ("cpus_per_run", _int_at_least(1)),
     "mem": ("mem_gb", _memory_gb),
     "time": ("time_min", _minutes),

@@ -14,6 +14,11 @@ SIGTERM and SIGUSR2 (what SLURM sends on preemption and before a time limit) and
 run to stop: it saves a checkpoint at the end of the current step, records status 'preempted' and
 the worker exits with EXIT_PREEMPTED; the next start resumes there. A second SIGINT stops at once.
 ISOFLOP_THREADS sets torch's intra-op threads (the local executor divides the cores among workers).
+
+Runs of several processes: each rank is a worker of its own, started with torchrun's variables
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) by the local executor's rank groups, a
+multi-task SLURM job, or `torchrun -m isoflop.orchestrator.worker RUNDIR`. Rank 0 holds the lease
+for them all; ISOFLOP_PARALLEL (ddp, fsdp, auto) says how they split the run.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from isoflop.runspec import RunSpec
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another process is training this run
 EXIT_PREEMPTED = 76  # stopped by a signal after saving a checkpoint; a restart resumes
 THREADS_ENV = "ISOFLOP_THREADS"
+PARALLEL_ENV = "ISOFLOP_PARALLEL"  # ddp | fsdp | auto, for runs of several processes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 LEASE_POLL_S = 1.0
 
@@ -73,26 +79,58 @@ def train_rundir(path: Path | str, wait_for_lease_s: float = 0.0) -> int:
     """Train the run in `path` (its spec.json); the exit status a worker process should return.
 
     wait_for_lease_s: how long to wait for a lease held by another process (a requeued SLURM job
-    may start before its previous attempt's lease has expired on another node)."""
+    may start before its previous attempt's lease has expired on another node).
+
+    A worker launched as one rank of several (RANK, WORLD_SIZE, ... in its environment; see
+    isoflop/train/distributed.py) joins its process group first; rank 0 alone takes the lease, and
+    every rank learns whether it got it, so that all train or all exit with EXIT_LOCKED."""
     rundir = RunDir(path)
     spec_dict = rundir.read_spec()
     if spec_dict is None:
         print(f"{rundir.spec_path} does not exist", file=sys.stderr)
         return 2
+    spec = RunSpec.from_dict(spec_dict)
+    if "WORLD_SIZE" in os.environ:
+        return _train_as_rank(rundir, spec, wait_for_lease_s)
+    with _lease(rundir, wait_for_lease_s) as lease:
+        return _train(rundir, spec) if lease is not None else EXIT_LOCKED
+
+
+@contextlib.contextmanager
+def _lease(rundir: RunDir, wait_for_lease_s: float) -> Iterator[RunLease | None]:
+    """The run's lease for the block, waiting up to wait_for_lease_s for it; None if another
+    process holds it (after saying so)."""
     deadline = time.monotonic() + wait_for_lease_s
     while True:
         with run_lock(rundir.path) as lease:
             if lease is not None:
-                return _train(rundir, RunSpec.from_dict(spec_dict))
+                yield lease
+                return
         if time.monotonic() >= deadline:
             holder = lease_holder(rundir.path) or {}
             print(f"{rundir.path} is being trained by another process (pid {holder.get('pid')} on "
                   f"{holder.get('host')})", file=sys.stderr)
-            return EXIT_LOCKED
+            yield None
+            return
         time.sleep(LEASE_POLL_S)
 
 
+def _train_as_rank(rundir: RunDir, spec: RunSpec, wait_for_lease_s: float) -> int:
+    import torch
+
+    from isoflop.train import distributed
+
+    cuda = spec.train.device == "cuda" or (spec.train.device == "auto" and torch.cuda.is_available())
+    with distributed.session("cuda" if cuda else "cpu") as world:
+        lease_context = _lease(rundir, wait_for_lease_s) if world.is_main else contextlib.nullcontext()
+        with lease_context as lease:
+            if not world.broadcast(lease is not None):
+                return EXIT_LOCKED
+            return _train(rundir, spec)
+
+
 def _train(rundir: RunDir, spec: RunSpec) -> int:
+    """Train with the stop signals caught; the exit status."""
     import torch
 
     from isoflop.train import run

@@ -23,6 +23,10 @@ Task runs (`data.task`, a synthetic recall task of isoflop/data/synthetic.py): t
 generated afresh, batch i a pure function of (seed, i), so resuming stays exact; evals use the task's
 fixed test set, and add `accuracy` (exact match per answer token) to each metrics line and
 `final_accuracy` to result.json.
+
+Runs of several processes (started by torchrun or the executors; see train/distributed.py) train
+the same global batch split over the ranks, with DDP or FSDP, and give the losses of one process.
+Rank 0 alone writes the run directory; the result says `world_size` and `parallel`.
 """
 
 from __future__ import annotations
@@ -52,7 +56,15 @@ from isoflop.models.counting import count_params, flops_per_token
 from isoflop.models.lm import build_model
 from isoflop.orchestrator.rundir import RunDir
 from isoflop.runspec import RunSpec, TrainConfig
-from isoflop.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from isoflop.train import distributed
+from isoflop.train.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    load_checkpoint_distributed,
+    save_checkpoint,
+    save_checkpoint_distributed,
+)
+from isoflop.train.distributed import World
 from isoflop.train.provenance import provenance
 from isoflop.train.schedules import lr_at
 
@@ -128,9 +140,12 @@ class Progress:
 
 @dataclass
 class LossReadback:
-    """Per-step losses waiting on the device, read back in groups (see LOSS_READBACK_EVERY)."""
+    """Per-step losses waiting on the device, read back in groups (see LOSS_READBACK_EVERY).
+    `reduce` turns the stacked losses into what is logged: with several ranks, each adds its
+    weighted share and the sum over ranks is the global batch's loss."""
 
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda losses: losses
 
     def add(self, step: int, loss: torch.Tensor) -> None:
         self.pending.append((step, loss.detach()))
@@ -139,7 +154,7 @@ class LossReadback:
         """The pending losses as floats, in step order; raises Diverged at the first non-finite."""
         if not self.pending:
             return []
-        values = torch.stack([loss for _, loss in self.pending]).float().cpu().tolist()
+        values = self.reduce(torch.stack([loss for _, loss in self.pending]).float()).cpu().tolist()
         steps = [step for step, _ in self.pending]
         self.pending.clear()
         for step, value in zip(steps, values):
@@ -202,11 +217,15 @@ class Trainer:
         echo: bool,
         on_step: Callable[[int], None] | None,
         should_stop: Callable[[], bool] = lambda: False,
+        world: World = World(),
+        parallel: str | None = None,
     ) -> None:
         self.spec, self.rundir, self.echo, self.on_step = spec, rundir, echo, on_step
         self.should_stop = should_stop
+        self.world = world
         train: TrainConfig = spec.train
-        self.device = resolve_device(train.device)
+        distributed.check_batch_split(train.batch_size, world)
+        self.device = distributed.rank_device(resolve_device(train.device), world)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for whatever autocast leaves in fp32
         self.total_steps = train.total_steps
@@ -225,10 +244,8 @@ class Trainer:
         self.branches = plan_branches(spec)
 
         self.task = spec.data.task
-        if self.task is None:
-            self.sampler, eval_batches, vocab_size, self.data_fingerprint = self.corpus_data()
-        else:
-            self.sampler, eval_batches, vocab_size, self.data_fingerprint = self.task_data()
+        data = self.corpus_data if self.task is None else self.task_data
+        self.sampler, eval_batches, vocab_size, self.data_fingerprint = world.main_first(data)
         if vocab_size > spec.model.vocab_size:
             raise ValueError(
                 f"the data has {vocab_size} token ids but model.vocab_size="
@@ -237,16 +254,24 @@ class Trainer:
         self.eval_batches = [(x.to(self.device), y.to(self.device)) for x, y in eval_batches]
 
         seed_everything(spec.seed)  # just before init: the same spec gives the same weights
-        self.model = build_model(spec.model).to(self.device)
+        self.model = build_model(spec.model).to(self.device)  # its state is what checkpoints hold
+        groups = self.model.param_groups(spec.optim.weight_decay)
+        # What forward and backward run through: the model itself, or DDP / FSDP around it.
+        self.wrapped: torch.nn.Module = self.model
+        self.parallel = None
+        if world.joined:
+            self.parallel = distributed.parallel_mode(parallel, self.params.total, self.device)
+            self.wrapped, groups = distributed.wrap(self.model, groups, self.parallel, world,
+                                                    self.device)
         self.optimizer = torch.optim.AdamW(
-            self.model.param_groups(spec.optim.weight_decay),
+            groups,
             lr=spec.optim.lr,
             betas=(spec.optim.beta1, spec.optim.beta2),
             eps=spec.optim.eps,
             fused=self.device.type == "cuda",
         )
-        self.forward = torch.compile(self.model) if train.compile else self.model
-        self.readback = LossReadback()
+        self.forward = torch.compile(self.wrapped) if train.compile else self.wrapped
+        self.readback = LossReadback(reduce=world.sum)
         self.progress = Progress()
         self.checkpoint_path = rundir.checkpoint_dir / CHECKPOINT_NAME
 
@@ -279,6 +304,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def log(self, line: str) -> None:
+        if not self.world.is_main:
+            return
         self.rundir.append_log(line)
         if self.echo:
             print(line, flush=True)
@@ -294,23 +321,28 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the checkpoint if there is one; drop metrics recorded after it."""
-        if self.checkpoint_path.exists():
-            sampler_state, trainer_state = load_checkpoint(
-                self.checkpoint_path, self.model, self.optimizer, self.device
-            )
-            self.sampler.load_state_dict(sampler_state)
-            self.progress = Progress.from_state_dict(trainer_state)
+        if self.world.on_main(self.checkpoint_path.exists):
+            self.restore(self.checkpoint_path)
             self.log(f"resumed from step {self.progress.step}")
-        self.rundir.truncate_metrics(self.progress.step)
+        self.world.on_main(lambda: self.rundir.truncate_metrics(self.progress.step))
 
-    def save(self) -> None:
-        save_checkpoint(
-            self.checkpoint_path,
-            self.model,
-            self.optimizer,
-            self.sampler.state_dict(),
-            self.progress.state_dict(),
-        )
+    def restore(self, path: Path) -> None:
+        """Model, optimiser, sampler, progress and RNG states as the checkpoint at `path` has them."""
+        if self.world.joined:
+            self.world.barrier()  # rank 0 may still be writing it
+            sampler_state, trainer_state = load_checkpoint_distributed(path, self.wrapped,
+                                                                       self.optimizer)
+        else:
+            sampler_state, trainer_state = load_checkpoint(path, self.model, self.optimizer,
+                                                           self.device)
+        self.sampler.load_state_dict(sampler_state)
+        self.progress = Progress.from_state_dict(trainer_state)
+
+    def save(self, path: Path | None = None) -> None:
+        """A checkpoint at `path` (default: the one a restart resumes from)."""
+        save = save_checkpoint_distributed if self.world.joined else save_checkpoint
+        save(path or self.checkpoint_path, self.wrapped if self.world.joined else self.model,
+             self.optimizer, self.sampler.state_dict(), self.progress.state_dict())
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -318,9 +350,14 @@ class Trainer:
         spec = self.spec
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = (torch.as_tensor(a).to(self.device, non_blocking=True) for a in self.sampler.next_batch())
+        x, y = (torch.as_tensor(a) for a in self.sampler.next_batch())
+        share = self.target_share(y)
+        x, y = (distributed.rows(a, self.world).to(self.device, non_blocking=True) for a in (x, y))
         with self.autocast():
-            _, loss = self.forward(x, targets=y)
+            loss = self.forward(x, targets=y)[1]  # the logits are not kept alive through backward
+        if share != 1 / self.world.size:
+            # Ranks average their gradients; a rank holding more of the targets must weigh more.
+            loss = loss * (share * self.world.size)
         loss.backward()
         if spec.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.optim.grad_clip)
@@ -328,8 +365,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # Log the language-modelling loss alone: MoE models add router losses to what they train on.
         logged = getattr(self.model, "last_losses", {}).get("cross_entropy", loss)
-        self.readback.add(step + 1, logged)
+        self.readback.add(step + 1, logged * share if self.world.joined else logged)
         self.progress.lr = lr
+
+    def target_share(self, targets: torch.Tensor) -> float:
+        """This rank's share of the global batch's targets (1 for one process). Corpus batches
+        have no ignored targets, so their rows share them equally."""
+        if self.world.size == 1 or self.task is None:
+            return 1 / self.world.size
+        counted = int((targets != -100).sum())
+        return int((distributed.rows(targets, self.world) != -100).sum()) / max(counted, 1)
+
+    def stop_requested(self, step: int, every: int) -> bool:
+        """should_stop(), agreed by all ranks (any rank's request stops them all); with several
+        ranks asked every `every` steps, whose collective waits for the device like a readback."""
+        if not self.world.joined:
+            return self.should_stop()
+        return step % every == 0 and self.world.any(self.should_stop(), self.device)
 
     def trunk_lr(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.spec.optim.lr, self.spec.schedule)
@@ -346,12 +398,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float | None]:
-        """Mean loss over the eval targets, and for task runs the answer accuracy (else None)."""
+        """Mean loss over the eval targets, and for task runs the answer accuracy (else None).
+        With several ranks each evaluates every world-size-th batch and the sums are added up."""
         self.model.eval()
         total, count, correct, answers = 0.0, 0, 0, 0
-        for x, y in self.eval_batches:
+        batches, rank, size = self.eval_batches, self.world.rank, self.world.size
+        rounds = -(-len(batches) // size)
+        for i in range(rank, rounds * size, size):
+            if i >= len(batches) and self.parallel != "fsdp":
+                break
+            # FSDP gathers weights in every forward, a collective: a rank out of batches runs the
+            # last one again (and ignores it) so that all take part equally.
+            x, y = batches[min(i, len(batches) - 1)]
             with self.autocast():
                 logits, loss = self.forward(x, targets=y)
+            if i >= len(batches):
+                continue
             counted = int((y != -100).sum())  # the loss is a mean over targets not ignored
             total += loss.float().item() * counted
             count += counted
@@ -359,6 +421,12 @@ class Trainer:
                 hits, n = answer_hits(logits.argmax(-1).cpu().numpy(), y.cpu().numpy())
                 correct, answers = correct + hits, answers + n
         self.model.train()
+        if self.parallel == "fsdp":
+            self.model.reshard()  # a forward without backward leaves the root's weights gathered
+        if self.world.joined:
+            sums = torch.tensor([total, count, correct, answers], dtype=torch.float64,
+                                device=self.device)
+            total, count, correct, answers = self.world.sum(sums).tolist()
         return total / count, (correct / answers if self.task is not None else None)
 
     def record_eval(self) -> None:
@@ -377,11 +445,12 @@ class Trainer:
             "tokens_per_s": self.tokens_at(p.interval_steps) / max(p.interval_train_s, 1e-9),
             "elapsed_s": p.elapsed_s,
         } | ({"accuracy": accuracy} if accuracy is not None else {})
-        self.rundir.append_metrics(record)
         p.interval_loss_sum, p.interval_steps, p.interval_train_s = 0.0, 0, 0.0
-        self.rundir.write_status(
-            "running", step=p.step, tokens=tokens, total_steps=self.total_steps
-        )
+        if self.world.is_main:
+            self.rundir.append_metrics(record)
+            self.rundir.write_status(
+                "running", step=p.step, tokens=tokens, total_steps=self.total_steps
+            )
         self.log(
             f"step {p.step}/{self.total_steps} | tokens {tokens:,}"
             f" | train {record['train_loss']:.4f} | val {val_loss:.4f} | lr {p.lr:.2e}"
@@ -413,7 +482,8 @@ class Trainer:
                 checkpoint_now = eval_now
             else:
                 checkpoint_now = p.step % self.checkpoint_every == 0
-            stop_now = p.step < self.total_steps and self.should_stop()  # the last step finishes
+            # the last step finishes
+            stop_now = p.step < self.total_steps and self.stop_requested(p.step, readback_every)
             checkpoint_now = checkpoint_now or stop_now
             if eval_now or checkpoint_now or p.step % readback_every == 0:
                 self.collect_losses()
@@ -434,7 +504,7 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(p.step)
         p.elapsed_s = time.perf_counter() - wall_origin
-        return self.result()
+        return self.world.on_main(self.result)  # from the metrics file, which rank 0 writes
 
     # -- cooldown branches ----------------------------------------------------------------------
 
@@ -450,8 +520,7 @@ class Trainer:
         self.synchronize()
         self.progress.elapsed_s = time.perf_counter() - wall_origin
         self.save()  # the resume point if the branch is interrupted
-        save_checkpoint(self.rundir.checkpoint_dir / f"branch-{branch.tokens}.pt", self.model,
-                        self.optimizer, self.sampler.state_dict(), self.progress.state_dict())
+        self.save(self.rundir.checkpoint_dir / f"branch-{branch.tokens}.pt")
         readback_every = LOSS_READBACK_EVERY.get(self.device.type, 1)
         start = time.perf_counter()
         losses: list[float] = []
@@ -478,11 +547,7 @@ class Trainer:
             "train_time_s": train_s,
             "tokens_per_s": self.tokens_at(steps) / max(train_s, 1e-9),
         }
-        sampler_state, trainer_state = load_checkpoint(
-            self.checkpoint_path, self.model, self.optimizer, self.device
-        )
-        self.sampler.load_state_dict(sampler_state)
-        self.progress = Progress.from_state_dict(trainer_state)
+        self.restore(self.checkpoint_path)
         self.progress.branches.append(record)
         self.progress.elapsed_s = time.perf_counter() - wall_origin
         self.save()  # the branch is done: a later crash does not redo it
@@ -518,6 +583,7 @@ class Trainer:
             "provenance": provenance(self.spec.run_id, self.data_fingerprint, self.device),
             **branches,
             **accuracy,
+            **({"world_size": self.world.size, "parallel": self.parallel} if self.world.joined else {}),
         }
 
 
@@ -538,25 +604,9 @@ def _diverged_result(spec: RunSpec, reason: str, step: int) -> dict[str, Any]:
     return {"state": "diverged", "run_id": spec.run_id, "reason": reason, "step": step}
 
 
-def run(
-    spec: RunSpec,
-    rundir: Path | str,
-    *,
-    echo: bool = False,
-    on_step: Callable[[int], None] | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> dict[str, Any]:
-    """Train `spec` in `rundir` and return its result (state 'done' or 'diverged').
-
-    echo: also print the progress lines (they always go to the run's log file).
-    on_step: called with the number of steps done after each step; an exception it raises
-        interrupts the run like a crash would (tests use it to check resuming).
-    should_stop: asked after each step; True saves a checkpoint there, records status
-        'preempted' and raises Stopped (the worker sets it on SIGTERM/SIGUSR2, i.e. on SLURM
-        preemption or an approaching time limit).
-    Raises whatever stopped the run, after recording status 'failed' with the error.
-    """
-    rd = RunDir(rundir).create()
+def _start(spec: RunSpec, rd: RunDir) -> dict[str, Any] | None:
+    """Claim the run directory; the result if there is nothing to train, else None."""
+    rd.create()
     _claim_rundir(spec, rd)
     finished = rd.read_result()
     if finished is not None:
@@ -566,25 +616,74 @@ def run(
         # Training is deterministic: a rerun would diverge again at the same step.
         return _diverged_result(spec, status["reason"], status["step"])
     rd.write_status("running", run_id=spec.run_id)
+    return None
+
+
+def run(
+    spec: RunSpec,
+    rundir: Path | str,
+    *,
+    echo: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    parallel: str | None = None,
+) -> dict[str, Any]:
+    """Train `spec` in `rundir` and return its result (state 'done' or 'diverged').
+
+    echo: also print the progress lines (they always go to the run's log file).
+    on_step: called with the number of steps done after each step; an exception it raises
+        interrupts the run like a crash would (tests use it to check resuming).
+    should_stop: asked after each step; True saves a checkpoint there, records status
+        'preempted' and raises Stopped (the worker sets it on SIGTERM/SIGUSR2, i.e. on SLURM
+        preemption or an approaching time limit).
+    parallel: for a process launched as one rank of several (torchrun): 'ddp', 'fsdp' or 'auto'
+        (default: $ISOFLOP_PARALLEL, else auto); see train/distributed.py. Every rank calls run()
+        and gets the result; rank 0 alone writes the run directory.
+    Raises whatever stopped the run, after recording status 'failed' with the error.
+    """
+    # (A device that cannot be had fails later, in Trainer, where the run records why.)
+    cuda = spec.train.device == "cuda" or (spec.train.device == "auto" and torch.cuda.is_available())
+    with distributed.session("cuda" if cuda else "cpu") as world:
+        return _run(spec, RunDir(rundir), echo, on_step, should_stop, world, parallel)
+
+
+def _run(
+    spec: RunSpec,
+    rd: RunDir,
+    echo: bool,
+    on_step: Callable[[int], None] | None,
+    should_stop: Callable[[], bool],
+    world: World,
+    parallel: str | None,
+) -> dict[str, Any]:
+    early = world.on_main(lambda: _start(spec, rd))
+    if early is not None:
+        return early
     try:
-        trainer = Trainer(spec, rd, echo, on_step, should_stop)
+        trainer = Trainer(spec, rd, echo, on_step, should_stop, world, parallel)
         trainer.resume()
         result = trainer.fit()
     except Stopped as stopped:
-        rd.write_status("preempted", step=stopped.step, reason=str(stopped))
-        rd.append_log(f"preempted: {stopped}")
+        if world.is_main:
+            rd.write_status("preempted", step=stopped.step, reason=str(stopped))
+            rd.append_log(f"preempted: {stopped}")
         raise
-    except Diverged as d:
+    except Diverged as d:  # every rank sees the same (agreed) losses, so all get here
         reason = str(d)
-        rd.write_status("diverged", error=reason, reason=reason, step=d.step, value=str(d.value))
-        rd.append_log(f"diverged: {reason}")
+        if world.is_main:
+            rd.write_status("diverged", error=reason, reason=reason, step=d.step, value=str(d.value))
+            rd.append_log(f"diverged: {reason}")
         return _diverged_result(spec, reason, d.step)
     except BaseException as error:
-        tail = traceback.format_exc()[-TRACEBACK_TAIL_CHARS:]
-        rd.write_status("failed", error=f"{type(error).__name__}: {error}", traceback=tail)
+        if world.is_main:
+            tail = traceback.format_exc()[-TRACEBACK_TAIL_CHARS:]
+            rd.write_status("failed", error=f"{type(error).__name__}: {error}", traceback=tail)
+        else:  # rank 0 may be waiting for this rank in a collective: leave word in the log
+            rd.append_log(f"rank {world.rank} failed: {type(error).__name__}: {error}")
         raise
-    rd.write_result(result)
-    rd.write_status("done", step=result["steps"], tokens=result["tokens"])
+    if world.is_main:
+        rd.write_result(result)
+        rd.write_status("done", step=result["steps"], tokens=result["tokens"])
     trainer.log(
         f"done: train {result['final_train_loss']:.4f} | val {result['final_val_loss']:.4f}"
         f" | {result['tokens']:,} tokens in {result['wall_time_s']:.1f} s"

@@ -41,11 +41,15 @@ class Executor(Protocol):
     ) -> list[JobEnd]: ...
 
 
-def make_executor(kind: str, workers: int) -> Executor:
+def make_executor(
+    kind: str, workers: int, gpus_per_run: int = 1, nodes_per_run: int = 1, parallel: str | None = None
+) -> Executor:
+    """gpus_per_run > 1: each run trains on that many GPUs of its own, one process per GPU."""
     if kind == "local":
         from isoflop.orchestrator.executors.local import LocalExecutor
 
-        return LocalExecutor(workers)
+        return LocalExecutor(workers, gpus_per_run=gpus_per_run, nodes_per_run=nodes_per_run,
+                             parallel=parallel)
     if kind == "slurm":
         raise ValueError("executor kind 'slurm' submits jobs and returns at once: use `isoflop submit`; "
                          "`isoflop run` trains on this machine (kind: local)")

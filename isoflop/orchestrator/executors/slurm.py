@@ -17,6 +17,14 @@ Preemption and time limits. SlurmRun is submitit-Checkpointable: when SLURM sign
 asks the worker to stop (it saves a checkpoint at the end of its current step) and returns a fresh
 SlurmRun for the same run directory; submitit then requeues the job, and the requeued job resumes
 from that checkpoint. A job preempted by SLURM itself (SIGTERM, then requeue) stops the same way.
+
+Runs larger than one GPU (gpus_per_run > 1 or nodes_per_run > 1): each array element is a job of
+nodes_per_run nodes with one task per GPU. submitit starts SlurmRun in every task; each exports
+torchrun's variables from SLURM's (submitit's TorchDistributedEnvironment: rank SLURM_PROCID,
+world SLURM_NTASKS, the first node as rendezvous) for its worker, and the workers train the run
+together (isoflop/train/distributed.py). Task 0 alone writes to the run directory; the others log
+to train.rank<r>.log. submitit calls `checkpoint` in task 0 only: its worker's stop request reaches
+every rank, because the ranks agree on stopping.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import submitit
 
 from isoflop.orchestrator.rundir import RunDir, lease_holder, lease_seconds
 from isoflop.orchestrator.spec import SlurmSettings
-from isoflop.orchestrator.worker import EXIT_LOCKED, EXIT_PREEMPTED, THREADS_ENV
+from isoflop.orchestrator.worker import EXIT_LOCKED, EXIT_PREEMPTED, PARALLEL_ENV, THREADS_ENV
 
 POLL_S = 0.2
 STOP_WAIT_S = 60  # a worker asked to stop saves within a step; submitit's signal comes 90 s early
@@ -61,24 +69,33 @@ class SlurmRun(submitit.helpers.Checkpointable):
         run = RunDir(rundir)
         code = str(Path(isoflop.__file__).resolve().parent)
         job = submitit.JobEnvironment()
-        run.append_log(f"SLURM job {job.job_id} on {job.hostname}; code {code}")
+        main = job.global_rank == 0  # the task that speaks for the run (all of it, in most jobs)
+        if main:
+            run.append_log(f"SLURM job {job.job_id} on {job.hostname}; code {code}")
         if Path(code) != (self.code / "isoflop").resolve():
             error = (f"the job imported isoflop from {code}, not from the snapshot taken at submission "
                      f"({self.code}); check PYTHONPATH in the sweep's executor.setup lines")
-            run.write_status("failed", error=error)
+            if main:
+                run.write_status("failed", error=error)
             raise RunFailed(error)
         threads = os.environ.get("SLURM_CPUS_PER_TASK", "1")
-        env = os.environ | {THREADS_ENV: threads, "OMP_NUM_THREADS": threads}
+        env = os.environ | {THREADS_ENV: threads, "OMP_NUM_THREADS": threads} | rank_env(job)
         command = [sys.executable, "-m", "isoflop.orchestrator.worker", rundir,
                    # a requeued job may start before the last attempt's lease has expired
                    "--wait-for-lease", str(1.5 * lease_seconds())]
-        with open(run.log_path, "ab") as log:
+        log_path = run.log_path if main else run.log_path.with_name(f"train.rank{job.global_rank}.log")
+        with open(log_path, "ab") as log:
             self._worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             # poll(), not wait(): wait() holds a lock that `checkpoint` (a signal handler that
             # interrupts this loop) would then wait on forever.
             while (returncode := self._worker.poll()) is None:
                 time.sleep(POLL_S)
         status = run.read_status() or {}
+        if not main:  # the run's outcome is task 0's to report
+            if returncode in (0, EXIT_LOCKED, EXIT_PREEMPTED):
+                return {"run_id": run.path.name, "rank": job.global_rank, "code": code}
+            raise RunFailed(f"run {run.path.name}: rank {job.global_rank} failed "
+                            f"({_describe(returncode)}); log: {log_path}")
         if returncode == 0:
             return {"run_id": run.path.name, "state": status.get("state"), "code": code}
         if returncode == EXIT_LOCKED:
@@ -108,6 +125,18 @@ class SlurmRun(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(SlurmRun(self.code), rundir)
 
 
+def rank_env(job: submitit.JobEnvironment) -> dict[str, str]:
+    """torchrun's variables for a task of a job of several (none for a job of one task)."""
+    if job.num_tasks == 1:
+        return {}
+    # export() writes them into this task's environment too, where nothing else reads them.
+    dist_env = submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=False, overwrite=True)  # a rank picks GPU LOCAL_RANK itself
+    return {"MASTER_ADDR": dist_env.master_addr, "MASTER_PORT": str(dist_env.master_port),
+            "RANK": str(dist_env.rank), "WORLD_SIZE": str(dist_env.world_size),
+            "LOCAL_RANK": str(dist_env.local_rank), "LOCAL_WORLD_SIZE": str(dist_env.local_world_size)}
+
+
 def _describe(returncode: int) -> str:
     if returncode < 0:
         return f"killed by {signal.Signals(-returncode).name}"
@@ -116,8 +145,9 @@ def _describe(returncode: int) -> str:
 
 def sbatch_parameters(settings: SlurmSettings, job_name: str, code: Path) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for one array of runs."""
+    parallel = [f"export {PARALLEL_ENV}={settings.parallel}"] if settings.parallel != "auto" else []
     setup = [f"export PYTHONPATH={shlex.quote(str(code))}${{PYTHONPATH:+:$PYTHONPATH}}",
-             "export PYTHONSAFEPATH=1", *settings.setup]
+             "export PYTHONSAFEPATH=1", *parallel, *settings.setup]
     parameters: dict[str, Any] = {
         "job_name": job_name,
         "time": settings.time_min,
@@ -125,6 +155,10 @@ def sbatch_parameters(settings: SlurmSettings, job_name: str, code: Path) -> dic
         "array_parallelism": settings.array_parallelism,
         "setup": setup,
     }
+    if settings.gpus_per_run > 1 or settings.nodes_per_run > 1:
+        # One task per GPU on each node (one per node without GPUs), each a rank of the run.
+        parameters |= {"nodes": settings.nodes_per_run,
+                       "ntasks_per_node": max(1, settings.gpus_per_run)}
     optional = {
         "partition": settings.partition,
         "account": settings.account,
