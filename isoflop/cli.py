@@ -119,7 +119,9 @@ def _add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
         "L(N, D)); default frontier",
     )
     parser.add_argument("--wallclock", action="store_true",
-                        help="also give the wall-clock multiplier, from the measured throughput")
+                        help="also give the wall-clock multiplier, from the measured throughput (`report` "
+                             "adds it by itself when every architecture has a measured throughput; "
+                             "the flag forces it)")
 
 
 def add_fit(subparsers: argparse._SubParsersAction) -> None:

@@ -238,8 +238,8 @@ def fit_with_E_batch(
     upper = np.stack([L_min, np.full(B, np.inf), np.full(B, ALPHA_MAX)], axis=1)
     candidates = [np.broadcast_to(start, (B, 3))]
     for e in (0.0, 0.5, 0.9):
-        E = e * L_min
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"):  # 0 * inf for a replicate without points
+            E = e * L_min
             u, alpha = line_fit(lx, np.log(np.exp(y) - E[:, None]), w)
         candidates.append(np.stack([E, u, alpha], axis=1))
     best, best_cost = None, None
