@@ -13,6 +13,12 @@ GPUs several small runs share a GPU (small models leave an H200 mostly idle). GP
 Each worker gets cores // workers CPU threads (ISOFLOP_THREADS, OMP_NUM_THREADS), so workers do not
 oversubscribe the cores.
 
+CUDA MPS. Where single-GPU runs share a GPU (more workers than GPUs), the executor starts a CUDA MPS
+daemon of its own for the sweep (orchestrator/mps.py) and makes every worker its client, so the
+small runs' kernels overlap instead of time-slicing the GPU (recall sweep on one H200: 3.3x the
+throughput of one run at a time under MPS, 1.9x without). Where MPS cannot start, workers share the
+GPU as before. ISOFLOP_MPS=off turns it off.
+
 Runs larger than one GPU (gpus_per_run > 1): a run is a group of gpus_per_run worker processes, one
 per GPU, started with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and a free
 MASTER_PORT) and training it together (isoflop/train/distributed.py); slot k owns GPUs
@@ -24,15 +30,19 @@ the tests run it.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 
+from isoflop.orchestrator import mps
 from isoflop.orchestrator.executors import Job, JobEnd
 from isoflop.orchestrator.rundir import RunDir
 from isoflop.orchestrator.spec import PARALLEL_MODES
@@ -40,6 +50,8 @@ from isoflop.orchestrator.worker import PARALLEL_ENV, THREADS_ENV, forked_main
 
 POLL_SECONDS = 0.1
 PRELOAD = ("torch", "isoflop.train.trainer")  # imported once by the fork server
+MPS_ENV = "ISOFLOP_MPS"  # "auto" (default) or "off"
+MPS_PROBE = (sys.executable, "-c", "import torch; torch.ones(1, device='cuda')")
 RANK_STOP_GRACE_S = 30.0  # after one rank died: time the others get to end on SIGTERM before SIGKILL
 
 
@@ -120,6 +132,14 @@ def start_ranks(context: BaseContext, job: Job, env: dict[str, str], ranks: int)
     return RankGroup(processes)
 
 
+def mps_wanted(workers: int, gpus: int, gpus_per_run: int) -> bool:
+    """Whether to try MPS: ISOFLOP_MPS allows it and runs would share a GPU."""
+    setting = os.environ.get(MPS_ENV, "auto")
+    if setting not in ("auto", "off"):
+        raise ValueError(f"{MPS_ENV}={setting!r}; allowed: auto, off")
+    return setting == "auto" and mps.worth_it(workers, gpus, gpus_per_run)
+
+
 class LocalExecutor:
     """Trains jobs `workers` at a time, slot k on GPU k mod n_gpus (if any), each in its own process;
     with gpus_per_run > 1, each job on gpus_per_run GPUs of its own, one process per GPU."""
@@ -150,13 +170,15 @@ class LocalExecutor:
                 f"<= {max(1, len(self.gpus) // self.ranks)} (or fewer GPUs per run)"
             )
         self.parallel = parallel
+        self.use_mps = mps_wanted(workers, len(self.gpus), self.ranks)
+        self.mps_env: dict[str, str] = {}
         self.threads = max(1, (cores or available_cores()) // (workers * self.ranks))
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(list(PRELOAD))
 
     def worker_env(self, slot: int) -> dict[str, str]:
         """What a worker in this slot sets before training: threads and its GPU (GPUs)."""
-        env = {THREADS_ENV: str(self.threads), "OMP_NUM_THREADS": str(self.threads)}
+        env = {THREADS_ENV: str(self.threads), "OMP_NUM_THREADS": str(self.threads)} | self.mps_env
         if self.parallel is not None:
             env[PARALLEL_ENV] = self.parallel
         if self.gpus and self.ranks == 1:
@@ -171,7 +193,25 @@ class LocalExecutor:
         jobs: Sequence[Job],
         on_finish: Callable[[JobEnd], None] = lambda end: None,
     ) -> list[JobEnd]:
-        queue = list(jobs)
+        with self.mps_daemon():
+            return self._execute(list(jobs), on_finish)
+
+    @contextlib.contextmanager
+    def mps_daemon(self):
+        """An MPS daemon while the jobs run, where it pays and can start; its clients' variables
+        go into every worker's environment."""
+        if not self.use_mps:
+            yield
+            return
+        with tempfile.TemporaryDirectory(prefix="isoflop-mps-") as folder, \
+                mps.mps_daemon(folder, probe=MPS_PROBE) as env:
+            self.mps_env = env or {}
+            try:
+                yield
+            finally:
+                self.mps_env = {}
+
+    def _execute(self, queue: list[Job], on_finish: Callable[[JobEnd], None]) -> list[JobEnd]:
         running: dict[int, tuple[Job, BaseProcess | RankGroup, float]] = {}  # slot -> job, process, start
         ended: list[JobEnd] = []
         try:
