@@ -154,6 +154,62 @@ class VariantRun:
         return time.perf_counter() - start
 
 
+# Where a step's GPU time goes, by kernel name (first match wins; names are lower-cased).
+KERNEL_GROUPS = (
+    ("conv (isoflop Triton)", ("_lowrank_", "_headwise_", "_conv_step_")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "matmul")),
+    ("compiled elementwise", ("triton_",)),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copies and casts", ("copy", "cast", "elementwise", "cat", "fill")),
+)
+
+
+def kernel_group(name: str) -> str:
+    name = name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+
+
+def profile_steps(run: "VariantRun", steps: int = 2) -> dict[str, float]:
+    """GPU microseconds per step by kernel name, from torch.profiler over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run.step()
+        synchronize(run.device)
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if us > 0:
+            times[event.key] = times.get(event.key, 0.0) + us / steps
+    return times
+
+
+def print_profiles(profiles: dict[str, dict[str, float]], top: int = 8) -> None:
+    """Per variant: GPU ms per step by kernel group, the change against the transformer, and its
+    top kernels: where a variant's slowdown goes."""
+    grouped = {variant: {} for variant in profiles}
+    for variant, times in profiles.items():
+        for name, us in times.items():
+            group = kernel_group(name)
+            grouped[variant][group] = grouped[variant].get(group, 0.0) + us / 1e3
+    groups = [g for g, _ in KERNEL_GROUPS] + ["other"]
+    print(f"\nGPU ms per step by kernel group (torch.profiler; in brackets: change vs {BASELINE})")
+    print(f"{'variant':22s} " + " ".join(f"{g[:14]:>20s}" for g in groups) + f" {'total':>16s}")
+    base = grouped.get(BASELINE, {})
+    for variant, by_group in grouped.items():
+        cells = [f"{by_group.get(g, 0.0):8.2f} ({by_group.get(g, 0.0) - base.get(g, 0.0):+7.2f})"
+                 for g in groups]
+        total, base_total = sum(by_group.values()), sum(base.values())
+        print(f"{variant:22s} " + " ".join(f"{c:>20s}" for c in cells)
+              + f" {total:7.2f} ({total - base_total:+6.2f})")
+    for variant, times in profiles.items():
+        print(f"\n{variant}: top {top} kernels (us per step)")
+        for name, us in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"  {us:9.1f}  [{kernel_group(name)}] {name[:110]}")
+
+
 def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -214,6 +270,8 @@ def bench_config(bench: BenchConfig, args: argparse.Namespace, device: torch.dev
         for result in timed:
             result.round_s.append(runs[result.variant].timed(per_round))
             result.timed_steps += per_round
+    if args.profile and device.type == "cuda":
+        print_profiles({r.variant: profile_steps(runs[r.variant]) for r in timed})
     baseline_s = next((sum(r.round_s) for r in timed if r.variant == BASELINE), None)
     for result in timed:
         result.tokens_per_s = result.timed_steps * batch_size * seq_len / sum(result.round_s)
@@ -265,6 +323,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-compile", dest="compile", action="store_const", const="none",
                         help="same as --compile none")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile 2 steps per variant (CUDA only) and print GPU "
+                             "time by kernel group and the top kernels")
     parser.add_argument("--out", type=Path, default=None, help="write the table as .json or .csv")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
