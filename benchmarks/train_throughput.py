@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/train_throughput.py [--config 300M|small|both|tiny]
         [--variants transformer,static-qkv,...] [--batch-size N] [--seq-len T] [--steps N]
         [--warmup N] [--rounds N] [--compile blocks|model|none] [--no-compile] [--device cuda|cpu]
-        [--out FILE.json|FILE.csv]
+        [--fused-ce off|on|both] [--out FILE.json|FILE.csv]
 
 Each step is a whole training step as the trainer runs it: forward and backward under bf16 autocast
 (CUDA), gradient clipping, a fused AdamW step and zero_grad, on a fixed batch of random tokens that
@@ -23,6 +23,14 @@ Compilation (`--compile`): `blocks` (default) compiles each block and the output
 (`lm.compile_regions`), so each variant compiles one block instead of every layer and the default
 run (two configs x five variants) stays within a few minutes; `model` compiles the whole model as
 the trainer does; `none` runs eagerly. Shapes are static (dynamic=False).
+
+Fused cross-entropy (`--fused-ce`, models/fused_ce.py): the training step asks the model for its
+loss only (return_logits=False, as the trainer's step), and the switch decides whether that loss
+comes from chunked linear_cross_entropy ("on") or from the whole batch's logits ("off"). Left out,
+the ISOFLOP_FUSED_CE environment variable decides (default auto: off). `both` builds every variant
+twice, without and with it, timed in the same interleaved rounds; the table then shows each pair
+and the fused path's tok/s gain and peak-memory change ("fused gain"). Slowdowns compare variants
+at the same setting.
 
 Configs: 300M is the paper's reference (d1024-l16, vocab 100,352, seq 4096, 8 x 4096 tokens a step);
 small is the 150M size of the ladder (d768-l12) at the same context and batch; tiny is a CPU-sized
@@ -44,6 +52,7 @@ import torch
 
 from isoflop.models.config import ModelConfig
 from isoflop.models.counting import count_params, flops_per_token
+from isoflop.models.fused_ce import get_fused_ce, set_fused_ce
 from isoflop.models.lm import build_model, compile_regions
 from isoflop.models.registry import architecture_names, make_model_config
 from isoflop.models.sizes import PAPER_VOCAB_SIZE, resolve_size
@@ -51,6 +60,7 @@ from isoflop.models.sizes import PAPER_VOCAB_SIZE, resolve_size
 DEFAULT_VARIANTS = ("transformer", "static-qkv", "dynamic-qkv", "dynamic-headwise-qkv", "dynamic-all-linear")
 BASELINE = "transformer"
 COMPILE_MODES = ("blocks", "model", "none")
+FUSED_CE_CHOICES = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}
 GRAD_CLIP = 1.0  # the trainer's default (optim.grad_clip); clipping is part of its step
 
 
@@ -79,6 +89,7 @@ class Result:
     seq_len: int
     batch_size: int
     train_flops_per_token: int
+    fused_ce: str = "off"  # the fused cross-entropy setting it ran with (auto, off or on)
     setup_s: float = 0.0
     peak_gib: float | None = None
     error: str | None = None  # why the variant could not be built, compiled or stepped
@@ -87,6 +98,11 @@ class Result:
     tokens_per_s: float = 0.0
     mfu: float = 0.0
     slowdown: float | None = None
+    fused_gain: float | None = None  # "on" rows of --fused-ce both: tok/s over the "off" row's, - 1
+
+    @property
+    def label(self) -> str:
+        return self.variant + (" +fused-ce" if self.fused_ce == "on" else "")
 
 
 def synchronize(device: torch.device) -> None:
@@ -116,8 +132,8 @@ class VariantRun:
     """One variant's model, optimiser and batch, ready to take training steps."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device, compile_mode: str, seq_len: int,
-                 batch_size: int) -> None:
-        self.device = device
+                 batch_size: int, fused_ce: str) -> None:
+        self.device, self.fused_ce = device, fused_ce
         torch.manual_seed(0)
         with torch.device(device):  # initialise on the device: no host-side init, no copy
             self.model = build_model(cfg)
@@ -137,8 +153,9 @@ class VariantRun:
                               enabled=self.device.type == "cuda")
 
     def step(self) -> None:
+        set_fused_ce(self.fused_ce)  # process-wide, and runs with either setting take turns
         with self.autocast():
-            loss = self.forward(self.x, targets=self.y)[1]  # the logits are dropped at once
+            loss = self.forward(self.x, targets=self.y, return_logits=False)[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
         self.optimizer.step()
@@ -227,18 +244,19 @@ def set_up(
         before = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
     try:
-        run = VariantRun(cfg, device, args.compile, result.seq_len, result.batch_size)
+        run = VariantRun(cfg, device, args.compile, result.seq_len, result.batch_size,
+                         result.fused_ce)
         for _ in range(args.warmup):  # the first step compiles
             run.step()
         synchronize(device)
     except Exception as error:  # reported in the table; the other variants go on
         result.error = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-        print(f"  {result.config} {result.variant}: FAILED {result.error}", flush=True)
+        print(f"  {result.config} {result.label}: FAILED {result.error}", flush=True)
         return None
     result.setup_s = time.perf_counter() - start
     if device.type == "cuda":
         result.peak_gib = (torch.cuda.max_memory_allocated(device) - before) / 2**30
-    print(f"  {result.config} {result.variant}: built, compiled and warmed up in "
+    print(f"  {result.config} {result.label}: built, compiled and warmed up in "
           f"{result.setup_s:.1f} s", flush=True)
     return run
 
@@ -250,50 +268,72 @@ def bench_config(bench: BenchConfig, args: argparse.Namespace, device: torch.dev
     batch_size = args.batch_size or bench.batch_size
     shape = resolve_size(bench.size)
     torch._dynamo.reset()  # fresh compile caches: no recompile limits carried across configs
-    runs: dict[str, VariantRun] = {}
+    runs: dict[str, VariantRun] = {}  # by label
     results = []
     for variant in args.variants:
         cfg = make_model_config(variant, shape.d_model, shape.n_layers, shape.n_heads, shape.d_ff,
                                 bench.vocab_size, seq_len)
-        result = Result(config=bench.name, variant=variant, params=count_params(cfg).total,
-                        seq_len=seq_len, batch_size=batch_size,
-                        train_flops_per_token=flops_per_token(cfg, seq_len).train)
-        results.append(result)
-        run = set_up(result, cfg, args, device)
-        if run is None:
-            release_memory(device)
-        else:
-            runs[variant] = run
-    timed = [r for r in results if r.variant in runs]
+        for fused_ce in args.fused_ce:
+            result = Result(config=bench.name, variant=variant, params=count_params(cfg).total,
+                            seq_len=seq_len, batch_size=batch_size,
+                            train_flops_per_token=flops_per_token(cfg, seq_len).train,
+                            fused_ce=fused_ce)
+            results.append(result)
+            run = set_up(result, cfg, args, device)
+            if run is None:
+                release_memory(device)
+            else:
+                runs[result.label] = run
+    timed = [r for r in results if r.label in runs]
     per_round = max(1, args.steps // args.rounds)
     for _ in range(args.rounds):
         for result in timed:
-            result.round_s.append(runs[result.variant].timed(per_round))
+            result.round_s.append(runs[result.label].timed(per_round))
             result.timed_steps += per_round
     if args.profile and device.type == "cuda":
-        print_profiles({r.variant: profile_steps(runs[r.variant]) for r in timed})
-    baseline_s = next((sum(r.round_s) for r in timed if r.variant == BASELINE), None)
+        print_profiles({r.label: profile_steps(runs[r.label]) for r in timed})
+    # Equal step counts: ratios of times are those of rates.
+    seconds = {(r.variant, r.fused_ce): sum(r.round_s) for r in timed}
     for result in timed:
         result.tokens_per_s = result.timed_steps * batch_size * seq_len / sum(result.round_s)
         result.mfu = result.train_flops_per_token * result.tokens_per_s / peak_flops
-        if baseline_s is not None:  # equal step counts: the ratio of times is that of rates
+        baseline_s = seconds.get((BASELINE, result.fused_ce))
+        if baseline_s is not None:
             result.slowdown = sum(result.round_s) / baseline_s - 1
+        unfused_s = seconds.get((result.variant, "off"))
+        if result.fused_ce == "on" and unfused_s is not None:
+            result.fused_gain = unfused_s / sum(result.round_s) - 1
     return results
 
 
+def fused_gain_cell(result: Result, results: list[Result]) -> str:
+    """"+x.x% tok/s, -y.y GiB" for an "on" row against its variant's "off" row."""
+    if result.fused_gain is None:
+        return ""
+    unfused = next(r for r in results if (r.config, r.variant, r.fused_ce)
+                   == (result.config, result.variant, "off"))
+    cell = f"{100 * result.fused_gain:+.1f}% tok/s"
+    if result.peak_gib is not None and unfused.peak_gib is not None:
+        cell += f", {result.peak_gib - unfused.peak_gib:+.1f} GiB"
+    return cell
+
+
 def print_table(results: list[Result]) -> None:
-    head = (f"{'config':7s} {'variant':22s} {'params':>8s} {'tok/s':>10s} {'MFU':>6s} "
-            f"{'peak GiB':>8s} {'slowdown':>9s} {'setup s':>8s}")
+    width = max(22, *(len(r.label) for r in results))
+    pairs = any(r.fused_gain is not None for r in results)
+    head = (f"{'config':7s} {'variant':{width}s} {'params':>8s} {'tok/s':>10s} {'MFU':>6s} "
+            f"{'peak GiB':>8s} {'slowdown':>9s} {'setup s':>8s}" + ("  fused gain" if pairs else ""))
     print(head)
     print("-" * len(head))
     for r in results:
         if r.error is not None:
-            print(f"{r.config:7s} {r.variant:22s} {r.params / 1e6:7.1f}M  FAILED {r.error}")
+            print(f"{r.config:7s} {r.label:{width}s} {r.params / 1e6:7.1f}M  FAILED {r.error}")
             continue
         peak = f"{r.peak_gib:8.1f}" if r.peak_gib is not None else f"{'-':>8s}"
         slow = f"{100 * r.slowdown:+8.1f}%" if r.slowdown is not None else f"{'-':>9s}"
-        print(f"{r.config:7s} {r.variant:22s} {r.params / 1e6:7.1f}M {r.tokens_per_s:10.0f} "
-              f"{100 * r.mfu:5.1f}% {peak} {slow} {r.setup_s:8.1f}")
+        gain = f"  {fused_gain_cell(r, results)}" if pairs and r.fused_gain is not None else ""
+        print(f"{r.config:7s} {r.label:{width}s} {r.params / 1e6:7.1f}M {r.tokens_per_s:10.0f} "
+              f"{100 * r.mfu:5.1f}% {peak} {slow} {r.setup_s:8.1f}{gain}")
 
 
 def write_results(path: Path, results: list[Result], meta: dict) -> None:
@@ -326,6 +366,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile 2 steps per variant (CUDA only) and print GPU "
                              "time by kernel group and the top kernels")
+    parser.add_argument("--fused-ce", choices=list(FUSED_CE_CHOICES), default=None,
+                        help="fused cross-entropy: off, on, or both side by side (default: as "
+                             "ISOFLOP_FUSED_CE says)")
     parser.add_argument("--out", type=Path, default=None, help="write the table as .json or .csv")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -334,6 +377,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; allowed: "
                      f"{', '.join(architecture_names())}")
     args.variants = variants
+    args.fused_ce = FUSED_CE_CHOICES[args.fused_ce] if args.fused_ce else [get_fused_ce()]
     for name in ("batch_size", "seq_len", "steps", "warmup", "rounds"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
@@ -352,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     # after too many recompiles would be a silent slowdown, so make it an error instead.
     dynamo = torch._dynamo.config
     if hasattr(dynamo, "recompile_limit"):
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(args.variants))
+        dynamo.recompile_limit = max(dynamo.recompile_limit,
+                                     2 * len(args.variants) * len(args.fused_ce))
     if hasattr(dynamo, "fail_on_recompile_limit_hit"):
         dynamo.fail_on_recompile_limit_hit = True
     if device.type == "cuda":
@@ -364,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({'bf16 8192^3' if device.type == 'cuda' else 'fp32 512^3'}); compile: {args.compile}",
           flush=True)
     meta = {"device": str(device), "compile": args.compile, "matmul_peak_flops": peak_flops,
+            "fused_ce": args.fused_ce,
             "torch": torch.__version__,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     results = []
@@ -379,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             write_results(args.out, results, meta)
     print(f"\nall done in {time.perf_counter() - started:.0f} s; MFU against the measured matmul "
-          f"peak; slowdown = transformer tok/s / variant tok/s - 1, measured side by side")
+          f"peak; slowdown = transformer tok/s / variant tok/s - 1, measured side by side"
+          + ("; fused gain = +fused-ce tok/s / without - 1, and its peak memory change"
+             if len(args.fused_ce) > 1 else ""))
     if len(configs) > 1:
         print()
         print_table(results)

@@ -14,7 +14,10 @@ rows would.
 
 Loss: cross-entropy, plus for MoE models the routers' auxiliary losses while training
 (`model.training`), so evaluations see pure cross-entropy. `last_losses` keeps the parts of the last
-loss (cross_entropy, and load_balance and router_z for MoE), detached, for logging.
+loss (cross_entropy, and load_balance and router_z for MoE), detached, for logging. A training
+step that needs only the loss asks forward(..., return_logits=False); with the fused
+cross-entropy switched on (fused_ce.py, ISOFLOP_FUSED_CE=on) the loss then comes from
+linear_cross_entropy, chunk by chunk, and the whole batch's logits never exist.
 
 Decode: new_cache() -> prefill(prompt) -> forward_step(token) ...; the cache holds every layer's
 rotated keys/values (attention) or recurrent state (Mamba-2, Gated DeltaNet) and every conv's last
@@ -40,6 +43,7 @@ from isoflop.models.attention import (
 )
 from isoflop.models.config import ModelConfig
 from isoflop.models.conv import DynamicShortConv, StaticShortConv
+from isoflop.models.fused_ce import fused_ce_enabled, linear_cross_entropy
 from isoflop.models.mixers import GatedDeltaNet, Mamba2
 from isoflop.models.mlp import SwiGLU
 from isoflop.models.moe import MoE, router_loss
@@ -148,15 +152,19 @@ class LanguageModel(nn.Module):
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, cu_seqlens: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+        self, idx: Tensor, targets: Tensor | None = None, cu_seqlens: Tensor | None = None,
+        return_logits: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """idx [B, T] int64 -> (logits [B, T, V] float32, loss in fp32 or None).
 
         The loss is the mean cross-entropy; for MoE models in training mode, plus the routers'
         weighted auxiliary losses (module docstring). cu_seqlens [N+1] (with B == 1) marks packed
         documents: [0, end_1, ..., T]. Targets equal to -100 are ignored by the loss
-        (F.cross_entropy's default ignore_index).
+        (F.cross_entropy's default ignore_index). return_logits=False (needs targets) gives
+        (None, loss), and lets the fused cross-entropy compute the loss when it is switched on.
         """
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: without them there is nothing to return")
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
@@ -171,7 +179,7 @@ class LanguageModel(nn.Module):
         x = self.tok_emb(idx)
         for block in self.blocks:
             x = block(x, rope, cu_seqlens, document_mask)
-        logits, loss = self.logits_and_loss(x, targets)
+        logits, loss = self.logits_and_loss(x, targets, return_logits)
 
         if loss is not None:
             self.last_losses = {"cross_entropy": loss.detach()}
@@ -182,13 +190,20 @@ class LanguageModel(nn.Module):
                     loss = loss + aux
         return logits, loss
 
-    def logits_and_loss(self, x: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The last block's output x [B, T, d] -> (logits float32, mean cross-entropy or None).
-        A method of its own so that `compile_regions` can compile it as one region."""
-        logits = self.lm_head(self.norm(x)).float()
+    def logits_and_loss(
+        self, x: Tensor, targets: Tensor | None, return_logits: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The last block's output x [B, T, d] -> (logits float32 or None if not asked for,
+        mean cross-entropy or None). A method of its own so that `compile_regions` can compile it
+        as one region."""
+        h = self.norm(x)
+        if targets is not None and not return_logits and fused_ce_enabled():
+            return None, linear_cross_entropy(h, self.lm_head.weight, targets)
+        logits = self.lm_head(h).float()
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        return (logits if return_logits else None), loss
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Two AdamW groups: matrices decay; vectors, norm gains and conv filters (marked

@@ -354,7 +354,8 @@ class Trainer:
         share = self.target_share(y)
         x, y = (distributed.rows(a, self.world).to(self.device, non_blocking=True) for a in (x, y))
         with self.autocast():
-            loss = self.forward(x, targets=y)[1]  # the logits are not kept alive through backward
+            # the loss alone: no logits kept through backward (none at all with fused CE)
+            loss = self.forward(x, targets=y, return_logits=False)[1]
         if share != 1 / self.world.size:
             # Ranks average their gradients; a rank holding more of the targets must weigh more.
             loss = loss * (share * self.world.size)
