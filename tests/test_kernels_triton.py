@@ -10,6 +10,7 @@ Three groups:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -374,3 +375,18 @@ def test_gpu_decode_matches_full_sequence(triton_backend, W):
             y, state = kernels.dynamic_conv_lowrank_step(x[:, t], state, z[:, t], U, s)
             assert relative_error(y, full[:, t]) < TOLERANCE[torch.bfloat16]
     assert torch.equal(state, ref.initial_state(x, W))
+
+
+def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path):
+    """benchmarks/kernel_resources.py: every kernel compiles for sm_90 without a GPU (Triton's own
+    ptxas) and its resource usage is read back."""
+    script = Path(__file__).parent.parent / "benchmarks" / "kernel_resources.py"
+    out = subprocess.run([sys.executable, str(script), "--json", str(tmp_path / "rows.json")],
+                         capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"TRITON_DEFAULT_FP_FUSION": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [row["kernel"] for row in rows][:3] == [
+        "low-rank forward", "low-rank dx (lead)", "low-rank filter grads"]
+    assert len(rows) == 7 and all(0 < row["registers"] <= 255 for row in rows)
+    assert all(row["dots"] != "none" for row in rows[:3])  # the low-rank filters use the matrix units

@@ -1,0 +1,140 @@
+"""Registers, spills, shared memory and layout conversions of the conv kernels, compiled offline.
+
+    python benchmarks/kernel_resources.py [--arch 90] [--dtype bf16]
+
+Compiles each Triton kernel at the paper's shape (bf16, W=4, R=16; hs=16 and hs=1) with the block
+sizes the dispatch picks, for an sm_<arch> target, with no GPU: Triton's bundled ptxas builds the
+cubin and cuobjdump reads its resource usage. Timings need the GPU (benchmarks/kernels.py); this
+shows, in seconds and on any machine, what a code change does to what usually explains them:
+register pressure (occupancy; 255 is the cap), the per-thread stack that spills and unrolled
+arrays land in, shared memory, how many layout conversions
+the compiler inserted (each a round trip through shared memory) and which matrix instructions
+tl.dot became (wgmma: Hopper warp-group MMA; mma: the older warp-level one).
+
+The local Triton may differ from the GPU machine's (registers move between versions), so compare
+a change against its parent with the same Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 = its default
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from isoflop.kernels import triton_headwise, triton_lowrank
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+D_MODEL, R, W = 2048, 16, 4
+DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
+# Pointer arguments that are not activations: their element types.
+POINTER_TYPES = {"pos_ptr": "*i32", "dz_part_ptr": "*fp32", "du_part_ptr": "*fp32", "ds_part_ptr": "*fp32"}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    kernel: triton.runtime.jit.JITFunction
+    constexprs: dict
+    options: dict
+
+
+def cases(dtype: tl.dtype) -> list[Case]:
+    """Each kernel with the constants and block sizes the dispatch uses at the paper's shape."""
+    lowrank = dict(W=W, R_P=R, HAS_STATIC=True, HAS_POS=False, DOT_DTYPE=dtype, FP32_DOT=False)
+    conv_blocks = triton_lowrank._blocks(D_MODEL, R, W, backward=False)
+    grad_blocks = triton_lowrank._blocks(D_MODEL, R, W, backward=True)
+    found = [
+        Case("low-rank forward", triton_lowrank._lowrank_conv_kernel,
+             lowrank | dict(RESIDUAL=True, LEAD=False), conv_blocks),
+        Case("low-rank dx (lead)", triton_lowrank._lowrank_conv_kernel,
+             lowrank | dict(RESIDUAL=True, LEAD=True), conv_blocks),
+        Case("low-rank filter grads", triton_lowrank._lowrank_filter_grad_kernel, lowrank, grad_blocks),
+    ]
+    for hs in (16, 1):
+        head = dict(W=W, HS=hs, HS_P=hs, HAS_DYN=True, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True)
+        found += [
+            Case(f"head-wise hs={hs} forward", triton_headwise._headwise_fwd_kernel, head,
+                 triton_headwise._blocks(D_MODEL, hs, backward=False)),
+            Case(f"head-wise hs={hs} backward", triton_headwise._headwise_bwd_kernel, head,
+                 triton_headwise._blocks(D_MODEL, hs, backward=True)),
+        ]
+    return found
+
+
+def compile_case(case: Case, arch: int, dtype_name: str):
+    blocks = {k: v for k, v in case.options.items() if k.isupper()}
+    options = {k: v for k, v in case.options.items() if not k.isupper()}
+    constexprs = case.constexprs | blocks
+    signature = {}
+    for name in case.kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTER_TYPES.get(name, f"*{dtype_name}")
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def resources(cubin: bytes, tmp: Path) -> dict[str, int]:
+    """REG, STACK, SHARED and LOCAL from `cuobjdump -res-usage`."""
+    tmp.write_bytes(cubin)
+    out = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", str(tmp)], capture_output=True,
+                         text=True, check=True).stdout
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--keep", type=Path, default=None, help="also write each kernel's TTGIR here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = []
+    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}, D={D_MODEL} W={W} R={R}")
+    head = (f"{'kernel':28s} {'blocks':34s} {'regs':>5s} {'stack B':>8s} {'local B':>8s} {'smem B':>7s} "
+            f"{'converts':>8s} {'dots':>12s}")
+    print(head)
+    print("-" * len(head))
+    tmp = Path(__file__).with_name(".kernel_resources.cubin")
+    try:
+        for case in cases(DTYPES[args.dtype]):
+            kernel = compile_case(case, args.arch, args.dtype)
+            use = resources(kernel.asm["cubin"], tmp)
+            ttgir = kernel.asm["ttgir"]
+            wgmma, mma = ttgir.count("warp_group_dot "), ttgir.count("tt.dot ")
+            dots = f"{wgmma} wgmma" if wgmma else f"{mma} mma" if mma else "none"
+            blocks = " ".join(f"{k}={v}" for k, v in case.options.items())
+            print(f"{case.name:28s} {blocks:34s} {use.get('REG', 0):5d} {use.get('STACK', 0):8d} "
+                  f"{use.get('LOCAL', 0):8d} {kernel.metadata.shared:7d} "
+                  f"{ttgir.count('ttg.convert_layout'):8d} {dots:>12s}")
+            rows.append({"kernel": case.name, **case.options, "registers": use.get("REG", 0),
+                         "stack_bytes": use.get("STACK", 0), "local_bytes": use.get("LOCAL", 0),
+                         "shared_bytes": kernel.metadata.shared,
+                         "layout_conversions": ttgir.count("ttg.convert_layout"), "dots": dots})
+            if args.keep is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                (args.keep / f"{case.name.replace(' ', '_')}.ttgir").write_text(ttgir)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
