@@ -163,7 +163,9 @@ def run_case(case: Case, bw: float, quick: bool, compile_ref: bool) -> dict:
 
 def sweep(quick: bool) -> dict[str, dict]:
     """Time block configurations of each kernel at the paper's shape (bf16); returns the fastest
-    configuration whose results match the default configuration's, per kernel."""
+    configuration whose results match the default configuration's, per kernel. The 8-warp
+    candidates hold half the elements per thread and compile without register spills
+    (benchmarks/kernel_resources.py; KERNELS.md, "Offline resource check")."""
     from isoflop.kernels import triton_headwise as hw
     from isoflop.kernels import triton_lowrank as lr
 
@@ -175,18 +177,22 @@ def sweep(quick: bool) -> dict[str, dict]:
     dy = torch.randn_like(x)
     plans = [
         ("lowrank fwd", lambda b: lr.lowrank_forward(x, z, U, s, True, None, blocks=b),
-         [cfg(32, 128, 4), cfg(64, 128, 4), cfg(32, 64, 4), cfg(64, 64, 4), cfg(16, 128, 4)]),
+         [cfg(32, 128, 4), cfg(64, 128, 4), cfg(32, 64, 4), cfg(64, 64, 4), cfg(16, 128, 4),
+          cfg(32, 128, 8), cfg(64, 64, 8)]),
         ("lowrank bwd", lambda b: lr.lowrank_backward(dy, x, z, U, s, True, None, blocks=b),
-         [cfg(32, 64, 4), cfg(32, 64, 8), cfg(64, 64, 4), cfg(32, 32, 4), cfg(32, 128, 8)]),
+         [cfg(32, 64, 4), cfg(32, 64, 8), cfg(64, 64, 4), cfg(32, 32, 4), cfg(32, 128, 8),
+          cfg(16, 32, 8), cfg(32, 32, 8)]),
     ]
     for hs in (16, 1):
         w = make_inputs(Case("", "headwise", **PAPER, head_size=hs))["w"]
         c = lambda bt, bc, warps: cfg(bt, bc, warps, key="BLOCK_C")  # noqa: E731
         plans += [
             (f"headwise hs={hs} fwd", lambda b, w=w: hw.headwise_forward(x, w, s, True, None, blocks=b),
-             [c(16, 256, 4), c(8, 256, 4), c(32, 256, 8), c(16, 128, 4), c(32, 128, 4)]),
+             [c(16, 256, 4), c(8, 256, 4), c(32, 256, 8), c(16, 128, 4), c(32, 128, 4),
+              c(16, 256, 8), c(32, 128, 8)]),
             (f"headwise hs={hs} bwd", lambda b, w=w: hw.headwise_backward(dy, x, w, s, True, None, blocks=b),
-             [c(32, 128, 4), c(64, 64, 4), c(16, 256, 4), c(32, 64, 4), c(64, 128, 8)]),
+             [c(32, 128, 4), c(64, 64, 4), c(16, 256, 4), c(32, 64, 4), c(64, 128, 8),
+              c(32, 64, 8), c(16, 128, 8)]),
         ]
     best: dict[str, dict] = {}
     for name, fn, configs in plans:
