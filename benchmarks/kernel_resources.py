@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 = its default
+os.environ.pop("TRITON_INTERPRET", None)  # compiling is the point: never the interpreter
 from dataclasses import dataclass
 from pathlib import Path
 
