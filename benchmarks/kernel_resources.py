@@ -11,6 +11,12 @@ arrays land in, shared memory, how many layout conversions
 the compiler inserted (each a round trip through shared memory) and which matrix instructions
 tl.dot became (wgmma: Hopper warp-group MMA; mma: the older warp-level one).
 
+Arguments are specialised as Triton's launcher does at run time: pointers (torch allocations) are
+16-byte aligned, integer arguments divisible by 16 say so (T, D, R at the paper's shape; chunk_t, a
+multiple of BLOCK_T) and those equal to 1 become constants. Without that the compiler cannot prove
+rows contiguous and aligned, loads are not vectorised, and registers and spills come out far above
+what the GPU runs (the first reading in KERNELS.md had that error).
+
 The local Triton may differ from the GPU machine's (registers move between versions), so compare
 a change against its parent with the same Triton.
 """
@@ -26,7 +32,7 @@ import sys
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 = its default
 os.environ.pop("TRITON_INTERPRET", None)  # compiling is the point: never the interpreter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import triton
@@ -37,7 +43,10 @@ from triton.compiler import ASTSource
 from isoflop.kernels import triton_headwise, triton_lowrank
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-D_MODEL, R, W = 2048, 16, 4
+BATCH, SEQ, D_MODEL, R, W = 4, 4096, 2048, 16, 4
+# Integer arguments' values at the paper's shape (chunk_t: any multiple of BLOCK_T); others
+# (chunks_per_seq) compile as plain integers.
+INT_ARGS = {"B": BATCH, "T": SEQ, "D": D_MODEL, "R": R, "chunk_t": 16}
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 # Pointer arguments that are not activations: their element types.
 POINTER_TYPES = {"pos_ptr": "*i32", "dz_part_ptr": "*fp32", "du_part_ptr": "*fp32", "ds_part_ptr": "*fp32"}
@@ -49,6 +58,7 @@ class Case:
     kernel: triton.runtime.jit.JITFunction
     constexprs: dict
     options: dict
+    ints: dict = field(default_factory=dict)  # this kernel's own integer arguments (over INT_ARGS)
 
 
 def cases(dtype: tl.dtype) -> list[Case]:
@@ -56,20 +66,25 @@ def cases(dtype: tl.dtype) -> list[Case]:
     lowrank = dict(W=W, R_P=R, HAS_STATIC=True, HAS_POS=False, DOT_DTYPE=dtype, FP32_DOT=False)
     conv_blocks = triton_lowrank._blocks(D_MODEL, R, W, backward=False)
     grad_blocks = triton_lowrank._blocks(D_MODEL, R, W, backward=True)
+    split_blocks = triton_lowrank._split_blocks(R, W, fp32=False)
     found = [
         Case("low-rank forward", triton_lowrank._lowrank_conv_kernel,
              lowrank | dict(RESIDUAL=True, LEAD=False), conv_blocks),
         Case("low-rank dx (lead)", triton_lowrank._lowrank_conv_kernel,
              lowrank | dict(RESIDUAL=True, LEAD=True), conv_blocks),
         Case("low-rank filter grads", triton_lowrank._lowrank_filter_grad_kernel, lowrank, grad_blocks),
+        # The split candidate (ISOFLOP_LOWRANK_BWD=split): dz and dU/ds in two kernels.
+        Case("low-rank dz (split)", triton_lowrank._lowrank_dz_kernel,
+             {k: v for k, v in lowrank.items() if k != "HAS_STATIC"}, split_blocks["dz"]),
+        Case("low-rank dU (split)", triton_lowrank._lowrank_du_kernel, lowrank, split_blocks["du"]),
     ]
     for hs in (16, 1):
         head = dict(W=W, HS=hs, HS_P=hs, HAS_DYN=True, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True)
         found += [
             Case(f"head-wise hs={hs} forward", triton_headwise._headwise_fwd_kernel, head,
-                 triton_headwise._blocks(D_MODEL, hs, backward=False)),
+                 triton_headwise._blocks(D_MODEL, hs, backward=False), {"H": D_MODEL // hs}),
             Case(f"head-wise hs={hs} backward", triton_headwise._headwise_bwd_kernel, head,
-                 triton_headwise._blocks(D_MODEL, hs, backward=True)),
+                 triton_headwise._blocks(D_MODEL, hs, backward=True), {"H": D_MODEL // hs}),
         ]
     return found
 
@@ -78,15 +93,22 @@ def compile_case(case: Case, arch: int, dtype_name: str):
     blocks = {k: v for k, v in case.options.items() if k.isupper()}
     options = {k: v for k, v in case.options.items() if not k.isupper()}
     constexprs = case.constexprs | blocks
-    signature = {}
-    for name in case.kernel.arg_names:
+    signature, attrs = {}, {}
+    divisible = [["tt.divisibility", 16]]  # what the launcher passes for 16-aligned pointers and ints
+    for index, name in enumerate(case.kernel.arg_names):
+        value = (INT_ARGS | case.ints).get(name)
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = POINTER_TYPES.get(name, f"*{dtype_name}")
+            attrs[(index,)] = divisible
+        elif value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
         else:
             signature[name] = "i32"
-    source = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs)
+            if value is not None and value % 16 == 0:
+                attrs[(index,)] = divisible
+    source = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -106,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     rows = []
-    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}, D={D_MODEL} W={W} R={R}")
+    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}, B={BATCH} T={SEQ} D={D_MODEL} W={W} R={R}")
     head = (f"{'kernel':28s} {'blocks':34s} {'regs':>5s} {'stack B':>8s} {'local B':>8s} {'smem B':>7s} "
             f"{'converts':>8s} {'dots':>12s}")
     print(head)

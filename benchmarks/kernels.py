@@ -10,7 +10,9 @@ over the eager PyTorch reference and over torch.compile of it (forward+backward)
 
 --sweep first times a few block configurations of each kernel at the paper's shape and uses the
 fastest for the rest of the run (how the defaults in triton_lowrank.py / triton_headwise.py were
-picked). Without CUDA it says so and exits cleanly.
+picked); its "lowrank bwd split" plan times the split low-rank backward candidate against the fused
+default's result. ISOFLOP_LOWRANK_BWD=split makes the cases below use the split backward too.
+Without CUDA it says so and exits cleanly.
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ def run_case(case: Case, bw: float, quick: bool, compile_ref: bool) -> dict:
 def sweep(quick: bool) -> dict[str, dict]:
     """Time block configurations of each kernel at the paper's shape (bf16); returns the fastest
     configuration whose results match the default configuration's, per kernel. The 8-warp
-    candidates hold half the elements per thread and compile without register spills
+    candidates hold half the elements per thread, so need fewer registers
     (benchmarks/kernel_resources.py; KERNELS.md, "Offline resource check")."""
     from isoflop.kernels import triton_headwise as hw
     from isoflop.kernels import triton_lowrank as lr
@@ -172,17 +174,31 @@ def sweep(quick: bool) -> dict[str, dict]:
     def cfg(bt, bd, warps, stages=1, key="BLOCK_D"):
         return {"BLOCK_T": bt, key: bd, "num_warps": warps, "num_stages": stages}
 
+    def split(dz, du):
+        return {"dz": dz, "du": du}
+
     low = make_inputs(Case("", "lowrank", **PAPER))
     x, z, U, s = low["x"], low["z"], low["U"], low["static"]
     dy = torch.randn_like(x)
+
+    def fused_bwd(b):
+        return lr.lowrank_backward(dy, x, z, U, s, True, None, blocks=b, variant="fused")
+
     plans = [
         ("lowrank fwd", lambda b: lr.lowrank_forward(x, z, U, s, True, None, blocks=b),
          [cfg(32, 128, 4), cfg(64, 128, 4), cfg(32, 64, 4), cfg(64, 64, 4), cfg(16, 128, 4),
           cfg(32, 128, 8), cfg(64, 64, 8)]),
-        ("lowrank bwd", lambda b: lr.lowrank_backward(dy, x, z, U, s, True, None, blocks=b),
+        ("lowrank bwd", fused_bwd,
          [cfg(32, 64, 4), cfg(32, 64, 8), cfg(64, 64, 4), cfg(32, 32, 4), cfg(32, 128, 8),
           cfg(16, 32, 8), cfg(32, 32, 8)]),
+        # The split candidate: {"dz": ..., "du": ...} per config, checked against the fused default.
+        ("lowrank bwd split", lambda b: lr.lowrank_backward(dy, x, z, U, s, True, None, blocks=b, variant="split"),
+         [split(cfg(64, 64, 8), cfg(64, 64, 8)), split(cfg(32, 64, 8), cfg(64, 64, 8)),
+          split(cfg(64, 64, 4), cfg(64, 64, 4)), split(cfg(128, 64, 8), cfg(32, 64, 8)),
+          split(cfg(64, 128, 8), cfg(64, 128, 8)), split(cfg(64, 64, 8), cfg(64, 64, 8, stages=3)),
+          split(cfg(64, 32, 4), cfg(32, 64, 4))]),
     ]
+    baselines = {"lowrank bwd split": lambda: fused_bwd(None)}
     for hs in (16, 1):
         w = make_inputs(Case("", "headwise", **PAPER, head_size=hs))["w"]
         c = lambda bt, bc, warps: cfg(bt, bc, warps, key="BLOCK_C")  # noqa: E731
@@ -195,8 +211,9 @@ def sweep(quick: bool) -> dict[str, dict]:
               c(32, 64, 8), c(16, 128, 8)]),
         ]
     best: dict[str, dict] = {}
+    fastest: dict[str, float] = {}
     for name, fn, configs in plans:
-        expected = fn(None)  # the default configuration's result
+        expected = baselines.get(name, lambda fn=fn: fn(None))()  # the default configuration's result
         ref_outs = expected if isinstance(expected, tuple) else (expected,)
         timings = []
         for config in configs:
@@ -212,7 +229,10 @@ def sweep(quick: bool) -> dict[str, dict]:
             if ok:
                 timings.append((us, config))
         if timings:
-            best[name] = min(timings, key=lambda item: item[0])[1]
+            fastest[name], best[name] = min(timings, key=lambda item: item[0])
+    if "lowrank bwd" in fastest and "lowrank bwd split" in fastest:
+        print(f"  lowrank bwd, best of each: fused {fastest['lowrank bwd']:.1f} us, "
+              f"split {fastest['lowrank bwd split']:.1f} us", flush=True)
     return best
 
 
@@ -222,7 +242,7 @@ def install_tuned(best: dict[str, dict]) -> None:
     from isoflop.kernels import triton_headwise as hw
     from isoflop.kernels import triton_lowrank as lr
 
-    lowrank_default, headwise_default = lr._blocks, hw._blocks
+    lowrank_default, split_default, headwise_default = lr._blocks, lr._split_blocks, hw._blocks
 
     def lowrank_blocks(D, R_P, W_P, backward):
         tuned = best.get("lowrank bwd" if backward else "lowrank fwd")
@@ -230,13 +250,19 @@ def install_tuned(best: dict[str, dict]) -> None:
             return dict(tuned)
         return lowrank_default(D, R_P, W_P, backward)
 
+    def split_blocks(R_P, W_P, fp32):
+        tuned = best.get("lowrank bwd split")
+        if tuned is not None and R_P == 16 and W_P <= 4 and not fp32:
+            return {kernel: dict(blocks) for kernel, blocks in tuned.items()}
+        return split_default(R_P, W_P, fp32)
+
     def headwise_blocks(D, hs_p, backward):
         tuned = best.get(f"headwise hs={1 if hs_p == 1 else 16} {'bwd' if backward else 'fwd'}")
         if tuned is None:
             return headwise_default(D, hs_p, backward)
         return {**tuned, "BLOCK_C": max(tuned["BLOCK_C"], hs_p)}
 
-    lr._blocks, hw._blocks = lowrank_blocks, headwise_blocks
+    lr._blocks, lr._split_blocks, hw._blocks = lowrank_blocks, split_blocks, headwise_blocks
 
 
 def print_kernel_resources() -> None:
@@ -244,7 +270,8 @@ def print_kernel_resources() -> None:
     from isoflop.kernels import triton_headwise as hw
     from isoflop.kernels import triton_lowrank as lr
 
-    for jit_fn in (lr._lowrank_conv_kernel, lr._lowrank_filter_grad_kernel, hw._headwise_fwd_kernel, hw._headwise_bwd_kernel):
+    for jit_fn in (lr._lowrank_conv_kernel, lr._lowrank_filter_grad_kernel, lr._lowrank_dz_kernel,
+                   lr._lowrank_du_kernel, hw._headwise_fwd_kernel, hw._headwise_bwd_kernel):
         for cache in getattr(jit_fn, "device_caches", {}).values():
             for key, compiled in cache[0].items():
                 consts = {k: v for k, v in getattr(compiled.src, "constants", {}).items() if "BLOCK" in str(k) or "W" == str(k)}

@@ -44,6 +44,17 @@ def triton_backend():
     kernels.set_backend("auto")
 
 
+@pytest.fixture
+def split_backward():
+    """The low-rank backward's split variant (ISOFLOP_LOWRANK_BWD=split) for one test."""
+    from isoflop.kernels import triton_lowrank
+
+    before = triton_lowrank.BACKWARD_VARIANT.get()
+    triton_lowrank.BACKWARD_VARIANT.set("split")
+    yield
+    triton_lowrank.BACKWARD_VARIANT.set(before)
+
+
 def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     assert torch.isfinite(out).all(), "non-finite values (unwritten output?)"
     return ((out.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
@@ -128,6 +139,27 @@ except ValueError as error:
     assert "ISOFLOP_KERNELS='fast'" in second and "allowed: auto, reference, triton" in second
 
 
+def test_lowrank_backward_variant_comes_from_the_environment_and_is_checked():
+    if INTERPRETING:
+        pytest.skip("checks the non-interpreted process")
+    code = """
+import os, torch
+os.environ["ISOFLOP_LOWRANK_BWD"] = "split"
+from isoflop.kernels import triton_lowrank
+print(triton_lowrank.BACKWARD_VARIANT.get())
+x = torch.zeros(1, 4, 16)
+try:
+    triton_lowrank.lowrank_backward(x, x, x[..., :2], torch.zeros(2, 16), None, True, None, variant="fast")
+except ValueError as error:
+    print(error)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines() == ["split", "lowrank_backward: variant='fast'; allowed: auto, fused, split"]
+    bad = subprocess.run([sys.executable, "-c", "from isoflop.kernels import triton_lowrank"], capture_output=True,
+                         text=True, env=os.environ | {"ISOFLOP_LOWRANK_BWD": "fast"})
+    assert bad.returncode != 0 and "ISOFLOP_LOWRANK_BWD='fast'" in bad.stderr and "allowed: auto, fused, split" in bad.stderr
+
+
 def test_interpreter_suite():
     """Runs this file's interpreter tests under TRITON_INTERPRET=1 in a fresh process."""
     if INTERPRETING:
@@ -158,6 +190,42 @@ def test_lowrank_matches_reference(gen, triton_backend, dtype, B, T, D, R, W, wi
         static=rand(W, D, dtype=dtype, gen=gen) if with_static else None, residual=residual,
     )
     check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B, T, D, R, W, with_static, residual, lengths",
+    [(2, 13, 24, 3, 4, True, True, None), (2, 7, 17, 1, 1, False, False, None), (1, 20, 32, 17, 8, True, False, None),
+     (3, 5, 16, 16, 3, True, True, None), (1, 19, 24, 5, 4, True, True, [3, 1, 7, 2, 6])],
+)
+def test_lowrank_split_backward_matches_reference(gen, triton_backend, split_backward, dtype, B, T, D, R, W,
+                                                 with_static, residual, lengths):
+    """The split filter-gradient kernels (dz, dU/ds apart) on ragged shapes and packed sequences."""
+    inputs = dict(
+        x=rand(B, T, D, dtype=dtype, gen=gen), z=rand(B, T, R, dtype=dtype, gen=gen),
+        U=rand(R, W * D, dtype=dtype, gen=gen) / R**0.5,
+        static=rand(W, D, dtype=dtype, gen=gen) if with_static else None, residual=residual,
+        cu_seqlens=packed_offsets(lengths) if lengths else None,
+    )
+    check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
+
+
+@interpreted
+def test_lowrank_split_and_fused_backward_agree(gen):
+    """Same gradients from both variants (dx is shared; the filter gradients only differ by the
+    order of float32 sums), with packed sequences and a width that leaves taps unused."""
+    from isoflop.kernels import ops, triton_lowrank
+
+    T, D, R, W = 21, 40, 6, 5
+    x, z, dy = rand(1, T, D, gen=gen), rand(1, T, R, gen=gen), rand(1, T, D, gen=gen)
+    U, s = rand(R, W * D, gen=gen), rand(W, D, gen=gen)
+    pos = ops._positions(packed_offsets([2, 9, 1, 9]), T, x.device)
+    fused = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, pos, variant="fused")
+    split = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, pos, variant="split")
+    assert torch.equal(fused[0], split[0])
+    for name, a, b in zip(["dz", "dU", "ds"], fused[1:], split[1:]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @interpreted
@@ -323,6 +391,19 @@ def test_gpu_packed_sequences(triton_backend, kind):
 
 
 @gpu
+@pytest.mark.parametrize(
+    "B, T, D, W, R, dtype, lengths",
+    [(2, 1031, 520, 4, 16, torch.bfloat16, None), (2, 1031, 520, 4, 16, torch.float32, None),
+     (1, 777, 384, 3, 5, torch.bfloat16, None), (2, 300, 256, 8, 64, torch.bfloat16, None),
+     (1, 3106, 512, 4, 16, torch.bfloat16, [1, 700, 3, 1500, 2, 900])],
+)
+def test_gpu_split_backward_matches_float64_reference(triton_backend, split_backward, B, T, D, W, R, dtype, lengths):
+    poison_cuda_memory()
+    inputs = cuda_inputs("lowrank", B, T, D, W, dtype, R=R, packed=lengths)
+    check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
+
+
+@gpu
 def test_gpu_mixed_dtypes_as_under_autocast(triton_backend):
     """Autocast gives bf16 activations and float32 parameters (U, static)."""
     inputs = cuda_inputs("lowrank", 2, 512, 512, 4, torch.bfloat16)
@@ -331,8 +412,11 @@ def test_gpu_mixed_dtypes_as_under_autocast(triton_backend):
 
 
 @gpu
-@pytest.mark.parametrize("kind", ["lowrank", "headwise"])
-def test_gpu_backward_is_bit_reproducible(triton_backend, kind):
+@pytest.mark.parametrize("kind", ["lowrank", "lowrank split", "headwise"])
+def test_gpu_backward_is_bit_reproducible(request, triton_backend, kind):
+    if kind == "lowrank split":
+        request.getfixturevalue("split_backward")
+        kind = "lowrank"
     inputs = cuda_inputs(kind, 2, 2048, 1024, 4, torch.bfloat16)
     leaves = {k: v.requires_grad_() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     dy = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16)
@@ -388,7 +472,10 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
                          env=os.environ | {"TRITON_DEFAULT_FP_FUSION": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [row["kernel"] for row in rows][:3] == [
-        "low-rank forward", "low-rank dx (lead)", "low-rank filter grads"]
-    assert len(rows) == 7 and all(0 < row["registers"] <= 255 for row in rows)
-    assert all(row["dots"] != "none" for row in rows[:3])  # the low-rank filters use the matrix units
+    lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
+               "low-rank dU (split)"]
+    assert [row["kernel"] for row in rows][:5] == lowrank
+    assert len(rows) == 9 and all(0 < row["registers"] <= 255 for row in rows)
+    assert all(row["dots"] != "none" for row in rows[:5])  # the low-rank filters use the matrix units
+    # The split backward's block sizes were chosen so that it does not spill (Triton 3.9, sm_90).
+    assert all(row["stack_bytes"] == 0 for row in rows if "split" in row["kernel"]), rows[3:5]

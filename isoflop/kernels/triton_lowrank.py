@@ -21,6 +21,14 @@ Partials go to float32 buffers and are summed in a fixed order afterwards, so re
 bit-reproducible (no float atomics). Splitting dx out reads x and dy once more than one fused pass
 would (+134 MB at the paper's shape); the fused version measured slower (registers spilled), see
 benchmarks/KERNELS.md.
+
+The "split" variant (a candidate, not the default: ISOFLOP_LOWRANK_BWD=split or variant="split")
+computes the filter gradients in two kernels with one accumulator each, so neither spills:
+- `_lowrank_dz_kernel`, one program per (time tile, batch), walks all channel tiles and taps and
+  writes dz[t] = sum_k (dy[t] * x[t-k]) @ U_k^T directly (no partials over channel tiles);
+- `_lowrank_du_kernel`, one program per (tap, channel tile, time chunk), tap fastest so the W
+  programs reading the same x and dy tiles run together and share them through L2; it writes
+  per-chunk partials of dU_k and ds_k, summed in a fixed order as above.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from isoflop.backends import BackendChoice
 from isoflop.kernels.triton_common import (
     dot_dtype,
     interpreting,
@@ -38,6 +47,10 @@ from isoflop.kernels.triton_common import (
     seq_pos,
     time_chunks,
 )
+
+# Which filter-gradient kernels the backward runs: "fused" (one kernel; the default, "auto") or
+# "split" (dz and dU in separate kernels). Read once from ISOFLOP_LOWRANK_BWD; `.set()` in tests.
+BACKWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_BWD", ("auto", "fused", "split"), "low-rank backward variant")
 
 
 @triton.jit
@@ -124,6 +137,21 @@ def _store_partials(du_part_ptr, ds_part_ptr, du, ds, pid_n, r, r_ok, d, d_ok, R
 
 
 @triton.jit
+def _chunk_tile(pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R,
+                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, R_P: tl.constexpr):
+    """Where a filter-gradient program works: its sequence b, time chunk [t_start, t_end), row,
+    channel and rank indices with their masks, and the in-tile offsets of x/dy and z."""
+    b = pid_n // chunks_per_seq
+    t_start = (pid_n % chunks_per_seq) * chunk_t
+    t_end = tl.minimum(T, t_start + chunk_t)
+    i = tl.arange(0, BLOCK_T)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    r = tl.arange(0, R_P)
+    tile = i[:, None] * D + d[None, :]  # 32-bit offsets inside a tile; 64-bit only per tile row
+    return b, t_start, t_end, i, d, r, d < D, r < R, tile, i[:, None] * R + r[None, :]
+
+
+@triton.jit
 def _lowrank_filter_grad_kernel(
     x_ptr, z_ptr, u_ptr, pos_ptr, dy_ptr,
     dz_part_ptr, du_part_ptr, ds_part_ptr,
@@ -132,15 +160,8 @@ def _lowrank_filter_grad_kernel(
     HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     pid_d, pid_n = tl.program_id(0), tl.program_id(1)
-    b = pid_n // chunks_per_seq
-    t_start = (pid_n % chunks_per_seq) * chunk_t
-    t_end = tl.minimum(T, t_start + chunk_t)
-    i = tl.arange(0, BLOCK_T)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    r = tl.arange(0, R_P)
-    d_ok, r_ok = d < D, r < R
-    tile = i[:, None] * D + d[None, :]  # 32-bit offsets inside a tile; 64-bit only per tile row
-    z_tile_offsets = i[:, None] * R + r[None, :]
+    b, t_start, t_end, i, d, r, d_ok, r_ok, tile, z_tile_offsets = _chunk_tile(
+        pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R, BLOCK_T, BLOCK_D, R_P)
     # Per-tap accumulators of dU_k (and ds_k) over this chunk; taps >= W stay unused and vanish.
     du0 = tl.zeros([BLOCK_D, R_P], dtype=tl.float32)
     du1, du2, du3, du4, du5, du6, du7 = du0, du0, du0, du0, du0, du0, du0
@@ -188,6 +209,74 @@ def _lowrank_filter_grad_kernel(
     _store_partials(du_part_ptr, ds_part_ptr, du7, ds7, pid_n, r, r_ok, d, d_ok, R, D, 7, W, HAS_STATIC)
 
 
+@triton.jit
+def _lowrank_dz_kernel(
+    x_ptr, u_ptr, pos_ptr, dy_ptr, dz_ptr,
+    T, D, R,
+    W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_POS: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """dz[t] = sum_d sum_k (dy[t, d] * x[t-k, d]) U_k[:, d] for one tile of rows: the program
+    walks every channel tile, so the sum over D stays in one [BLOCK_T, R_P] accumulator and dz is
+    written once, in z's dtype (no partials, no reduction pass)."""
+    pid_t, b = tl.program_id(0), tl.program_id(1)
+    i = tl.arange(0, BLOCK_T)
+    t = pid_t * BLOCK_T + i
+    r = tl.arange(0, R_P)
+    t_ok, r_ok = t < T, r < R
+    p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
+    first_row = (b * T + pid_t * BLOCK_T).to(tl.int64)
+    x_rows, dy_rows = x_ptr + first_row * D, dy_ptr + first_row * D
+    dz = tl.zeros([BLOCK_T, R_P], dtype=tl.float32)
+    for d0 in tl.range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        tile = i[:, None] * D + d[None, :]
+        dy = tl.load(dy_rows + tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        for k in tl.static_range(W):
+            # x[t-k] for k >= 1 mostly hits the cache lines that tap 0 brought in.
+            lag_ok = t_ok & (p >= k) & (t >= k)
+            xk = tl.load(x_rows + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
+            df = (dy * xk.to(tl.float32)).to(DOT_DTYPE)
+            u_t = tl.load(u_ptr + r[None, :] * (W * D) + k * D + d[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+            dz = mma(df, u_t.to(DOT_DTYPE), dz, FP32_DOT)
+    dz_tile = dz_ptr + first_row * R + i[:, None] * R + r[None, :]
+    tl.store(dz_tile, dz.to(dz_ptr.dtype.element_ty), mask=t_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lowrank_du_kernel(
+    x_ptr, z_ptr, pos_ptr, dy_ptr, du_part_ptr, ds_part_ptr,
+    T, D, R, chunks_per_seq, chunk_t,
+    W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """One tap k's dU_k^T = sum_t df_k[t]^T z[t] and ds_k = sum_t df_k[t], df_k = dy[t] * x[t-k], over
+    one channel tile and time chunk, written as this chunk's partial. The tap is the fastest program
+    id: the W programs of a (channel tile, chunk) run side by side and read x and dy mostly from L2."""
+    k, pid_d, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, t_start, t_end, i, d, r, d_ok, r_ok, tile, z_tile_offsets = _chunk_tile(
+        pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R, BLOCK_T, BLOCK_D, R_P)
+    du = tl.zeros([BLOCK_D, R_P], dtype=tl.float32)
+    ds = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for t0 in tl.range(t_start, t_end, BLOCK_T):
+        t = t0 + i
+        t_ok = t < t_end
+        lag_ok = t_ok & (seq_pos(pos_ptr, t, t_ok, HAS_POS) >= k) & (t >= k)
+        tile_row = (b * T + t0).to(tl.int64)
+        dy = tl.load(dy_ptr + tile_row * D + tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        xk = tl.load(x_ptr + tile_row * D + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
+        z = tl.load(z_ptr + tile_row * R + z_tile_offsets, mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        df = dy.to(tl.float32) * xk.to(tl.float32)
+        if HAS_STATIC:
+            ds += tl.sum(df, axis=0)
+        du = mma(tl.trans(df.to(DOT_DTYPE)), z.to(DOT_DTYPE), du, FP32_DOT)
+    du_ptrs = du_part_ptr + pid_n.to(tl.int64) * R * W * D + r[None, :] * (W * D) + k * D + d[:, None]
+    tl.store(du_ptrs, du, mask=d_ok[:, None] & r_ok[None, :])
+    if HAS_STATIC:
+        tl.store(ds_part_ptr + pid_n.to(tl.int64) * W * D + k * D + d, ds, mask=d_ok)
+
+
 def _blocks(D: int, R_P: int, W_P: int, backward: bool) -> dict:
     """Block sizes and warps (`backward` picks the filter-gradient kernel's). Interpreted runs use
     the smallest legal tiles (tl.dot needs >= 16). The filter-gradient kernel keeps W dU
@@ -199,6 +288,18 @@ def _blocks(D: int, R_P: int, W_P: int, backward: bool) -> dict:
         narrow = R_P * W_P > 64
         return {"BLOCK_T": 32 if narrow else 64, "BLOCK_D": 32 if narrow else 64, "num_warps": 4, "num_stages": 1}
     return {"BLOCK_T": 32, "BLOCK_D": 128 if R_P <= 32 else 64, "num_warps": 4}
+
+
+def _split_blocks(R_P: int, W_P: int, fp32: bool) -> dict:
+    """{"dz": ..., "du": ...}: block sizes of the split variant's two kernels (W_P is there for the
+    benchmark's tuned override). One accumulator each lets 16 elements per thread (64 x 64 tiles,
+    8 warps) compile without spills for R_P <= 64 and any W (benchmarks/kernel_resources.py);
+    exact float32 products need more registers, so float32 takes 32-row tiles. Not timed yet."""
+    if interpreting():
+        small = {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1}
+        return {"dz": small, "du": small}
+    tile = {"BLOCK_T": 32 if fp32 else 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 1}
+    return {"dz": dict(tile), "du": dict(tile)}
 
 
 def _meta(z: Tensor, U: Tensor, D: int, static: Tensor | None, pos: Tensor | None) -> dict:
@@ -237,15 +338,26 @@ def lowrank_forward(
 
 def lowrank_backward(
     dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
-    pos: Tensor | None, blocks: dict | None = None,
+    pos: Tensor | None, blocks: dict | None = None, variant: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dx, dz, dU, dstatic or None), each in its input's dtype; all inputs contiguous. `blocks`
-    overrides the filter-gradient kernel's block sizes (benchmarks)."""
-    B, T, D = x.shape
-    R = z.shape[-1]
+    """(dx, dz, dU, dstatic or None), each in its input's dtype; all inputs contiguous. `variant`
+    picks the filter-gradient kernels: "fused" or "split" (None: BACKWARD_VARIANT, whose "auto" is
+    fused). `blocks` overrides their block sizes (benchmarks): one dict for fused, {"dz": ...,
+    "du": ...} for split."""
+    variant = variant or BACKWARD_VARIANT.get()
+    if variant not in BACKWARD_VARIANT.allowed:
+        raise ValueError(f"lowrank_backward: variant={variant!r}; allowed: {', '.join(BACKWARD_VARIANT.allowed)}")
     dx = _conv(dy, z, U, static, residual, pos, lead=True, blocks=None)
-    meta = _meta(z, U, D, static, pos)
-    W = meta["W"]
+    meta = _meta(z, U, x.shape[-1], static, pos)
+    filter_grads = _split_filter_grads if variant == "split" else _fused_filter_grads
+    dz, dU, ds = filter_grads(dy, x, z, U, static, pos, meta, blocks)
+    return dx, dz, dU, ds
+
+
+def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
+                        pos: Tensor | None, meta: dict, blocks: dict | None):
+    B, T, D = x.shape
+    R, W = z.shape[-1], meta["W"]
     blocks = blocks or _blocks(D, meta["R_P"], next_pow2(W), backward=True)
     d_tiles = triton.cdiv(D, blocks["BLOCK_D"])
     # dz partials cost d_tiles floats per (row, r) and dU partials R*W*D floats per chunk: about
@@ -264,4 +376,35 @@ def lowrank_backward(
     dz = dz_part.sum(0).view(B, T, R).to(z.dtype)
     dU = du_part.sum(0).to(U.dtype)
     ds = ds_part.sum(0).view(W, D).to(static.dtype) if static is not None else None
-    return dx, dz, dU, ds
+    return dz, dU, ds
+
+
+def _split_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
+                        pos: Tensor | None, meta: dict, blocks: dict | None):
+    B, T, D = x.shape
+    R, W = z.shape[-1], meta["W"]
+    blocks = {**_split_blocks(meta["R_P"], next_pow2(W), meta["FP32_DOT"]), **(blocks or {})}
+    pos_arg = pos if pos is not None else x
+    dz = torch.empty_like(z)
+    dz_blocks = blocks["dz"]
+    _lowrank_dz_kernel[(triton.cdiv(T, dz_blocks["BLOCK_T"]), B)](
+        x, U, pos_arg, dy, dz, T, D, R,
+        W=W, R_P=meta["R_P"], HAS_POS=meta["HAS_POS"], DOT_DTYPE=meta["DOT_DTYPE"],
+        FP32_DOT=meta["FP32_DOT"], **dz_blocks,
+    )
+    du_blocks = blocks["du"]
+    d_tiles = triton.cdiv(D, du_blocks["BLOCK_D"])
+    # One accumulator per program leaves room for several programs per multiprocessor; the
+    # partials (R*W*D floats per chunk) stay small next to x and dy.
+    chunk_t, chunks = time_chunks(T, B, d_tiles * W, du_blocks["BLOCK_T"], x.device, programs_per_processor=4)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    du_part = torch.empty(B * chunks, R, W * D, **f32)
+    ds_part = torch.empty(B * chunks, W * D, **f32) if static is not None else du_part
+    _lowrank_du_kernel[(W, d_tiles, B * chunks)](
+        x, z, pos_arg, dy, du_part, ds_part,
+        T, D, R, chunks, chunk_t,
+        **meta, **du_blocks,
+    )
+    dU = du_part.sum(0).to(U.dtype)
+    ds = ds_part.sum(0).view(W, D).to(static.dtype) if static is not None else None
+    return dz, dU, ds
