@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,13 @@ pytestmark = pytest.mark.slow
 BATCH, SEQ, STEPS, EVAL_EVERY = 8, 32, 16, 4
 STOP_AT = 7  # a stopped run's checkpoint step (partway between evals)
 REL_TOL = 1e-5
+GLOO_ABORT = "terminate called without an active exception"
 REPO = Path(__file__).resolve().parents[1]
 
 # Trains each job of a JSON list in one process group (joined once, as the worker does); a job
 # stops partway when it has stop_after (asked after every step, as the worker's signal handler is).
 RANK_SCRIPT = """
-import json, sys
+import json, os, sys
 from isoflop.runspec import RunSpec
 from isoflop.train import distributed, run
 from isoflop.train.trainer import Stopped
@@ -71,6 +73,7 @@ with distributed.session("cpu"):
                 on_step=on_step, should_stop=should_stop)
         except (Stopped, ValueError):  # recorded in the run directory: the tests read it there
             pass
+print("rank", os.environ["RANK"], "left its process group", flush=True)  # where an abort came
 """
 
 
@@ -124,6 +127,18 @@ def child_env() -> dict[str, str]:
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun ARGS` with `nproc` ranks, relaunched once if gloo aborted a rank: a rare abort in
+    gloo's threads (seen once in ~30 launches, under load; see distributed.session). Every launch
+    here trains idempotent runs, so a relaunch skips what finished and resumes the rest from its
+    checkpoints, and the tests then check the results as usual; a second abort fails them."""
+    launch = _torchrun_once(*args, nproc=nproc, timeout=timeout)
+    if launch.returncode != 0 and GLOO_ABORT in launch.stdout:
+        warnings.warn(f"gloo aborted a rank; relaunching once:\n{launch.stdout[-1500:]}")
+        launch = _torchrun_once(*args, nproc=nproc, timeout=timeout)
+    return launch
+
+
+def _torchrun_once(*args: str, nproc: int, timeout: float) -> subprocess.CompletedProcess:
     """`torchrun ARGS` with `nproc` ranks; a hang ends the whole process group, ranks included."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",

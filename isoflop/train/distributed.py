@@ -26,6 +26,7 @@ collective the others skipped.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -150,8 +151,11 @@ def session(device_type: str) -> Iterator[World]:
         dist.init_process_group("gloo")
     try:
         yield World(world.rank, world.size, world.local_rank, joined=True)
-        # Leave together: a rank tearing its group down while another still talks to it can abort
-        # (gloo's "terminate called without an active exception").
+        # Free what still holds the group's pending work (DDP's reducer inside a trainer kept by a
+        # reference cycle) now, while the group and the interpreter are alive: left to interpreter
+        # shutdown, gloo's threads abort the process ("terminate called without an active
+        # exception"). Then leave together, so no rank tears down while another still talks to it.
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
