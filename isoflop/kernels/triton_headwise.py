@@ -55,6 +55,19 @@ def _tap(w_ptr, s_ptr, row, row_ok, h, d, k: tl.constexpr, D, H, W: tl.constexpr
 
 
 @triton.jit
+def _tile(pos_ptr, T, H, HS: tl.constexpr, HS_P: tl.constexpr, HEADS: tl.constexpr,
+          BLOCK_T: tl.constexpr, HAS_POS: tl.constexpr):
+    """This program's tile: rows t (with mask, positions in their sequences and 64-bit row index)
+    and channels (heads h, channel d, mask), from the (time tile, channel tile, batch) grid."""
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    h, d, c_ok = _tile_channels(pid_c, H, HS, HS_P, HEADS)
+    t_ok = t < T
+    p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
+    return t, t_ok, p, (b * T + t).to(tl.int64), h, d, c_ok
+
+
+@triton.jit
 def _headwise_fwd_kernel(
     x_ptr, w_ptr, s_ptr, pos_ptr, y_ptr,
     T, D, H,
@@ -62,12 +75,7 @@ def _headwise_fwd_kernel(
     HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     HEADS: tl.constexpr = BLOCK_C // HS_P
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    h, d, c_ok = _tile_channels(pid_c, H, HS, HS_P, HEADS)
-    t_ok = t < T
-    p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
-    row = (b * T + t).to(tl.int64)
+    t, t_ok, p, row, h, d, c_ok = _tile(pos_ptr, T, H, HS, HS_P, HEADS, BLOCK_T, HAS_POS)
     x_ptrs = x_ptr + row[:, None, None] * D + d[None, :, :]
     acc = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
     for k in tl.static_range(W):
@@ -88,12 +96,7 @@ def _headwise_bwd_kernel(
     HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     HEADS: tl.constexpr = BLOCK_C // HS_P
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    h, d, c_ok = _tile_channels(pid_c, H, HS, HS_P, HEADS)
-    t_ok = t < T
-    p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
-    row = (b * T + t).to(tl.int64)
+    t, t_ok, p, row, h, d, c_ok = _tile(pos_ptr, T, H, HS, HS_P, HEADS, BLOCK_T, HAS_POS)
     tile_ok = t_ok[:, None, None] & c_ok[None, :, :]
     offsets = row[:, None, None] * D + d[None, :, :]
     # dy[t] and x[t] first, so their latency overlaps the shifted loads that mostly hit their lines.
@@ -116,7 +119,7 @@ def _headwise_bwd_kernel(
 
     # Filter gradients df = dy[t] * x[t-k]: dw summed over each head's lanes, written directly;
     # the static filter's summed over this tile's rows into its own partial row.
-    partial_row = (b * tl.num_programs(0) + pid_t).to(tl.int64)
+    partial_row = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)  # (b, time tile)
     for k in tl.static_range(W):
         if k == 0:
             xk = x0
