@@ -11,7 +11,8 @@ from rich.console import Console
 from isoflop.orchestrator.executors import Job, make_executor
 from isoflop.orchestrator.executors.local import LocalExecutor, visible_gpus
 from isoflop.orchestrator.grid import expand
-from isoflop.orchestrator.launch import launch, parse_only, select
+from isoflop.orchestrator.estimate import profile_for
+from isoflop.orchestrator.launch import launch, longest_first, parse_only, select
 from isoflop.orchestrator.rundir import RunDir
 from isoflop.orchestrator.spec import load_sweep
 from isoflop.orchestrator.worker import EXIT_LOCKED, is_locked, run_lock, train_rundir
@@ -125,3 +126,15 @@ def test_only_selects_runs_by_label(tmp_path, corpus):
         parse_only(["colour=red"])
     with pytest.raises(ValueError):
         make_executor("slurm", 1)
+
+
+def test_runs_start_longest_first(tmp_path):
+    """The paper-small grid: the runs the estimate calls longest come first, ties keep their order."""
+    sweep = load_sweep(Path(__file__).parent.parent / "sweeps" / "paper-small.yaml")
+    runs = expand(sweep)
+    ordered = longest_first(runs)
+    assert sorted(r.run_id for r in ordered) == sorted(r.run_id for r in runs)
+    seconds = [profile_for("cuda").run_seconds(r) for r in ordered]
+    assert seconds == sorted(seconds, reverse=True)
+    assert ordered[0].arch == "dynamic-all-linear" and ordered[0].budget == max(r.budget for r in runs)
+    assert ordered[-1].budget == min(r.budget for r in runs)

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from isoflop.orchestrator.estimate import profile_for
 from isoflop.orchestrator.executors import Executor, Job, JobEnd
 from isoflop.orchestrator.formats import sci
 from isoflop.orchestrator.grid import PlannedRun
@@ -71,6 +72,16 @@ def select(runs: list[PlannedRun], selection: dict[str, set[str]]) -> list[Plann
     return [run for run in runs if all(matches(run, k, v) for k, v in selection.items())]
 
 
+def longest_first(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs ordered by estimated time, longest first (stable for ties).
+
+    With a pool of workers this is the classic longest-processing-time rule: the short runs fill
+    the gaps at the end instead of one long run starting last and leaving the other workers idle,
+    and a sweep cut off by a time limit loses short runs in progress rather than long ones.
+    """
+    return sorted(runs, key=lambda run: -profile_for(run.spec.train.device).run_seconds(run))
+
+
 def launch(
     sweep: Sweep,
     runs: list[PlannedRun],
@@ -94,6 +105,7 @@ def launch(
         else:
             todo.append(run)
     report = LaunchReport(len(runs), finished, busy)
+    todo = longest_first(todo)
     if not todo:
         console.print(f"nothing to do: {finished} of {len(runs)} runs of sweep {sweep.name} are finished"
                       + (f", {busy} running in another process" if busy else ""))
