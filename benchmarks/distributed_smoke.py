@@ -33,7 +33,7 @@ from isoflop.models.sizes import resolve_size
 from isoflop.orchestrator.rundir import RunDir
 from isoflop.runspec import DataConfig, OptimConfig, RunSpec, ScheduleConfig, TrainConfig
 from isoflop.train import distributed, run
-from isoflop.train.trainer import Stopped
+from isoflop.train.trainer import LOSS_READBACK_EVERY, Stopped
 
 MODES = ("ddp", "fsdp")
 LOSS_REL_TOL = {"cuda": 2e-2, "cpu": 1e-5}  # bf16 and atomics on GPU; fp32 on CPU
@@ -52,6 +52,18 @@ def make_spec(args: argparse.Namespace) -> RunSpec:
                           eval_tokens=4 * tokens_per_step, compile=args.compile, device=args.device),
         optim=OptimConfig(lr=1e-3), schedule=ScheduleConfig(warmup_fraction=0.1), seed=0,
     )
+
+
+def stop_step(steps: int, device: str) -> int:
+    """The step past the half where the stop-and-resume check stops its run. Under torchrun the
+    ranks agree on a stop request only every LOSS_READBACK_EVERY steps (the collective waits for
+    the device like a readback), so it is such a step, and it must come before the last."""
+    every = LOSS_READBACK_EVERY.get(device, 1)
+    stop_at = (steps // 2 // every + 1) * every
+    if stop_at >= steps:
+        raise ValueError(f"--steps {steps}: too few to stop and resume on {device} (stops fall on "
+                         f"multiples of {every} steps); use more than {stop_at}")
+    return stop_at
 
 
 def stopping_at(step: int):
@@ -97,11 +109,13 @@ def train_modes(args: argparse.Namespace, world: distributed.World, out: Path) -
     ok = check(f"ddp vs fsdp (world {world.size})", records[1]["final_val_loss"],
                records[0]["final_val_loss"], tolerance, world)
     # Preempted partway, resumed in a fresh trainer: must end where the uninterrupted run did.
-    stop_at = args.steps // 2 + 1
+    stop_at = stop_step(args.steps, args.device)
     on_step, should_stop = stopping_at(stop_at)
     try:
         run(spec, launch / "fsdp-resumed", parallel="fsdp", on_step=on_step, should_stop=should_stop)
-        ok = False  # it should have stopped
+        ok = False
+        if world.is_main:
+            print(f"fsdp run asked to stop at step {stop_at} did not stop -> FAILED", flush=True)
     except Stopped:
         pass
     resumed = run(spec, launch / "fsdp-resumed", parallel="fsdp")
@@ -150,6 +164,10 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = parser.parse_args()
+    try:
+        stop_step(args.steps, args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here; --device cpu runs the CPU path", file=sys.stderr)
         return 2

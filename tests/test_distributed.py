@@ -371,7 +371,7 @@ def test_the_cuda_path_under_torchrun(tmp_path):
     """NCCL, bf16 autocast, DDP and FSDP, checkpoints through rank 0: benchmarks/distributed_smoke.py
     at a tiny size on as many GPUs as there are (its own checks decide the exit status)."""
     launch = torchrun(str(REPO / "benchmarks" / "distributed_smoke.py"), "--out", str(tmp_path),
-                      "--size", "d128-l2", "--batch-size", "8", "--seq-len", "128", "--steps", "12",
+                      "--size", "d128-l2", "--batch-size", "8", "--seq-len", "128", "--steps", "40",
                       nproc=min(2, torch.cuda.device_count()))
     assert launch.returncode == 0, launch.stdout[-3000:]
     assert "FAILED" not in launch.stdout
