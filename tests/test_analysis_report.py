@@ -1,6 +1,7 @@
 """run_fit and write_report: files written from runs.csv alone, plots that exist and show something."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -117,3 +118,17 @@ def test_a_baseline_without_finished_runs_is_a_clear_error(results):
     expected = "cannot fit the baseline 'transformer' by frontier: it has no usable run"
     with pytest.raises(ValueError, match=expected):
         run_fit(results, n_boot=10)
+
+
+def test_the_committed_paper_small_results_regenerate_from_their_table(tmp_path):
+    """results/paper-small (the H200 sweep): fits, multipliers and report come back from runs.csv,
+    evals.csv and reference.yaml alone, byte for byte, and hold the paper's comparison."""
+    committed = Path(__file__).parent.parent / "results" / "paper-small"
+    for name in ("runs.csv", "evals.csv", "reference.yaml"):
+        (tmp_path / name).write_bytes((committed / name).read_bytes())
+    report = write_report(tmp_path).read_text()
+    assert report == (committed / "report.md").read_text()
+    for name in ("multipliers.csv", "fits.json"):
+        assert (tmp_path / name).read_text() == (committed / name).read_text()
+    assert "runs: 48 (done: 48)" in report and "device: `NVIDIA H200`" in report
+    assert report.count("matches the expected order") == 3
