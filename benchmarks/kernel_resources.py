@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_resources.py [--arch 90] [--dtype bf16]
 
-Compiles each Triton kernel at the paper's shape (bf16, W=4, R=16; hs=16 and hs=1) with the block
+Compiles each Triton kernel at the paper's shape (bf16, W=4, R=16; hs=16, hs=1, static) with the block
 sizes the dispatch picks, for an sm_<arch> target, with no GPU: Triton's bundled ptxas builds the
 cubin and cuobjdump reads its resource usage. Timings need the GPU (benchmarks/kernels.py); this
 shows, in seconds and on any machine, what a code change does to what usually explains them:
@@ -86,6 +86,13 @@ def cases(dtype: tl.dtype) -> list[Case]:
             Case(f"head-wise hs={hs} backward", triton_headwise._headwise_bwd_kernel, head,
                  triton_headwise._blocks(D_MODEL, hs, backward=True), {"H": D_MODEL // hs}),
         ]
+    static = dict(W=W, HS=1, HS_P=1, HAS_DYN=False, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True)
+    found += [
+        Case("static forward", triton_headwise._headwise_fwd_kernel, static,
+             triton_headwise._blocks(D_MODEL, 1, backward=False, dynamic=False), {"H": D_MODEL}),
+        Case("static backward", triton_headwise._headwise_bwd_kernel, static,
+             triton_headwise._blocks(D_MODEL, 1, backward=True, dynamic=False), {"H": D_MODEL}),
+    ]
     return found
 
 

@@ -48,7 +48,7 @@ CASES = [
     Case("headwise hs=16 (paper)", "headwise", **PAPER, head_size=16, compile_ref=True),
     Case("headwise hs=4 (paper)", "headwise", **PAPER, head_size=4),
     Case("headwise hs=1 (paper)", "headwise", **PAPER, head_size=1, compile_ref=True),
-    Case("static W=4", "static", **PAPER),
+    Case("static W=4 (paper)", "static", **PAPER),
     Case("lowrank R=64", "lowrank", **PAPER, R=64),
     Case("lowrank R=16 W=8", "lowrank", B=4, T=4096, D=2048, W=8),
     Case("lowrank packed 8 docs", "lowrank", B=1, T=16384, D=2048, packed=8),
@@ -163,7 +163,7 @@ def run_case(case: Case, bw: float, quick: bool, compile_ref: bool) -> dict:
     return row
 
 
-def sweep(quick: bool) -> dict[str, dict]:
+def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
     """Time block configurations of each kernel at the paper's shape (bf16); returns the fastest
     configuration whose results match the default configuration's, per kernel. The 8-warp
     candidates hold half the elements per thread, so need fewer registers
@@ -199,17 +199,33 @@ def sweep(quick: bool) -> dict[str, dict]:
           split(cfg(64, 32, 4), cfg(32, 64, 4))]),
     ]
     baselines = {"lowrank bwd split": lambda: fused_bwd(None)}
+
+    def c(bt, bc, warps, chunk=None):
+        return cfg(bt, bc, warps, key="BLOCK_C") | ({"CHUNK": chunk} if chunk else {})
+
+    # CHUNK: time tiles per backward program (the static filter's row sums once per chunk).
+    chunked = [c(32, 64, 4, 4), c(32, 64, 4, 16), c(16, 64, 4, 8), c(16, 128, 4, 8), c(32, 128, 8, 8),
+               c(8, 128, 4, 16), c(16, 64, 2, 16)]
     for hs in (16, 1):
         w = make_inputs(Case("", "headwise", **PAPER, head_size=hs))["w"]
-        c = lambda bt, bc, warps: cfg(bt, bc, warps, key="BLOCK_C")  # noqa: E731
         plans += [
             (f"headwise hs={hs} fwd", lambda b, w=w: hw.headwise_forward(x, w, s, True, None, blocks=b),
              [c(16, 256, 4), c(8, 256, 4), c(32, 256, 8), c(16, 128, 4), c(32, 128, 4),
-              c(16, 256, 8), c(32, 128, 8)]),
+              c(16, 256, 8), c(32, 128, 8), c(16, 64, 4), c(8, 128, 4)]),
             (f"headwise hs={hs} bwd", lambda b, w=w: hw.headwise_backward(dy, x, w, s, True, None, blocks=b),
              [c(32, 128, 4), c(64, 64, 4), c(16, 256, 4), c(32, 64, 4), c(64, 128, 8),
-              c(32, 64, 8), c(16, 128, 8)]),
+              c(32, 64, 8), c(16, 128, 8), c(16, 256, 4, 4), c(16, 256, 4, 16), *chunked]),
         ]
+    # The static conv (static-qkv's operator): no w, residual, as StaticShortConv calls it.
+    plans += [
+        ("static fwd", lambda b: hw.headwise_forward(x, None, s, True, None, blocks=b),
+         [c(32, 128, 4), c(16, 64, 4), c(8, 128, 4), c(16, 128, 4), c(32, 128, 8), c(32, 64, 4),
+          c(64, 128, 8), c(16, 256, 8)]),
+        ("static bwd", lambda b: hw.headwise_backward(dy, x, None, s, True, None, blocks=b),
+         [c(32, 64, 4), c(16, 64, 4), c(8, 128, 4), c(32, 128, 8), c(64, 64, 4), *chunked]),
+    ]
+    if only:
+        plans = [plan for plan in plans if any(plan[0].startswith(prefix) for prefix in only)]
     best: dict[str, dict] = {}
     fastest: dict[str, float] = {}
     for name, fn, configs in plans:
@@ -238,7 +254,8 @@ def sweep(quick: bool) -> dict[str, dict]:
 
 def install_tuned(best: dict[str, dict]) -> None:
     """Make the sweep's winners the block sizes for the rest of this run: low-rank ones for R <= 16
-    and W <= 4 (the shape they were tuned at), head-wise hs=16's for hs >= 2 and hs=1's for hs = 1."""
+    and W <= 4 (the shape they were tuned at), head-wise hs=16's for hs >= 2, hs=1's for hs = 1 and
+    the static conv's for the static conv."""
     from isoflop.kernels import triton_headwise as hw
     from isoflop.kernels import triton_lowrank as lr
 
@@ -256,10 +273,11 @@ def install_tuned(best: dict[str, dict]) -> None:
             return {kernel: dict(blocks) for kernel, blocks in tuned.items()}
         return split_default(R_P, W_P, fp32)
 
-    def headwise_blocks(D, hs_p, backward):
-        tuned = best.get(f"headwise hs={1 if hs_p == 1 else 16} {'bwd' if backward else 'fwd'}")
+    def headwise_blocks(D, hs_p, backward, dynamic=True):
+        kind = f"headwise hs={1 if hs_p == 1 else 16}" if dynamic else "static"
+        tuned = best.get(f"{kind} {'bwd' if backward else 'fwd'}")
         if tuned is None:
-            return headwise_default(D, hs_p, backward)
+            return headwise_default(D, hs_p, backward, dynamic)
         return {**tuned, "BLOCK_C": max(tuned["BLOCK_C"], hs_p)}
 
     lr._blocks, lr._split_blocks, hw._blocks = lowrank_blocks, split_blocks, headwise_blocks
@@ -298,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter timing runs")
     parser.add_argument("--paper", action="store_true", help="only the paper's shape")
     parser.add_argument("--sweep", action="store_true", help="also time block configurations")
+    parser.add_argument("--sweep-only", default="",
+                        help="comma-separated name prefixes of the sweep's plans (e.g. static,headwise)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--json", help="write all numbers to this file")
     args = parser.parse_args(argv)
@@ -310,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth(args.quick)
     results: dict = {"copy_bandwidth_Bps": bw}
     if args.sweep:
-        results["tuned"] = sweep(args.quick)
+        results["tuned"] = sweep(args.quick, [p for p in args.sweep_only.split(",") if p])
         print(f"  tuned: {results['tuned']}", flush=True)
         install_tuned(results["tuned"])
         try:

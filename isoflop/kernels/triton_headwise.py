@@ -10,9 +10,10 @@ Channel tiles always hold whole heads: a tile is HEADS = BLOCK_C / HS_P heads of
 (HS_P = hs rounded up to a power of two; lanes >= hs are masked), so for a power-of-two hs a tile is
 simply BLOCK_C consecutive channels. Because a tile holds whole heads, the filter gradient
 dw[t, k, h] = sum_{d in h} dy[t, d] * x[t-k, d] is complete inside one program and is written
-directly; only the static filter's gradient needs partial sums, one row per time tile, reduced in
-a fixed order afterwards (deterministic, no float atomics). Both passes are one program per
-(time tile, channel tile, batch): no loops, so every program's loads are in flight at once.
+directly; only the static filter's gradient needs partial sums, one row per program, reduced in
+a fixed order afterwards (deterministic, no float atomics). The forward is one program per
+(time tile, channel tile, batch), with no loops, so every program's loads are in flight at once; the
+backward's program may walk CHUNK consecutive time tiles (see _headwise_bwd_kernel).
 """
 
 from __future__ import annotations
@@ -55,16 +56,13 @@ def _tap(w_ptr, s_ptr, row, row_ok, h, d, k: tl.constexpr, D, H, W: tl.constexpr
 
 
 @triton.jit
-def _tile(pos_ptr, T, H, HS: tl.constexpr, HS_P: tl.constexpr, HEADS: tl.constexpr,
-          BLOCK_T: tl.constexpr, HAS_POS: tl.constexpr):
-    """This program's tile: rows t (with mask, positions in their sequences and 64-bit row index)
-    and channels (heads h, channel d, mask), from the (time tile, channel tile, batch) grid."""
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    h, d, c_ok = _tile_channels(pid_c, H, HS, HS_P, HEADS)
+def _rows(pos_ptr, T, b, tile, BLOCK_T: tl.constexpr, HAS_POS: tl.constexpr):
+    """Time tile `tile` of sequence b: rows t (with mask, positions in their sequences for packed
+    inputs, and the 64-bit row index into [B * T])."""
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
-    return t, t_ok, p, (b * T + t).to(tl.int64), h, d, c_ok
+    return t, t_ok, p, (b * T + t).to(tl.int64)
 
 
 @triton.jit
@@ -75,7 +73,9 @@ def _headwise_fwd_kernel(
     HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     HEADS: tl.constexpr = BLOCK_C // HS_P
-    t, t_ok, p, row, h, d, c_ok = _tile(pos_ptr, T, H, HS, HS_P, HEADS, BLOCK_T, HAS_POS)
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    h, d, c_ok = _tile_channels(pid_c, H, HS, HS_P, HEADS)
+    t, t_ok, p, row = _rows(pos_ptr, T, b, pid_t, BLOCK_T, HAS_POS)
     x_ptrs = x_ptr + row[:, None, None] * D + d[None, :, :]
     acc = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
     for k in tl.static_range(W):
@@ -88,62 +88,113 @@ def _headwise_fwd_kernel(
 
 
 @triton.jit
+def _accumulate_tap(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, df, k: tl.constexpr):
+    """acc_k += df for the constexpr tap k (Triton has no arrays of tensors; W <= 8)."""
+    if k == 0:
+        acc0 += df
+    elif k == 1:
+        acc1 += df
+    elif k == 2:
+        acc2 += df
+    elif k == 3:
+        acc3 += df
+    elif k == 4:
+        acc4 += df
+    elif k == 5:
+        acc5 += df
+    elif k == 6:
+        acc6 += df
+    else:
+        acc7 += df
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
+def _store_static_partial(ds_ptr, acc, k: tl.constexpr, W: tl.constexpr, d, c_ok, D):
+    if k < W:
+        tl.store(ds_ptr + k * D + d, tl.sum(acc, axis=0), mask=c_ok)
+
+
+@triton.jit
 def _headwise_bwd_kernel(
     x_ptr, w_ptr, s_ptr, pos_ptr, dy_ptr,
     dx_ptr, dw_ptr, ds_part_ptr,
     T, D, H,
     W: tl.constexpr, HS: tl.constexpr, HS_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHUNK: tl.constexpr,
     HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
+    """One program per (CHUNK consecutive time tiles, channel tile, batch), tile after tile. The
+    static filter's gradient is accumulated element-wise over the chunk and summed over rows once
+    at its end: a row sum per tap and tile costs a cross-warp reduction (shared memory and a
+    barrier) that stalls the tile's loads, so CHUNK > 1 pays it once per CHUNK tiles."""
     HEADS: tl.constexpr = BLOCK_C // HS_P
-    t, t_ok, p, row, h, d, c_ok = _tile(pos_ptr, T, H, HS, HS_P, HEADS, BLOCK_T, HAS_POS)
-    tile_ok = t_ok[:, None, None] & c_ok[None, :, :]
-    offsets = row[:, None, None] * D + d[None, :, :]
-    # dy[t] and x[t] first, so their latency overlaps the shifted loads that mostly hit their lines.
-    dy0 = tl.load(dy_ptr + offsets, mask=tile_ok, other=0.0)
-    x0 = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0)
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    h, d, c_ok = _tile_channels(pid_c, H, HS, HS_P, HEADS)
+    z = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = z, z, z, z, z, z, z, z
+    for i in range(CHUNK):
+        t, t_ok, p, row = _rows(pos_ptr, T, b, pid_t * CHUNK + i, BLOCK_T, HAS_POS)
+        tile_ok = t_ok[:, None, None] & c_ok[None, :, :]
+        offsets = row[:, None, None] * D + d[None, :, :]
+        # dy[t] and x[t] first, so their latency overlaps the shifted loads that mostly hit their lines.
+        dy0 = tl.load(dy_ptr + offsets, mask=tile_ok, other=0.0)
+        x0 = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0)
 
-    # dx: the taps that read x[t] sit at later positions t+k.
-    dx = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
-    for k in tl.static_range(W):
-        if k == 0:
-            dyk = dy0
-            lead_ok = t_ok
-        else:
-            lead_ok = t_ok & (t + k < T)
-            lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
-            dyk = tl.load(dy_ptr + offsets + k * D, mask=lead_ok[:, None, None] & c_ok[None, :, :], other=0.0)
-        tap = _tap(w_ptr, s_ptr, row + k, lead_ok, h, d, k, D, H, W, HAS_DYN, HAS_STATIC, RESIDUAL, BLOCK_T, HEADS)
-        dx += tap * dyk.to(tl.float32)
-    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+        # dx: the taps that read x[t] sit at later positions t+k.
+        dx = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
+        for k in tl.static_range(W):
+            if k == 0:
+                dyk = dy0
+                lead_ok = t_ok
+            else:
+                lead_ok = t_ok & (t + k < T)
+                lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
+                dyk = tl.load(dy_ptr + offsets + k * D, mask=lead_ok[:, None, None] & c_ok[None, :, :], other=0.0)
+            tap = _tap(w_ptr, s_ptr, row + k, lead_ok, h, d, k, D, H, W, HAS_DYN, HAS_STATIC, RESIDUAL, BLOCK_T, HEADS)
+            dx += tap * dyk.to(tl.float32)
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
 
-    # Filter gradients df = dy[t] * x[t-k]: dw summed over each head's lanes, written directly;
-    # the static filter's summed over this tile's rows into its own partial row.
-    partial_row = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)  # (b, time tile)
-    for k in tl.static_range(W):
-        if k == 0:
-            xk = x0
-        else:
-            lag_ok = t_ok & (p >= k) & (t >= k)
-            xk = tl.load(x_ptr + offsets - k * D, mask=lag_ok[:, None, None] & c_ok[None, :, :], other=0.0)
-        df = dy0.to(tl.float32) * xk.to(tl.float32)
-        if HAS_DYN:
-            dw_ptrs = dw_ptr + row[:, None] * (W * H) + k * H + h[None, :]
-            tl.store(dw_ptrs, tl.sum(df, axis=2).to(dw_ptr.dtype.element_ty), mask=t_ok[:, None] & (h < H)[None, :])
-        if HAS_STATIC:
-            tl.store(ds_part_ptr + partial_row * W * D + k * D + d, tl.sum(df, axis=0), mask=c_ok)
+        # Filter gradients df = dy[t] * x[t-k]: dw summed over each head's lanes, written directly;
+        # the static filter's accumulated for the chunk's partial row.
+        for k in tl.static_range(W):
+            if k == 0:
+                xk = x0
+            else:
+                lag_ok = t_ok & (p >= k) & (t >= k)
+                xk = tl.load(x_ptr + offsets - k * D, mask=lag_ok[:, None, None] & c_ok[None, :, :], other=0.0)
+            df = dy0.to(tl.float32) * xk.to(tl.float32)
+            if HAS_DYN:
+                dw_ptrs = dw_ptr + row[:, None] * (W * H) + k * H + h[None, :]
+                tl.store(dw_ptrs, tl.sum(df, axis=2).to(dw_ptr.dtype.element_ty), mask=t_ok[:, None] & (h < H)[None, :])
+            if HAS_STATIC:
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _accumulate_tap(
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, df, k)
+    if HAS_STATIC:
+        partial_row = (b * tl.num_programs(0) + pid_t).to(tl.int64)  # (b, chunk)
+        ds_ptr = ds_part_ptr + partial_row * W * D
+        _store_static_partial(ds_ptr, acc0, 0, W, d, c_ok, D)
+        _store_static_partial(ds_ptr, acc1, 1, W, d, c_ok, D)
+        _store_static_partial(ds_ptr, acc2, 2, W, d, c_ok, D)
+        _store_static_partial(ds_ptr, acc3, 3, W, d, c_ok, D)
+        _store_static_partial(ds_ptr, acc4, 4, W, d, c_ok, D)
+        _store_static_partial(ds_ptr, acc5, 5, W, d, c_ok, D)
+        _store_static_partial(ds_ptr, acc6, 6, W, d, c_ok, D)
+        _store_static_partial(ds_ptr, acc7, 7, W, d, c_ok, D)
 
 
-def _blocks(D: int, hs_p: int, backward: bool) -> dict:
-    """Block sizes and warps; a channel tile holds at least one whole (padded) head. Picked by
-    `benchmarks/kernels.py --sweep` on an H200 (see benchmarks/KERNELS.md)."""
-    if interpreting():
-        return {"BLOCK_T": 8, "BLOCK_C": max(8, hs_p), "num_warps": 1}
+def _blocks(D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
+    """Block sizes, warps and (backward) CHUNK; a channel tile holds at least one whole (padded)
+    head; dynamic=False is the static conv. Picked by `benchmarks/kernels.py --sweep` on an H200
+    (see benchmarks/KERNELS.md)."""
+    if interpreting():  # CHUNK 2: the interpreter tests walk the backward's chunk loop
+        return {"BLOCK_T": 8, "BLOCK_C": max(8, hs_p), "num_warps": 1} | ({"CHUNK": 2} if backward else {})
     if backward and hs_p == 1:
-        return {"BLOCK_T": 32, "BLOCK_C": max(hs_p, min(64, next_pow2(D))), "num_warps": 4}
+        return {"BLOCK_T": 32, "BLOCK_C": max(hs_p, min(64, next_pow2(D))), "num_warps": 4, "CHUNK": 1}
     if hs_p == 1:
         return {"BLOCK_T": 32, "BLOCK_C": max(hs_p, min(128, next_pow2(D))), "num_warps": 4}
-    return {"BLOCK_T": 16, "BLOCK_C": max(hs_p, min(256, next_pow2(D))), "num_warps": 4}
+    return {"BLOCK_T": 16, "BLOCK_C": max(hs_p, min(256, next_pow2(D))), "num_warps": 4} | (
+        {"CHUNK": 1} if backward else {})
 
 
 def _meta(x: Tensor, w: Tensor | None, static: Tensor | None, pos: Tensor | None, width: int) -> dict:
@@ -155,7 +206,8 @@ def _meta(x: Tensor, w: Tensor | None, static: Tensor | None, pos: Tensor | None
 
 
 def _grid(T: int, H: int, B: int, hs_p: int, blocks: dict) -> tuple[int, int, int]:
-    return triton.cdiv(T, blocks["BLOCK_T"]), triton.cdiv(H, blocks["BLOCK_C"] // hs_p), B
+    rows_per_program = blocks["BLOCK_T"] * blocks.get("CHUNK", 1)
+    return triton.cdiv(T, rows_per_program), triton.cdiv(H, blocks["BLOCK_C"] // hs_p), B
 
 
 def headwise_forward(
@@ -167,7 +219,7 @@ def headwise_forward(
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
-    blocks = blocks or _blocks(D, meta["HS_P"], backward=False)
+    blocks = blocks or _blocks(D, meta["HS_P"], backward=False, dynamic=w is not None)
     H = D // meta["HS"]
     y = torch.empty_like(x)
     _headwise_fwd_kernel[_grid(T, H, B, meta["HS_P"], blocks)](
@@ -185,7 +237,7 @@ def headwise_backward(
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
-    blocks = blocks or _blocks(D, meta["HS_P"], backward=True)
+    blocks = {"CHUNK": 1} | (blocks or _blocks(D, meta["HS_P"], backward=True, dynamic=w is not None))
     H = D // meta["HS"]
     grid = _grid(T, H, B, meta["HS_P"], blocks)
     dx = torch.empty_like(x)
