@@ -214,7 +214,8 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
               c(16, 256, 8), c(32, 128, 8), c(16, 64, 4), c(8, 128, 4)]),
             (f"headwise hs={hs} bwd", lambda b, w=w: hw.headwise_backward(dy, x, w, s, True, None, blocks=b),
              [c(32, 128, 4), c(64, 64, 4), c(16, 256, 4), c(32, 64, 4), c(64, 128, 8),
-              c(32, 64, 8), c(16, 128, 8), c(16, 256, 4, 4), c(16, 256, 4, 16), *chunked]),
+              c(32, 64, 8), c(16, 128, 8), c(16, 256, 4, 4), c(16, 256, 4, 16), *chunked,
+              c(8, 128, 4, 32), c(8, 64, 4, 16), c(8, 128, 2, 16), c(16, 64, 2, 8), c(16, 32, 2, 16)]),
         ]
     # The static conv (static-qkv's operator): no w, residual, as StaticShortConv calls it.
     plans += [
@@ -222,7 +223,9 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
          [c(32, 128, 4), c(16, 64, 4), c(8, 128, 4), c(16, 128, 4), c(32, 128, 8), c(32, 64, 4),
           c(64, 128, 8), c(16, 256, 8)]),
         ("static bwd", lambda b: hw.headwise_backward(dy, x, None, s, True, None, blocks=b),
-         [c(32, 64, 4), c(16, 64, 4), c(8, 128, 4), c(32, 128, 8), c(64, 64, 4), *chunked]),
+         [c(32, 64, 4), c(16, 64, 4), c(8, 128, 4), c(32, 128, 8), c(64, 64, 4), *chunked,
+          c(16, 64, 2, 32), c(16, 64, 2, 8), c(32, 64, 2, 16), c(16, 32, 2, 16), c(8, 64, 2, 16),
+          c(16, 128, 4, 16)]),
     ]
     if only:
         plans = [plan for plan in plans if any(plan[0].startswith(prefix) for prefix in only)]

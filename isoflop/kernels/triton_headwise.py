@@ -189,12 +189,19 @@ def _blocks(D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
     (see benchmarks/KERNELS.md)."""
     if interpreting():  # CHUNK 2: the interpreter tests walk the backward's chunk loop
         return {"BLOCK_T": 8, "BLOCK_C": max(8, hs_p), "num_warps": 1} | ({"CHUNK": 2} if backward else {})
+    channels = next_pow2(D)
+    if not dynamic:  # the static conv
+        if backward:
+            return {"BLOCK_T": 16, "BLOCK_C": min(64, channels), "num_warps": 2, "num_stages": 1, "CHUNK": 16}
+        return {"BLOCK_T": 16, "BLOCK_C": min(128, channels), "num_warps": 4, "num_stages": 1}
     if backward and hs_p == 1:
-        return {"BLOCK_T": 32, "BLOCK_C": max(hs_p, min(64, next_pow2(D))), "num_warps": 4, "CHUNK": 1}
+        return {"BLOCK_T": 16, "BLOCK_C": min(64, channels), "num_warps": 4, "num_stages": 1, "CHUNK": 8}
+    if backward:
+        return {"BLOCK_T": 8, "BLOCK_C": max(hs_p, min(128, channels)), "num_warps": 4, "num_stages": 1,
+                "CHUNK": 16}
     if hs_p == 1:
-        return {"BLOCK_T": 32, "BLOCK_C": max(hs_p, min(128, next_pow2(D))), "num_warps": 4}
-    return {"BLOCK_T": 16, "BLOCK_C": max(hs_p, min(256, next_pow2(D))), "num_warps": 4} | (
-        {"CHUNK": 1} if backward else {})
+        return {"BLOCK_T": 32, "BLOCK_C": min(128, channels), "num_warps": 4}
+    return {"BLOCK_T": 16, "BLOCK_C": max(hs_p, min(256, channels)), "num_warps": 4}
 
 
 def _meta(x: Tensor, w: Tensor | None, static: Tensor | None, pos: Tensor | None, width: int) -> dict:
