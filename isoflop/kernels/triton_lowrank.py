@@ -22,8 +22,9 @@ bit-reproducible (no float atomics). Splitting dx out reads x and dy once more t
 would (+134 MB at the paper's shape); the fused version measured slower (registers spilled), see
 benchmarks/KERNELS.md.
 
-The "split" variant (a candidate, not the default: ISOFLOP_LOWRANK_BWD=split or variant="split")
-computes the filter gradients in two kernels with one accumulator each, so neither spills:
+The "split" variant (opt-in: ISOFLOP_LOWRANK_BWD=split or variant="split"; on the H200 its best
+blocks took 457 us against the fused kernel's 356, so fused stays the default) computes the filter
+gradients in two kernels with one accumulator each, so neither spills:
 - `_lowrank_dz_kernel`, one program per (time tile, batch), walks all channel tiles and taps and
   writes dz[t] = sum_k (dy[t] * x[t-k]) @ U_k^T directly (no partials over channel tiles);
 - `_lowrank_du_kernel`, one program per (tap, channel tile, time chunk), tap fastest so the W
