@@ -54,6 +54,7 @@ from isoflop.analysis.reference import (
 from isoflop.analysis.table import (
     baseline_arch, is_recall_table, load_evals, load_runs, provenance_lines, usable_runs,
 )
+from isoflop.analysis.throughput import apply_throughput, describe_throughput, load_throughput
 from isoflop.atomic import atomic_write_text
 
 FITS_FILE = "fits.json"
@@ -82,6 +83,12 @@ class FitOutcome:
     outliers: pd.DataFrame
     fits_path: Path
     multipliers_path: Path
+    throughput: pd.DataFrame | None = None  # throughput.csv when present (wall-clock M's source)
+
+    @property
+    def timed(self) -> pd.DataFrame:
+        """The usable runs with the throughput the wall-clock multipliers use."""
+        return _timed_runs(self.usable, self.throughput)
 
     @property
     def method(self) -> str:
@@ -120,7 +127,9 @@ def run_fit(
     """Fit every architecture of results_dir/runs.csv by `method` (METHODS), bootstrap (paired
     across architectures; resample_budgets None: the method's default), and compute the multipliers
     against the baseline at the grid's budgets and at the named budgets `at` (FLOPs), with the
-    wall-clock multiplier when `wallclock`; writes results_dir/fits.json and multipliers.csv."""
+    wall-clock multiplier when `wallclock`; writes results_dir/fits.json and multipliers.csv.
+    The wall-clock multiplier takes each run's throughput from results_dir/throughput.csv when
+    there is one (analysis/throughput.py), else from the run's own tokens_per_s."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise NotADirectoryError(f"{results_dir}: expected the results directory holding runs.csv")
@@ -129,12 +138,13 @@ def run_fit(
     baseline = baseline_arch(runs)
     if usable.empty:
         raise ValueError(f"{results_dir}: no usable run (state 'done' with a finite final_val_loss)")
+    throughput = load_throughput(results_dir)
     result = fit_method(usable, method, n_boot=n_boot, seed=seed, resample_budgets=resample_budgets)
     if baseline not in result.archs:
         reason = result.skipped.get(baseline, "it has no usable run")
         raise ValueError(f"{results_dir}: cannot fit the baseline {baseline!r} by {method}: {reason}")
-    multipliers = multiplier_table(usable, result.fits, result.samples, baseline, at=at,
-                                   wallclock=wallclock)
+    multipliers = multiplier_table(_timed_runs(usable, throughput), result.fits, result.samples,
+                                   baseline, at=at, wallclock=wallclock)
     tests = exponent_tests(result, baseline, INTERVAL)
     surfaces = _surfaces(usable, result)
     outliers = flag_outliers(runs, surfaces)
@@ -143,7 +153,13 @@ def run_fit(
     atomic_write_text(fits_path, json.dumps(document, indent=2, allow_nan=False) + "\n")
     atomic_write_text(multipliers_path, multipliers.to_csv(index=False))
     return FitOutcome(runs, usable, baseline, result, multipliers, tests, surfaces, outliers,
-                      fits_path, multipliers_path)
+                      fits_path, multipliers_path, throughput)
+
+
+def _timed_runs(usable: pd.DataFrame, throughput: pd.DataFrame | None) -> pd.DataFrame:
+    """`usable` with the throughput of each (arch, size) trained alone when throughput.csv gave one:
+    runs that shared a GPU measured their own under contention."""
+    return usable if throughput is None else apply_throughput(usable, throughput)
 
 
 def _surfaces(usable: pd.DataFrame, result: MethodResult) -> dict[str, SurfaceFit]:
@@ -343,7 +359,9 @@ def write_report(
     Besides `method` (which gives the multipliers), Approaches 2 and 3 are fitted for the
     compute-optimal allocation whenever the table supports them. Wall-clock multipliers are
     included whenever every architecture has a measured throughput (tokens_per_s); `wallclock`
-    includes them regardless (empty for an architecture without one). With a reference.yaml
+    includes them regardless (empty for an architecture without one). With a throughput.csv
+    beside runs.csv (`isoflop throughput`: each (architecture, size) trained alone) that table's
+    tokens_per_s replaces the runs' own for the wall-clock multipliers, and the report says so. With a reference.yaml
     beside runs.csv (analysis/reference.py) the report holds the sweep against its figures.
 
     A table of associative-recall runs (a `task` column filled) gets the recall report instead
@@ -354,7 +372,8 @@ def write_report(
         return write_recall_report(results_dir)
     # Checked before the fits, so that a wrong reference file costs no bootstrap.
     reference = load_reference(results_dir, list(runs["arch"].unique()), baseline_arch(runs))
-    wallclock = wallclock or _throughput_measured(usable_runs(runs))
+    timed = _timed_runs(usable_runs(runs), load_throughput(results_dir))
+    wallclock = wallclock or _throughput_measured(timed)
     outcome = run_fit(results_dir, at=at, n_boot=n_boot, seed=seed, method=method,
                       wallclock=wallclock)
     others = {
@@ -484,8 +503,9 @@ def _report_text(
 
 
 def _wallclock_lines(outcome: FitOutcome) -> list[str]:
-    """What the wall-clock multipliers mean, and the relative cost per FLOP behind them."""
-    baseline, usable = outcome.baseline, outcome.usable
+    """What the wall-clock multipliers mean, which throughput they use (throughput.csv or the
+    runs' own), and the relative cost per FLOP behind them."""
+    baseline, usable = outcome.baseline, outcome.timed
     base_speed = seconds_per_flop(usable, baseline)
     costs = []
     for arch, rows in outcome.multipliers.groupby("arch", sort=True):
@@ -498,19 +518,33 @@ def _wallclock_lines(outcome: FitOutcome) -> list[str]:
         costs.append(f"{arch}: " + ", ".join(f"{r:.2f} at {c:.3g}" for r, c in zip(ratio, C)))
     return [
         (f"Wall-clock M: the time {baseline} needs to reach the architecture's loss over the time "
-         "the architecture needs for C, at the throughput measured in these runs (tokens_per_s, "
-         "training only). It is the compute multiplier divided by the architecture's cost per FLOP "
+         f"the architecture needs for C, {_throughput_source(outcome)}. It is the compute "
+         "multiplier divided by the architecture's cost per FLOP "
          f"relative to {baseline}'s (M / s when each FLOP takes s times as long): above M when the "
          "architecture's FLOPs run faster, below it when they run slower. Seconds per FLOP are a "
          "line in log-log against compute through each architecture's frontier runs; the band "
-         "carries M's replicates with the throughput taken as known. Caveat: runs that shared a "
-         "GPU (several workers on one device) measured their throughput under contention with "
-         "whatever ran beside them, and small models use a GPU less well than large ones, so "
-         "these costs are those of this sweep's machine and schedule, not of the operator alone."),
+         "carries M's replicates with the throughput taken as known."
+         + ("" if outcome.throughput is not None else _CONTENTION_CAVEAT)),
         "",
         f"Measured seconds per FLOP relative to {baseline}, at each budget: " + "; ".join(costs) + ".",
         "",
     ]
+
+
+# Only for the runs' own throughput: measured alone (throughput.csv), nothing ran beside a model.
+_CONTENTION_CAVEAT = (
+    " Caveat: runs that shared a GPU (several workers on one device) measured their throughput "
+    "under contention with whatever ran beside them, and small models use a GPU less well than "
+    "large ones, so these costs are those of this sweep's machine and schedule, not of the "
+    "operator alone."
+)
+
+
+def _throughput_source(outcome: FitOutcome) -> str:
+    if outcome.throughput is None:
+        return "at the throughput measured in these runs (tokens_per_s, training only)"
+    return ("at the throughput of each (architecture, size) trained alone "
+            f"({describe_throughput(outcome.throughput)})")
 
 
 def _reference_lines(reference: Reference, multipliers: pd.DataFrame, baseline: str) -> list[str]:

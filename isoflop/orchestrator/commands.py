@@ -1,8 +1,9 @@
-"""The sweep subcommands of `isoflop`: plan, run, submit, retry, status and collect.
+"""The sweep subcommands of `isoflop`: plan, run, submit, retry, status, collect and throughput.
 
 Each has `add_<name>(subparsers)` (its arguments; sets `handler=`) and `<name>_command(args)`, the
 convention of isoflop/cli.py. Imports happen inside the handlers so `isoflop --help` stays fast, and
-none of them imports torch (only the worker processes that `run` starts do).
+none of them imports torch (only the worker processes that `run` starts do) except `throughput`,
+which trains in its own process, inside its handler.
 A sweep problem (SweepError) or a bad option prints one line naming file, key path, value and what
 is allowed, and exits with EXIT_SWEEP_ERROR; a full disk or an unwritable runs folder prints which
 file and why (EXIT_UNWRITABLE); SLURM refusing a submission or query prints what it said
@@ -142,20 +143,39 @@ def add_run(subparsers: argparse._SubParsersAction) -> None:
 
 def _selected_runs(args: argparse.Namespace) -> tuple[Any, list[Any], Path]:
     """(sweep, the runs --only selects, the sweep's folder of runs); records the sweep's manifest."""
-    from isoflop.orchestrator.launch import parse_only, select
     from isoflop.orchestrator.layout import sweep_dir, write_manifest
 
     sweep, all_runs = _load(args.sweep)
-    try:
-        runs = select(all_runs, parse_only(args.only))
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    if not runs:
-        raise UsageError(f"--only {' '.join(args.only)} matches none of the {len(all_runs)} runs of "
-                         f"sweep {sweep.name}")
+    runs = _only(args.only, all_runs, sweep.name)
     directory = sweep_dir(sweep.name, args.runs_dir)
     write_manifest(directory, sweep.name, str(sweep.path), all_runs)  # the whole sweep, even with --only
     return sweep, runs, directory
+
+
+def _only(filters: list[str], all_runs: list[Any], sweep_name: str) -> list[Any]:
+    """The runs that the --only filters select, in plan order; UsageError when they are malformed
+    or select nothing."""
+    from isoflop.orchestrator.launch import parse_only, select
+
+    try:
+        runs = select(all_runs, parse_only(filters))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not runs:
+        raise UsageError(f"--only {' '.join(filters)} matches none of the {len(all_runs)} runs of "
+                         f"sweep {sweep_name}")
+    return runs
+
+
+def _load_corpus(data: Any) -> Any:
+    """The sweep's corpus; a corpus that does not exist or cannot be read is said once, in one
+    line (UsageError), instead of failing in every run."""
+    from isoflop.data import load_corpus
+
+    try:
+        return load_corpus(data)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _add_only(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -174,13 +194,8 @@ def _train_here(sweep: Any, runs: list[Any], directory: Path, workers: int,
     def prepare_data() -> None:
         if sweep.data.task is not None:  # a synthetic task: runs generate their own batches
             return
-        from isoflop.data import load_corpus
-
         console.print(f"loading corpus {sweep.data.corpus} ({sweep.data.tokenizer}) ...")
-        try:
-            corpus = load_corpus(sweep.data)
-        except ValueError as error:  # a corpus that does not exist or cannot be read: say so, once
-            raise UsageError(str(error)) from None
+        corpus = _load_corpus(sweep.data)
         console.print(corpus.describe())
         for run in runs:
             if run.tokens > corpus.n_train_tokens:
@@ -391,6 +406,99 @@ def collect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- isoflop throughput ---------------------------------------------------------------------------
+
+THROUGHPUT_COLUMNS: tuple[str, ...] = (
+    "arch", "size", "params", "tokens_per_step", "steps", "tokens_per_s", "device", "torch_version",
+    "git_sha",
+)
+THROUGHPUT_FOLDER = "_throughput"  # beside the sweep's run folders; not a run id, so never a run
+
+
+def add_throughput(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "throughput", help="throughput of each (architecture, size) trained alone, for honest "
+        "wall-clock multipliers when runs shared a GPU",
+        description="Train each distinct (architecture, size) of the sweep alone for a few steps, "
+        "one after another in this process and through the code path of real runs, and write "
+        "throughput.csv (tokens/s of the second half of the steps). Runs that shared a GPU "
+        "measured their throughput under contention; with throughput.csv beside runs.csv, "
+        "`isoflop report` computes the wall-clock multipliers from these numbers instead.",
+    )
+    parser.add_argument("sweep", type=Path, help="the sweep's YAML file")
+    parser.add_argument("--steps", type=int, default=30,
+                        help="training steps per model, half of them warm-up (default 30, at least 4)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/<sweep>)")
+    _add_only(parser, "measure")
+    _add_runs_dir(parser)
+    parser.set_defaults(handler=throughput_command)
+
+
+def _first_of_each_pair(runs: list[Any]) -> list[Any]:
+    """The first run of each (arch, size), in plan order: every budget trains the same model, and
+    one model is one measurement."""
+    first: dict[tuple[str, str], Any] = {}
+    for run in runs:
+        first.setdefault((run.arch, run.size), run)
+    return list(first.values())
+
+
+@_reports_sweep_errors
+def throughput_command(args: argparse.Namespace) -> int:
+    from isoflop.orchestrator.layout import sweep_dir
+    from isoflop.train.throughput import MIN_STEPS  # torch loads only when measuring starts
+
+    if args.steps < MIN_STEPS:
+        raise UsageError(f"--steps {args.steps}; allowed: {MIN_STEPS} or more (half of them warm up, "
+                         "half are timed)")
+    sweep, all_runs = _load(args.sweep)
+    pairs = _first_of_each_pair(_only(args.only, all_runs, sweep.name))
+    if sweep.data.task is None:
+        _load_corpus(sweep.data)  # a missing corpus: one line now, not a traceback in the first run
+    folder = sweep_dir(sweep.name, args.runs_dir) / THROUGHPUT_FOLDER
+    rows = _measure_pairs(pairs, folder, args.steps, _console())
+    path = (args.out or Path("results") / sweep.name) / "throughput.csv"
+    _write_throughput_csv(path, rows)
+    print(f"wrote {path} ({len(rows)} (architecture, size) pairs, {args.steps} steps each)")
+    return 0
+
+
+def _measure_pairs(pairs: list[Any], folder: Path, steps: int, console: Any) -> list[dict[str, Any]]:
+    """One throughput.csv row per planned run of `pairs`, each trained alone in folder/<arch>-<size>."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from isoflop.train.provenance import git_sha
+    from isoflop.train.throughput import measure
+
+    common = {"steps": steps, "torch_version": torch.__version__, "git_sha": git_sha() or ""}
+    rows = []
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("throughput", total=len(pairs))
+        for run in pairs:
+            measured = measure(run.spec, folder / f"{run.arch}-{run.size}", steps=steps)
+            rows.append({"arch": run.arch, "size": run.size,
+                         "tokens_per_step": run.spec.train.tokens_per_step} | measured | common)
+            progress.advance(task)
+            progress.console.print(f"{run.arch} {run.size}: {measured['tokens_per_s']:,.0f} tokens/s "
+                                   f"({measured['params']:,} params, {measured['device']})")
+    return rows
+
+
+def _write_throughput_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+    import io
+
+    from isoflop.atomic import atomic_write_text
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=THROUGHPUT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)  # str() of a float round-trips: every digit of tokens_per_s is kept
+    atomic_write_text(path, text.getvalue())
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_plan, add_run, add_submit, add_retry, add_status, add_collect,
+    add_plan, add_run, add_submit, add_retry, add_status, add_collect, add_throughput,
 )

@@ -1,0 +1,95 @@
+"""throughput.csv: the tokens/s of each (architecture, size) trained alone, beside runs.csv.
+
+`isoflop throughput SWEEP` writes it (isoflop/train/throughput.py trains each model a few steps by
+itself). When runs shared a GPU, their own tokens_per_s measured the schedule (whatever ran beside
+them) as much as the architecture; with this table present the report's wall-clock multipliers use
+its clean numbers instead. Columns: arch, size, tokens_per_s (required), and params,
+tokens_per_step, steps, device, torch_version, git_sha (provenance, read when present).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from isoflop.analysis.table import TableError
+
+THROUGHPUT_FILE = "throughput.csv"
+REQUIRED_COLUMNS: tuple[str, ...] = ("arch", "size", "tokens_per_s")
+TEXT_COLUMNS: tuple[str, ...] = ("arch", "size", "device", "torch_version", "git_sha")
+
+
+def load_throughput(results_dir: str | Path) -> pd.DataFrame | None:
+    """results_dir/throughput.csv, validated; None when the folder has none.
+
+    Raises ValueError (TableError, which the CLI prints as one line) naming the file, the column
+    and what is allowed, for a missing column, a tokens_per_s that is not a positive finite number,
+    or two rows for one (arch, size)."""
+    path = Path(results_dir) / THROUGHPUT_FILE
+    if not path.is_file():
+        return None
+    # Labels as text, as runs.csv reads them: a size like '100' must match the runs' '100'.
+    table = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
+    _require_columns(table, path)
+    _check_throughput(table, path)
+    _check_one_row_per_pair(table, path)
+    return table
+
+
+def _require_columns(table: pd.DataFrame, path: Path) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise TableError(f"{path}: missing column {', '.join(missing)}; allowed: a table with the "
+                         f"columns {', '.join(REQUIRED_COLUMNS)} (as `isoflop throughput` writes it)")
+
+
+def _check_throughput(table: pd.DataFrame, path: Path) -> None:
+    values = pd.to_numeric(table["tokens_per_s"], errors="coerce").to_numpy(float)
+    bad = ~(np.isfinite(values) & (values > 0))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise TableError(f"{path}: column tokens_per_s is {table['tokens_per_s'].iloc[row]!r} in row "
+                         f"{row + 1} ({table['arch'].iloc[row]} {table['size'].iloc[row]}); "
+                         "allowed: a positive finite number of tokens per second")
+    table["tokens_per_s"] = values
+
+
+def _check_one_row_per_pair(table: pd.DataFrame, path: Path) -> None:
+    repeated = table[table.duplicated(["arch", "size"], keep=False)]
+    if not repeated.empty:
+        first = repeated.iloc[0]
+        raise TableError(f"{path}: columns arch, size repeat ({first['arch']}, {first['size']}); "
+                         "allowed: one row per (arch, size)")
+
+
+def apply_throughput(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """A copy of `runs` whose tokens_per_s is the table's for the same (arch, size); NaN where the
+    table has no row for it (such runs then count as unmeasured)."""
+    measured = table.set_index(["arch", "size"])["tokens_per_s"]
+    keys = pd.MultiIndex.from_arrays([runs["arch"].astype(str), runs["size"].astype(str)])
+    out = runs.copy()
+    out["tokens_per_s"] = measured.reindex(keys).to_numpy(float)
+    return out
+
+
+def describe_throughput(table: pd.DataFrame) -> str:
+    """Where the table's numbers come from, for the report: 'throughput.csv: 30 steps each on
+    NVIDIA H200' (the parts the table lacks are left out)."""
+    details = []
+    counts = pd.to_numeric(pd.Series(_filled(table, "steps"), dtype=object), errors="coerce")
+    steps = sorted({int(n) for n in counts.dropna()})
+    if steps:
+        details.append(f"{'/'.join(str(n) for n in steps)} steps each")
+    devices = sorted({str(v) for v in _filled(table, "device")})
+    if devices:
+        details.append(f"on {', '.join(devices)}")
+    return THROUGHPUT_FILE + (": " + " ".join(details) if details else "")
+
+
+def _filled(table: pd.DataFrame, column: str) -> list:
+    """The non-empty values of an optional provenance column (none when the table lacks it)."""
+    if column not in table.columns:
+        return []
+    return [v for v in table[column].dropna() if str(v).strip()]

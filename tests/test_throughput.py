@@ -1,0 +1,118 @@
+"""`isoflop throughput` and throughput.csv: each (architecture, size) trained alone, and the report's
+wall-clock multipliers taken from those numbers instead of the runs' own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from isoflop.analysis.report import write_report
+from isoflop.analysis.synthetic import simulate_runs
+from isoflop.analysis.throughput import THROUGHPUT_FILE, apply_throughput, load_throughput
+from isoflop.cli import main
+
+# Two tiny models at one budget and size: two (arch, size) pairs, a few steps each on CPU.
+SWEEP = """
+name: tput-test
+data: {{corpus: {corpus}, tokenizer: bytes}}
+architectures:
+  transformer: {{baseline: true}}
+  dynamic-qkv: {{overrides: {{conv: {{rank: 4}}}}}}
+grid: {{kind: isoflop, budgets: [1.0e+9, 2.0e+9], sizes: [tiny]}}
+train: {{batch_size: 2, seq_len: 32, lr: 0.003, eval_tokens: 256, device: cpu}}
+executor: {{workers: 2}}
+"""
+COLUMNS = ["arch", "size", "params", "tokens_per_step", "steps", "tokens_per_s", "device",
+           "torch_version", "git_sha"]
+
+
+def test_command_writes_one_row_per_architecture_and_size(tmp_path, corpus, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP.format(corpus=corpus))
+    out, runs_dir = tmp_path / "results", tmp_path / "runs"
+    assert main(["throughput", str(sweep), "--steps", "4", "--out", str(out),
+                 "--runs-dir", str(runs_dir)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    table = pd.read_csv(out / THROUGHPUT_FILE, dtype={"git_sha": str})
+    assert list(table.columns) == COLUMNS
+    # Two budgets of the same model are one measurement.
+    assert sorted(zip(table["arch"], table["size"])) == [("dynamic-qkv", "tiny"), ("transformer", "tiny")]
+    assert (table["tokens_per_s"] > 0).all() and (table["params"] > 0).all()
+    assert (table["steps"] == 4).all() and (table["tokens_per_step"] == 64).all()
+    assert load_throughput(out) is not None  # what the report reads accepts what the command wrote
+    assert (runs_dir / "tput-test" / "_throughput" / "transformer-tiny" / "metrics.jsonl").is_file()
+
+
+def test_command_refuses_too_few_steps(tmp_path, corpus, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP.format(corpus=corpus))
+    assert main(["throughput", str(sweep), "--steps", "3", "--runs-dir", str(tmp_path)]) == 2
+    assert "--steps 3; allowed: 4 or more" in capsys.readouterr().err
+
+
+def write_table(folder: Path, rows: list[dict]) -> Path:
+    path = folder / THROUGHPUT_FILE
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_a_missing_column_names_the_file_and_the_column(tmp_path):
+    path = write_table(tmp_path, [{"arch": "transformer", "size": "tiny", "params": 10}])
+    with pytest.raises(ValueError, match=rf"{path}: missing column tokens_per_s; allowed:"):
+        load_throughput(tmp_path)
+
+
+@pytest.mark.parametrize("value", [0.0, -5.0, np.inf, np.nan, "fast"])
+def test_a_bad_throughput_names_the_file_and_the_column(tmp_path, value):
+    path = write_table(tmp_path, [{"arch": "transformer", "size": "tiny", "tokens_per_s": 100.0},
+                                  {"arch": "conv", "size": "tiny", "tokens_per_s": value}])
+    with pytest.raises(ValueError, match=rf"{path}: column tokens_per_s .* row 2 \(conv tiny\); "
+                                         "allowed: a positive finite number"):
+        load_throughput(tmp_path)
+
+
+def test_no_table_is_none_and_missing_pairs_are_unmeasured(tmp_path):
+    assert load_throughput(tmp_path) is None
+    write_table(tmp_path, [{"arch": "transformer", "size": "100", "tokens_per_s": 50.0}])
+    runs = pd.DataFrame({"arch": ["transformer", "transformer", "conv"], "size": ["100", "200", "100"],
+                         "tokens_per_s": [1.0, 2.0, 3.0]})
+    applied = apply_throughput(runs, load_throughput(tmp_path))
+    np.testing.assert_array_equal(applied["tokens_per_s"], [50.0, np.nan, np.nan])
+    assert list(runs["tokens_per_s"]) == [1.0, 2.0, 3.0]  # a copy: the runs are left as they were
+
+
+def synthetic_results(folder: Path) -> pd.DataFrame:
+    """A synthetic sweep whose runs measured no throughput of their own; each run's size label is
+    its own model (the generator's labels s0..s3 name different models at each budget)."""
+    runs = simulate_runs([1e17, 1e18, 1e19], {"transformer": 1.0, "dynamic-qkv": 1.5},
+                         baseline="transformer", sweep="tput")
+    runs["size"] = [f"{size}-{budget:.0e}" for size, budget in zip(runs["size"], runs["budget"])]
+    runs["tokens_per_s"] = np.nan
+    runs.to_csv(folder / "runs.csv", index=False)
+    return runs
+
+
+def test_report_takes_wallclock_multipliers_from_throughput_csv(tmp_path):
+    runs = synthetic_results(tmp_path)
+    text = write_report(tmp_path, n_boot=20).read_text()
+    assert "Wall-clock M" not in text  # no throughput anywhere: no wall-clock multipliers
+
+    # dynamic-qkv runs at half the baseline's FLOPs per second at every size. seconds_per_flop is
+    # tokens / (tokens_per_s * flops), so tokens_per_s = (FLOP/s) / (flops per token) makes it
+    # exactly 1 / (FLOP/s): 2x the baseline's, and wall-clock M = M / 2 at every budget.
+    flops_per_s = {"transformer": 2e12, "dynamic-qkv": 1e12}
+    write_table(tmp_path, [
+        {"arch": run.arch, "size": run.size, "steps": 30, "device": "NVIDIA H200",
+         "tokens_per_s": flops_per_s[run.arch] * run.tokens / run.flops}
+        for run in runs.itertuples()])
+    text = write_report(tmp_path, n_boot=20).read_text()
+    multipliers = pd.read_csv(tmp_path / "multipliers.csv")
+    np.testing.assert_allclose(multipliers["wall_multiplier"], multipliers["multiplier"] / 2, rtol=1e-9)
+    np.testing.assert_allclose(multipliers["wall_lo"], multipliers["lo"] / 2, rtol=1e-9)
+    assert ("at the throughput of each (architecture, size) trained alone "
+            "(throughput.csv: 30 steps each on NVIDIA H200)") in text
+    assert "Caveat: runs that shared a GPU" not in text
+    assert "dynamic-qkv: 2.00 at 1e+17, 2.00 at 1e+18, 2.00 at 1e+19" in text
