@@ -10,6 +10,7 @@ from isoflop.analysis.fits import (
     fit_power_law,
     fit_with_E_batch,
     frontier_points,
+    grid_edges,
 )
 from isoflop.analysis.synthetic import simulate_runs
 from isoflop.analysis.table import usable_runs, validate_runs
@@ -130,3 +131,19 @@ def test_fit_frontiers_fits_each_arch_and_explains_what_it_skips():
     fits, skipped = fit_frontiers(usable_runs(runs))
     assert list(fits) == ["base"] and fits["base"].with_E and fits["base"].n_points == 4
     assert skipped == {"var": "1 distinct compute value(s); a fit without E needs >= 2"}
+
+
+def test_grid_edges_names_budgets_whose_best_run_is_the_smallest_or_largest_size():
+    rows = []
+    for budget, losses in [(1e15, [1.0, 1.1, 1.2]), (1e16, [1.3, 1.1, 1.2]), (1e17, [1.3, 1.2, 1.1])]:
+        for params, loss in zip([1e6, 2e6, 4e6], losses):
+            rows.append({"arch": "a", "budget": budget, "params": params, "size": f"s{int(params)}",
+                         "final_val_loss": loss})
+    rows += [{"arch": "b", "budget": 1e15, "params": p, "size": "x", "final_val_loss": loss}
+             for p, loss in [(1e6, 1.0), (2e6, 1.1)]]  # two sizes: never judged
+    rows.append({"arch": "a", "budget": float("nan"), "params": 1e6, "size": "ladder",
+                 "final_val_loss": 0.5})  # ladder runs have no grid
+    edges = grid_edges(pd.DataFrame(rows))
+    assert edges[["arch", "budget", "size", "edge"]].values.tolist() == [
+        ["a", 1e15, "s1000000", "smallest"], ["a", 1e17, "s4000000", "largest"]]
+    assert (edges["n_sizes"] == 3).all()

@@ -132,3 +132,4 @@ def test_the_committed_paper_small_results_regenerate_from_their_table(tmp_path)
         assert (tmp_path / name).read_text() == (committed / name).read_text()
     assert "runs: 48 (done: 48)" in report and "device: `NVIDIA H200`" in report
     assert report.count("matches the expected order") == 3
+    assert "## Grid check" in report and "- dynamic-qkv: smallest size (d128-l3) at 2.5e+14" in report

@@ -84,6 +84,28 @@ def frontier_rows(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([best, runs[~np.isfinite(runs["budget"])]])
 
 
+def grid_edges(runs: pd.DataFrame, min_sizes: int = 3) -> pd.DataFrame:
+    """Budgets whose lowest-loss run is the smallest or the largest size run there, per
+    architecture: columns arch, budget, size, edge ("smallest" | "largest"), n_sizes. Only isoflop
+    budgets with at least `min_sizes` distinct sizes count (with two, one is always at an edge).
+
+    There the compute-optimal size may lie outside the grid, so the frontier run overstates the
+    loss reachable with that budget."""
+    rows = []
+    isoflop = runs[np.isfinite(runs["budget"])]
+    for (arch, budget), group in isoflop.groupby(["arch", "budget"], sort=True):
+        params = group["params"].to_numpy(float)
+        if len(np.unique(params)) < min_sizes:
+            continue
+        best = group.loc[group["final_val_loss"].idxmin()]
+        edge = ("smallest" if best["params"] == params.min()
+                else "largest" if best["params"] == params.max() else None)
+        if edge is not None:
+            rows.append({"arch": arch, "budget": float(budget), "size": best["size"], "edge": edge,
+                         "n_sizes": len(np.unique(params))})
+    return pd.DataFrame(rows, columns=["arch", "budget", "size", "edge", "n_sizes"])
+
+
 def frontier_points(runs: pd.DataFrame) -> pd.DataFrame:
     """The frontier (frontier_rows) as columns C (the compute the run spent) and L, sorted by C."""
     points = frontier_rows(runs)
