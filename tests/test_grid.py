@@ -15,9 +15,9 @@ import yaml
 
 from isoflop.models.counting import count_params, flops_per_token
 from isoflop.orchestrator.estimate import PROFILES
-from isoflop.orchestrator.grid import CHINCHILLA_TOKENS_PER_PARAM, chinchilla_sizes, expand
+from isoflop.orchestrator.grid import chinchilla_sizes, expand
 from isoflop.orchestrator.plan import make_plan
-from isoflop.orchestrator.spec import load_sweep
+from isoflop.orchestrator.spec import DEFAULT_OPTIMUM_TOKENS_PER_PARAM, SweepError, load_sweep
 from isoflop.runspec import RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,7 +147,7 @@ def test_n_sizes_centre_on_the_chinchilla_optimum(tmp_path):
     shapes = chinchilla_sizes(budget, n_sizes=5, spread=4.0)
     params = [s.non_embedding_params for s in shapes]
     assert params == sorted(params) and len(set(params)) == len(params)
-    n_opt = math.sqrt(budget / (6 * CHINCHILLA_TOKENS_PER_PARAM))
+    n_opt = math.sqrt(budget / (6 * DEFAULT_OPTIMUM_TOKENS_PER_PARAM))
     assert params[0] < n_opt < params[-1]
     assert math.sqrt(params[0] * params[-1]) == pytest.approx(n_opt, rel=0.5)
     assert params[-1] / params[0] == pytest.approx(16, rel=0.6)
@@ -155,6 +155,21 @@ def test_n_sizes_centre_on_the_chinchilla_optimum(tmp_path):
     text = text.replace("1.0e+11, 3.0e+11", "3.0e+11")
     runs = expand(load(tmp_path, text))
     assert {r.size for r in runs} == {s.name for s in chinchilla_sizes(3e11, 3, 2.0)}
+
+
+def test_optimum_tokens_per_param_moves_the_centre_of_n_sizes(tmp_path):
+    """More tokens per parameter at the optimum: smaller models for the same budget (sqrt scaling)."""
+    default = chinchilla_sizes(1e15, n_sizes=1, spread=2.0)[0].non_embedding_params
+    shifted = chinchilla_sizes(1e15, n_sizes=1, spread=2.0, tokens_per_param=80)[0].non_embedding_params
+    assert shifted / default == pytest.approx(0.5, rel=0.25)
+    base = SWEEP.replace("sizes: [tiny, d64-l2]", "n_sizes: 3, spread: 2").replace("1.0e+11, 3.0e+11", "3.0e+11")
+    text = base.replace("spread: 2", "spread: 2, optimum_tokens_per_param: 80")
+    runs = expand(load(tmp_path, text))
+    assert {r.size for r in runs} == {s.name for s in chinchilla_sizes(3e11, 3, 2.0, tokens_per_param=80)}
+    with pytest.raises(SweepError, match=r"optimum_tokens_per_param.*only applies to n_sizes"):
+        load(tmp_path, SWEEP.replace("sizes: [tiny, d64-l2]", "sizes: [tiny], optimum_tokens_per_param: 40"))
+    with pytest.raises(SweepError, match="optimum_tokens_per_param"):
+        load(tmp_path, base.replace("spread: 2", "spread: 2, optimum_tokens_per_param: -1"))
 
 
 def test_ladder_trains_every_architecture_on_the_baselines_tokens(tmp_path):

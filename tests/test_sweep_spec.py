@@ -72,7 +72,8 @@ def test_good_file_parses_with_defaults(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["quickstart.yaml", "paper-small.yaml", "linear-rnn-small.yaml", "moe-small.yaml"]
+    "name", ["quickstart.yaml", "paper-small.yaml", "paper-small-centred.yaml", "linear-rnn-small.yaml",
+             "moe-small.yaml"]
 )
 def test_shipped_sweeps_validate_and_expand(name):
     sweep = load_sweep(REPO / "sweeps" / name)

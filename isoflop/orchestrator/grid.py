@@ -11,7 +11,8 @@ with C = 6 N D and D = 20 N tokens per parameter (Hoffmann et al. 2022), the com
     N_opt = sqrt(C / 120)    (N: non-embedding parameters)
 and the n sizes are spread log-uniformly from N_opt / spread to N_opt * spread, each rounded to a
 shape by `sizes.shape_for_params` (duplicates dropped). The rule only centres the curve; the fits
-find the real optimum.
+find the real optimum. Where it lies elsewhere (the report's grid check names budgets whose best run
+is an edge size), `optimum_tokens_per_param: k` centres on sqrt(C / (6 k)) instead of 20's.
 
 Ladder grids train every size on tokens_per_param x the baseline's total parameters at that size
 (the paper: about 50 tokens per parameter), the same tokens for every architecture.
@@ -50,6 +51,7 @@ from isoflop.models.counting import count_params, flops_per_token
 from isoflop.models.sizes import Shape, resolve_size, shape_for_params
 from isoflop.orchestrator.rules import RuleError, evaluate_rule
 from isoflop.orchestrator.spec import (
+    DEFAULT_OPTIMUM_TOKENS_PER_PARAM,
     TRAIN_FIELD_NAMES,
     TRAIN_KEYS,
     ArchitectureEntry,
@@ -68,7 +70,6 @@ from isoflop.runspec import (
     TrainConfig,
 )
 
-CHINCHILLA_TOKENS_PER_PARAM = 20  # the N_opt rule above: C = 6 N (20 N) = 120 N^2
 
 
 @dataclass(frozen=True)
@@ -151,9 +152,11 @@ def without_nan(row: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
-def chinchilla_sizes(budget: float, n_sizes: int, spread: float) -> list[Shape]:
-    """n shapes log-uniform in [N_opt/spread, N_opt*spread], N_opt = sqrt(C/120) (module docstring)."""
-    n_opt = math.sqrt(budget / (6 * CHINCHILLA_TOKENS_PER_PARAM))
+def chinchilla_sizes(budget: float, n_sizes: int, spread: float,
+                     tokens_per_param: float = DEFAULT_OPTIMUM_TOKENS_PER_PARAM) -> list[Shape]:
+    """n shapes log-uniform in [N_opt/spread, N_opt*spread], N_opt = sqrt(C / (6 tokens_per_param)),
+    sqrt(C/120) by default (module docstring)."""
+    n_opt = math.sqrt(budget / (6 * tokens_per_param))
     exponents = [0.0] if n_sizes == 1 else [-1 + 2 * i / (n_sizes - 1) for i in range(n_sizes)]
     return list(dict.fromkeys(shape_for_params(n_opt * spread**e) for e in exponents))
 
@@ -187,7 +190,8 @@ class _Expansion:
                 cells = [(label, resolve_size(label)) for label in grid.sizes]
             else:
                 assert grid.n_sizes is not None and grid.spread is not None  # spec guarantees both
-                cells = [(s.name, s) for s in chinchilla_sizes(budget, grid.n_sizes, grid.spread)]
+                cells = [(s.name, s) for s in chinchilla_sizes(budget, grid.n_sizes, grid.spread,
+                                                                 grid.optimum_tokens_per_param)]
             for label, shape in cells:
                 baseline_cfg = self.model_config(self.sweep.baseline, shape)
                 baseline_tokens = budget / flops_per_token(baseline_cfg, self.seq_len).train

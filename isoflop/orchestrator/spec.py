@@ -12,6 +12,7 @@ A sweep file (YAML) says what to train; `grid.expand` turns it into RunSpecs. La
       kind: isoflop
       budgets: [1.0e+12, 3.0e+12]          # training FLOPs per run (each architecture its own FLOPs)
       sizes: [d64-l2, 2.5M]                # explicit sizes, or:  n_sizes: 4, spread: 3
+                                           # (+ optimum_tokens_per_param: 20, the sizes' centre)
       min_steps: 10                        # optional: a cell with fewer optimiser steps is an error
       cooldowns: false                     # optional, needs `schedule: wsd`: one run per size,
                                            # a cooldown branch at each smaller budget (grid.py)
@@ -74,6 +75,8 @@ PARALLEL_MODES: tuple[str, ...] = ("auto", "ddp", "fsdp")
 GRID_KINDS: tuple[str, ...] = ("isoflop", "ladder", "recall")
 DEFAULT_MIN_STEPS = 10  # fewer optimiser steps than this cannot say anything about a size
 DEFAULT_SPREAD = 3.0  # n_sizes grids: sizes from N_opt/3 to 3*N_opt unless the file says otherwise
+# n_sizes grids centre on N_opt = sqrt(C / (6 * this)): Chinchilla's 20 tokens per parameter
+DEFAULT_OPTIMUM_TOKENS_PER_PARAM = 20.0
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # safe as a directory name
 
 
@@ -118,6 +121,7 @@ class IsoflopGrid:
     min_steps: int
     kind: str = "isoflop"
     cooldowns: bool = False  # one WSD run per (architecture, size), branching at smaller budgets
+    optimum_tokens_per_param: float = DEFAULT_OPTIMUM_TOKENS_PER_PARAM  # n_sizes grids' centre
 
 
 @dataclass(frozen=True)
@@ -609,6 +613,7 @@ def _parse_grid(section: _Section) -> Grid:
         explicit = section.list_of("sizes", _size, None)
         n_sizes = section.take("n_sizes", _int_at_least(1), None)
         spread = section.take("spread", _factor, None)
+        optimum = section.take("optimum_tokens_per_param", _positive, None)
         if (explicit is None) == (n_sizes is None):
             chosen = {"sizes": list(explicit) if explicit else None, "n_sizes": n_sizes}
             raise SweepError(section.file, section.path, chosen, "needs exactly one way to choose sizes",
@@ -616,10 +621,14 @@ def _parse_grid(section: _Section) -> Grid:
         if explicit is not None and spread is not None:
             raise SweepError(section.file, section.key_path("spread"), spread,
                              "only applies to n_sizes", "spread with n_sizes, not with sizes")
+        if explicit is not None and optimum is not None:
+            raise SweepError(section.file, section.key_path("optimum_tokens_per_param"), optimum,
+                             "only applies to n_sizes", "optimum_tokens_per_param with n_sizes, not with sizes")
         if n_sizes is not None and spread is None:
             spread = DEFAULT_SPREAD
         cooldowns = section.take("cooldowns", _bool, False)
-        grid = IsoflopGrid(budgets, explicit, n_sizes, spread, min_steps, cooldowns=cooldowns)
+        grid = IsoflopGrid(budgets, explicit, n_sizes, spread, min_steps, cooldowns=cooldowns,
+                           optimum_tokens_per_param=optimum or DEFAULT_OPTIMUM_TOKENS_PER_PARAM)
     section.done()
     return grid
 
