@@ -94,15 +94,15 @@ def grid_edges(runs: pd.DataFrame, min_sizes: int = 3) -> pd.DataFrame:
     rows = []
     isoflop = runs[np.isfinite(runs["budget"])]
     for (arch, budget), group in isoflop.groupby(["arch", "budget"], sort=True):
-        params = group["params"].to_numpy(float)
-        if len(np.unique(params)) < min_sizes:
+        sizes = np.unique(group["params"].to_numpy(float))  # sorted
+        if len(sizes) < min_sizes:
             continue
         best = group.loc[group["final_val_loss"].idxmin()]
-        edge = ("smallest" if best["params"] == params.min()
-                else "largest" if best["params"] == params.max() else None)
+        edge = ("smallest" if best["params"] == sizes[0]
+                else "largest" if best["params"] == sizes[-1] else None)
         if edge is not None:
             rows.append({"arch": arch, "budget": float(budget), "size": best["size"], "edge": edge,
-                         "n_sizes": len(np.unique(params))})
+                         "n_sizes": len(sizes)})
     return pd.DataFrame(rows, columns=["arch", "budget", "size", "edge", "n_sizes"])
 
 

@@ -361,8 +361,9 @@ def write_report(
     included whenever every architecture has a measured throughput (tokens_per_s); `wallclock`
     includes them regardless (empty for an architecture without one). With a throughput.csv
     beside runs.csv (`isoflop throughput`: each (architecture, size) trained alone) that table's
-    tokens_per_s replaces the runs' own for the wall-clock multipliers, and the report says so. With a reference.yaml
-    beside runs.csv (analysis/reference.py) the report holds the sweep against its figures.
+    tokens_per_s replaces the runs' own for the wall-clock multipliers, and the report says so.
+    With a reference.yaml beside runs.csv (analysis/reference.py) the report holds the sweep
+    against its figures.
 
     A table of associative-recall runs (a `task` column filled) gets the recall report instead
     (analysis/recall.py: accuracy per architecture; the fit options do not apply)."""

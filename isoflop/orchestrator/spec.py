@@ -618,12 +618,10 @@ def _parse_grid(section: _Section) -> Grid:
             chosen = {"sizes": list(explicit) if explicit else None, "n_sizes": n_sizes}
             raise SweepError(section.file, section.path, chosen, "needs exactly one way to choose sizes",
                              "either sizes: [...] or n_sizes: N (with an optional spread)")
-        if explicit is not None and spread is not None:
-            raise SweepError(section.file, section.key_path("spread"), spread,
-                             "only applies to n_sizes", "spread with n_sizes, not with sizes")
-        if explicit is not None and optimum is not None:
-            raise SweepError(section.file, section.key_path("optimum_tokens_per_param"), optimum,
-                             "only applies to n_sizes", "optimum_tokens_per_param with n_sizes, not with sizes")
+        for key, value in (("spread", spread), ("optimum_tokens_per_param", optimum)):
+            if explicit is not None and value is not None:
+                raise SweepError(section.file, section.key_path(key), value, "only applies to n_sizes",
+                                 f"{key} with n_sizes, not with sizes")
         if n_sizes is not None and spread is None:
             spread = DEFAULT_SPREAD
         cooldowns = section.take("cooldowns", _bool, False)
