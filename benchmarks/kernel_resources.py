@@ -64,14 +64,15 @@ class Case:
 def cases(dtype: tl.dtype) -> list[Case]:
     """Each kernel with the constants and block sizes the dispatch uses at the paper's shape."""
     lowrank = dict(W=W, R_P=R, HAS_STATIC=True, HAS_POS=False, DOT_DTYPE=dtype, FP32_DOT=False)
-    conv_blocks = triton_lowrank._blocks(D_MODEL, R, W, backward=False)
-    grad_blocks = triton_lowrank._blocks(D_MODEL, R, W, backward=True)
+    fwd_blocks = triton_lowrank._conv_blocks(SEQ, R, W, lead=False, fp32=False)
+    dx_blocks = triton_lowrank._conv_blocks(SEQ, R, W, lead=True, fp32=False)
+    grad_blocks = triton_lowrank._grad_blocks(R, W)
     split_blocks = triton_lowrank._split_blocks(R, W, fp32=False)
     found = [
         Case("low-rank forward", triton_lowrank._lowrank_conv_kernel,
-             lowrank | dict(RESIDUAL=True, LEAD=False), conv_blocks),
+             lowrank | dict(RESIDUAL=True, LEAD=False), fwd_blocks),
         Case("low-rank dx (lead)", triton_lowrank._lowrank_conv_kernel,
-             lowrank | dict(RESIDUAL=True, LEAD=True), conv_blocks),
+             lowrank | dict(RESIDUAL=True, LEAD=True), dx_blocks),
         Case("low-rank filter grads", triton_lowrank._lowrank_filter_grad_kernel, lowrank, grad_blocks),
         # The split candidate (ISOFLOP_LOWRANK_BWD=split): dz and dU/ds in two kernels.
         Case("low-rank dz (split)", triton_lowrank._lowrank_dz_kernel,

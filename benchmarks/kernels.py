@@ -184,10 +184,16 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
     def fused_bwd(b):
         return lr.lowrank_backward(dy, x, z, U, s, True, None, blocks=b, variant="fused")
 
+    def conv(bt, bd, warps, chunk, stages):
+        return {"BLOCK_T": bt, "BLOCK_D": bd, "num_warps": warps, "CHUNK": chunk, "STAGES": stages}
+
+    # The conv kernel (forward; dx is the same kernel with leads): CHUNK tiles per program,
+    # STAGES of the compiler's pipelining (v7); CHUNK 1 / STAGES 1 is the kernel before v7.
+    conv_configs = [conv(64, 64, 4, 32, 3), conv(64, 64, 4, 16, 3), conv(32, 64, 4, 16, 3), conv(32, 128, 4, 8, 3),
+                    conv(64, 32, 4, 16, 2), conv(128, 32, 4, 16, 3), conv(32, 128, 4, 1, 1)]
     plans = [
-        ("lowrank fwd", lambda b: lr.lowrank_forward(x, z, U, s, True, None, blocks=b),
-         [cfg(32, 128, 4), cfg(64, 128, 4), cfg(32, 64, 4), cfg(64, 64, 4), cfg(16, 128, 4),
-          cfg(32, 128, 8), cfg(64, 64, 8)]),
+        ("lowrank fwd", lambda b: lr._conv(x, z, U, s, True, None, lead=False, blocks=b), conv_configs),
+        ("lowrank dx", lambda b: lr._conv(dy, z, U, s, True, None, lead=True, blocks=b), conv_configs),
         ("lowrank bwd", fused_bwd,
          [cfg(32, 64, 4), cfg(32, 64, 8), cfg(64, 64, 4), cfg(32, 32, 4), cfg(32, 128, 8),
           cfg(16, 32, 8), cfg(32, 32, 8)]),
@@ -262,13 +268,20 @@ def install_tuned(best: dict[str, dict]) -> None:
     from isoflop.kernels import triton_headwise as hw
     from isoflop.kernels import triton_lowrank as lr
 
-    lowrank_default, split_default, headwise_default = lr._blocks, lr._split_blocks, hw._blocks
+    conv_default, grad_default, split_default, headwise_default = (
+        lr._conv_blocks, lr._grad_blocks, lr._split_blocks, hw._blocks)
 
-    def lowrank_blocks(D, R_P, W_P, backward):
-        tuned = best.get("lowrank bwd" if backward else "lowrank fwd")
+    def conv_blocks(T, R_P, W_P, lead, fp32):
+        tuned = best.get("lowrank dx" if lead else "lowrank fwd")
+        if tuned is not None and R_P == 16 and W_P <= 4 and not fp32:
+            return dict(tuned)
+        return conv_default(T, R_P, W_P, lead, fp32)
+
+    def grad_blocks(R_P, W_P):
+        tuned = best.get("lowrank bwd")
         if tuned is not None and R_P == 16 and W_P <= 4:
             return dict(tuned)
-        return lowrank_default(D, R_P, W_P, backward)
+        return grad_default(R_P, W_P)
 
     def split_blocks(R_P, W_P, fp32):
         tuned = best.get("lowrank bwd split")
@@ -283,7 +296,8 @@ def install_tuned(best: dict[str, dict]) -> None:
             return headwise_default(D, hs_p, backward, dynamic)
         return {**tuned, "BLOCK_C": max(tuned["BLOCK_C"], hs_p)}
 
-    lr._blocks, lr._split_blocks, hw._blocks = lowrank_blocks, split_blocks, headwise_blocks
+    lr._conv_blocks, lr._grad_blocks, lr._split_blocks, hw._blocks = (
+        conv_blocks, grad_blocks, split_blocks, headwise_blocks)
 
 
 def print_kernel_resources() -> None:

@@ -367,6 +367,7 @@ FUNCTIONS = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynami
         ("lowrank", 2, 1031, 520, 4, 16, 1, torch.float32),
         ("lowrank", 1, 777, 384, 3, 5, 1, torch.bfloat16),
         ("lowrank", 2, 300, 256, 8, 64, 1, torch.bfloat16),
+        ("lowrank", 2, 1031, 520, 8, 16, 1, torch.bfloat16),  # the conv's middle blocks (R_P * W = 128)
         ("headwise", 2, 1031, 512, 4, 1, 1, torch.bfloat16),
         ("headwise", 2, 1031, 528, 4, 1, 12, torch.bfloat16),
         ("headwise", 2, 1031, 528, 4, 1, 12, torch.float32),
@@ -459,6 +460,23 @@ def test_gpu_decode_matches_full_sequence(triton_backend, W):
             y, state = kernels.dynamic_conv_lowrank_step(x[:, t], state, z[:, t], U, s)
             assert relative_error(y, full[:, t]) < TOLERANCE[torch.bfloat16]
     assert torch.equal(state, ref.initial_state(x, W))
+
+
+def test_conv_blocks_fit_the_sequence_and_the_filter_width():
+    """The pipelined conv walks no more tiles than the sequence has, and wide filters (whose
+    pipeline buffers would overflow shared memory or spill) take the unpipelined kernel."""
+    if INTERPRETING:
+        pytest.skip("the interpreter has its own tiny blocks")
+    from isoflop.kernels.triton_lowrank import _conv_blocks
+
+    paper = _conv_blocks(4096, 16, 4, lead=False, fp32=False)
+    assert paper["STAGES"] > 1 and paper["CHUNK"] > 1
+    short = _conv_blocks(100, 16, 4, lead=False, fp32=False)
+    tiles = -(-100 // short["BLOCK_T"])
+    assert tiles <= short["CHUNK"] < 2 * tiles  # CHUNK is a power of two (one compile per value)
+    assert _conv_blocks(4096, 64, 8, lead=True, fp32=False) | {"BLOCK_D": 0} == {
+        "BLOCK_T": 32, "BLOCK_D": 0, "num_warps": 4, "CHUNK": 1, "STAGES": 1}
+    assert _conv_blocks(4096, 16, 4, lead=False, fp32=True)["BLOCK_D"] < paper["BLOCK_D"]
 
 
 def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path):

@@ -6,8 +6,10 @@ with U_k = U[:, k*D:(k+1)*D]. The filters f never touch memory: each program for
 [rows, channels] slice of f_k = z @ U_k on the matrix units (R padded to >= 16), with the static
 filter as the product's initial value and the residual as +1 on tap 0.
 
-Forward: `_lowrank_conv_kernel`, one program per (time tile, channel tile, batch); x[t] is loaded
-first and the lagged tiles x[t-k] mostly hit its cache lines, so x comes from memory once.
+Forward: `_lowrank_conv_kernel`, one program per (CHUNK time tiles, channel tile, batch); the
+lagged tiles x[t-k] mostly hit the cache lines x[t] brought in, so x comes from memory once, and
+the chunk loop is software-pipelined (STAGES): the next tiles' x, z and U are copied into shared
+memory while this tile's products run, and the matrix units read them from there directly.
 
 Backward, two kernels:
 - dx[t] = residual*dy[t] + sum_k (f[t+k, k] + s[k]) * dy[t+k] is the same kernel run on dy with
@@ -60,49 +62,51 @@ def _lowrank_conv_kernel(
     T, D, R,
     W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr, LEAD: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """y[t] = sum_k tap(t, k) * x[t-k] (forward), or with LEAD, y[t] = sum_k tap(t+k, k) * x[t+k]:
     the same pass run on dy gives dx, each tap read by the position that used x[t]."""
     pid_t, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i = tl.arange(0, BLOCK_T)
-    t = pid_t * BLOCK_T + i
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     r = tl.arange(0, R_P)
-    t_ok, d_ok, r_ok = t < T, d < D, r < R
-    p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
-    # 64-bit only in the tile's base row; offsets inside the tile stay 32-bit (fewer registers).
-    first_row = (b * T + pid_t * BLOCK_T).to(tl.int64)
+    d_ok, r_ok = d < D, r < R
     tile = i[:, None] * D + d[None, :]
-    z_tile = z_ptr + first_row * R + i[:, None] * R + r[None, :]
-    x_tile = x_ptr + first_row * D
-    # x[t] first: its HBM latency then overlaps the filter products, and the shifted tiles below
-    # mostly hit the cache lines it brought in.
-    x0 = tl.load(x_tile + tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-    z = tl.load(z_tile, mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for k in tl.static_range(W):
-        tap = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        if HAS_STATIC:
-            tap += tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        u = tl.load(u_ptr + r[:, None] * (W * D) + k * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        if k == 0:
-            xk = x0
-            tap = mma(z, u.to(DOT_DTYPE), tap, FP32_DOT)
-            if RESIDUAL:
-                tap += 1.0
-        elif LEAD:
-            lead_ok = t_ok & (t + k < T)
-            lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
-            zk = tl.load(z_tile + k * R, mask=lead_ok[:, None] & r_ok[None, :], other=0.0)
-            tap = mma(zk.to(DOT_DTYPE), u.to(DOT_DTYPE), tap, FP32_DOT)
-            xk = tl.load(x_tile + (tile + k * D), mask=lead_ok[:, None] & d_ok[None, :], other=0.0)
-        else:
-            tap = mma(z, u.to(DOT_DTYPE), tap, FP32_DOT)
-            lag_ok = t_ok & (p >= k) & (t >= k)
-            xk = tl.load(x_tile + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tap * xk.to(tl.float32)
-    tl.store(y_ptr + first_row * D + tile, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+    for c in tl.range(0, CHUNK, num_stages=STAGES):
+        t = (pid_t * CHUNK + c) * BLOCK_T + i
+        t_ok = t < T
+        p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
+        # 64-bit only in the tile's base row; offsets inside the tile stay 32-bit (fewer registers).
+        first_row = b.to(tl.int64) * T + (pid_t * CHUNK + c) * BLOCK_T
+        z_tile = z_ptr + first_row * R + i[:, None] * R + r[None, :]
+        x_tile = x_ptr + first_row * D
+        # x[t] first: its HBM latency then overlaps the filter products, and the shifted tiles below
+        # mostly hit the cache lines it brought in.
+        x0 = tl.load(x_tile + tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        z = tl.load(z_tile, mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(W):
+            tap = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            if HAS_STATIC:
+                tap += tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+            u = tl.load(u_ptr + r[:, None] * (W * D) + k * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            if k == 0:
+                xk = x0
+                tap = mma(z, u.to(DOT_DTYPE), tap, FP32_DOT)
+                if RESIDUAL:
+                    tap += 1.0
+            elif LEAD:
+                lead_ok = t_ok & (t + k < T)
+                lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
+                zk = tl.load(z_tile + k * R, mask=lead_ok[:, None] & r_ok[None, :], other=0.0)
+                tap = mma(zk.to(DOT_DTYPE), u.to(DOT_DTYPE), tap, FP32_DOT)
+                xk = tl.load(x_tile + (tile + k * D), mask=lead_ok[:, None] & d_ok[None, :], other=0.0)
+            else:
+                tap = mma(z, u.to(DOT_DTYPE), tap, FP32_DOT)
+                lag_ok = t_ok & (p >= k) & (t >= k)
+                xk = tl.load(x_tile + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tap * xk.to(tl.float32)
+        tl.store(y_ptr + first_row * D + tile, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -278,17 +282,37 @@ def _lowrank_du_kernel(
         tl.store(ds_part_ptr + pid_n.to(tl.int64) * W * D + k * D + d, ds, mask=d_ok)
 
 
-def _blocks(D: int, R_P: int, W_P: int, backward: bool) -> dict:
-    """Block sizes and warps (`backward` picks the filter-gradient kernel's). Interpreted runs use
-    the smallest legal tiles (tl.dot needs >= 16). The filter-gradient kernel keeps W dU
-    accumulators of [BLOCK_D, R_P] floats in registers, so wide ranks or filters get narrower tiles.
-    Picked by `benchmarks/kernels.py --sweep` on an H200 (see benchmarks/KERNELS.md)."""
+def _conv_blocks(T: int, R_P: int, W_P: int, lead: bool, fp32: bool) -> dict:
+    """Block sizes of the conv kernel (forward, or dx with `lead`): BLOCK_T x BLOCK_D tiles, CHUNK
+    time tiles per program, and STAGES for the compiler's pipelining of the chunk loop (the next
+    tiles' x, z and U copied asynchronously into shared memory while this tile's products run).
+    Picked on an H200 at the paper's shape (benchmarks/KERNELS.md, v7): 105 -> 65 us forward and
+    128 -> 73 us dx against the one-tile-per-program kernel. The pipeline's buffers grow with
+    R_P * W and with float32, so wider filters take narrower tiles, and the widest the unpipelined
+    kernel (offline compile: no spills, shared memory under the H200's 227 KB)."""
+    if interpreting():  # CHUNK 2: the interpreter tests walk the chunk loop, masked tail included
+        return {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1, "CHUNK": 2, "STAGES": 1}
+    if R_P * W_P <= 64 and not fp32:
+        tuned = {"BLOCK_T": 32, "BLOCK_D": 64, "CHUNK": 16} if lead else {"BLOCK_T": 64, "BLOCK_D": 64, "CHUNK": 32}
+        blocks = tuned | {"num_warps": 4, "STAGES": 3}
+    elif R_P * W_P <= (64 if fp32 else 128):
+        blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4, "CHUNK": 16, "STAGES": 2}
+    else:
+        return {"BLOCK_T": 32, "BLOCK_D": 128 if R_P <= 32 else 64, "num_warps": 4, "CHUNK": 1, "STAGES": 1}
+    # Short sequences: no more tiles per program than the sequence has (the rest would be masked).
+    blocks["CHUNK"] = min(blocks["CHUNK"], next_pow2(triton.cdiv(T, blocks["BLOCK_T"])))
+    return blocks
+
+
+def _grad_blocks(R_P: int, W_P: int) -> dict:
+    """Block sizes and warps of the filter-gradient kernel. Interpreted runs use the smallest legal
+    tiles (tl.dot needs >= 16). The kernel keeps W dU accumulators of [BLOCK_D, R_P] floats in
+    registers, so wide ranks or filters get narrower tiles. Picked by `benchmarks/kernels.py
+    --sweep` on an H200 (see benchmarks/KERNELS.md)."""
     if interpreting():
         return {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1}
-    if backward:
-        narrow = R_P * W_P > 64
-        return {"BLOCK_T": 32 if narrow else 64, "BLOCK_D": 32 if narrow else 64, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_T": 32, "BLOCK_D": 128 if R_P <= 32 else 64, "num_warps": 4}
+    narrow = R_P * W_P > 64
+    return {"BLOCK_T": 32 if narrow else 64, "BLOCK_D": 32 if narrow else 64, "num_warps": 4, "num_stages": 1}
 
 
 def _split_blocks(R_P: int, W_P: int, fp32: bool) -> dict:
@@ -318,9 +342,9 @@ def _conv(src: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
           lead: bool, blocks: dict | None) -> Tensor:
     B, T, D = src.shape
     meta = _meta(z, U, D, static, pos)
-    blocks = blocks or _blocks(D, meta["R_P"], next_pow2(meta["W"]), backward=False)
+    blocks = blocks or _conv_blocks(T, meta["R_P"], next_pow2(meta["W"]), lead, meta["FP32_DOT"])
     out = torch.empty_like(src)
-    grid = (triton.cdiv(T, blocks["BLOCK_T"]), triton.cdiv(D, blocks["BLOCK_D"]), B)
+    grid = (triton.cdiv(T, blocks["BLOCK_T"] * blocks.get("CHUNK", 1)), triton.cdiv(D, blocks["BLOCK_D"]), B)
     _lowrank_conv_kernel[grid](
         src, z, U, static if static is not None else src, pos if pos is not None else src, out,
         T, D, z.shape[-1], RESIDUAL=residual, LEAD=lead, **meta, **blocks,
@@ -359,7 +383,7 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
                         pos: Tensor | None, meta: dict, blocks: dict | None):
     B, T, D = x.shape
     R, W = z.shape[-1], meta["W"]
-    blocks = blocks or _blocks(D, meta["R_P"], next_pow2(W), backward=True)
+    blocks = blocks or _grad_blocks(meta["R_P"], next_pow2(W))
     d_tiles = triton.cdiv(D, blocks["BLOCK_D"])
     # dz partials cost d_tiles floats per (row, r) and dU partials R*W*D floats per chunk: about
     # two programs per multiprocessor balances both against keeping the chip busy.
