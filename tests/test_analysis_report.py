@@ -122,9 +122,10 @@ def test_a_baseline_without_finished_runs_is_a_clear_error(results):
 
 def test_the_committed_paper_small_results_regenerate_from_their_table(tmp_path):
     """results/paper-small (the H200 sweep): fits, multipliers and report come back from runs.csv,
-    evals.csv and reference.yaml alone, byte for byte, and hold the paper's comparison."""
+    evals.csv, throughput.csv and reference.yaml alone, byte for byte, and hold the paper's
+    comparison."""
     committed = Path(__file__).parent.parent / "results" / "paper-small"
-    for name in ("runs.csv", "evals.csv", "reference.yaml"):
+    for name in ("runs.csv", "evals.csv", "throughput.csv", "reference.yaml"):
         (tmp_path / name).write_bytes((committed / name).read_bytes())
     report = write_report(tmp_path).read_text()
     assert report == (committed / "report.md").read_text()
@@ -133,3 +134,4 @@ def test_the_committed_paper_small_results_regenerate_from_their_table(tmp_path)
     assert "runs: 48 (done: 48)" in report and "device: `NVIDIA H200`" in report
     assert report.count("matches the expected order") == 3
     assert "## Grid check" in report and "- dynamic-qkv: smallest size (d128-l3) at 2.5e+14" in report
+    assert "throughput of each (architecture, size) trained alone (throughput.csv" in report
