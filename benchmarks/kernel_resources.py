@@ -66,14 +66,17 @@ def cases(dtype: tl.dtype) -> list[Case]:
     lowrank = dict(W=W, R_P=R, HAS_STATIC=True, HAS_POS=False, DOT_DTYPE=dtype, FP32_DOT=False)
     fwd_blocks = triton_lowrank._conv_blocks(SEQ, R, W, lead=False, fp32=False)
     dx_blocks = triton_lowrank._conv_blocks(SEQ, R, W, lead=True, fp32=False)
-    grad_blocks = triton_lowrank._grad_blocks(R, W)
+    # The filter-gradient kernel pads R for z's column of ones (ds from the dU product).
+    grad_r_p = triton_lowrank.next_pow2(R + 1)
+    grad_blocks = triton_lowrank._grad_blocks(grad_r_p, W)
     split_blocks = triton_lowrank._split_blocks(R, W, fp32=False)
     found = [
         Case("low-rank forward", triton_lowrank._lowrank_conv_kernel,
              lowrank | dict(RESIDUAL=True, LEAD=False), fwd_blocks),
         Case("low-rank dx (lead)", triton_lowrank._lowrank_conv_kernel,
              lowrank | dict(RESIDUAL=True, LEAD=True), dx_blocks),
-        Case("low-rank filter grads", triton_lowrank._lowrank_filter_grad_kernel, lowrank, grad_blocks),
+        Case("low-rank filter grads", triton_lowrank._lowrank_filter_grad_kernel, lowrank | {"R_P": grad_r_p},
+             grad_blocks),
         # The split candidate (ISOFLOP_LOWRANK_BWD=split): dz and dU/ds in two kernels.
         Case("low-rank dz (split)", triton_lowrank._lowrank_dz_kernel,
              {k: v for k, v in lowrank.items() if k != "HAS_STATIC"}, split_blocks["dz"]),

@@ -277,9 +277,9 @@ def install_tuned(best: dict[str, dict]) -> None:
             return dict(tuned)
         return conv_default(T, R_P, W_P, lead, fp32)
 
-    def grad_blocks(R_P, W_P):
+    def grad_blocks(R_P, W_P):  # R_P 32: R=16 padded for z's column of ones (static filter)
         tuned = best.get("lowrank bwd")
-        if tuned is not None and R_P == 16 and W_P <= 4:
+        if tuned is not None and R_P == 32 and W_P <= 4:
             return dict(tuned)
         return grad_default(R_P, W_P)
 

@@ -17,8 +17,11 @@ Backward, two kernels:
 - `_lowrank_filter_grad_kernel`, one program per (channel tile, time chunk), walks its chunk tile
   by tile (the next tile's x and dy loaded one iteration ahead) and folds each tap's filter
   gradient df_k[t, d] = dy[t, d] * x[t-k, d] at once into dU_k^T += df_k^T @ z (one accumulator
-  per tap, kept in registers across the chunk), ds_k += sum_t df_k and dz += df_k @ U_k^T (a
-  partial over this channel tile).
+  per tap, kept in registers across the chunk) and dz += df_k @ U_k^T (a partial over this
+  channel tile; U_k^T loaded once per program). With a static filter, z gets a column of ones
+  (R padded to R + 1), so dU_k's column R is ds_k = sum_t df_k: the row sums ride on the matrix
+  product (df in the product's input precision, as for dU) instead of costing W cross-warp
+  reductions per tile.
 Partials go to float32 buffers and are summed in a fixed order afterwards, so results are
 bit-reproducible (no float atomics). Splitting dx out reads x and dy once more than one fused pass
 would (+134 MB at the paper's shape); the fused version measured slower (registers spilled), see
@@ -110,34 +113,40 @@ def _lowrank_conv_kernel(
 
 
 @triton.jit
-def _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du, ds, dz,
-               k: tl.constexpr, W: tl.constexpr, HAS_STATIC: tl.constexpr,
-               DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
+def _lag_grads(x_tile, tile, x0, dy0, z, u_t, d_ok, t, p, t_ok, D, du, dz,
+               k: tl.constexpr, W: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
     """Tap k's filter gradient df = dy[t] * x[t-k] on a [BLOCK_T, BLOCK_D] tile, folded at once into
-    dU_k^T += df^T @ z (du, [BLOCK_D, R_P]), ds_k += sum_t df (ds) and dz += df @ U_k^T. No-op for taps k >= W."""
+    dU_k^T += df^T @ z (du, [BLOCK_D, R_P]; with z's column of ones its column R is ds_k) and
+    dz += df @ U_k^T (u_t: U_k^T, [BLOCK_D, R_P]). No-op for taps k >= W."""
     if k < W:
         if k == 0:
             xk = x0
         else:
             lag_ok = t_ok & (p >= k) & (t >= k)
             xk = tl.load(x_tile + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
-        df = dy0.to(tl.float32) * xk.to(tl.float32)
-        if HAS_STATIC:
-            ds += tl.sum(df, axis=0)
-        df = df.to(DOT_DTYPE)
+        df = (dy0.to(tl.float32) * xk.to(tl.float32)).to(DOT_DTYPE)
         du = mma(tl.trans(df), z, du, FP32_DOT)
-        u_t = tl.load(u_ptr + r[None, :] * (W * D) + k * D + d[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-        dz = mma(df, u_t.to(DOT_DTYPE), dz, FP32_DOT)
-    return du, ds, dz
+        dz = mma(df, u_t, dz, FP32_DOT)
+    return du, dz
 
 
 @triton.jit
-def _store_partials(du_part_ptr, ds_part_ptr, du, ds, pid_n, r, r_ok, d, d_ok, R, D,
+def _u_t(u_ptr, r, r_ok, d, d_ok, D, k: tl.constexpr, W: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """U_k^T [BLOCK_D, R_P] of this program's channels (unused, so never loaded, for taps k >= W)."""
+    u_t = tl.load(u_ptr + r[None, :] * (W * D) + k * D + d[:, None], mask=d_ok[:, None] & r_ok[None, :] & (k < W),
+                  other=0.0)
+    return u_t.to(DOT_DTYPE)
+
+
+@triton.jit
+def _store_partials(du_part_ptr, ds_part_ptr, du, pid_n, r, r_ok, d, d_ok, R, D,
                     k: tl.constexpr, W: tl.constexpr, HAS_STATIC: tl.constexpr):
+    """This chunk's dU_k partial and, from du's column R (z's column of ones), its ds_k partial."""
     if k < W:
         du_ptrs = du_part_ptr + pid_n.to(tl.int64) * R * W * D + r[None, :] * (W * D) + k * D + d[:, None]
         tl.store(du_ptrs, du, mask=d_ok[:, None] & r_ok[None, :])
         if HAS_STATIC:
+            ds = tl.sum(tl.where((r == R)[None, :], du, 0.0), axis=1)
             tl.store(ds_part_ptr + pid_n.to(tl.int64) * W * D + k * D + d, ds, mask=d_ok)
 
 
@@ -167,11 +176,18 @@ def _lowrank_filter_grad_kernel(
     pid_d, pid_n = tl.program_id(0), tl.program_id(1)
     b, t_start, t_end, i, d, r, d_ok, r_ok, tile, z_tile_offsets = _chunk_tile(
         pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R, BLOCK_T, BLOCK_D, R_P)
-    # Per-tap accumulators of dU_k (and ds_k) over this chunk; taps >= W stay unused and vanish.
+    # Per-tap accumulators of dU_k (and ds_k, their column R) over this chunk, and U_k^T, loaded
+    # once per program; taps >= W stay unused and vanish.
     du0 = tl.zeros([BLOCK_D, R_P], dtype=tl.float32)
     du1, du2, du3, du4, du5, du6, du7 = du0, du0, du0, du0, du0, du0, du0
-    ds0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    ds1, ds2, ds3, ds4, ds5, ds6, ds7 = ds0, ds0, ds0, ds0, ds0, ds0, ds0
+    u0 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 0, W, DOT_DTYPE)
+    u1 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 1, W, DOT_DTYPE)
+    u2 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 2, W, DOT_DTYPE)
+    u3 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 3, W, DOT_DTYPE)
+    u4 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 4, W, DOT_DTYPE)
+    u5 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 5, W, DOT_DTYPE)
+    u6 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 6, W, DOT_DTYPE)
+    u7 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 7, W, DOT_DTYPE)
     # dy[t] and x[t] of the next tile are loaded one iteration ahead, so their latency overlaps
     # the current tile's work.
     first_ok = ((t_start + i) < t_end)[:, None] & d_ok[None, :]
@@ -190,28 +206,33 @@ def _lowrank_filter_grad_kernel(
         dy_next = tl.load(dy_tile + BLOCK_T * D + tile, mask=ahead_ok, other=0.0)
         x_next = tl.load(x_tile + BLOCK_T * D + tile, mask=ahead_ok, other=0.0)
         z = tl.load(z_tile + z_tile_offsets, mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
+        if HAS_STATIC:
+            # A column of ones (R < R_P, see _fused_filter_grads): df^T @ z then also sums df over
+            # the rows, so ds_k rides on the matrix product instead of W cross-warp row sums per
+            # tile, whose barriers serialised the tile's work (v8: 230 -> ~140 us).
+            z = tl.where((r == R)[None, :] & t_ok[:, None], 1.0, z).to(DOT_DTYPE)
 
         # Filter gradients, tap by tap.
         dz = tl.zeros([BLOCK_T, R_P], dtype=tl.float32)
-        du0, ds0, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du0, ds0, dz, 0, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
-        du1, ds1, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du1, ds1, dz, 1, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
-        du2, ds2, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du2, ds2, dz, 2, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
-        du3, ds3, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du3, ds3, dz, 3, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
-        du4, ds4, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du4, ds4, dz, 4, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
-        du5, ds5, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du5, ds5, dz, 5, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
-        du6, ds6, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du6, ds6, dz, 6, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
-        du7, ds7, dz = _lag_grads(x_tile, tile, x0, dy0, z, u_ptr, r, r_ok, d, d_ok, t, p, t_ok, D, du7, ds7, dz, 7, W, HAS_STATIC, DOT_DTYPE, FP32_DOT)
+        du0, dz = _lag_grads(x_tile, tile, x0, dy0, z, u0, d_ok, t, p, t_ok, D, du0, dz, 0, W, DOT_DTYPE, FP32_DOT)
+        du1, dz = _lag_grads(x_tile, tile, x0, dy0, z, u1, d_ok, t, p, t_ok, D, du1, dz, 1, W, DOT_DTYPE, FP32_DOT)
+        du2, dz = _lag_grads(x_tile, tile, x0, dy0, z, u2, d_ok, t, p, t_ok, D, du2, dz, 2, W, DOT_DTYPE, FP32_DOT)
+        du3, dz = _lag_grads(x_tile, tile, x0, dy0, z, u3, d_ok, t, p, t_ok, D, du3, dz, 3, W, DOT_DTYPE, FP32_DOT)
+        du4, dz = _lag_grads(x_tile, tile, x0, dy0, z, u4, d_ok, t, p, t_ok, D, du4, dz, 4, W, DOT_DTYPE, FP32_DOT)
+        du5, dz = _lag_grads(x_tile, tile, x0, dy0, z, u5, d_ok, t, p, t_ok, D, du5, dz, 5, W, DOT_DTYPE, FP32_DOT)
+        du6, dz = _lag_grads(x_tile, tile, x0, dy0, z, u6, d_ok, t, p, t_ok, D, du6, dz, 6, W, DOT_DTYPE, FP32_DOT)
+        du7, dz = _lag_grads(x_tile, tile, x0, dy0, z, u7, d_ok, t, p, t_ok, D, du7, dz, 7, W, DOT_DTYPE, FP32_DOT)
         dz_tile = dz_part_ptr + (pid_d.to(tl.int64) * B * T + tile_row) * R
         tl.store(dz_tile + z_tile_offsets, dz, mask=t_ok[:, None] & r_ok[None, :])
 
-    _store_partials(du_part_ptr, ds_part_ptr, du0, ds0, pid_n, r, r_ok, d, d_ok, R, D, 0, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du1, ds1, pid_n, r, r_ok, d, d_ok, R, D, 1, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du2, ds2, pid_n, r, r_ok, d, d_ok, R, D, 2, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du3, ds3, pid_n, r, r_ok, d, d_ok, R, D, 3, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du4, ds4, pid_n, r, r_ok, d, d_ok, R, D, 4, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du5, ds5, pid_n, r, r_ok, d, d_ok, R, D, 5, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du6, ds6, pid_n, r, r_ok, d, d_ok, R, D, 6, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du7, ds7, pid_n, r, r_ok, d, d_ok, R, D, 7, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du0, pid_n, r, r_ok, d, d_ok, R, D, 0, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du1, pid_n, r, r_ok, d, d_ok, R, D, 1, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du2, pid_n, r, r_ok, d, d_ok, R, D, 2, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du3, pid_n, r, r_ok, d, d_ok, R, D, 3, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du4, pid_n, r, r_ok, d, d_ok, R, D, 4, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du5, pid_n, r, r_ok, d, d_ok, R, D, 5, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du6, pid_n, r, r_ok, d, d_ok, R, D, 6, W, HAS_STATIC)
+    _store_partials(du_part_ptr, ds_part_ptr, du7, pid_n, r, r_ok, d, d_ok, R, D, 7, W, HAS_STATIC)
 
 
 @triton.jit
@@ -311,7 +332,7 @@ def _grad_blocks(R_P: int, W_P: int) -> dict:
     --sweep` on an H200 (see benchmarks/KERNELS.md)."""
     if interpreting():
         return {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1}
-    narrow = R_P * W_P > 64
+    narrow = R_P * W_P > 128
     return {"BLOCK_T": 32 if narrow else 64, "BLOCK_D": 32 if narrow else 64, "num_warps": 4, "num_stages": 1}
 
 
@@ -383,6 +404,8 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
                         pos: Tensor | None, meta: dict, blocks: dict | None):
     B, T, D = x.shape
     R, W = z.shape[-1], meta["W"]
+    if static is not None:  # room for z's column of ones (ds_k from the dU product)
+        meta = meta | {"R_P": max(16, next_pow2(R + 1))}
     blocks = blocks or _grad_blocks(meta["R_P"], next_pow2(W))
     d_tiles = triton.cdiv(D, blocks["BLOCK_D"])
     # dz partials cost d_tiles floats per (row, r) and dU partials R*W*D floats per chunk: about
