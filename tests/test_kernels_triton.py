@@ -474,8 +474,8 @@ def test_conv_blocks_fit_the_sequence_and_the_filter_width():
     short = _conv_blocks(100, 16, 4, lead=False, fp32=False)
     tiles = -(-100 // short["BLOCK_T"])
     assert tiles <= short["CHUNK"] < 2 * tiles  # CHUNK is a power of two (one compile per value)
-    assert _conv_blocks(4096, 64, 8, lead=True, fp32=False) | {"BLOCK_D": 0} == {
-        "BLOCK_T": 32, "BLOCK_D": 0, "num_warps": 4, "CHUNK": 1, "STAGES": 1}
+    wide = _conv_blocks(4096, 64, 8, lead=True, fp32=False)
+    assert (wide["CHUNK"], wide["STAGES"]) == (1, 1)
     assert _conv_blocks(4096, 16, 4, lead=False, fp32=True)["BLOCK_D"] < paper["BLOCK_D"]
 
 
