@@ -445,6 +445,7 @@ def _first_of_each_pair(runs: list[Any]) -> list[Any]:
 
 @_reports_sweep_errors
 def throughput_command(args: argparse.Namespace) -> int:
+    from isoflop.analysis.throughput import THROUGHPUT_FILE  # the name `isoflop report` reads
     from isoflop.orchestrator.layout import sweep_dir
     from isoflop.train.throughput import MIN_STEPS  # torch loads only when measuring starts
 
@@ -457,7 +458,7 @@ def throughput_command(args: argparse.Namespace) -> int:
         _load_corpus(sweep.data)  # a missing corpus: one line now, not a traceback in the first run
     folder = sweep_dir(sweep.name, args.runs_dir) / THROUGHPUT_FOLDER
     rows = _measure_pairs(pairs, folder, args.steps, _console())
-    path = (args.out or Path("results") / sweep.name) / "throughput.csv"
+    path = (args.out or Path("results") / sweep.name) / THROUGHPUT_FILE
     _write_throughput_csv(path, rows)
     print(f"wrote {path} ({len(rows)} (architecture, size) pairs, {args.steps} steps each)")
     return 0
