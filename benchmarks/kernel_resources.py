@@ -83,21 +83,31 @@ def cases(dtype: tl.dtype) -> list[Case]:
              {k: v for k, v in lowrank.items() if k != "HAS_STATIC"}, split_blocks["dz"]),
         Case("low-rank dU (split)", triton_lowrank._lowrank_du_kernel, lowrank, split_blocks["du"]),
     ]
+    # Head-wise and static: the row-walking kernels (up to 4 taps, so the paper's W=4) ...
+    rows = triton_headwise.rows
     for hs in (16, 1):
         head = dict(W=W, HS=hs, HS_P=hs, HAS_DYN=True, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True)
         found += [
-            Case(f"head-wise hs={hs} forward", triton_headwise._headwise_fwd_kernel, head,
-                 triton_headwise._blocks(D_MODEL, hs, backward=False), {"H": D_MODEL // hs}),
-            Case(f"head-wise hs={hs} backward", triton_headwise._headwise_bwd_kernel, head,
-                 triton_headwise._blocks(D_MODEL, hs, backward=True), {"H": D_MODEL // hs}),
+            Case(f"head-wise hs={hs} forward", rows._rows_fwd_kernel, head,
+                 triton_headwise._row_blocks(D_MODEL, hs, backward=False), {"H": D_MODEL // hs}),
+            Case(f"head-wise hs={hs} backward", rows._rows_bwd_kernel, head,
+                 triton_headwise._row_blocks(D_MODEL, hs, backward=True), {"H": D_MODEL // hs}),
         ]
     static = dict(W=W, HS=1, HS_P=1, HAS_DYN=False, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True)
     found += [
-        Case("static forward", triton_headwise._headwise_fwd_kernel, static,
-             triton_headwise._blocks(D_MODEL, 1, backward=False, dynamic=False), {"H": D_MODEL}),
-        Case("static backward", triton_headwise._headwise_bwd_kernel, static,
-             triton_headwise._blocks(D_MODEL, 1, backward=True, dynamic=False), {"H": D_MODEL}),
+        Case("static forward", rows._rows_fwd_kernel, static,
+             triton_headwise._row_blocks(D_MODEL, 1, backward=False, dynamic=False), {"H": D_MODEL}),
+        Case("static backward", rows._rows_bwd_kernel, static,
+             triton_headwise._row_blocks(D_MODEL, 1, backward=True, dynamic=False), {"H": D_MODEL}),
     ]
+    # ... and the tiled kernels, which serve 5 to 8 taps (here 8).
+    tiled = [("head-wise hs=16", dict(head, W=8, HS=16, HS_P=16), D_MODEL // 16, True),
+             ("static", dict(static, W=8), D_MODEL, False)]
+    for name, consts, heads, dynamic in tiled:
+        for part, kernel in (("forward", triton_headwise._headwise_fwd_kernel),
+                             ("backward", triton_headwise._headwise_bwd_kernel)):
+            blocks = triton_headwise._blocks(D_MODEL, consts["HS_P"], backward=part == "backward", dynamic=dynamic)
+            found.append(Case(f"{name} {part} (tiled, W=8)", kernel, consts, blocks, {"H": heads}))
     return found
 
 

@@ -206,32 +206,23 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
     ]
     baselines = {"lowrank bwd split": lambda: fused_bwd(None)}
 
-    def c(bt, bc, warps, chunk=None):
-        return cfg(bt, bc, warps, key="BLOCK_C") | ({"CHUNK": chunk} if chunk else {})
+    def rows(bc, rows_per_program, warps):
+        return {"BLOCK_C": bc, "ROWS": rows_per_program, "num_warps": warps}
 
-    # CHUNK: time tiles per backward program (the static filter's row sums once per chunk).
-    chunked = [c(32, 64, 4, 4), c(32, 64, 4, 16), c(16, 64, 4, 8), c(16, 128, 4, 8), c(32, 128, 8, 8),
-               c(8, 128, 4, 16), c(16, 64, 2, 16)]
-    for hs in (16, 1):
+    # The row-walking head-wise/static kernels (W <= 4, v9): channels per program, rows per
+    # program, warps; 8 channels per thread are 16-byte loads of bf16.
+    row_configs = [rows(512, 64, 2), rows(256, 64, 2), rows(256, 128, 2), rows(512, 128, 4), rows(512, 64, 4),
+                   rows(1024, 64, 4), rows(256, 32, 2), rows(128, 64, 1), rows(512, 32, 2)]
+    for hs in (16, 4, 1):
         w = make_inputs(Case("", "headwise", **PAPER, head_size=hs))["w"]
         plans += [
-            (f"headwise hs={hs} fwd", lambda b, w=w: hw.headwise_forward(x, w, s, True, None, blocks=b),
-             [c(16, 256, 4), c(8, 256, 4), c(32, 256, 8), c(16, 128, 4), c(32, 128, 4),
-              c(16, 256, 8), c(32, 128, 8), c(16, 64, 4), c(8, 128, 4)]),
-            (f"headwise hs={hs} bwd", lambda b, w=w: hw.headwise_backward(dy, x, w, s, True, None, blocks=b),
-             [c(32, 128, 4), c(64, 64, 4), c(16, 256, 4), c(32, 64, 4), c(64, 128, 8),
-              c(32, 64, 8), c(16, 128, 8), c(16, 256, 4, 4), c(16, 256, 4, 16), *chunked,
-              c(8, 128, 4, 32), c(8, 64, 4, 16), c(8, 128, 2, 16), c(16, 64, 2, 8), c(16, 32, 2, 16)]),
+            (f"headwise hs={hs} fwd", lambda b, w=w: hw.headwise_forward(x, w, s, True, None, blocks=b), row_configs),
+            (f"headwise hs={hs} bwd", lambda b, w=w: hw.headwise_backward(dy, x, w, s, True, None, blocks=b), row_configs),
         ]
     # The static conv (static-qkv's operator): no w, residual, as StaticShortConv calls it.
     plans += [
-        ("static fwd", lambda b: hw.headwise_forward(x, None, s, True, None, blocks=b),
-         [c(32, 128, 4), c(16, 64, 4), c(8, 128, 4), c(16, 128, 4), c(32, 128, 8), c(32, 64, 4),
-          c(64, 128, 8), c(16, 256, 8)]),
-        ("static bwd", lambda b: hw.headwise_backward(dy, x, None, s, True, None, blocks=b),
-         [c(32, 64, 4), c(16, 64, 4), c(8, 128, 4), c(32, 128, 8), c(64, 64, 4), *chunked,
-          c(16, 64, 2, 32), c(16, 64, 2, 8), c(32, 64, 2, 16), c(16, 32, 2, 16), c(8, 64, 2, 16),
-          c(16, 128, 4, 16)]),
+        ("static fwd", lambda b: hw.headwise_forward(x, None, s, True, None, blocks=b), row_configs),
+        ("static bwd", lambda b: hw.headwise_backward(dy, x, None, s, True, None, blocks=b), row_configs),
     ]
     if only:
         plans = [plan for plan in plans if any(plan[0].startswith(prefix) for prefix in only)]
@@ -263,13 +254,13 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
 
 def install_tuned(best: dict[str, dict]) -> None:
     """Make the sweep's winners the block sizes for the rest of this run: low-rank ones for R <= 16
-    and W <= 4 (the shape they were tuned at), head-wise hs=16's for hs >= 2, hs=1's for hs = 1 and
-    the static conv's for the static conv."""
+    and W <= 4 (the shape they were tuned at); for the row-walking kernels, hs=16's winners for heads
+    of 8+ channels, hs=4's for 2 to 4, hs=1's for 1, and the static conv's."""
     from isoflop.kernels import triton_headwise as hw
     from isoflop.kernels import triton_lowrank as lr
 
-    conv_default, grad_default, split_default, headwise_default = (
-        lr._conv_blocks, lr._grad_blocks, lr._split_blocks, hw._blocks)
+    conv_default, grad_default, split_default, row_default = (
+        lr._conv_blocks, lr._grad_blocks, lr._split_blocks, hw._row_blocks)
 
     def conv_blocks(T, R_P, W_P, lead, fp32):
         tuned = best.get("lowrank dx" if lead else "lowrank fwd")
@@ -289,15 +280,15 @@ def install_tuned(best: dict[str, dict]) -> None:
             return {kernel: dict(blocks) for kernel, blocks in tuned.items()}
         return split_default(R_P, W_P, fp32)
 
-    def headwise_blocks(D, hs_p, backward, dynamic=True):
-        kind = f"headwise hs={1 if hs_p == 1 else 16}" if dynamic else "static"
+    def row_blocks(D, hs_p, backward, dynamic=True):
+        kind = ("headwise hs=1" if hs_p == 1 else "headwise hs=4" if hs_p <= 4 else "headwise hs=16") if dynamic else "static"
         tuned = best.get(f"{kind} {'bwd' if backward else 'fwd'}")
         if tuned is None:
-            return headwise_default(D, hs_p, backward, dynamic)
+            return row_default(D, hs_p, backward, dynamic)
         return {**tuned, "BLOCK_C": max(tuned["BLOCK_C"], hs_p)}
 
-    lr._conv_blocks, lr._grad_blocks, lr._split_blocks, hw._blocks = (
-        conv_blocks, grad_blocks, split_blocks, headwise_blocks)
+    lr._conv_blocks, lr._grad_blocks, lr._split_blocks, hw._row_blocks = (
+        conv_blocks, grad_blocks, split_blocks, row_blocks)
 
 
 def print_kernel_resources() -> None:
@@ -306,7 +297,8 @@ def print_kernel_resources() -> None:
     from isoflop.kernels import triton_lowrank as lr
 
     for jit_fn in (lr._lowrank_conv_kernel, lr._lowrank_filter_grad_kernel, lr._lowrank_dz_kernel,
-                   lr._lowrank_du_kernel, hw._headwise_fwd_kernel, hw._headwise_bwd_kernel):
+                   lr._lowrank_du_kernel, hw._headwise_fwd_kernel, hw._headwise_bwd_kernel,
+                   hw.rows._rows_fwd_kernel, hw.rows._rows_bwd_kernel):
         for cache in getattr(jit_fn, "device_caches", {}).values():
             for key, compiled in cache[0].items():
                 consts = {k: v for k, v in getattr(compiled.src, "constants", {}).items() if "BLOCK" in str(k) or "W" == str(k)}

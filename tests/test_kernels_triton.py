@@ -262,8 +262,9 @@ def test_headwise_matches_reference(gen, triton_backend, dtype, D, head_size, W,
 
 @interpreted
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_static_and_explicit_filters(gen, triton_backend, dtype):
-    B, T, D, W = 2, 9, 20, 3
+@pytest.mark.parametrize("W", [3, 6])  # the row-walking kernels (W <= 4) and the tiled ones
+def test_static_and_explicit_filters(gen, triton_backend, dtype, W):
+    B, T, D = 2, 9, 20
     x, s = rand(B, T, D, dtype=dtype, gen=gen), rand(W, D, dtype=dtype, gen=gen)
     check_against_float64(kernels.static_conv, dict(x=x, static=s), dtype)
     filters = rand(B, T, W, D, dtype=dtype, gen=gen)
@@ -373,7 +374,10 @@ FUNCTIONS = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynami
         ("headwise", 2, 1031, 528, 4, 1, 12, torch.float32),
         ("headwise", 2, 600, 512, 3, 1, 16, torch.bfloat16),
         ("headwise", 1, 900, 512, 4, 1, 128, torch.bfloat16),
+        ("headwise", 2, 1031, 528, 6, 1, 12, torch.bfloat16),  # W > 4: the tiled kernels
         ("static", 3, 1000, 520, 4, 1, 1, torch.float32),
+        ("static", 3, 1000, 520, 2, 1, 1, torch.bfloat16),
+        ("static", 2, 1000, 520, 8, 1, 1, torch.bfloat16),
     ],
 )
 def test_gpu_matches_float64_reference(triton_backend, dtype, kind, B, T, D, W, R, head_size):
@@ -413,7 +417,7 @@ def test_gpu_mixed_dtypes_as_under_autocast(triton_backend):
 
 
 @gpu
-@pytest.mark.parametrize("kind", ["lowrank", "lowrank split", "headwise"])
+@pytest.mark.parametrize("kind", ["lowrank", "lowrank split", "headwise", "static"])
 def test_gpu_backward_is_bit_reproducible(request, triton_backend, kind):
     if kind == "lowrank split":
         request.getfixturevalue("split_backward")
@@ -493,7 +497,7 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 11 and all(0 < row["registers"] <= 255 for row in rows)
+    assert len(rows) == 15 and all(0 < row["registers"] <= 255 for row in rows)
     assert all(row["dots"] != "none" for row in rows[:5])  # the low-rank filters use the matrix units
     # The split backward's block sizes were chosen so that it does not spill (Triton 3.9, sm_90).
     assert all(row["stack_bytes"] == 0 for row in rows if "split" in row["kernel"]), rows[3:5]

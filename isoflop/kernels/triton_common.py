@@ -77,3 +77,14 @@ def mma(a, b, acc, FP32: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def tile_channels(pid_c, H, HS: tl.constexpr, HS_P: tl.constexpr, HEADS: tl.constexpr):
+    """Heads [HEADS], channels [HEADS, HS_P] and the channel mask of channel tile pid_c: a tile holds
+    whole heads of HS channels, each padded to HS_P lanes (the head-wise and static kernels)."""
+    h = pid_c * HEADS + tl.arange(0, HEADS)
+    lane = tl.arange(0, HS_P)
+    d = h[:, None] * HS + lane[None, :]
+    ok = (h < H)[:, None] & (lane < HS)[None, :]
+    return h, d, ok

@@ -14,6 +14,10 @@ directly; only the static filter's gradient needs partial sums, one row per prog
 a fixed order afterwards (deterministic, no float atomics). The forward is one program per
 (time tile, channel tile, batch), with no loops, so every program's loads are in flight at once; the
 backward's program may walk CHUNK consecutive time tiles (see _headwise_bwd_kernel).
+
+Filters of up to 4 taps (the paper's W=4 included) take the row-walking kernels of
+triton_headwise_rows.py instead, which load each row once rather than once per tap (KERNELS.md, v9);
+the tiled kernels here serve 5 to 8 taps. `headwise_forward` / `headwise_backward` pick the path.
 """
 
 from __future__ import annotations
@@ -23,17 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos
-
-
-@triton.jit
-def _tile_channels(pid_c, H, HS: tl.constexpr, HS_P: tl.constexpr, HEADS: tl.constexpr):
-    """Heads [HEADS], channels [HEADS, HS_P] and the channel mask of channel tile pid_c."""
-    h = pid_c * HEADS + tl.arange(0, HEADS)
-    lane = tl.arange(0, HS_P)
-    d = h[:, None] * HS + lane[None, :]
-    ok = (h < H)[:, None] & (lane < HS)[None, :]
-    return h, d, ok
+from isoflop.kernels import triton_headwise_rows as rows
+from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos, tile_channels
 
 
 @triton.jit
@@ -74,7 +69,7 @@ def _headwise_fwd_kernel(
 ):
     HEADS: tl.constexpr = BLOCK_C // HS_P
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    h, d, c_ok = _tile_channels(pid_c, H, HS, HS_P, HEADS)
+    h, d, c_ok = tile_channels(pid_c, H, HS, HS_P, HEADS)
     t, t_ok, p, row = _rows(pos_ptr, T, b, pid_t, BLOCK_T, HAS_POS)
     x_ptrs = x_ptr + row[:, None, None] * D + d[None, :, :]
     acc = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
@@ -130,7 +125,7 @@ def _headwise_bwd_kernel(
     barrier) that stalls the tile's loads, so CHUNK > 1 pays it once per CHUNK tiles."""
     HEADS: tl.constexpr = BLOCK_C // HS_P
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    h, d, c_ok = _tile_channels(pid_c, H, HS, HS_P, HEADS)
+    h, d, c_ok = tile_channels(pid_c, H, HS, HS_P, HEADS)
     z = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = z, z, z, z, z, z, z, z
     for i in range(CHUNK):
@@ -207,6 +202,28 @@ def _blocks(D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
     return {"BLOCK_T": 16, "BLOCK_C": max(hs_p, min(256, channels)), "num_warps": 4}
 
 
+def _row_blocks(D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
+    """Channels per program, rows per program and warps of the row-walking kernels: 8 channels per
+    thread (16-byte loads) for the static conv and heads of 8+ channels, 4 for narrower heads; hs=1
+    reads a full filter row per row and takes 128 rows, hs=2..4's forward 32. Picked side by side
+    on an H200 at the paper's shape (KERNELS.md, v9)."""
+    if interpreting():  # 5 rows: chunk edges fall inside the walk's 4-row groups
+        return {"BLOCK_C": max(8, hs_p), "ROWS": 5, "num_warps": 1}
+    block_c = 512 if not dynamic or hs_p >= 8 else 256
+    rows_per_program = 64
+    if dynamic and hs_p == 1:
+        rows_per_program = 128
+    elif dynamic and hs_p <= 4 and not backward:
+        rows_per_program = 32
+    return {"BLOCK_C": max(hs_p, min(block_c, next_pow2(D))), "ROWS": rows_per_program, "num_warps": 2}
+
+
+def _takes_rows(width: int, blocks: dict | None) -> bool:
+    """The row-walking kernels serve up to 4 taps; caller-given blocks name their kernel by their
+    keys (ROWS: row-walking, BLOCK_T: tiled)."""
+    return width <= rows.MAX_WIDTH and (blocks is None or "ROWS" in blocks)
+
+
 def _meta(x: Tensor, w: Tensor | None, static: Tensor | None, pos: Tensor | None, width: int) -> dict:
     hs = x.shape[-1] // w.shape[-1] if w is not None else 1
     return {
@@ -229,6 +246,9 @@ def headwise_forward(
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
+    if _takes_rows(width, blocks):
+        blocks = blocks or _row_blocks(D, meta["HS_P"], backward=False, dynamic=w is not None)
+        return rows.rows_forward(x, w, static, pos, meta | {"RESIDUAL": residual}, blocks)
     blocks = blocks or _blocks(D, meta["HS_P"], backward=False, dynamic=w is not None)
     H = D // meta["HS"]
     y = torch.empty_like(x)
@@ -247,6 +267,9 @@ def headwise_backward(
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
+    if _takes_rows(width, blocks):
+        blocks = blocks or _row_blocks(D, meta["HS_P"], backward=True, dynamic=w is not None)
+        return rows.rows_backward(dy, x, w, static, pos, meta | {"RESIDUAL": residual}, blocks)
     blocks = {"CHUNK": 1} | (blocks or _blocks(D, meta["HS_P"], backward=True, dynamic=w is not None))
     H = D // meta["HS"]
     grid = _grid(T, H, B, meta["HS_P"], blocks)
