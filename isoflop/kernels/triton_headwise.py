@@ -179,8 +179,9 @@ def _headwise_bwd_kernel(
 
 
 def _blocks(D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
-    """Block sizes, warps and (backward) CHUNK; a channel tile holds at least one whole (padded)
-    head; dynamic=False is the static conv. Picked by `benchmarks/kernels.py --sweep` on an H200
+    """Block sizes, warps and (backward) CHUNK of the tiled kernels; a channel tile holds at least
+    one whole (padded) head; dynamic=False is the static conv. Picked by `benchmarks/kernels.py
+    --sweep` on an H200 at W=4 before v9; since then these kernels serve 5 to 8 taps, not re-tuned
     (see benchmarks/KERNELS.md)."""
     if interpreting():  # CHUNK 2: the interpreter tests walk the backward's chunk loop
         return {"BLOCK_T": 8, "BLOCK_C": max(8, hs_p), "num_warps": 1} | ({"CHUNK": 2} if backward else {})
