@@ -215,14 +215,20 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
                    rows(1024, 64, 4), rows(256, 32, 2), rows(128, 64, 1), rows(512, 32, 2)]
     for hs in (16, 4, 1):
         w = make_inputs(Case("", "headwise", **PAPER, head_size=hs))["w"]
+        # Each pass also with the tiled kernels' blocks (the W=4 default before v9; BLOCK_T keys
+        # select the tiled path), so the sweep prints the row-walking gain side by side.
+        fwd_configs = row_configs + [hw._blocks(PAPER["D"], hs, backward=False)]
+        bwd_configs = row_configs + [hw._blocks(PAPER["D"], hs, backward=True)]
         plans += [
-            (f"headwise hs={hs} fwd", lambda b, w=w: hw.headwise_forward(x, w, s, True, None, blocks=b), row_configs),
-            (f"headwise hs={hs} bwd", lambda b, w=w: hw.headwise_backward(dy, x, w, s, True, None, blocks=b), row_configs),
+            (f"headwise hs={hs} fwd", lambda b, w=w: hw.headwise_forward(x, w, s, True, None, blocks=b), fwd_configs),
+            (f"headwise hs={hs} bwd", lambda b, w=w: hw.headwise_backward(dy, x, w, s, True, None, blocks=b), bwd_configs),
         ]
     # The static conv (static-qkv's operator): no w, residual, as StaticShortConv calls it.
     plans += [
-        ("static fwd", lambda b: hw.headwise_forward(x, None, s, True, None, blocks=b), row_configs),
-        ("static bwd", lambda b: hw.headwise_backward(dy, x, None, s, True, None, blocks=b), row_configs),
+        ("static fwd", lambda b: hw.headwise_forward(x, None, s, True, None, blocks=b),
+         row_configs + [hw._blocks(PAPER["D"], 1, backward=False, dynamic=False)]),
+        ("static bwd", lambda b: hw.headwise_backward(dy, x, None, s, True, None, blocks=b),
+         row_configs + [hw._blocks(PAPER["D"], 1, backward=True, dynamic=False)]),
     ]
     if only:
         plans = [plan for plan in plans if any(plan[0].startswith(prefix) for prefix in only)]
@@ -283,7 +289,7 @@ def install_tuned(best: dict[str, dict]) -> None:
     def row_blocks(D, hs_p, backward, dynamic=True):
         kind = ("headwise hs=1" if hs_p == 1 else "headwise hs=4" if hs_p <= 4 else "headwise hs=16") if dynamic else "static"
         tuned = best.get(f"{kind} {'bwd' if backward else 'fwd'}")
-        if tuned is None:
+        if tuned is None or "ROWS" not in tuned:  # a tiled winner cannot be installed here
             return row_default(D, hs_p, backward, dynamic)
         return {**tuned, "BLOCK_C": max(tuned["BLOCK_C"], hs_p)}
 
