@@ -12,8 +12,9 @@ each element of x and dy is loaded once (plus a halo of W-1 rows per program):
   dy[u] * tap_k[u] is added to a pending sum of dx[u-k] (c1..c3 carried), which is complete when the
   walk reaches u-k; the filter gradient's pairs dy[u+k] * x[u] use dy[u+1..u+3] carried.
 
-Rows are read GROUP = 4 at a time, all loads first: a store may alias a later load as far as the
-compiler knows, so loads issued row by row would each wait for the previous row's store. Taps are
+Rows are read 4 at a time, all of a group's loads before its arithmetic: a store may alias a later
+load as far as the compiler knows, so loads issued row by row would each wait for the previous
+row's store (one load latency per row: the first prototype, KERNELS.md v9). Taps are
 written out one by one up to 4 (Triton has no arrays of tensors); wider filters take the tiled
 kernels. Channel tiles hold whole heads, as in triton_headwise.py, so dw is complete in one program
 and written directly; the static filter's gradient has one partial row per program, summed in a
