@@ -317,6 +317,34 @@ def test_custom_ops_pass_opcheck(gen):
 
 
 @interpreted
+@pytest.mark.parametrize("kind", ["lowrank", "headwise", "static"])
+def test_compiled_code_calls_the_custom_ops_and_matches_eager(triton_backend, kind):
+    """Eager calls skip the custom ops (an autograd.Function runs the kernels directly: far less
+    host time per call); under torch.compile the conv must still be one opaque custom op
+    (fullgraph: no break, no tracing into the launchers), whose registered autograd gives the same
+    values and gradients."""
+    inputs = conv_inputs(kind, 2, 9, 16, 3, torch.float32, R=3, head_size=4, device="cpu")
+    leaves = [v.requires_grad_() for v in inputs.values()]
+    traced = []
+
+    def record(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    def loss(**kw):
+        return FUNCTIONS[kind](**kw).square().sum()
+
+    eager_loss = loss(**inputs)
+    eager_grads = torch.autograd.grad(eager_loss, leaves)
+    compiled_loss = torch.compile(loss, backend=record, fullgraph=True)(**inputs)
+    op = "isoflop.lowrank_conv" if kind == "lowrank" else "isoflop.headwise_conv"
+    assert any(target.startswith(op) for target in traced), traced
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for compiled, eager in zip(torch.autograd.grad(compiled_loss, leaves), eager_grads):
+        torch.testing.assert_close(compiled, eager)
+
+
+@interpreted
 def test_kernel_arguments_are_checked(gen, triton_backend):
     x = rand(2, 5, 8, gen=gen)
     with pytest.raises(ValueError, match="B == 1"):
@@ -345,16 +373,17 @@ def poison_cuda_memory():
     del blocks
 
 
-def cuda_inputs(kind: str, B: int, T: int, D: int, W: int, dtype, R: int = 16, head_size: int = 16,
-                packed: list[int] | None = None, seed: int = 0) -> dict:
+def conv_inputs(kind: str, B: int, T: int, D: int, W: int, dtype, R: int = 16, head_size: int = 16,
+                packed: list[int] | None = None, seed: int = 0, device: str = "cuda") -> dict:
     g = torch.Generator().manual_seed(seed)
-    inputs = dict(x=rand(B, T, D, dtype=dtype, device="cuda", gen=g), static=rand(W, D, dtype=dtype, device="cuda", gen=g) / W**0.5)
+    on = dict(dtype=dtype, device=device, gen=g)
+    inputs = dict(x=rand(B, T, D, **on), static=rand(W, D, **on) / W**0.5)
     if kind == "lowrank":
-        inputs.update(z=rand(B, T, R, dtype=dtype, device="cuda", gen=g), U=rand(R, W * D, dtype=dtype, device="cuda", gen=g) / R**0.5)
+        inputs.update(z=rand(B, T, R, **on), U=rand(R, W * D, **on) / R**0.5)
     if kind == "headwise":
-        inputs.update(w=rand(B, T, W, D // head_size, dtype=dtype, device="cuda", gen=g))
+        inputs.update(w=rand(B, T, W, D // head_size, **on))
     if packed is not None:
-        inputs["cu_seqlens"] = packed_offsets(packed).to("cuda")
+        inputs["cu_seqlens"] = packed_offsets(packed).to(device)
     return inputs
 
 
@@ -383,7 +412,7 @@ FUNCTIONS = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynami
 )
 def test_gpu_matches_float64_reference(triton_backend, dtype, kind, B, T, D, W, R, head_size):
     poison_cuda_memory()
-    inputs = cuda_inputs(kind, B, T, D, W, dtype, R=R, head_size=head_size)
+    inputs = conv_inputs(kind, B, T, D, W, dtype, R=R, head_size=head_size)
     check_against_float64(FUNCTIONS[kind], inputs, dtype)
 
 
@@ -392,7 +421,7 @@ def test_gpu_matches_float64_reference(triton_backend, dtype, kind, B, T, D, W, 
 def test_gpu_packed_sequences(triton_backend, kind):
     lengths = [1, 700, 3, 1500, 2, 900]
     poison_cuda_memory()
-    inputs = cuda_inputs(kind, 1, sum(lengths), 512, 4, torch.bfloat16, packed=lengths)
+    inputs = conv_inputs(kind, 1, sum(lengths), 512, 4, torch.bfloat16, packed=lengths)
     check_against_float64(FUNCTIONS[kind], inputs, torch.bfloat16)
 
 
@@ -405,14 +434,14 @@ def test_gpu_packed_sequences(triton_backend, kind):
 )
 def test_gpu_split_backward_matches_float64_reference(triton_backend, split_backward, B, T, D, W, R, dtype, lengths):
     poison_cuda_memory()
-    inputs = cuda_inputs("lowrank", B, T, D, W, dtype, R=R, packed=lengths)
+    inputs = conv_inputs("lowrank", B, T, D, W, dtype, R=R, packed=lengths)
     check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
 
 
 @gpu
 def test_gpu_mixed_dtypes_as_under_autocast(triton_backend):
     """Autocast gives bf16 activations and float32 parameters (U, static)."""
-    inputs = cuda_inputs("lowrank", 2, 512, 512, 4, torch.bfloat16)
+    inputs = conv_inputs("lowrank", 2, 512, 512, 4, torch.bfloat16)
     inputs["U"], inputs["static"] = inputs["U"].float(), inputs["static"].float()
     check_against_float64(kernels.dynamic_conv_lowrank, inputs, torch.bfloat16)
 
@@ -423,7 +452,7 @@ def test_gpu_backward_is_bit_reproducible(request, triton_backend, kind):
     if kind == "lowrank split":
         request.getfixturevalue("split_backward")
         kind = "lowrank"
-    inputs = cuda_inputs(kind, 2, 2048, 1024, 4, torch.bfloat16)
+    inputs = conv_inputs(kind, 2, 2048, 1024, 4, torch.bfloat16)
     leaves = {k: v.requires_grad_() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     dy = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16)
 
@@ -439,7 +468,7 @@ def test_gpu_backward_is_bit_reproducible(request, triton_backend, kind):
 @gpu
 @pytest.mark.parametrize("kind", ["lowrank", "headwise"])
 def test_gpu_torch_compile_traces_without_graph_breaks(kind):
-    inputs = cuda_inputs(kind, 2, 256, 256, 4, torch.bfloat16)
+    inputs = conv_inputs(kind, 2, 256, 256, 4, torch.bfloat16)
     leaves = [v.requires_grad_() for v in inputs.values() if isinstance(v, torch.Tensor)]
 
     def model(**kw):
@@ -456,7 +485,7 @@ def test_gpu_torch_compile_traces_without_graph_breaks(kind):
 @pytest.mark.parametrize("W", [1, 4])
 def test_gpu_decode_matches_full_sequence(triton_backend, W):
     B, T, D, R = 4, 16, 520, 16
-    inputs = cuda_inputs("lowrank", B, T, D, W, torch.bfloat16, R=R)
+    inputs = conv_inputs("lowrank", B, T, D, W, torch.bfloat16, R=R)
     x, z, U, s = inputs["x"], inputs["z"], inputs["U"], inputs["static"]
     full = ref.dynamic_conv_lowrank(*(t.double() for t in (x, z, U, s)))
     state = torch.zeros(B, W - 1, D, device="cuda", dtype=torch.bfloat16)
