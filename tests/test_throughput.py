@@ -25,23 +25,29 @@ grid: {{kind: isoflop, budgets: [1.0e+9, 2.0e+9], sizes: [tiny]}}
 train: {{batch_size: 2, seq_len: 32, lr: 0.003, eval_tokens: 256, device: cpu}}
 executor: {{workers: 2}}
 """
-COLUMNS = ["arch", "size", "params", "tokens_per_step", "steps", "tokens_per_s", "device",
-           "torch_version", "git_sha"]
+COLUMNS = ["arch", "size", "params", "tokens_per_step", "steps", "repeats", "tokens_per_s",
+           "tokens_per_s_min", "tokens_per_s_max", "device", "torch_version", "git_sha"]
 
 
 def test_command_writes_one_row_per_architecture_and_size(tmp_path, corpus, capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(SWEEP.format(corpus=corpus))
     out, runs_dir = tmp_path / "results", tmp_path / "runs"
-    assert main(["throughput", str(sweep), "--steps", "4", "--out", str(out),
+    assert main(["throughput", str(sweep), "--steps", "4", "--repeats", "2", "--out", str(out),
                  "--runs-dir", str(runs_dir)]) == 0
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "round 2/2" in printed
     table = pd.read_csv(out / THROUGHPUT_FILE, dtype={"git_sha": str})
     assert list(table.columns) == COLUMNS
     # Two budgets of the same model are one measurement.
     assert sorted(zip(table["arch"], table["size"])) == [("dynamic-qkv", "tiny"), ("transformer", "tiny")]
     assert (table["tokens_per_s"] > 0).all() and (table["params"] > 0).all()
     assert (table["steps"] == 4).all() and (table["tokens_per_step"] == 64).all()
+    # Two measurements each (rounds over both models): the median of two lies between them.
+    assert (table["repeats"] == 2).all()
+    assert (table["tokens_per_s_min"] <= table["tokens_per_s"]).all()
+    assert (table["tokens_per_s"] <= table["tokens_per_s_max"]).all()
+    assert (table["tokens_per_s_min"] < table["tokens_per_s_max"]).all()  # timed twice, not copied
     assert load_throughput(out) is not None  # what the report reads accepts what the command wrote
     assert (runs_dir / "tput-test" / "_throughput" / "transformer-tiny" / "metrics.jsonl").is_file()
 
@@ -51,6 +57,8 @@ def test_command_refuses_too_few_steps(tmp_path, corpus, capsys):
     sweep.write_text(SWEEP.format(corpus=corpus))
     assert main(["throughput", str(sweep), "--steps", "3", "--runs-dir", str(tmp_path)]) == 2
     assert "--steps 3; allowed: 4 or more" in capsys.readouterr().err
+    assert main(["throughput", str(sweep), "--repeats", "0", "--runs-dir", str(tmp_path)]) == 2
+    assert "--repeats 0; allowed: 1 or more" in capsys.readouterr().err
 
 
 def write_table(folder: Path, rows: list[dict]) -> Path:
@@ -105,7 +113,7 @@ def test_report_takes_wallclock_multipliers_from_throughput_csv(tmp_path):
     # exactly 1 / (FLOP/s): 2x the baseline's, and wall-clock M = M / 2 at every budget.
     flops_per_s = {"transformer": 2e12, "dynamic-qkv": 1e12}
     write_table(tmp_path, [
-        {"arch": run.arch, "size": run.size, "steps": 30, "device": "NVIDIA H200",
+        {"arch": run.arch, "size": run.size, "steps": 30, "repeats": 3, "device": "NVIDIA H200",
          "tokens_per_s": flops_per_s[run.arch] * run.tokens / run.flops}
         for run in runs.itertuples()])
     text = write_report(tmp_path, n_boot=20).read_text()
@@ -113,6 +121,6 @@ def test_report_takes_wallclock_multipliers_from_throughput_csv(tmp_path):
     np.testing.assert_allclose(multipliers["wall_multiplier"], multipliers["multiplier"] / 2, rtol=1e-9)
     np.testing.assert_allclose(multipliers["wall_lo"], multipliers["lo"] / 2, rtol=1e-9)
     assert ("at the throughput of each (architecture, size) trained alone "
-            "(throughput.csv: 30 steps each on NVIDIA H200)") in text
+            "(throughput.csv: 30 steps each, median of 3 repeats on NVIDIA H200)") in text
     assert "Caveat: runs that shared a GPU" not in text
     assert "dynamic-qkv: 2.00 at 1e+17, 2.00 at 1e+18, 2.00 at 1e+19" in text

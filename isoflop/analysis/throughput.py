@@ -3,8 +3,9 @@
 `isoflop throughput SWEEP` writes it (isoflop/train/throughput.py trains each model a few steps by
 itself). When runs shared a GPU, their own tokens_per_s measured the schedule (whatever ran beside
 them) as much as the architecture; with this table present the report's wall-clock multipliers use
-its clean numbers instead. Columns: arch, size, tokens_per_s (required), and params,
-tokens_per_step, steps, device, torch_version, git_sha (provenance, read when present).
+its clean numbers instead. Columns: arch, size, tokens_per_s (required; the median of `repeats`
+measurements), and params, tokens_per_step, steps, repeats, tokens_per_s_min, tokens_per_s_max,
+device, torch_version, git_sha (provenance, read when present).
 """
 
 from __future__ import annotations
@@ -75,17 +76,25 @@ def apply_throughput(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def describe_throughput(table: pd.DataFrame) -> str:
-    """Where the table's numbers come from, for the report: 'throughput.csv: 30 steps each on
-    NVIDIA H200' (the parts the table lacks are left out)."""
-    details = []
-    counts = pd.to_numeric(pd.Series(_filled(table, "steps"), dtype=object), errors="coerce")
-    steps = sorted({int(n) for n in counts.dropna()})
+    """Where the table's numbers come from, for the report: 'throughput.csv: 30 steps each, median
+    of 3 repeats on NVIDIA H200' (the parts the table lacks are left out)."""
+    counts = []
+    steps, repeats = _counts(table, "steps"), _counts(table, "repeats")
     if steps:
-        details.append(f"{'/'.join(str(n) for n in steps)} steps each")
+        counts.append(f"{'/'.join(str(n) for n in steps)} steps each")
+    if repeats and repeats != [1]:
+        counts.append(f"median of {'/'.join(str(n) for n in repeats)} repeats")
+    text = ", ".join(counts)
     devices = sorted({str(v) for v in _filled(table, "device")})
     if devices:
-        details.append(f"on {', '.join(devices)}")
-    return THROUGHPUT_FILE + (": " + " ".join(details) if details else "")
+        text += (" " if text else "") + f"on {', '.join(devices)}"
+    return THROUGHPUT_FILE + (": " + text if text else "")
+
+
+def _counts(table: pd.DataFrame, column: str) -> list[int]:
+    """The distinct whole numbers of an optional count column, ascending."""
+    values = pd.to_numeric(pd.Series(_filled(table, column), dtype=object), errors="coerce")
+    return sorted({int(n) for n in values.dropna()})
 
 
 def _filled(table: pd.DataFrame, column: str) -> list:

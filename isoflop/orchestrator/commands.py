@@ -409,8 +409,8 @@ def collect_command(args: argparse.Namespace) -> int:
 # -- isoflop throughput ---------------------------------------------------------------------------
 
 THROUGHPUT_COLUMNS: tuple[str, ...] = (
-    "arch", "size", "params", "tokens_per_step", "steps", "tokens_per_s", "device", "torch_version",
-    "git_sha",
+    "arch", "size", "params", "tokens_per_step", "steps", "repeats", "tokens_per_s", "tokens_per_s_min",
+    "tokens_per_s_max", "device", "torch_version", "git_sha",
 )
 THROUGHPUT_FOLDER = "_throughput"  # beside the sweep's run folders; not a run id, so never a run
 
@@ -421,13 +421,19 @@ def add_throughput(subparsers: argparse._SubParsersAction) -> None:
         "wall-clock multipliers when runs shared a GPU",
         description="Train each distinct (architecture, size) of the sweep alone for a few steps, "
         "one after another in this process and through the code path of real runs, and write "
-        "throughput.csv (tokens/s of the second half of the steps). Runs that shared a GPU "
-        "measured their throughput under contention; with throughput.csv beside runs.csv, "
-        "`isoflop report` computes the wall-clock multipliers from these numbers instead.",
+        "throughput.csv (tokens/s of the second half of the steps; the median of --repeats "
+        "measurements taken in interleaved rounds, so drifts of the host hit every model alike). "
+        "Runs that shared a GPU measured their throughput under contention; with throughput.csv "
+        "beside runs.csv, `isoflop report` computes the wall-clock multipliers from these numbers "
+        "instead.",
     )
     parser.add_argument("sweep", type=Path, help="the sweep's YAML file")
     parser.add_argument("--steps", type=int, default=30,
                         help="training steps per model, half of them warm-up (default 30, at least 4)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measurements per model, one per round over all models; the table keeps "
+                             "their median, min and max (default 3, at least 1). Small models' steps "
+                             "are bound by host time, which drifts by 10%% and more over minutes")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/<sweep>)")
     _add_only(parser, "measure")
     _add_runs_dir(parser)
@@ -452,38 +458,55 @@ def throughput_command(args: argparse.Namespace) -> int:
     if args.steps < MIN_STEPS:
         raise UsageError(f"--steps {args.steps}; allowed: {MIN_STEPS} or more (half of them warm up, "
                          "half are timed)")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats}; allowed: 1 or more")
     sweep, all_runs = _load(args.sweep)
     pairs = _first_of_each_pair(_only(args.only, all_runs, sweep.name))
     if sweep.data.task is None:
         _load_corpus(sweep.data)  # a missing corpus: one line now, not a traceback in the first run
     folder = sweep_dir(sweep.name, args.runs_dir) / THROUGHPUT_FOLDER
-    rows = _measure_pairs(pairs, folder, args.steps, _console())
+    rows = _measure_pairs(pairs, folder, args.steps, args.repeats, _console())
     path = (args.out or Path("results") / sweep.name) / THROUGHPUT_FILE
     _write_throughput_csv(path, rows)
-    print(f"wrote {path} ({len(rows)} (architecture, size) pairs, {args.steps} steps each)")
+    print(f"wrote {path} ({len(rows)} (architecture, size) pairs, {args.steps} steps each, median of "
+          f"{args.repeats})")
     return 0
 
 
-def _measure_pairs(pairs: list[Any], folder: Path, steps: int, console: Any) -> list[dict[str, Any]]:
-    """One throughput.csv row per planned run of `pairs`, each trained alone in folder/<arch>-<size>."""
+def _measure_pairs(pairs: list[Any], folder: Path, steps: int, repeats: int,
+                   console: Any) -> list[dict[str, Any]]:
+    """One throughput.csv row per planned run of `pairs`, each trained alone in folder/<arch>-<size>,
+    `repeats` times in rounds over all pairs; the row keeps the median tokens/s and the range."""
+    import statistics
+
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from isoflop.train.provenance import git_sha
     from isoflop.train.throughput import measure
 
-    common = {"steps": steps, "torch_version": torch.__version__, "git_sha": git_sha() or ""}
-    rows = []
+    common = {"steps": steps, "repeats": repeats, "torch_version": torch.__version__,
+              "git_sha": git_sha() or ""}
+    measured: dict[tuple[str, str], list[dict[str, Any]]] = {(run.arch, run.size): [] for run in pairs}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("throughput", total=len(pairs))
-        for run in pairs:
-            measured = measure(run.spec, folder / f"{run.arch}-{run.size}", steps=steps)
-            rows.append({"arch": run.arch, "size": run.size,
-                         "tokens_per_step": run.spec.train.tokens_per_step} | measured | common)
-            progress.advance(task)
-            progress.console.print(f"{run.arch} {run.size}: {measured['tokens_per_s']:,.0f} tokens/s "
-                                   f"({measured['params']:,} params, {measured['device']})")
+        task = progress.add_task("throughput", total=len(pairs) * repeats)
+        for round_index in range(repeats):
+            for run in pairs:
+                result = measure(run.spec, folder / f"{run.arch}-{run.size}", steps=steps)
+                measured[(run.arch, run.size)].append(result)
+                progress.advance(task)
+                progress.console.print(f"{run.arch} {run.size}: {result['tokens_per_s']:,.0f} tokens/s "
+                                       f"({result['params']:,} params, {result['device']}; round "
+                                       f"{round_index + 1}/{repeats})")
+    rows = []
+    for run in pairs:
+        results = measured[(run.arch, run.size)]
+        rates = [r["tokens_per_s"] for r in results]
+        rows.append({"arch": run.arch, "size": run.size, "tokens_per_step": run.spec.train.tokens_per_step,
+                     "params": results[0]["params"], "device": results[0]["device"],
+                     "tokens_per_s": statistics.median(rates), "tokens_per_s_min": min(rates),
+                     "tokens_per_s_max": max(rates)} | common)
     return rows
 
 
