@@ -70,6 +70,23 @@ def test_fused_model_equals_the_unfused_computation(arch, float64):
         torch.testing.assert_close(fused_grad, grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_static_convs_of_one_projection_run_as_one_call(monkeypatch):
+    """static-qkv: the static convs of q, k and v filter the fused projection's output in one call
+    per block (the model still equals its unfused computation: the test above)."""
+    from isoflop import kernels
+
+    widths = []
+    static_conv = kernels.static_conv
+
+    def counting(x, static, **kwargs):
+        widths.append(x.shape[-1])
+        return static_conv(x, static, **kwargs)
+
+    monkeypatch.setattr(kernels, "static_conv", counting)
+    build_model(tiny_config("static-qkv"))(torch.randint(0, VOCAB, (2, 12)))
+    assert widths == [3 * D] * LAYERS
+
+
 class MatmulShapes(TorchDispatchMode):
     """(inner, outer) dimensions of every matrix product run under it."""
 

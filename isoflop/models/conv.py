@@ -254,9 +254,30 @@ class LinearConvs(nn.ModuleDict):
     def project_and_run(
         self, h: Tensor, linears: dict[str, nn.Linear], cu_seqlens: Tensor | None = None
     ) -> list[Tensor]:
-        """The outputs of `linears` (all reading h), each through its conv, from one matmul."""
+        """The outputs of `linears` (all reading h), each through its conv, from one matmul.
+
+        When every one of them has a static conv (one width, one residual), the convs run as one
+        conv over the matmul's whole output: a depthwise conv over concatenated channels with
+        concatenated filters is the separate convs, without copying each split view for its own
+        call (see StaticShortConv.forward) and with one call instead of several."""
+        static = self._static_group(list(linears))
+        if static is not None:
+            y = F.linear(h, torch.cat([linear.weight for linear in linears.values()]))
+            weight = torch.cat([conv.weight for conv in static], dim=1)
+            y = kernels.static_conv(y, weight, residual=static[0].residual, cu_seqlens=cu_seqlens)
+            return list(y.split([conv.channels for conv in static], dim=-1))
         projected = self.project(h, linears)
         return [self.run(name, y, h, cu_seqlens, z=z) for name, (y, z) in projected.items()]
+
+    def _static_group(self, names: list[str]) -> list[StaticShortConv] | None:
+        """The static convs of two or more linears `names` when each has one and they share width
+        and residual; None otherwise."""
+        convs = [self[name] for name in names if name in self]
+        if len(names) < 2 or len(convs) < len(names):
+            return None
+        if not all(isinstance(conv, StaticShortConv) for conv in convs):
+            return None
+        return convs if len({(conv.width, conv.residual) for conv in convs}) == 1 else None
 
     def project_and_step(
         self, h_t: Tensor, linears: dict[str, nn.Linear], states: dict[str, Tensor]
