@@ -1,7 +1,8 @@
 """The dynamic short convolution operator (functions over tensors; no nn.Module here).
 
-`reference.py` is the specification; `ops.py` holds the Triton kernels as torch custom ops. Every
-function below dispatches at call time:
+`reference.py` is the specification; `ops.py` holds the Triton kernels as torch custom ops (what
+torch.compile sees; eager calls run them through a plain autograd.Function, which costs far less
+host time per call). Every function below dispatches at call time:
 - backend "auto" (default): Triton for CUDA tensors of float32/float16/bfloat16, the reference
   otherwise (CPU, float64, widths or head sizes the kernels do not take);
 - "triton": always the kernels (on CPU tensors this needs TRITON_INTERPRET=1; unsupported inputs
