@@ -47,7 +47,8 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 BATCH, SEQ, D_MODEL, R, W = 4, 4096, 2048, 16, 4
 # Integer arguments' values at the paper's shape (chunk_t: any multiple of BLOCK_T); others
 # (chunks_per_seq) compile as plain integers.
-INT_ARGS = {"B": BATCH, "T": SEQ, "D": D_MODEL, "R": R, "chunk_t": 16}
+INT_ARGS = {"B": BATCH, "T": SEQ, "D": D_MODEL, "R": R, "chunk_t": 16,
+            "X_STRIDE": D_MODEL, "Z_STRIDE": R, "D_GROUP": D_MODEL}  # low-rank: contiguous, one group
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 # Pointer arguments that are not activations: their element types.
 POINTER_TYPES = {"pos_ptr": "*i32", "dz_part_ptr": "*fp32", "du_part_ptr": "*fp32", "ds_part_ptr": "*fp32"}

@@ -87,6 +87,29 @@ def test_static_convs_of_one_projection_run_as_one_call(monkeypatch):
     assert widths == [3 * D] * LAYERS
 
 
+@pytest.mark.parametrize("arch, widths", [
+    ("dynamic-qkv", [(3 * D, 3 * 16), (3 * D, 3 * 16)]),
+    # all-linear: q/k/v and gate/up each as one call; o and down alone
+    ("dynamic-all-linear", [(3 * D, 3 * 16), (D, 16), (2 * D_FF, 2 * 16), (D, 16)] * LAYERS),
+])
+def test_lowrank_convs_of_one_projection_run_as_one_call(monkeypatch, arch, widths):
+    """The low-rank convs of q, k and v (and of gate and up) filter the fused projection's output
+    in one call, z holding one R-column slice per linear (the model still equals its unfused
+    computation: test_fused_model_equals_the_unfused_computation)."""
+    from isoflop import kernels
+
+    seen = []
+    lowrank = kernels.dynamic_conv_lowrank
+
+    def counting(x, z, U, static=None, **kwargs):
+        seen.append((x.shape[-1], z.shape[-1]))
+        return lowrank(x, z, U, static, **kwargs)
+
+    monkeypatch.setattr(kernels, "dynamic_conv_lowrank", counting)
+    build_model(tiny_config(arch))(torch.randint(0, VOCAB, (2, 12)))
+    assert seen == widths
+
+
 class MatmulShapes(TorchDispatchMode):
     """(inner, outer) dimensions of every matrix product run under it."""
 

@@ -50,6 +50,23 @@ def test_lowrank_matches_loop(gen, residual, with_static, W):
     torch.testing.assert_close(y.double(), loop_formula(x, filters, s, residual), rtol=1e-5, atol=1e-5)
 
 
+def test_lowrank_channel_groups_are_separate_convs(gen):
+    """z [B, T, G*R]: each run of D/G channels is its own low-rank conv with its own R columns of z
+    (the q, k, v convs of one fused projection in one call)."""
+    B, T, G, Dg, R, W = 2, 6, 3, 4, 2, 3
+    x, z = rand(B, T, G * Dg, gen=gen), rand(B, T, G * R, gen=gen)
+    U, s = rand(R, W * G * Dg, gen=gen), rand(W, G * Dg, gen=gen)
+    y = ref.dynamic_conv_lowrank(x, z, U, s)
+    per_group = U.view(R, W, G, Dg)
+    for g in range(G):
+        channels, columns = slice(g * Dg, (g + 1) * Dg), slice(g * R, (g + 1) * R)
+        alone = ref.dynamic_conv_lowrank(x[..., channels], z[..., columns], per_group[:, :, g].reshape(R, W * Dg),
+                                         s[:, channels])
+        torch.testing.assert_close(y[..., channels], alone)
+    with pytest.raises(ValueError, match="G\\*R"):
+        ref.dynamic_conv_lowrank(x, rand(B, T, 5, gen=gen), U)  # 5 columns: not a multiple of R=2
+
+
 @pytest.mark.parametrize("head_size", [1, 2, 6])
 def test_headwise_matches_loop(gen, head_size):
     B, T, D, W = 2, 6, 6, 4

@@ -211,6 +211,35 @@ def test_lowrank_split_backward_matches_reference(gen, triton_backend, split_bac
     check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
 
 
+def fused_output_views(B: int, T: int, G: int, Dg: int, R: int, dtype, device="cpu", gen=None):
+    """x [B, T, G*Dg] and z [B, T, G*R] as views into one [B, T, G*(Dg+R) + 8] tensor, the way
+    LinearConvs.project_and_run slices a fused projection's output (rows strided, not contiguous)."""
+    out = rand(B, T, G * (Dg + R) + 8, dtype=dtype, gen=gen).to(device)
+    return out[..., : G * Dg], out[..., G * Dg: G * (Dg + R)]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["fused", "split"])
+@pytest.mark.parametrize("B, T, G, Dg, R, W, lengths", [(2, 13, 3, 16, 3, 4, None), (1, 19, 2, 32, 5, 3, [3, 1, 9, 6])])
+def test_lowrank_channel_groups_on_views_of_a_fused_output(gen, triton_backend, dtype, variant, B, T, G, Dg, R, W,
+                                                          lengths):
+    """z [B, T, G*R] (one R-column slice per group of Dg channels) with x and z read in place from
+    one fused output: forward and every gradient against float64, for both backward variants."""
+    from isoflop.kernels import ops, triton_lowrank
+
+    x, z = fused_output_views(B, T, G, Dg, R, dtype, gen=gen)
+    assert ops._rows(x) is x and ops._rows(z) is z  # the kernels take the views as they are, no copy
+    inputs = dict(x=x, z=z, U=rand(R, W * G * Dg, dtype=dtype, gen=gen) / R**0.5,
+                  static=rand(W, G * Dg, dtype=dtype, gen=gen), cu_seqlens=packed_offsets(lengths) if lengths else None)
+    before = triton_lowrank.BACKWARD_VARIANT.get()
+    triton_lowrank.BACKWARD_VARIANT.set(variant)
+    try:
+        check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
+    finally:
+        triton_lowrank.BACKWARD_VARIANT.set(before)
+
+
 @interpreted
 def test_lowrank_split_and_fused_backward_agree(gen):
     """Same gradients from both variants (dx is shared; the filter gradients only differ by the
@@ -354,7 +383,11 @@ def test_kernel_arguments_are_checked(gen, triton_backend):
     with pytest.raises(ValueError, match="must divide D=8"):
         kernels.dynamic_conv_headwise(x, rand(2, 5, 3, 3, gen=gen))
     with pytest.raises(ValueError, match="U must be"):
+        kernels.dynamic_conv_lowrank(x, rand(2, 5, 3, gen=gen), rand(3, 15, gen=gen))
+    with pytest.raises(ValueError, match="G\\*R with R=3"):
         kernels.dynamic_conv_lowrank(x, rand(2, 5, 4, gen=gen), rand(3, 16, gen=gen))
+    with pytest.raises(ValueError, match="multiple of 16 channels"):
+        kernels.dynamic_conv_lowrank(x, rand(2, 5, 6, gen=gen), rand(3, 16, gen=gen))  # 2 groups of 4
     with pytest.raises(ValueError, match="float64"):
         kernels.static_conv(x.double(), rand(3, 8, gen=gen).double())
     with pytest.raises(ValueError, match="W=9"):
@@ -414,6 +447,20 @@ def test_gpu_matches_float64_reference(triton_backend, dtype, kind, B, T, D, W, 
     poison_cuda_memory()
     inputs = conv_inputs(kind, B, T, D, W, dtype, R=R, head_size=head_size)
     check_against_float64(FUNCTIONS[kind], inputs, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("Dg, R, dtype", [(512, 16, torch.bfloat16), (80, 5, torch.bfloat16), (192, 16, torch.float32)])
+def test_gpu_lowrank_channel_groups_on_views_of_a_fused_output(triton_backend, Dg, R, dtype):
+    """Three channel groups (q, k, v) read in place from one fused output; 80 channels per group
+    takes narrower channel tiles than the kernels' default (tiles never straddle groups)."""
+    poison_cuda_memory()
+    g = torch.Generator().manual_seed(0)
+    B, T, G, W = 2, 1031, 3, 4
+    x, z = fused_output_views(B, T, G, Dg, R, dtype, device="cuda", gen=g)
+    inputs = dict(x=x, z=z, U=rand(R, W * G * Dg, dtype=dtype, device="cuda", gen=g) / R**0.5,
+                  static=rand(W, G * Dg, dtype=dtype, device="cuda", gen=g) / W**0.5)
+    check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
 
 
 @gpu

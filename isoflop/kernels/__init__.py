@@ -27,8 +27,8 @@ from isoflop.kernels.reference import initial_state
 BACKENDS = ("auto", "reference", "triton")
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Mirrors ops.MAX_WIDTH / ops.MAX_HEAD_SIZE without importing Triton.
-_MAX_WIDTH, _MAX_HEAD_SIZE = 8, 256
+# Mirrors ops.MAX_WIDTH / ops.MAX_HEAD_SIZE / ops.GROUP_MULTIPLE without importing Triton.
+_MAX_WIDTH, _MAX_HEAD_SIZE, _GROUP_MULTIPLE = 8, 256, 16
 
 
 _choice = BackendChoice("ISOFLOP_KERNELS", BACKENDS, "kernel backend")
@@ -43,7 +43,8 @@ def get_backend() -> str:
     return _choice.get()
 
 
-def _use_triton(x: Tensor, *others: Tensor | None, width: int = 1, head_size: int = 1) -> bool:
+def _use_triton(x: Tensor, *others: Tensor | None, width: int = 1, head_size: int = 1,
+                channel_group: int = _GROUP_MULTIPLE) -> bool:
     if _choice.name != "auto":
         return _choice.name == "triton"
     tensors = [x, *(t for t in others if t is not None)]
@@ -52,6 +53,7 @@ def _use_triton(x: Tensor, *others: Tensor | None, width: int = 1, head_size: in
         and all(t.is_cuda and t.dtype in _KERNEL_DTYPES for t in tensors)
         and width <= _MAX_WIDTH
         and head_size <= _MAX_HEAD_SIZE
+        and channel_group % _GROUP_MULTIPLE == 0
     )
 
 
@@ -73,8 +75,12 @@ def dynamic_conv_lowrank(
     x: Tensor, z: Tensor, U: Tensor, static: Tensor | None = None, *,
     residual: bool = True, cu_seqlens: Tensor | None = None,
 ) -> Tensor:
-    """Low-rank dynamic conv: x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None."""
-    if _use_triton(x, z, U, static, width=U.shape[-1] // max(1, x.shape[-1])):
+    """Low-rank dynamic conv: x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None. With z
+    [B, T, G*R], each of G runs of D/G channels takes its own R columns of z (several convs of one
+    fused projection as one call; see reference.lowrank_filters)."""
+    groups = z.shape[-1] // max(1, U.shape[0])
+    channel_group = x.shape[-1] // groups if groups > 1 else _GROUP_MULTIPLE
+    if _use_triton(x, z, U, static, width=U.shape[-1] // max(1, x.shape[-1]), channel_group=channel_group):
         return _ops().dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)
     return reference.dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)
 

@@ -33,6 +33,7 @@ from isoflop.kernels.triton_lowrank import lowrank_backward, lowrank_forward
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 8  # taps are unrolled at compile time, with one accumulator each in the backward
 MAX_HEAD_SIZE = 256  # a channel tile holds at least one whole head
+GROUP_MULTIPLE = 16  # low-rank channel groups: a channel tile (>= 16 for the matrix units) fits in one
 _INTERPRETING = interpreting()  # read once: argument checks must stay traceable by torch.compile
 
 
@@ -50,6 +51,16 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """t [B, T, C] itself when its rows are evenly strided with unit channel stride, as views into
+    one fused projection's output are (the low-rank kernels take a row stride, so such a view costs
+    no copy); otherwise a contiguous copy."""
+    B, T, _ = t.shape
+    if t.stride(2) == 1 and (B == 1 or t.stride(0) == T * t.stride(1)):
+        return t
+    return t.contiguous()
+
+
 # --------------------------------------------------------------------------------------------
 # Low-rank
 
@@ -59,7 +70,7 @@ def _lowrank_conv(
 ) -> Tensor:
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
-    return lowrank_forward(x.contiguous(), z.contiguous(), U.contiguous(), static, residual, pos)
+    return lowrank_forward(_rows(x), _rows(z), U.contiguous(), static, residual, pos)
 
 
 lowrank_conv = torch.library.custom_op("isoflop::lowrank_conv", _lowrank_conv, mutates_args=())
@@ -67,7 +78,7 @@ lowrank_conv = torch.library.custom_op("isoflop::lowrank_conv", _lowrank_conv, m
 
 @lowrank_conv.register_fake
 def _(x, z, U, static, residual, cu_seqlens):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, like the kernel's output, whatever x's strides
 
 
 def _lowrank_conv_backward(
@@ -76,9 +87,7 @@ def _lowrank_conv_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
-    dx, dz, dU, ds = lowrank_backward(
-        dy.contiguous(), x.contiguous(), z.contiguous(), U.contiguous(), static, residual, pos
-    )
+    dx, dz, dU, ds = lowrank_backward(dy.contiguous(), _rows(x), _rows(z), U.contiguous(), static, residual, pos)
     return dx, dz, dU, ds if ds is not None else _empty(x)
 
 
@@ -89,7 +98,7 @@ lowrank_conv_backward = torch.library.custom_op(
 @lowrank_conv_backward.register_fake
 def _(dy, x, z, U, static, residual, cu_seqlens):
     ds = torch.empty_like(static) if static is not None else _empty(x)
-    return torch.empty_like(x), torch.empty_like(z), torch.empty_like(U), ds
+    return x.new_empty(x.shape), z.new_empty(z.shape), torch.empty_like(U), ds
 
 
 def _lowrank_setup(ctx, inputs, output):
@@ -262,11 +271,16 @@ def dynamic_conv_lowrank(
 ) -> Tensor:
     """Low-rank dynamic conv (see reference.dynamic_conv_lowrank) on the Triton kernels."""
     B, T, D = _check_x(x)
-    if z.shape[:2] != (B, T):
-        raise ValueError(f"z must be [B, T, R]=({B}, {T}, R); got {tuple(z.shape)}")
-    R = z.shape[-1]
-    if U.ndim != 2 or U.shape[0] != R or U.shape[1] % D or U.shape[1] == 0:
-        raise ValueError(f"U must be [R={R}, W*D] with D={D}; got {tuple(U.shape)}")
+    if z.ndim != 3 or z.shape[:2] != (B, T):
+        raise ValueError(f"z must be [B, T, R] or [B, T, G*R] with B={B}, T={T}; got {tuple(z.shape)}")
+    if U.ndim != 2 or U.shape[0] == 0 or U.shape[1] % D or U.shape[1] == 0:
+        raise ValueError(f"U must be [R, W*D] with D={D}; got {tuple(U.shape)}")
+    R, groups = U.shape[0], z.shape[-1] // U.shape[0]
+    if z.shape[-1] % R or D % groups:
+        raise ValueError(f"z's last dimension ({z.shape[-1]}) must be G*R with R={R} (U's rows) and G dividing D={D}")
+    if groups > 1 and (D // groups) % GROUP_MULTIPLE:
+        raise ValueError(f"{groups} channel groups of {D // groups} channels: the Triton kernels need groups of a "
+                         f"multiple of {GROUP_MULTIPLE} channels (use kernels.set_backend('reference') for others)")
     _check(x, U.shape[1] // D, static, cu_seqlens, z=z, U=U)
     return _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens)
 

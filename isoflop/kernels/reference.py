@@ -10,6 +10,8 @@ dtype.
 
 Filters come in two parameterisations, matching the paper:
 - low-rank: w_t = reshape(z_t @ U, [W, D]) with z [B, T, R], U [R, W*D] (tap-major: U[:, k*D + d]);
+  with z [B, T, G*R], G groups of D/G consecutive channels each take their own R columns of z
+  (several convs of one fused projection, e.g. q, k and v, run as one);
 - head-wise: one generated tap per group of `head_size` consecutive channels,
   w [B, T, W, H] with H = D / head_size, broadcast to the group's channels.
 
@@ -96,12 +98,17 @@ def short_conv(
 
 
 def lowrank_filters(z: Tensor, U: Tensor, width: int) -> Tensor:
-    """[B, T, R] @ [R, W*D] -> [B, T, W, D], in the accumulation dtype."""
-    B, T, R = z.shape
-    if U.ndim != 2 or U.shape[0] != R or U.shape[1] % width:
-        raise ValueError(f"U must be [R={R}, W*D] with W={width}; got {tuple(U.shape)}")
+    """[B, T, G*R] and [R, W*D] -> [B, T, W, D], in the accumulation dtype: channel group g (the
+    g-th of G runs of D/G consecutive channels) takes its filters from z[..., g*R:(g+1)*R] @ U."""
+    B, T, GR = z.shape
+    R = U.shape[0] if U.ndim == 2 else 0
+    if R == 0 or GR % R or U.shape[1] % width or (U.shape[1] // width) % (GR // R):
+        raise ValueError(f"U must be [R, W*D] with W={width}, z's {GR} columns G*R and G dividing D; "
+                         f"got U {tuple(U.shape)}")
+    groups, D = GR // R, U.shape[1] // width
     acc = accumulation_dtype(z.dtype)
-    return (z.to(acc) @ U.to(acc)).view(B, T, width, U.shape[1] // width)
+    f = torch.einsum("btgr,rwgd->btwgd", z.to(acc).view(B, T, groups, R), U.to(acc).view(R, width, groups, D // groups))
+    return f.reshape(B, T, width, D)
 
 
 def headwise_filters(w: Tensor, head_size: int) -> Tensor:
@@ -118,7 +125,8 @@ def dynamic_conv_lowrank(
     residual: bool = True,
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
-    """Low-rank dynamic conv: x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None."""
+    """Low-rank dynamic conv: x [B, T, D], z [B, T, R] (or [B, T, G*R]: see lowrank_filters),
+    U [R, W*D], static [W, D] or None."""
     width = U.shape[1] // x.shape[-1]
     return short_conv(
         x, lowrank_filters(z, U, width), static, residual=residual, cu_seqlens=cu_seqlens

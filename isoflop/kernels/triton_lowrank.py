@@ -62,57 +62,65 @@ BACKWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_BWD", ("auto", "fused", "split
 @triton.jit
 def _lowrank_conv_kernel(
     x_ptr, z_ptr, u_ptr, s_ptr, pos_ptr, y_ptr,
-    T, D, R,
+    T, D, R, X_STRIDE, Z_STRIDE, D_GROUP,
     W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr, LEAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """y[t] = sum_k tap(t, k) * x[t-k] (forward), or with LEAD, y[t] = sum_k tap(t+k, k) * x[t+k]:
-    the same pass run on dy gives dx, each tap read by the position that used x[t]."""
+    the same pass run on dy gives dx, each tap read by the position that used x[t]. Rows of x and
+    z are X_STRIDE and Z_STRIDE elements apart (views into a fused projection's output), y is
+    contiguous; this tile's channels belong to group d // D_GROUP, whose R columns of z it reads."""
     pid_t, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i = tl.arange(0, BLOCK_T)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     r = tl.arange(0, R_P)
     d_ok, r_ok = d < D, r < R
     tile = i[:, None] * D + d[None, :]
+    x_offsets = i[:, None] * X_STRIDE + d[None, :]
+    z_offsets = i[:, None] * Z_STRIDE + (pid_d * BLOCK_D // D_GROUP) * R + r[None, :]
     for c in tl.range(0, CHUNK, num_stages=STAGES):
         t = (pid_t * CHUNK + c) * BLOCK_T + i
         t_ok = t < T
         p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
         # 64-bit only in the tile's base row; offsets inside the tile stay 32-bit (fewer registers).
         first_row = b.to(tl.int64) * T + (pid_t * CHUNK + c) * BLOCK_T
-        z_tile = z_ptr + first_row * R + i[:, None] * R + r[None, :]
-        x_tile = x_ptr + first_row * D
+        z_tile = z_ptr + first_row * Z_STRIDE + z_offsets
+        x_tile = x_ptr + first_row * X_STRIDE
         # x[t] first: the shifted tiles below mostly hit the cache lines it brought in.
-        x0 = tl.load(x_tile + tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x0 = tl.load(x_tile + x_offsets, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         z = tl.load(z_tile, mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        # The kernel is bound by instruction issue (ncu: ~2.4 of 4 per cycle, neither memory nor
+        # L2 saturated), so per-element work counts: the residual starts the sum as x[t] instead
+        # of adding 1 to tap 0, and each tap starts as the broadcast static filter rather than
+        # zeros + s (an add per element the compiler cannot drop: 0.0 + -0.0 is +0.0).
+        acc = x0.to(tl.float32) if RESIDUAL else tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for k in tl.static_range(W):
-            tap = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
             if HAS_STATIC:
-                tap += tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+                s_k = tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)
+                tap = tl.broadcast_to(s_k[None, :], [BLOCK_T, BLOCK_D])
+            else:
+                tap = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
             u = tl.load(u_ptr + r[:, None] * (W * D) + k * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             if k == 0:
                 xk = x0
                 tap = mma(z, u.to(DOT_DTYPE), tap, FP32_DOT)
-                if RESIDUAL:
-                    tap += 1.0
             elif LEAD:
                 lead_ok = t_ok & (t + k < T)
                 lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
-                zk = tl.load(z_tile + k * R, mask=lead_ok[:, None] & r_ok[None, :], other=0.0)
+                zk = tl.load(z_tile + k * Z_STRIDE, mask=lead_ok[:, None] & r_ok[None, :], other=0.0)
                 tap = mma(zk.to(DOT_DTYPE), u.to(DOT_DTYPE), tap, FP32_DOT)
-                xk = tl.load(x_tile + (tile + k * D), mask=lead_ok[:, None] & d_ok[None, :], other=0.0)
+                xk = tl.load(x_tile + (x_offsets + k * X_STRIDE), mask=lead_ok[:, None] & d_ok[None, :], other=0.0)
             else:
                 tap = mma(z, u.to(DOT_DTYPE), tap, FP32_DOT)
                 lag_ok = t_ok & (p >= k) & (t >= k)
-                xk = tl.load(x_tile + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
+                xk = tl.load(x_tile + (x_offsets - k * X_STRIDE), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
             acc += tap * xk.to(tl.float32)
         tl.store(y_ptr + first_row * D + tile, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _lag_grads(x_tile, tile, x0, dy0, z, u_t, d_ok, t, p, t_ok, D, du, dz,
+def _lag_grads(x_tile, x_offsets, x0, dy0, z, u_t, d_ok, t, p, t_ok, X_STRIDE, du, dz,
                k: tl.constexpr, W: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
     """Tap k's filter gradient df = dy[t] * x[t-k] on a [BLOCK_T, BLOCK_D] tile, folded at once into
     dU_k^T += df^T @ z (du, [BLOCK_D, R_P]; with z's column of ones its column R is ds_k) and
@@ -122,7 +130,7 @@ def _lag_grads(x_tile, tile, x0, dy0, z, u_t, d_ok, t, p, t_ok, D, du, dz,
             xk = x0
         else:
             lag_ok = t_ok & (p >= k) & (t >= k)
-            xk = tl.load(x_tile + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
+            xk = tl.load(x_tile + (x_offsets - k * X_STRIDE), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
         df = (dy0.to(tl.float32) * xk.to(tl.float32)).to(DOT_DTYPE)
         du = mma(tl.trans(df), z, du, FP32_DOT)
         dz = mma(df, u_t, dz, FP32_DOT)
@@ -150,31 +158,35 @@ def _store_partials(du_part_ptr, ds_part_ptr, du, pid_n, r, r_ok, d, d_ok, R, D,
 
 
 @triton.jit
-def _chunk_tile(pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R,
+def _chunk_tile(pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R, X_STRIDE, Z_STRIDE, D_GROUP,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, R_P: tl.constexpr):
     """Where a filter-gradient program works: its sequence b, time chunk [t_start, t_end), row,
-    channel and rank indices with their masks, and the in-tile offsets of x/dy and z."""
+    channel and rank indices with their masks, and the in-tile offsets of dy, x and z (z's from
+    the R columns of this channel tile's group)."""
     b = pid_n // chunks_per_seq
     t_start = (pid_n % chunks_per_seq) * chunk_t
     t_end = tl.minimum(T, t_start + chunk_t)
     i = tl.arange(0, BLOCK_T)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     r = tl.arange(0, R_P)
-    tile = i[:, None] * D + d[None, :]  # 32-bit offsets inside a tile; 64-bit only per tile row
-    return b, t_start, t_end, i, d, r, d < D, r < R, tile, i[:, None] * R + r[None, :]
+    # 32-bit offsets inside a tile; 64-bit only per tile row
+    dy_offsets = i[:, None] * D + d[None, :]
+    x_offsets = i[:, None] * X_STRIDE + d[None, :]
+    z_offsets = i[:, None] * Z_STRIDE + (pid_d * BLOCK_D // D_GROUP) * R + r[None, :]
+    return b, t_start, t_end, i, d, r, d < D, r < R, dy_offsets, x_offsets, z_offsets
 
 
 @triton.jit
 def _lowrank_filter_grad_kernel(
     x_ptr, z_ptr, u_ptr, pos_ptr, dy_ptr,
     dz_part_ptr, du_part_ptr, ds_part_ptr,
-    B, T, D, R, chunks_per_seq, chunk_t,
+    B, T, D, R, X_STRIDE, Z_STRIDE, D_GROUP, chunks_per_seq, chunk_t,
     W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     pid_d, pid_n = tl.program_id(0), tl.program_id(1)
-    b, t_start, t_end, i, d, r, d_ok, r_ok, tile, z_tile_offsets = _chunk_tile(
-        pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R, BLOCK_T, BLOCK_D, R_P)
+    b, t_start, t_end, i, d, r, d_ok, r_ok, dy_offsets, x_offsets, z_offsets = _chunk_tile(
+        pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R, X_STRIDE, Z_STRIDE, D_GROUP, BLOCK_T, BLOCK_D, R_P)
     # Per-tap accumulators of dU_k (and ds_k, their column R) over this chunk, and U_k^T, loaded
     # once per program; taps >= W stay unused and vanish.
     du0 = tl.zeros([BLOCK_D, R_P], dtype=tl.float32)
@@ -191,20 +203,20 @@ def _lowrank_filter_grad_kernel(
     # the current tile's work.
     first_ok = ((t_start + i) < t_end)[:, None] & d_ok[None, :]
     first_row = (b * T + t_start).to(tl.int64)
-    dy_next = tl.load(dy_ptr + first_row * D + tile, mask=first_ok, other=0.0)
-    x_next = tl.load(x_ptr + first_row * D + tile, mask=first_ok, other=0.0)
+    dy_next = tl.load(dy_ptr + first_row * D + dy_offsets, mask=first_ok, other=0.0)
+    x_next = tl.load(x_ptr + first_row * X_STRIDE + x_offsets, mask=first_ok, other=0.0)
     for t0 in tl.range(t_start, t_end, BLOCK_T):
         t = t0 + i
         t_ok = t < t_end
         p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
         tile_row = (b * T + t0).to(tl.int64)
-        x_tile, dy_tile = x_ptr + tile_row * D, dy_ptr + tile_row * D
-        z_tile = z_ptr + tile_row * R
+        x_tile, dy_tile = x_ptr + tile_row * X_STRIDE, dy_ptr + tile_row * D
         dy0, x0 = dy_next, x_next
         ahead_ok = ((t + BLOCK_T) < t_end)[:, None] & d_ok[None, :]
-        dy_next = tl.load(dy_tile + BLOCK_T * D + tile, mask=ahead_ok, other=0.0)
-        x_next = tl.load(x_tile + BLOCK_T * D + tile, mask=ahead_ok, other=0.0)
-        z = tl.load(z_tile + z_tile_offsets, mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
+        dy_next = tl.load(dy_tile + BLOCK_T * D + dy_offsets, mask=ahead_ok, other=0.0)
+        x_next = tl.load(x_tile + BLOCK_T * X_STRIDE + x_offsets, mask=ahead_ok, other=0.0)
+        z = tl.load(z_ptr + tile_row * Z_STRIDE + z_offsets, mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        z = z.to(DOT_DTYPE)
         if HAS_STATIC:
             # A column of ones (R < R_P, see _fused_filter_grads): df^T @ z then also sums df over
             # the rows, so ds_k rides on the matrix product instead of W cross-warp row sums per
@@ -213,16 +225,16 @@ def _lowrank_filter_grad_kernel(
 
         # Filter gradients, tap by tap.
         dz = tl.zeros([BLOCK_T, R_P], dtype=tl.float32)
-        du0, dz = _lag_grads(x_tile, tile, x0, dy0, z, u0, d_ok, t, p, t_ok, D, du0, dz, 0, W, DOT_DTYPE, FP32_DOT)
-        du1, dz = _lag_grads(x_tile, tile, x0, dy0, z, u1, d_ok, t, p, t_ok, D, du1, dz, 1, W, DOT_DTYPE, FP32_DOT)
-        du2, dz = _lag_grads(x_tile, tile, x0, dy0, z, u2, d_ok, t, p, t_ok, D, du2, dz, 2, W, DOT_DTYPE, FP32_DOT)
-        du3, dz = _lag_grads(x_tile, tile, x0, dy0, z, u3, d_ok, t, p, t_ok, D, du3, dz, 3, W, DOT_DTYPE, FP32_DOT)
-        du4, dz = _lag_grads(x_tile, tile, x0, dy0, z, u4, d_ok, t, p, t_ok, D, du4, dz, 4, W, DOT_DTYPE, FP32_DOT)
-        du5, dz = _lag_grads(x_tile, tile, x0, dy0, z, u5, d_ok, t, p, t_ok, D, du5, dz, 5, W, DOT_DTYPE, FP32_DOT)
-        du6, dz = _lag_grads(x_tile, tile, x0, dy0, z, u6, d_ok, t, p, t_ok, D, du6, dz, 6, W, DOT_DTYPE, FP32_DOT)
-        du7, dz = _lag_grads(x_tile, tile, x0, dy0, z, u7, d_ok, t, p, t_ok, D, du7, dz, 7, W, DOT_DTYPE, FP32_DOT)
+        du0, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u0, d_ok, t, p, t_ok, X_STRIDE, du0, dz, 0, W, DOT_DTYPE, FP32_DOT)
+        du1, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u1, d_ok, t, p, t_ok, X_STRIDE, du1, dz, 1, W, DOT_DTYPE, FP32_DOT)
+        du2, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u2, d_ok, t, p, t_ok, X_STRIDE, du2, dz, 2, W, DOT_DTYPE, FP32_DOT)
+        du3, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u3, d_ok, t, p, t_ok, X_STRIDE, du3, dz, 3, W, DOT_DTYPE, FP32_DOT)
+        du4, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u4, d_ok, t, p, t_ok, X_STRIDE, du4, dz, 4, W, DOT_DTYPE, FP32_DOT)
+        du5, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u5, d_ok, t, p, t_ok, X_STRIDE, du5, dz, 5, W, DOT_DTYPE, FP32_DOT)
+        du6, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u6, d_ok, t, p, t_ok, X_STRIDE, du6, dz, 6, W, DOT_DTYPE, FP32_DOT)
+        du7, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u7, d_ok, t, p, t_ok, X_STRIDE, du7, dz, 7, W, DOT_DTYPE, FP32_DOT)
         dz_tile = dz_part_ptr + (pid_d.to(tl.int64) * B * T + tile_row) * R
-        tl.store(dz_tile + z_tile_offsets, dz, mask=t_ok[:, None] & r_ok[None, :])
+        tl.store(dz_tile + i[:, None] * R + r[None, :], dz, mask=t_ok[:, None] & r_ok[None, :])
 
     _store_partials(du_part_ptr, ds_part_ptr, du0, pid_n, r, r_ok, d, d_ok, R, D, 0, W, HAS_STATIC)
     _store_partials(du_part_ptr, ds_part_ptr, du1, pid_n, r, r_ok, d, d_ok, R, D, 1, W, HAS_STATIC)
@@ -237,42 +249,45 @@ def _lowrank_filter_grad_kernel(
 @triton.jit
 def _lowrank_dz_kernel(
     x_ptr, u_ptr, pos_ptr, dy_ptr, dz_ptr,
-    T, D, R,
+    T, D, R, X_STRIDE, D_GROUP,
     W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_POS: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """dz[t] = sum_d sum_k (dy[t, d] * x[t-k, d]) U_k[:, d] for one tile of rows: the program
-    walks every channel tile, so the sum over D stays in one [BLOCK_T, R_P] accumulator and dz is
-    written once, in z's dtype (no partials, no reduction pass)."""
-    pid_t, b = tl.program_id(0), tl.program_id(1)
+    """dz[t] = sum_d sum_k (dy[t, d] * x[t-k, d]) U_k[:, d] for one tile of rows and one channel
+    group g: the program walks the group's channel tiles, so the sum over them stays in one
+    [BLOCK_T, R_P] accumulator and dz[..., g*R:(g+1)*R] is written once, in z's dtype (no partials,
+    no reduction pass)."""
+    pid_t, b, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i = tl.arange(0, BLOCK_T)
     t = pid_t * BLOCK_T + i
     r = tl.arange(0, R_P)
     t_ok, r_ok = t < T, r < R
     p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
     first_row = (b * T + pid_t * BLOCK_T).to(tl.int64)
-    x_rows, dy_rows = x_ptr + first_row * D, dy_ptr + first_row * D
+    x_rows, dy_rows = x_ptr + first_row * X_STRIDE, dy_ptr + first_row * D
     dz = tl.zeros([BLOCK_T, R_P], dtype=tl.float32)
-    for d0 in tl.range(0, D, BLOCK_D):
+    group_end = tl.minimum(D, (g + 1) * D_GROUP)
+    for d0 in tl.range(g * D_GROUP, group_end, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        tile = i[:, None] * D + d[None, :]
-        dy = tl.load(dy_rows + tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        d_ok = d < group_end
+        x_offsets = i[:, None] * X_STRIDE + d[None, :]
+        dy = tl.load(dy_rows + i[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        dy = dy.to(tl.float32)
         for k in tl.static_range(W):
             # x[t-k] for k >= 1 mostly hits the cache lines that tap 0 brought in.
             lag_ok = t_ok & (p >= k) & (t >= k)
-            xk = tl.load(x_rows + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
+            xk = tl.load(x_rows + (x_offsets - k * X_STRIDE), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
             df = (dy * xk.to(tl.float32)).to(DOT_DTYPE)
             u_t = tl.load(u_ptr + r[None, :] * (W * D) + k * D + d[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
             dz = mma(df, u_t.to(DOT_DTYPE), dz, FP32_DOT)
-    dz_tile = dz_ptr + first_row * R + i[:, None] * R + r[None, :]
+    dz_tile = dz_ptr + first_row * (D // D_GROUP) * R + g * R + i[:, None] * (D // D_GROUP) * R + r[None, :]
     tl.store(dz_tile, dz.to(dz_ptr.dtype.element_ty), mask=t_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
 def _lowrank_du_kernel(
     x_ptr, z_ptr, pos_ptr, dy_ptr, du_part_ptr, ds_part_ptr,
-    T, D, R, chunks_per_seq, chunk_t,
+    T, D, R, X_STRIDE, Z_STRIDE, D_GROUP, chunks_per_seq, chunk_t,
     W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
@@ -280,8 +295,8 @@ def _lowrank_du_kernel(
     one channel tile and time chunk, written as this chunk's partial. The tap is the fastest program
     id: the W programs of a (channel tile, chunk) run side by side and read x and dy mostly from L2."""
     k, pid_d, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, t_start, t_end, i, d, r, d_ok, r_ok, tile, z_tile_offsets = _chunk_tile(
-        pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R, BLOCK_T, BLOCK_D, R_P)
+    b, t_start, t_end, i, d, r, d_ok, r_ok, dy_offsets, x_offsets, z_offsets = _chunk_tile(
+        pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R, X_STRIDE, Z_STRIDE, D_GROUP, BLOCK_T, BLOCK_D, R_P)
     du = tl.zeros([BLOCK_D, R_P], dtype=tl.float32)
     ds = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t0 in tl.range(t_start, t_end, BLOCK_T):
@@ -289,9 +304,10 @@ def _lowrank_du_kernel(
         t_ok = t < t_end
         lag_ok = t_ok & (seq_pos(pos_ptr, t, t_ok, HAS_POS) >= k) & (t >= k)
         tile_row = (b * T + t0).to(tl.int64)
-        dy = tl.load(dy_ptr + tile_row * D + tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        xk = tl.load(x_ptr + tile_row * D + (tile - k * D), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
-        z = tl.load(z_ptr + tile_row * R + z_tile_offsets, mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        dy = tl.load(dy_ptr + tile_row * D + dy_offsets, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        xk = tl.load(x_ptr + tile_row * X_STRIDE + (x_offsets - k * X_STRIDE), mask=lag_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        z = tl.load(z_ptr + tile_row * Z_STRIDE + z_offsets, mask=t_ok[:, None] & r_ok[None, :], other=0.0)
         df = dy.to(tl.float32) * xk.to(tl.float32)
         if HAS_STATIC:
             ds += tl.sum(df, axis=0)
@@ -350,7 +366,7 @@ def _split_blocks(R_P: int, W_P: int, fp32: bool) -> dict:
 def _meta(z: Tensor, U: Tensor, D: int, static: Tensor | None, pos: Tensor | None) -> dict:
     return {
         "W": U.shape[1] // D,
-        "R_P": max(16, next_pow2(z.shape[-1])),
+        "R_P": max(16, next_pow2(U.shape[0])),
         "HAS_STATIC": static is not None,
         "HAS_POS": pos is not None,
         "DOT_DTYPE": dot_dtype(z.dtype),
@@ -358,18 +374,33 @@ def _meta(z: Tensor, U: Tensor, D: int, static: Tensor | None, pos: Tensor | Non
     }
 
 
+def _group_size(z: Tensor, U: Tensor, D: int) -> int:
+    """Channels per group: z [B, T, G*R] gives each of G runs of D/G channels its own R columns."""
+    return D // (z.shape[-1] // U.shape[0])
+
+
+def _fit_group(blocks: dict, d_group: int, D: int) -> dict:
+    """Channel tiles inside one group each (so one slice of z serves a whole tile): with groups,
+    halve BLOCK_D until it divides the group's channels (a multiple of 16, see ops)."""
+    block_d = blocks["BLOCK_D"]
+    while d_group < D and d_group % block_d:
+        block_d //= 2
+    return blocks | {"BLOCK_D": block_d}
+
+
 def _conv(src: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, pos: Tensor | None,
           lead: bool, blocks: dict | None) -> Tensor:
     B, T, D = src.shape
     meta = _meta(z, U, D, static, pos)
+    d_group = _group_size(z, U, D)
     # Caller-given blocks without CHUNK/STAGES (the benchmark's) mean one unpipelined tile per program.
     blocks = blocks or _conv_blocks(T, meta["R_P"], next_pow2(meta["W"]), lead, meta["FP32_DOT"])
-    blocks = {"CHUNK": 1, "STAGES": 1} | blocks
-    out = torch.empty_like(src)
+    blocks = _fit_group({"CHUNK": 1, "STAGES": 1} | blocks, d_group, D)
+    out = torch.empty(src.shape, dtype=src.dtype, device=src.device)  # contiguous, whatever src's strides
     grid = (triton.cdiv(T, blocks["BLOCK_T"] * blocks["CHUNK"]), triton.cdiv(D, blocks["BLOCK_D"]), B)
     _lowrank_conv_kernel[grid](
         src, z, U, static if static is not None else src, pos if pos is not None else src, out,
-        T, D, z.shape[-1], RESIDUAL=residual, LEAD=lead, **meta, **blocks,
+        T, D, U.shape[0], src.stride(1), z.stride(1), d_group, RESIDUAL=residual, LEAD=lead, **meta, **blocks,
     )
     return out
 
@@ -378,8 +409,10 @@ def lowrank_forward(
     x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, pos: Tensor | None,
     blocks: dict | None = None,
 ) -> Tensor:
-    """y [B, T, D] for contiguous x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None,
-    pos int32 [T] (packed sequences) or None. `blocks` overrides the block sizes (benchmarks)."""
+    """y [B, T, D] (contiguous) for x [B, T, D], z [B, T, R] or [B, T, G*R] (G channel groups, see
+    reference.lowrank_filters), U [R, W*D], static [W, D] or None, pos int32 [T] (packed sequences)
+    or None. x and z may be views with evenly strided rows (into one fused projection's output);
+    U, static and pos are contiguous. `blocks` overrides the block sizes (benchmarks)."""
     return _conv(x, z, U, static, residual, pos, lead=False, blocks=blocks)
 
 
@@ -387,7 +420,8 @@ def lowrank_backward(
     dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
     pos: Tensor | None, blocks: dict | None = None, variant: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dx, dz, dU, dstatic or None), each in its input's dtype; all inputs contiguous. `variant`
+    """(dx, dz, dU, dstatic or None), each contiguous in its input's dtype; inputs as for
+    lowrank_forward, dy contiguous. `variant`
     picks the filter-gradient kernels: "fused" or "split" (None: BACKWARD_VARIANT, whose "auto" is
     fused). `blocks` overrides their block sizes (benchmarks): one dict for fused, {"dz": ...,
     "du": ...} for split."""
@@ -404,10 +438,10 @@ def lowrank_backward(
 def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
                         pos: Tensor | None, meta: dict, blocks: dict | None):
     B, T, D = x.shape
-    R, W = z.shape[-1], meta["W"]
+    R, W, d_group = U.shape[0], meta["W"], _group_size(z, U, D)
     if static is not None:  # room for z's column of ones (ds_k from the dU product)
         meta = meta | {"R_P": max(16, next_pow2(R + 1))}
-    blocks = blocks or _grad_blocks(meta["R_P"], next_pow2(W))
+    blocks = _fit_group(blocks or _grad_blocks(meta["R_P"], next_pow2(W)), d_group, D)
     d_tiles = triton.cdiv(D, blocks["BLOCK_D"])
     # dz partials cost d_tiles floats per (row, r) and dU partials R*W*D floats per chunk: about
     # two programs per multiprocessor balances both against keeping the chip busy.
@@ -419,10 +453,13 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
     _lowrank_filter_grad_kernel[(d_tiles, B * chunks)](
         x, z, U, pos if pos is not None else x, dy,
         dz_part, du_part, ds_part,
-        B, T, D, R, chunks, chunk_t,
+        B, T, D, R, x.stride(1), z.stride(1), d_group, chunks, chunk_t,
         **meta, **blocks,
     )
-    dz = dz_part.sum(0).view(B, T, R).to(z.dtype)
+    # Each group's dz sums its own channel tiles' partials (tiles never straddle groups).
+    groups = D // d_group
+    dz = dz_part.view(groups, d_tiles // groups, B * T, R).sum(1).permute(1, 0, 2).reshape(B, T, groups * R)
+    dz = dz.to(z.dtype)
     dU = du_part.sum(0).to(U.dtype)
     ds = ds_part.sum(0).view(W, D).to(static.dtype) if static is not None else None
     return dz, dU, ds
@@ -431,17 +468,17 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
 def _split_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
                         pos: Tensor | None, meta: dict, blocks: dict | None):
     B, T, D = x.shape
-    R, W = z.shape[-1], meta["W"]
+    R, W, d_group = U.shape[0], meta["W"], _group_size(z, U, D)
     blocks = {**_split_blocks(meta["R_P"], next_pow2(W), meta["FP32_DOT"]), **(blocks or {})}
     pos_arg = pos if pos is not None else x
-    dz = torch.empty_like(z)
-    dz_blocks = blocks["dz"]
-    _lowrank_dz_kernel[(triton.cdiv(T, dz_blocks["BLOCK_T"]), B)](
-        x, U, pos_arg, dy, dz, T, D, R,
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    dz_blocks = _fit_group(blocks["dz"], d_group, D)
+    _lowrank_dz_kernel[(triton.cdiv(T, dz_blocks["BLOCK_T"]), B, D // d_group)](
+        x, U, pos_arg, dy, dz, T, D, R, x.stride(1), d_group,
         W=W, R_P=meta["R_P"], HAS_POS=meta["HAS_POS"], DOT_DTYPE=meta["DOT_DTYPE"],
         FP32_DOT=meta["FP32_DOT"], **dz_blocks,
     )
-    du_blocks = blocks["du"]
+    du_blocks = _fit_group(blocks["du"], d_group, D)
     d_tiles = triton.cdiv(D, du_blocks["BLOCK_D"])
     # One accumulator per program leaves room for several programs per multiprocessor; the
     # partials (R*W*D floats per chunk) stay small next to x and dy.
@@ -451,7 +488,7 @@ def _split_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
     ds_part = torch.empty(B * chunks, W * D, **f32) if static is not None else du_part
     _lowrank_du_kernel[(W, d_tiles, B * chunks)](
         x, z, pos_arg, dy, du_part, ds_part,
-        T, D, R, chunks, chunk_t,
+        T, D, R, x.stride(1), z.stride(1), d_group, chunks, chunk_t,
         **meta, **du_blocks,
     )
     dU = du_part.sum(0).to(U.dtype)

@@ -134,14 +134,16 @@ class DynamicShortConv(nn.Module):
         """x [B, T, channels] is filtered; h [B, T, in_features] generates the filters, or
         z = generator_input(h) [B, T, rank or W*H] when the caller has computed it already."""
         z = self.generator_input(h) if z is None else z
-        # x and z are often views into a fused projection (LinearConvs.project). The kernels take
-        # contiguous inputs: copying here, once, means the copies are what the backward saves, so
-        # it neither copies again nor keeps the whole fused output alive.
-        x, z = x.contiguous(), z.contiguous()
         if self.kind == "lowrank":
+            # x and z are often views into a fused projection's output (LinearConvs.project):
+            # the low-rank kernels read them in place, and what the backward keeps of that output
+            # is no more than copies of x and z would be.
             return kernels.dynamic_conv_lowrank(
                 x, z, self.up, self.bias, residual=self.residual, cu_seqlens=cu_seqlens
             )
+        # The head-wise kernels take contiguous inputs: copying here, once, means the copies are
+        # what the backward saves, so it neither copies again nor keeps the fused output alive.
+        x, z = x.contiguous(), z.contiguous()
         return kernels.dynamic_conv_headwise(
             x, self._taps(z), self.bias, residual=self.residual, cu_seqlens=cu_seqlens
         )
@@ -259,15 +261,37 @@ class LinearConvs(nn.ModuleDict):
         When every one of them has a static conv (one width, one residual), the convs run as one
         conv over the matmul's whole output: a depthwise conv over concatenated channels with
         concatenated filters is the separate convs, without copying each split view for its own
-        call (see StaticShortConv.forward) and with one call instead of several."""
+        call (see StaticShortConv.forward) and with one call instead of several. Low-rank dynamic
+        convs of one shape run as one call the same way: z then holds one R-column slice per
+        linear (kernels.dynamic_conv_lowrank's channel groups)."""
         static = self._static_group(list(linears))
         if static is not None:
             y = F.linear(h, torch.cat([linear.weight for linear in linears.values()]))
             weight = torch.cat([conv.weight for conv in static], dim=1)
             y = kernels.static_conv(y, weight, residual=static[0].residual, cu_seqlens=cu_seqlens)
             return list(y.split([conv.channels for conv in static], dim=-1))
+        lowrank = self._lowrank_group(list(linears))
+        if lowrank is not None:
+            return self._run_lowrank_group(h, linears, lowrank, cu_seqlens)
         projected = self.project(h, linears)
         return [self.run(name, y, h, cu_seqlens, z=z) for name, (y, z) in projected.items()]
+
+    def _run_lowrank_group(
+        self, h: Tensor, linears: dict[str, nn.Linear], convs: list[DynamicShortConv],
+        cu_seqlens: Tensor | None,
+    ) -> list[Tensor]:
+        """One matmul for the linears and their generators' D->R maps, then one conv whose channel
+        group g (linear g's outputs) takes its filters from z's g-th R columns; x and z are read
+        in place from the matmul's output."""
+        weights = [linear.weight for linear in linears.values()] + [conv.down.weight for conv in convs]
+        channels = sum(conv.channels for conv in convs)
+        x, z = F.linear(h, torch.cat(weights)).split([channels, len(convs) * convs[0].rank], dim=-1)
+        rank, width = convs[0].rank, convs[0].width
+        # U[:, k*D + d] over the concatenated channels: each conv's [R, W, C] taps side by side.
+        up = torch.cat([conv.up.view(rank, width, conv.channels) for conv in convs], dim=2).flatten(1)
+        bias = torch.cat([conv.bias for conv in convs], dim=1)
+        y = kernels.dynamic_conv_lowrank(x, z, up, bias, residual=convs[0].residual, cu_seqlens=cu_seqlens)
+        return list(y.split([conv.channels for conv in convs], dim=-1))
 
     def _static_group(self, names: list[str]) -> list[StaticShortConv] | None:
         """The static convs of two or more linears `names` when each has one and they share width
@@ -278,6 +302,18 @@ class LinearConvs(nn.ModuleDict):
         if not all(isinstance(conv, StaticShortConv) for conv in convs):
             return None
         return convs if len({(conv.width, conv.residual) for conv in convs}) == 1 else None
+
+    def _lowrank_group(self, names: list[str]) -> list[DynamicShortConv] | None:
+        """The low-rank dynamic convs of two or more linears `names` when each has one and they
+        share width, rank, residual and a channel count the kernels can tile (a multiple of 16);
+        None otherwise."""
+        convs = [self[name] for name in names if name in self]
+        if len(names) < 2 or len(convs) < len(names):
+            return None
+        if not all(isinstance(conv, DynamicShortConv) and conv.kind == "lowrank" for conv in convs):
+            return None
+        shapes = {(conv.width, conv.rank, conv.residual, conv.channels) for conv in convs}
+        return convs if len(shapes) == 1 and convs[0].channels % 16 == 0 else None
 
     def project_and_step(
         self, h_t: Tensor, linears: dict[str, nn.Linear], states: dict[str, Tensor]
