@@ -139,6 +139,19 @@ except ValueError as error:
     assert "ISOFLOP_KERNELS='fast'" in second and "allowed: auto, reference, triton" in second
 
 
+def test_backward_chunks_fill_the_last_wave(monkeypatch):
+    """Time chunks per sequence for the filter-gradient programs on a 132-multiprocessor GPU with
+    2 programs each: enough programs, and no mostly idle last wave."""
+    from isoflop.kernels import triton_common
+
+    monkeypatch.setattr(triton_common, "processor_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert triton_common.time_chunks(4096, 8, 16, 64, cpu, 2) == (2048, 2)  # 256 programs, 264 slots
+    assert triton_common.time_chunks(4096, 8, 48, 64, cpu, 2) == (2048, 2)  # not 384 in 1.45 waves
+    assert triton_common.time_chunks(4096, 8, 192, 64, cpu, 2) == (4096, 1)  # 1536 fill 6 waves to 97%
+    assert triton_common.time_chunks(100, 1, 1, 64, cpu, 2) == (64, 2)  # never more chunks than tiles
+
+
 def test_lowrank_backward_variant_comes_from_the_environment_and_is_checked():
     if INTERPRETING:
         pytest.skip("checks the non-interpreted process")

@@ -52,12 +52,24 @@ def time_chunks(T: int, batch: int, tiles_across: int, block_t: int, device: tor
     """Split each sequence's T rows into chunks walked by one backward program each.
 
     Returns (chunk_t, chunks_per_seq). Fewer, longer chunks mean fewer per-chunk partial sums to
-    write and reduce; enough chunks keep every multiprocessor busy. chunk_t is a multiple of block_t.
+    write and reduce; enough chunks keep every multiprocessor busy, and the last wave of programs
+    should be nearly full: 384 programs in 264 slots (the grouped q/k/v convs at 300M) ran 1.45
+    waves, half the chip idle in the second; 2 chunks (768 programs, 2.9 waves) took 355 us
+    against 431 (H200, benchmarks/KERNELS.md). chunk_t is a multiple of block_t.
     """
-    target = programs_per_processor * processor_count(device)
-    chunks = max(1, min(triton.cdiv(T, block_t), target // max(1, batch * tiles_across)))
+    slots = programs_per_processor * processor_count(device)
+    across = max(1, batch * tiles_across)
+    most = triton.cdiv(T, block_t)
+    chunks = max(1, min(most, slots // across))
+    while chunks < most and _wave_fill(across * chunks, slots) < 0.9:
+        chunks += 1
     chunk_t = triton.cdiv(triton.cdiv(T, chunks), block_t) * block_t
     return chunk_t, triton.cdiv(T, chunk_t)
+
+
+def _wave_fill(programs: int, slots: int) -> float:
+    """Busy fraction of the slots over the waves that `programs` take."""
+    return programs / (triton.cdiv(programs, slots) * slots)
 
 
 @triton.jit
