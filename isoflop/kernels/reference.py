@@ -10,8 +10,8 @@ dtype.
 
 Filters come in two parameterisations, matching the paper:
 - low-rank: w_t = reshape(z_t @ U, [W, D]) with z [B, T, R], U [R, W*D] (tap-major: U[:, k*D + d]);
-  with z [B, T, G*R], G groups of D/G consecutive channels each take their own R columns of z
-  (several convs of one fused projection, e.g. q, k and v, run as one);
+  with z [B, T, G*R], G groups of D/G consecutive channels are separate low-rank convs, each with
+  its own R columns of z (several convs of one fused projection, e.g. q, k and v, as one call);
 - head-wise: one generated tap per group of `head_size` consecutive channels,
   w [B, T, W, H] with H = D / head_size, broadcast to the group's channels.
 
@@ -98,17 +98,12 @@ def short_conv(
 
 
 def lowrank_filters(z: Tensor, U: Tensor, width: int) -> Tensor:
-    """[B, T, G*R] and [R, W*D] -> [B, T, W, D], in the accumulation dtype: channel group g (the
-    g-th of G runs of D/G consecutive channels) takes its filters from z[..., g*R:(g+1)*R] @ U."""
-    B, T, GR = z.shape
-    R = U.shape[0] if U.ndim == 2 else 0
-    if R == 0 or GR % R or U.shape[1] % width or (U.shape[1] // width) % (GR // R):
-        raise ValueError(f"U must be [R, W*D] with W={width}, z's {GR} columns G*R and G dividing D; "
-                         f"got U {tuple(U.shape)}")
-    groups, D = GR // R, U.shape[1] // width
+    """[B, T, R] @ [R, W*D] -> [B, T, W, D], in the accumulation dtype."""
+    B, T, R = z.shape
+    if U.ndim != 2 or U.shape[0] != R or U.shape[1] % width:
+        raise ValueError(f"U must be [R={R}, W*D] with W={width}; got {tuple(U.shape)}")
     acc = accumulation_dtype(z.dtype)
-    f = torch.einsum("btgr,rwgd->btwgd", z.to(acc).view(B, T, groups, R), U.to(acc).view(R, width, groups, D // groups))
-    return f.reshape(B, T, width, D)
+    return (z.to(acc) @ U.to(acc)).view(B, T, width, U.shape[1] // width)
 
 
 def headwise_filters(w: Tensor, head_size: int) -> Tensor:
@@ -125,9 +120,29 @@ def dynamic_conv_lowrank(
     residual: bool = True,
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
-    """Low-rank dynamic conv: x [B, T, D], z [B, T, R] (or [B, T, G*R]: see lowrank_filters),
-    U [R, W*D], static [W, D] or None."""
-    width = U.shape[1] // x.shape[-1]
+    """Low-rank dynamic conv: x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None.
+
+    With z [B, T, G*R], the channels form G groups of D/G consecutive channels, and group g is the
+    low-rank conv of its channels with z[..., g*R:(g+1)*R] and its slice of U and static (U's
+    taps stay tap-major over all D channels: U[:, k*D + d])."""
+    D = x.shape[-1]
+    width = U.shape[1] // D
+    R = U.shape[0] if U.ndim == 2 else 0
+    if R == 0 or z.shape[-1] % R or D % (z.shape[-1] // R):
+        raise ValueError(f"z's last dimension ({z.shape[-1]}) must be G*R with R={R} (U's rows) and G dividing "
+                         f"D={D}; U is {tuple(U.shape)}")
+    groups = z.shape[-1] // R
+    if groups > 1:
+        size = D // groups
+        taps = U.view(R, width, groups, size)
+        return torch.cat([
+            dynamic_conv_lowrank(
+                x[..., g * size:(g + 1) * size], z[..., g * R:(g + 1) * R], taps[:, :, g].reshape(R, width * size),
+                static[:, g * size:(g + 1) * size] if static is not None else None,
+                residual=residual, cu_seqlens=cu_seqlens,
+            )
+            for g in range(groups)
+        ], dim=-1)
     return short_conv(
         x, lowrank_filters(z, U, width), static, residual=residual, cu_seqlens=cu_seqlens
     )
