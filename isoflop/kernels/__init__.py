@@ -77,7 +77,7 @@ def dynamic_conv_lowrank(
 ) -> Tensor:
     """Low-rank dynamic conv: x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None. With z
     [B, T, G*R], each of G runs of D/G channels takes its own R columns of z (several convs of one
-    fused projection as one call; see reference.lowrank_filters)."""
+    fused projection as one call; see reference.dynamic_conv_lowrank)."""
     groups = z.shape[-1] // max(1, U.shape[0])
     channel_group = x.shape[-1] // groups if groups > 1 else _GROUP_MULTIPLE
     if _use_triton(x, z, U, static, width=U.shape[-1] // max(1, x.shape[-1]), channel_group=channel_group):

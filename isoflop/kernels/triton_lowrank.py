@@ -2,9 +2,10 @@
 
     y[t, d] = residual * x[t, d] + sum_k (f[t, k, d] + s[k, d]) * x[t-k, d],   f[t, k, :] = z[t] @ U_k
 
-with U_k = U[:, k*D:(k+1)*D]. The filters f never touch memory: each program forms its
-[rows, channels] slice of f_k = z @ U_k on the matrix units (R padded to >= 16), with the static
-filter as the product's initial value and the residual as +1 on tap 0.
+with U_k = U[:, k*D:(k+1)*D]; with z [B, T, G*R], channel group g (D/G channels) uses z's g-th R
+columns, and x and z may be views with strided rows. The filters f never touch memory: each
+program forms its [rows, channels] slice of f_k = z @ U_k on the matrix units (R padded to >= 16),
+with the static filter as the product's initial value; the residual starts the sum as x[t].
 
 Forward: `_lowrank_conv_kernel`, one program per (CHUNK time tiles, channel tile, batch); the
 lagged tiles x[t-k] mostly hit the cache lines x[t] brought in, so x comes from memory once, and
