@@ -459,7 +459,10 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
     )
     # Each group's dz sums its own channel tiles' partials (tiles never straddle groups).
     groups = D // d_group
-    dz = dz_part.view(groups, d_tiles // groups, B * T, R).sum(1).permute(1, 0, 2).reshape(B, T, groups * R)
+    if groups == 1:
+        dz = dz_part.sum(0).view(B, T, R)
+    else:
+        dz = dz_part.view(groups, d_tiles // groups, B * T, R).sum(1).permute(1, 0, 2).reshape(B, T, groups * R)
     dz = dz.to(z.dtype)
     dU = du_part.sum(0).to(U.dtype)
     ds = ds_part.sum(0).view(W, D).to(static.dtype) if static is not None else None
