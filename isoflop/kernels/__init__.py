@@ -28,7 +28,8 @@ BACKENDS = ("auto", "reference", "triton")
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Mirrors ops.MAX_WIDTH / ops.MAX_HEAD_SIZE / ops.GROUP_MULTIPLE without importing Triton.
-_MAX_WIDTH, _MAX_HEAD_SIZE, _GROUP_MULTIPLE = 8, 256, 16
+_MAX_WIDTH, _MAX_HEAD_SIZE = 8, 256
+GROUP_MULTIPLE = 16  # channels per low-rank channel group that the Triton kernels can tile
 
 
 _choice = BackendChoice("ISOFLOP_KERNELS", BACKENDS, "kernel backend")
@@ -44,7 +45,7 @@ def get_backend() -> str:
 
 
 def _use_triton(x: Tensor, *others: Tensor | None, width: int = 1, head_size: int = 1,
-                channel_group: int = _GROUP_MULTIPLE) -> bool:
+                channel_group: int = GROUP_MULTIPLE) -> bool:
     if _choice.name != "auto":
         return _choice.name == "triton"
     tensors = [x, *(t for t in others if t is not None)]
@@ -53,7 +54,7 @@ def _use_triton(x: Tensor, *others: Tensor | None, width: int = 1, head_size: in
         and all(t.is_cuda and t.dtype in _KERNEL_DTYPES for t in tensors)
         and width <= _MAX_WIDTH
         and head_size <= _MAX_HEAD_SIZE
-        and channel_group % _GROUP_MULTIPLE == 0
+        and channel_group % GROUP_MULTIPLE == 0
     )
 
 
@@ -79,7 +80,7 @@ def dynamic_conv_lowrank(
     [B, T, G*R], each of G runs of D/G channels takes its own R columns of z (several convs of one
     fused projection as one call; see reference.dynamic_conv_lowrank)."""
     groups = z.shape[-1] // max(1, U.shape[0])
-    channel_group = x.shape[-1] // groups if groups > 1 else _GROUP_MULTIPLE
+    channel_group = x.shape[-1] // groups if groups > 1 else GROUP_MULTIPLE
     if _use_triton(x, z, U, static, width=U.shape[-1] // max(1, x.shape[-1]), channel_group=channel_group):
         return _ops().dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)
     return reference.dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)

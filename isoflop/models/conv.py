@@ -24,6 +24,7 @@ the unfused one computed in fewer, larger matmuls.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -291,37 +292,37 @@ class LinearConvs(nn.ModuleDict):
         """One matmul for the linears and their generators' D->R maps, then one conv whose channel
         group g (linear g's outputs) takes its filters from z's g-th R columns; x and z are read
         in place from the matmul's output."""
+        rank, width = convs[0].rank, convs[0].width
         weights = [linear.weight for linear in linears.values()] + [conv.down.weight for conv in convs]
         channels = sum(conv.channels for conv in convs)
-        x, z = F.linear(h, torch.cat(weights)).split([channels, len(convs) * convs[0].rank], dim=-1)
-        rank, width = convs[0].rank, convs[0].width
+        x, z = F.linear(h, torch.cat(weights)).split([channels, len(convs) * rank], dim=-1)
         # U[:, k*D + d] over the concatenated channels: each conv's [R, W, C] taps side by side.
         up = torch.cat([conv.up.view(rank, width, conv.channels) for conv in convs], dim=2).flatten(1)
         bias = torch.cat([conv.bias for conv in convs], dim=1)
         y = kernels.dynamic_conv_lowrank(x, z, up, bias, residual=convs[0].residual, cu_seqlens=cu_seqlens)
         return list(y.split([conv.channels for conv in convs], dim=-1))
 
-    def _static_group(self, names: list[str]) -> list[StaticShortConv] | None:
-        """The static convs of two or more linears `names` when each has one and they share width
-        and residual; None otherwise."""
+    def _group(
+        self, names: list[str], accepts: Callable[[ShortConv], bool], shape: Callable[[ShortConv], tuple]
+    ) -> list[ShortConv] | None:
+        """The convs of two or more linears `names` when each has one, `accepts` each, and they
+        all have one `shape`; None otherwise."""
         convs = [self[name] for name in names if name in self]
-        if len(names) < 2 or len(convs) < len(names):
+        if len(names) < 2 or len(convs) < len(names) or not all(accepts(conv) for conv in convs):
             return None
-        if not all(isinstance(conv, StaticShortConv) for conv in convs):
-            return None
-        return convs if len({(conv.width, conv.residual) for conv in convs}) == 1 else None
+        return convs if len({shape(conv) for conv in convs}) == 1 else None
+
+    def _static_group(self, names: list[str]) -> list[StaticShortConv] | None:
+        """The static convs of `names` (see _group) when they share width and residual."""
+        return self._group(names, lambda conv: isinstance(conv, StaticShortConv),
+                           lambda conv: (conv.width, conv.residual))
 
     def _lowrank_group(self, names: list[str]) -> list[DynamicShortConv] | None:
-        """The low-rank dynamic convs of two or more linears `names` when each has one and they
-        share width, rank, residual and a channel count the kernels can tile (a multiple of 16);
-        None otherwise."""
-        convs = [self[name] for name in names if name in self]
-        if len(names) < 2 or len(convs) < len(names):
-            return None
-        if not all(isinstance(conv, DynamicShortConv) and conv.kind == "lowrank" for conv in convs):
-            return None
-        shapes = {(conv.width, conv.rank, conv.residual, conv.channels) for conv in convs}
-        return convs if len(shapes) == 1 and convs[0].channels % 16 == 0 else None
+        """The low-rank dynamic convs of `names` (see _group) when they share width, rank, residual
+        and a channel count the kernels can tile as one group."""
+        convs = self._group(names, lambda conv: isinstance(conv, DynamicShortConv) and conv.kind == "lowrank",
+                            lambda conv: (conv.width, conv.rank, conv.residual, conv.channels))
+        return convs if convs and convs[0].channels % kernels.GROUP_MULTIPLE == 0 else None
 
     def project_and_step(
         self, h_t: Tensor, linears: dict[str, nn.Linear], states: dict[str, Tensor]
