@@ -90,16 +90,16 @@ def cases(dtype: tl.dtype) -> list[Case]:
         head = dict(W=W, HS=hs, HS_P=hs, HAS_DYN=True, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True)
         found += [
             Case(f"head-wise hs={hs} forward", rows._rows_fwd_kernel, head,
-                 triton_headwise._row_blocks(D_MODEL, hs, backward=False), {"H": D_MODEL // hs}),
+                 triton_headwise._row_blocks(SEQ, D_MODEL, hs, backward=False), {"H": D_MODEL // hs}),
             Case(f"head-wise hs={hs} backward", rows._rows_bwd_kernel, head,
-                 triton_headwise._row_blocks(D_MODEL, hs, backward=True), {"H": D_MODEL // hs}),
+                 triton_headwise._row_blocks(SEQ, D_MODEL, hs, backward=True), {"H": D_MODEL // hs}),
         ]
     static = dict(W=W, HS=1, HS_P=1, HAS_DYN=False, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True)
     found += [
         Case("static forward", rows._rows_fwd_kernel, static,
-             triton_headwise._row_blocks(D_MODEL, 1, backward=False, dynamic=False), {"H": D_MODEL}),
+             triton_headwise._row_blocks(SEQ, D_MODEL, 1, backward=False, dynamic=False), {"H": D_MODEL}),
         Case("static backward", rows._rows_bwd_kernel, static,
-             triton_headwise._row_blocks(D_MODEL, 1, backward=True, dynamic=False), {"H": D_MODEL}),
+             triton_headwise._row_blocks(SEQ, D_MODEL, 1, backward=True, dynamic=False), {"H": D_MODEL}),
     ]
     # ... and the tiled kernels, which serve 5 to 8 taps (here 8).
     tiled = [("head-wise hs=16", dict(head, W=8, HS=16, HS_P=16), D_MODEL // 16, True),

@@ -206,8 +206,8 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
     ]
     baselines = {"lowrank bwd split": lambda: fused_bwd(None)}
 
-    def rows(bc, rows_per_program, warps):
-        return {"BLOCK_C": bc, "ROWS": rows_per_program, "num_warps": warps}
+    def rows(bc, rows_per_program, warps, stages=None):
+        return {"BLOCK_C": bc, "ROWS": rows_per_program, "num_warps": warps} | ({"STAGES": stages} if stages else {})
 
     # The row-walking head-wise/static kernels (W <= 4, v9): channels per program, rows per
     # program, warps; 8 channels per thread are 16-byte loads of bf16.
@@ -227,8 +227,10 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
     plans += [
         ("static fwd", lambda b: hw.headwise_forward(x, None, s, True, None, blocks=b),
          row_configs + [hw._blocks(PAPER["D"], 1, backward=False, dynamic=False)]),
+        # ... and its backward with the walk's loads pipelined (STAGES; v11)
         ("static bwd", lambda b: hw.headwise_backward(dy, x, None, s, True, None, blocks=b),
-         row_configs + [hw._blocks(PAPER["D"], 1, backward=True, dynamic=False)]),
+         row_configs + [hw._blocks(PAPER["D"], 1, backward=True, dynamic=False)]
+         + [rows(bc, r, 2, stages) for bc, r in ((256, 256), (256, 128), (512, 128)) for stages in (3, 4, 5)]),
     ]
     if only:
         plans = [plan for plan in plans if any(plan[0].startswith(prefix) for prefix in only)]
@@ -286,11 +288,11 @@ def install_tuned(best: dict[str, dict]) -> None:
             return {kernel: dict(blocks) for kernel, blocks in tuned.items()}
         return split_default(R_P, W_P, fp32)
 
-    def row_blocks(D, hs_p, backward, dynamic=True):
+    def row_blocks(T, D, hs_p, backward, dynamic=True):
         kind = ("headwise hs=1" if hs_p == 1 else "headwise hs=4" if hs_p <= 4 else "headwise hs=16") if dynamic else "static"
         tuned = best.get(f"{kind} {'bwd' if backward else 'fwd'}")
         if tuned is None or "ROWS" not in tuned:  # a tiled winner cannot be installed here
-            return row_default(D, hs_p, backward, dynamic)
+            return row_default(T, D, hs_p, backward, dynamic)
         return {**tuned, "BLOCK_C": max(tuned["BLOCK_C"], hs_p)}
 
     lr._conv_blocks, lr._grad_blocks, lr._split_blocks, hw._row_blocks = (

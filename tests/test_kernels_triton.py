@@ -454,6 +454,7 @@ FUNCTIONS = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynami
         ("static", 3, 1000, 520, 4, 1, 1, torch.float32),
         ("static", 3, 1000, 520, 2, 1, 1, torch.bfloat16),
         ("static", 2, 1000, 520, 8, 1, 1, torch.bfloat16),
+        ("static", 2, 2600, 520, 4, 1, 1, torch.bfloat16),  # the pipelined backward's 256-row programs
     ],
 )
 def test_gpu_matches_float64_reference(triton_backend, dtype, kind, B, T, D, W, R, head_size):

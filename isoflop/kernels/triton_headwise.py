@@ -203,20 +203,26 @@ def _blocks(D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
     return {"BLOCK_T": 16, "BLOCK_C": max(hs_p, min(256, channels)), "num_warps": 4}
 
 
-def _row_blocks(D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
-    """Channels per program, rows per program and warps of the row-walking kernels: 8 channels per
-    thread (16-byte loads) for the static conv and heads of 8+ channels, 4 for narrower heads; hs=1
-    reads a full filter row per row and takes 128 rows, hs=2..4's forward 32. Picked side by side
-    on an H200 at the paper's shape (KERNELS.md, v9)."""
+def _row_blocks(T: int, D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
+    """Channels per program, rows per program, warps and (backward) pipeline stages of the
+    row-walking kernels: 8 channels per thread (16-byte loads) for the static conv's forward and
+    heads of 8+ channels, 4 for narrower heads; hs=1 reads a full filter row per row and takes 128
+    rows, hs=2..4's forward 32. The static conv's backward walks 4 stages deep with 4 channels per
+    thread and 256 rows (128 for sequences under 1024 tokens, to keep enough programs). Picked side by
+    side on an H200 at the paper's shape and the 300M model's (KERNELS.md, v9 and v11)."""
+    pipelined = backward and not dynamic
     if interpreting():  # 5 rows: chunk edges fall inside the walk's 4-row groups
-        return {"BLOCK_C": max(8, hs_p), "ROWS": 5, "num_warps": 1}
+        return {"BLOCK_C": max(8, hs_p), "ROWS": 5, "num_warps": 1} | ({"STAGES": 4} if pipelined else {})
+    if pipelined:
+        return {"BLOCK_C": min(256, next_pow2(D)), "ROWS": 256 if T >= 1024 else 128, "num_warps": 2, "STAGES": 4}
     block_c = 512 if not dynamic or hs_p >= 8 else 256
     rows_per_program = 64
     if dynamic and hs_p == 1:
         rows_per_program = 128
     elif dynamic and hs_p <= 4 and not backward:
         rows_per_program = 32
-    return {"BLOCK_C": max(hs_p, min(block_c, next_pow2(D))), "ROWS": rows_per_program, "num_warps": 2}
+    blocks = {"BLOCK_C": max(hs_p, min(block_c, next_pow2(D))), "ROWS": rows_per_program, "num_warps": 2}
+    return blocks | ({"STAGES": 1} if backward else {})
 
 
 def _takes_rows(width: int, blocks: dict | None) -> bool:
@@ -248,7 +254,7 @@ def headwise_forward(
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
-        blocks = blocks or _row_blocks(D, meta["HS_P"], backward=False, dynamic=w is not None)
+        blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=False, dynamic=w is not None)
         return rows.rows_forward(x, w, static, pos, meta | {"RESIDUAL": residual}, blocks)
     blocks = blocks or _blocks(D, meta["HS_P"], backward=False, dynamic=w is not None)
     H = D // meta["HS"]
@@ -269,7 +275,7 @@ def headwise_backward(
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
-        blocks = blocks or _row_blocks(D, meta["HS_P"], backward=True, dynamic=w is not None)
+        blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=True, dynamic=w is not None)
         return rows.rows_backward(dy, x, w, static, pos, meta | {"RESIDUAL": residual}, blocks)
     blocks = {"CHUNK": 1} | (blocks or _blocks(D, meta["HS_P"], backward=True, dynamic=w is not None))
     H = D // meta["HS"]

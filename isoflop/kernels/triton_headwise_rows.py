@@ -14,7 +14,11 @@ each element of x and dy is loaded once (plus a halo of W-1 rows per program):
 
 Rows are read 4 at a time, all of a group's loads before its arithmetic: a store may alias a later
 load as far as the compiler knows, so loads issued row by row would each wait for the previous
-row's store (one load latency per row: the first prototype, KERNELS.md v9). Taps are
+row's store (one load latency per row: the first prototype, KERNELS.md v9). The backward's walk can
+also be software-pipelined (STAGES > 1): the compiler then copies the next groups' rows into shared
+memory asynchronously while this group's arithmetic runs, so loads stay in flight without costing
+registers. The static conv's backward takes it (KERNELS.md v11); the head-wise ones were slower with
+it (their per-head tap loads are too narrow to copy asynchronously, and registers spill). Taps are
 written out one by one up to 4 (Triton has no arrays of tensors); wider filters take the tiled
 kernels. Channel tiles hold whole heads, as in triton_headwise.py, so dw is complete in one program
 and written directly; the static filter's gradient has one partial row per program, summed in a
@@ -227,9 +231,11 @@ def _rows_bwd_kernel(
     T, D, H,
     W: tl.constexpr, HS: tl.constexpr, HS_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
     HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
+    STAGES: tl.constexpr = 1,
 ):
     """One program per (ROWS rows, channel tile, batch); walks down from W-1 rows above its rows
-    (their taps reach its dx) to W-1 rows below them (their x pairs with its dy)."""
+    (their taps reach its dx) to W-1 rows below them (their x pairs with its dy). STAGES > 1
+    pipelines the walk's loads (groups of 4 rows in flight; 1: not pipelined)."""
     tl.static_assert(W <= 4)
     HEADS: tl.constexpr = BLOCK_C // HS_P
     b, h, d, c_ok, t_lo, t_hi, s0, s1, s2, s3 = _program(s_ptr, T, D, H, W, HS, HS_P, ROWS, HEADS,
@@ -249,7 +255,7 @@ def _rows_bwd_kernel(
     a1 = tl.zeros([HEADS, HS_P], dtype=tl.float32)
     a2 = tl.zeros([HEADS, HS_P], dtype=tl.float32)
     a3 = tl.zeros([HEADS, HS_P], dtype=tl.float32)
-    for g in range(0, tl.cdiv(ROWS + 2 * (W - 1), 4)):
+    for g in tl.range(0, tl.cdiv(ROWS + 2 * (W - 1), 4), num_stages=STAGES):
         u = t_lo + ROWS + W - 2 - 4 * g + tl.zeros([1], dtype=tl.int32)
         # per row: x, taps, then dy (this order measured 10-40% faster than all dy rows, all x
         # rows, then the taps: hs=4 backward 232 -> 134 us). Rows below the program's feed none
