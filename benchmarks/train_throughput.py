@@ -173,7 +173,7 @@ class VariantRun:
 
 # Where a step's GPU time goes, by kernel name (first match wins; names are lower-cased).
 KERNEL_GROUPS = (
-    ("conv (isoflop Triton)", ("_lowrank_", "_headwise_", "_conv_step_")),
+    ("conv (isoflop Triton)", ("_lowrank_", "_headwise_", "_rows_", "_conv_step_")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "matmul")),
     ("compiled elementwise", ("triton_",)),

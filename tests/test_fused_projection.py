@@ -236,6 +236,25 @@ def test_throughput_benchmark_runs_every_variant_at_a_cpu_size(tmp_path):
     assert all(v in table for v in variants)
 
 
+def test_throughput_profile_files_every_conv_kernel_under_conv(monkeypatch):
+    """The profile's kernel groups must know every Triton kernel of isoflop.kernels by name, or a
+    variant's conv time shows up as "other" (the row-walking kernels once did)."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import isoflop.kernels
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    throughput = importlib.import_module("train_throughput")
+    names = [name for info in pkgutil.iter_modules(isoflop.kernels.__path__)
+             for name, value in vars(importlib.import_module(f"isoflop.kernels.{info.name}")).items()
+             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel")]
+    assert len(names) >= 8
+    assert {name: throughput.kernel_group(name) for name in names} == dict.fromkeys(names, throughput.KERNEL_GROUPS[0][0])
+
+
 def test_throughput_benchmark_names_a_bad_variant():
     done = run_benchmark("--config", "tiny", "--variants", "transformer,nope")
     assert done.returncode == 2
