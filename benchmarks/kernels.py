@@ -40,11 +40,13 @@ class Case:
     head_size: int = 16
     packed: int = 0  # number of documents packed into one sequence (B must be 1)
     compile_ref: bool = False
+    float32_params: bool = False  # U and static in float32, as autocast leaves parameters in training
 
 
 PAPER = dict(B=4, T=4096, D=2048, W=4)
 CASES = [
     Case("lowrank R=16 (paper)", "lowrank", **PAPER, compile_ref=True),
+    Case("lowrank R=16 fp32 U (paper)", "lowrank", **PAPER, float32_params=True),
     Case("headwise hs=16 (paper)", "headwise", **PAPER, head_size=16, compile_ref=True),
     Case("headwise hs=4 (paper)", "headwise", **PAPER, head_size=4),
     Case("headwise hs=1 (paper)", "headwise", **PAPER, head_size=1, compile_ref=True),
@@ -69,6 +71,8 @@ def make_inputs(case: Case, dtype=torch.bfloat16) -> dict:
         inputs.update(z=randn(B, T, case.R), U=randn(case.R, W * D, scale=case.R**-0.5))
     if case.kind == "headwise":
         inputs.update(w=randn(B, T, W, D // case.head_size, scale=0.5))
+    if case.float32_params:
+        inputs.update({k: inputs[k].float() for k in ("U", "static") if k in inputs})
     if case.packed:
         cuts = torch.linspace(0, T, case.packed + 1).round().long()
         inputs["cu_seqlens"] = cuts.to(device="cuda", dtype=torch.int32)

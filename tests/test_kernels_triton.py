@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from isoflop import kernels
 from isoflop.kernels import reference as ref
@@ -386,6 +387,28 @@ def test_compiled_code_calls_the_custom_ops_and_matches_eager(triton_backend, ki
         torch.testing.assert_close(compiled, eager)
 
 
+def outputs_and_input_grads(fn, inputs: dict, names: tuple[str, ...]) -> list[Tensor]:
+    """fn's output and the gradients of `names` for a fixed random cotangent."""
+    leaves = {k: (v.detach().requires_grad_(k in names) if v is not None else None) for k, v in inputs.items()}
+    y = fn(**leaves)
+    cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    return [y, *torch.autograd.grad(y, [leaves[k] for k in names], cotangent)]
+
+
+@interpreted
+def test_lowrank_float32_parameters_give_the_half_type_products(triton_backend):
+    """Autocast keeps U and the static filter in float32 while x and z are half: the kernels cast U
+    to z's type before launching (it halves the pipeline's buffers for U), which must change
+    nothing, since the products take U in that type anyway."""
+    inputs = conv_inputs("lowrank", 2, 19, 32, 4, torch.float16, R=5, device="cpu")
+    U = torch.randn(inputs["U"].shape, generator=torch.Generator().manual_seed(2)) / 5**0.5  # not fp16-exact
+    inputs["static"] = inputs["static"].float()
+    as_float32 = outputs_and_input_grads(kernels.dynamic_conv_lowrank, inputs | {"U": U}, ("x", "z"))
+    as_half = outputs_and_input_grads(kernels.dynamic_conv_lowrank, inputs | {"U": U.half()}, ("x", "z"))
+    for got, expected in zip(as_float32, as_half):
+        assert torch.equal(got, expected)
+
+
 @interpreted
 def test_kernel_arguments_are_checked(gen, triton_backend):
     x = rand(2, 5, 8, gen=gen)
@@ -503,8 +526,12 @@ def test_gpu_split_backward_matches_float64_reference(triton_backend, split_back
 def test_gpu_mixed_dtypes_as_under_autocast(triton_backend):
     """Autocast gives bf16 activations and float32 parameters (U, static)."""
     inputs = conv_inputs("lowrank", 2, 512, 512, 4, torch.bfloat16)
-    inputs["U"], inputs["static"] = inputs["U"].float(), inputs["static"].float()
+    inputs["U"], inputs["static"] = inputs["U"].float() * 1.01, inputs["static"].float()  # U not bf16-exact
     check_against_float64(kernels.dynamic_conv_lowrank, inputs, torch.bfloat16)
+    # ... and the same as with U rounded to bf16 first (the products' type; the kernels cast it)
+    as_float32 = outputs_and_input_grads(kernels.dynamic_conv_lowrank, inputs, ("x", "z"))
+    as_bf16 = outputs_and_input_grads(kernels.dynamic_conv_lowrank, inputs | {"U": inputs["U"].bfloat16()}, ("x", "z"))
+    assert all(torch.equal(got, expected) for got, expected in zip(as_float32, as_bf16))
 
 
 @gpu
