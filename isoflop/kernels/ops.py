@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from isoflop.kernels.reference import lowrank_groups
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
 from isoflop.kernels.triton_headwise import headwise_backward, headwise_forward
@@ -275,9 +276,7 @@ def dynamic_conv_lowrank(
         raise ValueError(f"z must be [B, T, R] or [B, T, G*R] with B={B}, T={T}; got {tuple(z.shape)}")
     if U.ndim != 2 or U.shape[0] == 0 or U.shape[1] % D or U.shape[1] == 0:
         raise ValueError(f"U must be [R, W*D] with D={D}; got {tuple(U.shape)}")
-    R, groups = U.shape[0], z.shape[-1] // U.shape[0]
-    if z.shape[-1] % R or D % groups:
-        raise ValueError(f"z's last dimension ({z.shape[-1]}) must be G*R with R={R} (U's rows) and G dividing D={D}")
+    groups = lowrank_groups(z, U, D)
     if groups > 1 and (D // groups) % GROUP_MULTIPLE:
         raise ValueError(f"{groups} channel groups of {D // groups} channels: the Triton kernels need groups of a "
                          f"multiple of {GROUP_MULTIPLE} channels (use kernels.set_backend('reference') for others)")

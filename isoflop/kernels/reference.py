@@ -111,6 +111,17 @@ def headwise_filters(w: Tensor, head_size: int) -> Tensor:
     return w.to(accumulation_dtype(w.dtype)).repeat_interleave(head_size, dim=-1)
 
 
+def lowrank_groups(z: Tensor, U: Tensor, D: int) -> int:
+    """G for z [B, T, G*R] and U [R, W*D]: G groups of D/G channels, each with its own R columns of
+    z. ValueError unless U has R >= 1 rows, z holds G >= 1 whole R-column slices and G divides D."""
+    R = U.shape[0] if U.ndim == 2 else 0
+    groups = z.shape[-1] // R if R else 0
+    if groups == 0 or z.shape[-1] % R or D % groups:
+        raise ValueError(f"z's last dimension ({z.shape[-1]}) must be G*R with R={R} (U's rows) and G dividing "
+                         f"D={D}; U is {tuple(U.shape)}")
+    return groups
+
+
 def dynamic_conv_lowrank(
     x: Tensor,
     z: Tensor,
@@ -127,11 +138,7 @@ def dynamic_conv_lowrank(
     taps stay tap-major over all D channels: U[:, k*D + d])."""
     D = x.shape[-1]
     width = U.shape[1] // D
-    R = U.shape[0] if U.ndim == 2 else 0
-    if R == 0 or z.shape[-1] % R or D % (z.shape[-1] // R):
-        raise ValueError(f"z's last dimension ({z.shape[-1]}) must be G*R with R={R} (U's rows) and G dividing "
-                         f"D={D}; U is {tuple(U.shape)}")
-    groups = z.shape[-1] // R
+    groups, R = lowrank_groups(z, U, D), U.shape[0]
     if groups > 1:
         size = D // groups
         taps = U.view(R, width, groups, size)
