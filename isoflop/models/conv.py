@@ -223,14 +223,23 @@ class LinearConvs(nn.ModuleDict):
         token). The weights are concatenated on every call: a copy of a few MB, against a matmul
         over every token of the batch."""
         names = list(linears)
-        generated = [n for n in names if n in self and isinstance(self[n], DynamicShortConv)]
-        weights = [linears[n].weight for n in names]
-        weights += [self[n].generator_input.weight for n in generated]
+        generated = self._generated(names)
+        weights = self._stacked_weights(linears)
         if len(weights) == 1:
             return {names[0]: (linears[names[0]](h), None)}
         parts = F.linear(h, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1)
         z = dict(zip(generated, parts[len(names):]))
         return {n: (y, z.get(n)) for n, y in zip(names, parts)}
+
+    def _generated(self, names: list[str]) -> list[str]:
+        """Those of `names` whose conv is dynamic (generates its filters from h)."""
+        return [n for n in names if n in self and isinstance(self[n], DynamicShortConv)]
+
+    def _stacked_weights(self, linears: dict[str, nn.Linear]) -> list[Tensor]:
+        """The weights of `linears`, then their dynamic convs' generator maps: the order in which
+        one fused matmul's output is split (`project`, and the grouped convs of `project_and_run`)."""
+        return ([linear.weight for linear in linears.values()]
+                + [self[n].generator_input.weight for n in self._generated(list(linears))])
 
     def run(
         self, name: str, y: Tensor, h: Tensor | None, cu_seqlens: Tensor | None = None, *,
@@ -272,7 +281,7 @@ class LinearConvs(nn.ModuleDict):
         slice per linear (kernels.dynamic_conv_lowrank's channel groups)."""
         static = self._static_group(list(linears))
         if static is not None:
-            y = F.linear(h, torch.cat([linear.weight for linear in linears.values()]))
+            y = F.linear(h, torch.cat(self._stacked_weights(linears)))
             weight = torch.cat([conv.weight for conv in static], dim=1)
             y = kernels.static_conv(y, weight, residual=static[0].residual, cu_seqlens=cu_seqlens)
             return list(y.split([conv.channels for conv in static], dim=-1))
@@ -294,9 +303,8 @@ class LinearConvs(nn.ModuleDict):
         group g (linear g's outputs) takes its filters from z's g-th R columns; x and z are read
         in place from the matmul's output."""
         rank, width = convs[0].rank, convs[0].width
-        weights = [linear.weight for linear in linears.values()] + [conv.down.weight for conv in convs]
         channels = sum(conv.channels for conv in convs)
-        x, z = F.linear(h, torch.cat(weights)).split([channels, len(convs) * rank], dim=-1)
+        x, z = F.linear(h, torch.cat(self._stacked_weights(linears))).split([channels, len(convs) * rank], dim=-1)
         # U[:, k*D + d] over the concatenated channels: each conv's [R, W, C] taps side by side.
         up = torch.cat([conv.up.view(rank, width, conv.channels) for conv in convs], dim=2).flatten(1)
         bias = torch.cat([conv.bias for conv in convs], dim=1)
