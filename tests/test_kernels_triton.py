@@ -416,6 +416,8 @@ def test_kernel_arguments_are_checked(gen, triton_backend):
         kernels.static_conv(x, rand(3, 8, gen=gen), cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="end at T=5"):
         kernels.static_conv(x[:1], rand(3, 8, gen=gen), cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        kernels.static_conv(x[:1], rand(3, 8, gen=gen), cu_seqlens=torch.tensor([0, 4, 2, 5]))
     with pytest.raises(ValueError, match="must divide D=8"):
         kernels.dynamic_conv_headwise(x, rand(2, 5, 3, 3, gen=gen))
     with pytest.raises(ValueError, match="U must be"):
@@ -541,14 +543,9 @@ def test_gpu_backward_is_bit_reproducible(request, triton_backend, kind):
         request.getfixturevalue("split_backward")
         kind = "lowrank"
     inputs = conv_inputs(kind, 2, 2048, 1024, 4, torch.bfloat16)
-    leaves = {k: v.requires_grad_() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-    dy = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16)
-
-    def grads():
-        y = FUNCTIONS[kind](**inputs)
-        return torch.autograd.grad(y, list(leaves.values()), dy)
-
-    first, second = grads(), grads()
+    every_input = tuple(k for k, v in inputs.items() if isinstance(v, torch.Tensor))
+    first = outputs_and_input_grads(FUNCTIONS[kind], inputs, every_input)
+    second = outputs_and_input_grads(FUNCTIONS[kind], inputs, every_input)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
