@@ -73,11 +73,13 @@ def test_a_missing_column_names_the_file_and_the_column(tmp_path):
         load_throughput(tmp_path)
 
 
+@pytest.mark.parametrize("column", ["tokens_per_s", "tokens_per_s_min", "tokens_per_s_max"])
 @pytest.mark.parametrize("value", [0.0, -5.0, np.inf, np.nan, "fast"])
-def test_a_bad_throughput_names_the_file_and_the_column(tmp_path, value):
-    path = write_table(tmp_path, [{"arch": "transformer", "size": "tiny", "tokens_per_s": 100.0},
-                                  {"arch": "conv", "size": "tiny", "tokens_per_s": value}])
-    with pytest.raises(ValueError, match=rf"{path}: column tokens_per_s .* row 2 \(conv tiny\); "
+def test_a_bad_throughput_names_the_file_and_the_column(tmp_path, column, value):
+    good = {"tokens_per_s": 100.0, "tokens_per_s_min": 90.0, "tokens_per_s_max": 110.0}
+    path = write_table(tmp_path, [{"arch": "transformer", "size": "tiny", **good},
+                                  {"arch": "conv", "size": "tiny", **good, column: value}])
+    with pytest.raises(ValueError, match=rf"{path}: column {column} .* row 2 \(conv tiny\); "
                                          "allowed: a positive finite number"):
         load_throughput(tmp_path)
 
@@ -124,3 +126,26 @@ def test_report_takes_wallclock_multipliers_from_throughput_csv(tmp_path):
             "(throughput.csv: 30 steps each, median of 3 repeats on NVIDIA H200)") in text
     assert "Caveat: runs that shared a GPU" not in text
     assert "dynamic-qkv: 2.00 at 1e+17, 2.00 at 1e+18, 2.00 at 1e+19" in text
+    assert "wall_tp_lo" not in multipliers.columns  # no repeats' extremes: no throughput range
+
+
+def test_report_gives_the_wallclock_range_over_the_repeated_measurements(tmp_path):
+    """Every pair measured between 1/1.1 and 1.1 times its median: at the extremes (architecture
+    slowest, baseline fastest, and the reverse) wall-clock M moves by exactly 1.1^2 either way."""
+    runs = synthetic_results(tmp_path)
+    flops_per_s = {"transformer": 2e12, "dynamic-qkv": 1e12}
+    rows = []
+    for run in runs.itertuples():
+        median = flops_per_s[run.arch] * run.tokens / run.flops
+        rows.append({"arch": run.arch, "size": run.size, "repeats": 3, "tokens_per_s": median,
+                     "tokens_per_s_min": median / 1.1, "tokens_per_s_max": median * 1.1})
+    write_table(tmp_path, rows)
+    text = write_report(tmp_path, n_boot=20).read_text()
+    multipliers = pd.read_csv(tmp_path / "multipliers.csv")
+    np.testing.assert_allclose(multipliers["wall_tp_lo"], multipliers["wall_multiplier"] / 1.21, rtol=1e-9)
+    np.testing.assert_allclose(multipliers["wall_tp_hi"], multipliers["wall_multiplier"] * 1.21, rtol=1e-9)
+    first = multipliers.iloc[0]
+    assert (f"{first['wall_multiplier']:.2f}x ({first['wall_lo']:.2f}-{first['wall_hi']:.2f}; "
+            f"{first['wall_tp_lo']:.2f}-{first['wall_tp_hi']:.2f})") in text
+    assert "wall-clock M (interval; throughput range)" in text
+    assert "the spread of repeated measurements, which the band leaves out" in text

@@ -17,7 +17,10 @@ is compute times measured seconds per FLOP (tokens / (tokens_per_s * flops) of e
 throughput, evals excluded), and seconds per FLOP is a line in log-log against compute through the
 architecture's frontier runs (small models use a GPU less well, so it drifts with scale); a constant
 when the frontier has one distinct compute. Its band carries the compute multiplier's replicates
-with the throughput taken as known.
+with the throughput taken as known. Measured throughput has its own spread (small models' steps are
+bound by host time, which drifts), so where each throughput was measured several times the table
+also gives the wall-clock M with the architecture at its slowest measurement and the baseline at its
+fastest, and the reverse (throughput_range): the bounds the band leaves out.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ MULTIPLIER_COLUMNS = (
     "loss_baseline_at_C",
 )
 WALLCLOCK_COLUMNS = ("wall_multiplier", "wall_lo", "wall_hi")
+THROUGHPUT_RANGE_COLUMNS = ("wall_tp_lo", "wall_tp_hi")
 
 
 def multiplier_replicates(
@@ -103,6 +107,34 @@ def wall_time(law: tuple[float, float], C: np.ndarray) -> np.ndarray:
         return C * np.exp(u + v * np.log(C))
 
 
+def wall_ratio(base_speed: tuple[float, float], speed: tuple[float, float], M: np.ndarray,
+               C: np.ndarray) -> np.ndarray:
+    """Wall-clock M: the baseline's seconds for compute M*C over the architecture's for C."""
+    return wall_time(base_speed, np.asarray(M) * C) / wall_time(speed, C)
+
+
+def throughput_range(
+    multipliers: pd.DataFrame, slowest: pd.DataFrame, fastest: pd.DataFrame, baseline: str
+) -> pd.DataFrame:
+    """`multipliers` with THROUGHPUT_RANGE_COLUMNS: the wall-clock M at the point estimate M, with
+    the architecture's runs timed at their slowest measured throughput and the baseline's at their
+    fastest (wall_tp_lo), and the reverse (wall_tp_hi). `slowest` and `fastest` are the runs with
+    tokens_per_s at each pair's slowest and fastest measurement; NaN where either is unmeasured."""
+    out = multipliers.copy()
+    bounds = np.full((len(out), 2), np.nan)
+    base_slow, base_fast = seconds_per_flop(slowest, baseline), seconds_per_flop(fastest, baseline)
+    for arch, rows in out.groupby("arch", sort=False):
+        slow, fast = seconds_per_flop(slowest, arch), seconds_per_flop(fastest, arch)
+        if None in (slow, fast, base_slow, base_fast):
+            continue
+        M, C = rows["multiplier"].to_numpy(float), rows["budget"].to_numpy(float)
+        where = out.index.get_indexer(rows.index)
+        bounds[where, 0] = wall_ratio(base_fast, slow, M, C)
+        bounds[where, 1] = wall_ratio(base_slow, fast, M, C)
+    out[list(THROUGHPUT_RANGE_COLUMNS)] = bounds
+    return out
+
+
 def grid_budgets(runs: pd.DataFrame, arch: str) -> np.ndarray:
     """Where to report M for `arch`: the nominal budgets of an isoflop grid, or for a pure ladder
     the compute of the architecture's own ladder runs."""
@@ -145,8 +177,8 @@ def multiplier_table(
         wall = np.full((3, len(C)), np.nan)
         speed = seconds_per_flop(runs, arch) if wallclock else None
         if speed is not None and base_speed is not None:
-            ratio = wall_time(base_speed, M * C) / wall_time(speed, C)
-            replicate_ratio = wall_time(base_speed, replicates * C) / wall_time(speed, C)
+            ratio = wall_ratio(base_speed, speed, M, C)
+            replicate_ratio = wall_ratio(base_speed, speed, replicates, C)
             wall = np.vstack([ratio, *band_of(replicate_ratio)[:2]])
         for j, budget in enumerate(C):
             row = [arch, budget, M[j], lo[j], hi[j], above[j], not inside[j], loss_arch[j],

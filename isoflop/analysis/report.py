@@ -31,7 +31,13 @@ from isoflop.analysis.methods import (
     kappa_of,
     surface_arrays,
 )
-from isoflop.analysis.multiplier import INTERVAL, multiplier_table, seconds_per_flop, wall_time
+from isoflop.analysis.multiplier import (
+    INTERVAL,
+    multiplier_table,
+    seconds_per_flop,
+    throughput_range,
+    wall_time,
+)
 from isoflop.analysis.outliers import flag_outliers
 from isoflop.analysis.plots import (
     plot_allocation,
@@ -54,7 +60,13 @@ from isoflop.analysis.reference import (
 from isoflop.analysis.table import (
     baseline_arch, is_recall_table, load_evals, load_runs, provenance_lines, usable_runs,
 )
-from isoflop.analysis.throughput import apply_throughput, describe_throughput, load_throughput
+from isoflop.analysis.throughput import (
+    RANGE_COLUMNS,
+    apply_throughput,
+    describe_throughput,
+    has_range,
+    load_throughput,
+)
 from isoflop.atomic import atomic_write_text
 
 FITS_FILE = "fits.json"
@@ -145,6 +157,9 @@ def run_fit(
         raise ValueError(f"{results_dir}: cannot fit the baseline {baseline!r} by {method}: {reason}")
     multipliers = multiplier_table(_timed_runs(usable, throughput), result.fits, result.samples,
                                    baseline, at=at, wallclock=wallclock)
+    if wallclock and has_range(throughput):
+        slowest, fastest = (apply_throughput(usable, throughput, column) for column in RANGE_COLUMNS)
+        multipliers = throughput_range(multipliers, slowest, fastest, baseline)
     tests = exponent_tests(result, baseline, INTERVAL)
     surfaces = _surfaces(usable, result)
     outliers = flag_outliers(runs, surfaces)
@@ -214,7 +229,10 @@ def _multiplier_cells(row: pd.Series) -> list[str]:
         f"{row['budget']:.3g}", f"{row['multiplier']:.2f}x", f"{row['lo']:.2f}-{row['hi']:.2f}",
         f"{row['p_gt_1']:.2f}", f"{row['loss_arch']:.3f}", f"{row['loss_baseline_at_C']:.3f}",
     ]
-    if "wall_multiplier" in row:
+    if "wall_tp_lo" in row:
+        cells.append(f"{row['wall_multiplier']:.2f}x ({row['wall_lo']:.2f}-{row['wall_hi']:.2f}; "
+                     f"{row['wall_tp_lo']:.2f}-{row['wall_tp_hi']:.2f})")
+    elif "wall_multiplier" in row:
         cells.append(f"{row['wall_multiplier']:.2f}x ({row['wall_lo']:.2f}-{row['wall_hi']:.2f})")
     return cells
 
@@ -223,7 +241,9 @@ def _multiplier_headers(multipliers: pd.DataFrame, markdown: bool) -> list[str]:
     headers = (["budget C [FLOPs]", "M", f"{INTERVAL:.0%} interval", "P(M > 1)", "loss (arch)",
                 "loss (baseline, same C)"] if markdown else
                ["C [FLOPs]", "M", f"{INTERVAL:.0%} CI", "P(M>1)", "L arch", "L base"])
-    if "wall_multiplier" in multipliers.columns:
+    if "wall_tp_lo" in multipliers.columns:
+        headers.append("wall-clock M (interval; throughput range)")
+    elif "wall_multiplier" in multipliers.columns:
         headers.append("wall-clock M (interval)")
     return headers
 
@@ -548,12 +568,21 @@ def _wallclock_lines(outcome: FitOutcome) -> list[str]:
          "architecture's FLOPs run faster, below it when they run slower. Seconds per FLOP are a "
          "line in log-log against compute through each architecture's frontier runs; the band "
          "carries M's replicates with the throughput taken as known."
+         + (_RANGE_NOTE if "wall_tp_lo" in outcome.multipliers.columns else "")
          + ("" if outcome.throughput is not None else _CONTENTION_CAVEAT)),
         "",
         f"Measured seconds per FLOP relative to {baseline}, at each budget: " + "; ".join(costs) + ".",
         "",
     ]
 
+
+# When throughput.csv gives each pair's slowest and fastest measurement (isoflop throughput --repeats).
+_RANGE_NOTE = (
+    " The throughput range after the band is M's point estimate with the architecture timed at its "
+    "slowest measurement and the baseline at its fastest, and the reverse (throughput.csv's "
+    "tokens_per_s_min and tokens_per_s_max): the spread of repeated measurements, which the band "
+    "leaves out."
+)
 
 # Only for the runs' own throughput: measured alone (throughput.csv), nothing ran beside a model.
 _CONTENTION_CAVEAT = (

@@ -5,7 +5,8 @@ itself). When runs shared a GPU, their own tokens_per_s measured the schedule (w
 them) as much as the architecture; with this table present the report's wall-clock multipliers use
 its clean numbers instead. Columns: arch, size, tokens_per_s (required; the median of `repeats`
 measurements), and params, tokens_per_step, steps, repeats, tokens_per_s_min, tokens_per_s_max,
-device, torch_version, git_sha (provenance, read when present).
+device, torch_version, git_sha (provenance, read when present). With tokens_per_s_min and
+tokens_per_s_max the report also gives the wall-clock multipliers' range over the repeats.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from isoflop.analysis.table import TableError
 
 THROUGHPUT_FILE = "throughput.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = ("arch", "size", "tokens_per_s")
+RANGE_COLUMNS: tuple[str, ...] = ("tokens_per_s_min", "tokens_per_s_max")  # the repeats' extremes
 TEXT_COLUMNS: tuple[str, ...] = ("arch", "size", "device", "torch_version", "git_sha")
 
 
@@ -27,6 +29,7 @@ def load_throughput(results_dir: str | Path) -> pd.DataFrame | None:
 
     Raises ValueError (TableError, which the CLI prints as one line) naming the file, the column
     and what is allowed, for a missing column, a tokens_per_s that is not a positive finite number,
+    (or, when present, tokens_per_s_min or tokens_per_s_max) that is not a positive finite number,
     or two rows for one (arch, size)."""
     path = Path(results_dir) / THROUGHPUT_FILE
     if not path.is_file():
@@ -34,7 +37,8 @@ def load_throughput(results_dir: str | Path) -> pd.DataFrame | None:
     # Labels as text, as runs.csv reads them: a size like '100' must match the runs' '100'.
     table = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
     _require_columns(table, path)
-    _check_throughput(table, path)
+    for column in ("tokens_per_s", *(c for c in RANGE_COLUMNS if c in table.columns)):
+        _check_throughput(table, path, column)
     _check_one_row_per_pair(table, path)
     return table
 
@@ -46,15 +50,15 @@ def _require_columns(table: pd.DataFrame, path: Path) -> None:
                          f"columns {', '.join(REQUIRED_COLUMNS)} (as `isoflop throughput` writes it)")
 
 
-def _check_throughput(table: pd.DataFrame, path: Path) -> None:
-    values = pd.to_numeric(table["tokens_per_s"], errors="coerce").to_numpy(float)
+def _check_throughput(table: pd.DataFrame, path: Path, column: str) -> None:
+    values = pd.to_numeric(table[column], errors="coerce").to_numpy(float)
     bad = ~(np.isfinite(values) & (values > 0))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise TableError(f"{path}: column tokens_per_s is {table['tokens_per_s'].iloc[row]!r} in row "
+        raise TableError(f"{path}: column {column} is {table[column].iloc[row]!r} in row "
                          f"{row + 1} ({table['arch'].iloc[row]} {table['size'].iloc[row]}); "
                          "allowed: a positive finite number of tokens per second")
-    table["tokens_per_s"] = values
+    table[column] = values
 
 
 def _check_one_row_per_pair(table: pd.DataFrame, path: Path) -> None:
@@ -65,10 +69,16 @@ def _check_one_row_per_pair(table: pd.DataFrame, path: Path) -> None:
                          "allowed: one row per (arch, size)")
 
 
-def apply_throughput(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """A copy of `runs` whose tokens_per_s is the table's for the same (arch, size); NaN where the
-    table has no row for it (such runs then count as unmeasured)."""
-    measured = table.set_index(["arch", "size"])["tokens_per_s"]
+def has_range(table: pd.DataFrame | None) -> bool:
+    """Whether the table gives each pair's slowest and fastest measurement (RANGE_COLUMNS)."""
+    return table is not None and all(c in table.columns for c in RANGE_COLUMNS)
+
+
+def apply_throughput(runs: pd.DataFrame, table: pd.DataFrame, column: str = "tokens_per_s") -> pd.DataFrame:
+    """A copy of `runs` whose tokens_per_s is the table's `column` (the median, or one of
+    RANGE_COLUMNS) for the same (arch, size); NaN where the table has no row for it (such runs
+    then count as unmeasured)."""
+    measured = table.set_index(["arch", "size"])[column]
     keys = pd.MultiIndex.from_arrays([runs["arch"].astype(str), runs["size"].astype(str)])
     out = runs.copy()
     out["tokens_per_s"] = measured.reindex(keys).to_numpy(float)
