@@ -28,9 +28,8 @@ def load_throughput(results_dir: str | Path) -> pd.DataFrame | None:
     """results_dir/throughput.csv, validated; None when the folder has none.
 
     Raises ValueError (TableError, which the CLI prints as one line) naming the file, the column
-    and what is allowed, for a missing column, a tokens_per_s that is not a positive finite number,
-    (or, when present, tokens_per_s_min or tokens_per_s_max) that is not a positive finite number,
-    or two rows for one (arch, size)."""
+    and what is allowed, for a missing column, a tokens_per_s (or, when present, tokens_per_s_min or
+    tokens_per_s_max) that is not a positive finite number, or two rows for one (arch, size)."""
     path = Path(results_dir) / THROUGHPUT_FILE
     if not path.is_file():
         return None
