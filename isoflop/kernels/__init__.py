@@ -27,7 +27,7 @@ from isoflop.kernels.reference import initial_state
 BACKENDS = ("auto", "reference", "triton")
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Mirrors ops.MAX_WIDTH / ops.MAX_HEAD_SIZE / ops.GROUP_MULTIPLE without importing Triton.
+# Mirror ops.MAX_WIDTH / ops.MAX_HEAD_SIZE without importing Triton (ops takes GROUP_MULTIPLE from here).
 _MAX_WIDTH, _MAX_HEAD_SIZE = 8, 256
 GROUP_MULTIPLE = 16  # channels per low-rank channel group that the Triton kernels can tile
 

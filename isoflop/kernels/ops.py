@@ -25,6 +25,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+# Low-rank channel groups: a channel tile (>= 16 for the matrix units) fits in one; defined beside
+# the dispatch, which must not import Triton.
+from isoflop.kernels import GROUP_MULTIPLE
 from isoflop.kernels.reference import check_cu_seqlens, lowrank_groups
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
@@ -34,7 +37,6 @@ from isoflop.kernels.triton_lowrank import lowrank_backward, lowrank_forward
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 8  # taps are unrolled at compile time, with one accumulator each in the backward
 MAX_HEAD_SIZE = 256  # a channel tile holds at least one whole head
-GROUP_MULTIPLE = 16  # low-rank channel groups: a channel tile (>= 16 for the matrix units) fits in one
 _INTERPRETING = interpreting()  # read once: argument checks must stay traceable by torch.compile
 
 
