@@ -229,11 +229,9 @@ def _multiplier_cells(row: pd.Series) -> list[str]:
         f"{row['budget']:.3g}", f"{row['multiplier']:.2f}x", f"{row['lo']:.2f}-{row['hi']:.2f}",
         f"{row['p_gt_1']:.2f}", f"{row['loss_arch']:.3f}", f"{row['loss_baseline_at_C']:.3f}",
     ]
-    if "wall_tp_lo" in row:
-        cells.append(f"{row['wall_multiplier']:.2f}x ({row['wall_lo']:.2f}-{row['wall_hi']:.2f}; "
-                     f"{row['wall_tp_lo']:.2f}-{row['wall_tp_hi']:.2f})")
-    elif "wall_multiplier" in row:
-        cells.append(f"{row['wall_multiplier']:.2f}x ({row['wall_lo']:.2f}-{row['wall_hi']:.2f})")
+    if "wall_multiplier" in row:
+        spread = f"; {row['wall_tp_lo']:.2f}-{row['wall_tp_hi']:.2f}" if "wall_tp_lo" in row else ""
+        cells.append(f"{row['wall_multiplier']:.2f}x ({row['wall_lo']:.2f}-{row['wall_hi']:.2f}{spread})")
     return cells
 
 
@@ -241,10 +239,9 @@ def _multiplier_headers(multipliers: pd.DataFrame, markdown: bool) -> list[str]:
     headers = (["budget C [FLOPs]", "M", f"{INTERVAL:.0%} interval", "P(M > 1)", "loss (arch)",
                 "loss (baseline, same C)"] if markdown else
                ["C [FLOPs]", "M", f"{INTERVAL:.0%} CI", "P(M>1)", "L arch", "L base"])
-    if "wall_tp_lo" in multipliers.columns:
-        headers.append("wall-clock M (interval; throughput range)")
-    elif "wall_multiplier" in multipliers.columns:
-        headers.append("wall-clock M (interval)")
+    if "wall_multiplier" in multipliers.columns:
+        spread = "; throughput range" if "wall_tp_lo" in multipliers.columns else ""
+        headers.append(f"wall-clock M (interval{spread})")
     return headers
 
 
