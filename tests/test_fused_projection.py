@@ -70,19 +70,25 @@ def test_fused_model_equals_the_unfused_computation(arch, float64):
         torch.testing.assert_close(fused_grad, grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def record_calls(monkeypatch, name: str, describe) -> list:
+    """Patch isoflop.kernels.<name> so that each call appends describe(*positional args) to the
+    returned list, then runs the original."""
+    from isoflop import kernels
+
+    seen, original = [], getattr(kernels, name)
+
+    def recording(*args, **kwargs):
+        seen.append(describe(*args))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, name, recording)
+    return seen
+
+
 def test_static_convs_of_one_projection_run_as_one_call(monkeypatch):
     """static-qkv: the static convs of q, k and v filter the fused projection's output in one call
     per block (the model still equals its unfused computation: the test above)."""
-    from isoflop import kernels
-
-    widths = []
-    static_conv = kernels.static_conv
-
-    def counting(x, static, **kwargs):
-        widths.append(x.shape[-1])
-        return static_conv(x, static, **kwargs)
-
-    monkeypatch.setattr(kernels, "static_conv", counting)
+    widths = record_calls(monkeypatch, "static_conv", lambda x, *_: x.shape[-1])
     build_model(tiny_config("static-qkv"))(torch.randint(0, VOCAB, (2, 12)))
     assert widths == [3 * D] * LAYERS
 
@@ -96,16 +102,7 @@ def test_lowrank_convs_of_one_projection_run_as_one_call(monkeypatch, arch, widt
     """The low-rank convs of q, k and v (and of gate and up) filter the fused projection's output
     in one call, z holding one R-column slice per linear (the model still equals its unfused
     computation: test_fused_model_equals_the_unfused_computation)."""
-    from isoflop import kernels
-
-    seen = []
-    lowrank = kernels.dynamic_conv_lowrank
-
-    def counting(x, z, U, static=None, **kwargs):
-        seen.append((x.shape[-1], z.shape[-1]))
-        return lowrank(x, z, U, static, **kwargs)
-
-    monkeypatch.setattr(kernels, "dynamic_conv_lowrank", counting)
+    seen = record_calls(monkeypatch, "dynamic_conv_lowrank", lambda x, z, *_: (x.shape[-1], z.shape[-1]))
     build_model(tiny_config(arch))(torch.randint(0, VOCAB, (2, 12)))
     assert seen == widths
 
@@ -113,17 +110,9 @@ def test_lowrank_convs_of_one_projection_run_as_one_call(monkeypatch, arch, widt
 def test_compiled_code_runs_lowrank_convs_one_by_one_on_contiguous_copies(monkeypatch):
     """Under torch.compile (measured faster at 300M, and less memory) each low-rank conv runs alone
     on contiguous inputs; eager code groups them and reads views (the test above)."""
-    from isoflop import kernels
-
-    seen = []
-    lowrank = kernels.dynamic_conv_lowrank
-
-    def recording(x, z, U, static=None, **kwargs):
-        seen.append((x.shape[-1], z.shape[-1], x.is_contiguous() and z.is_contiguous()))
-        return lowrank(x, z, U, static, **kwargs)
-
     model = build_model(tiny_config("dynamic-qkv"))
-    monkeypatch.setattr(kernels, "dynamic_conv_lowrank", recording)
+    seen = record_calls(monkeypatch, "dynamic_conv_lowrank",
+                        lambda x, z, *_: (x.shape[-1], z.shape[-1], x.is_contiguous() and z.is_contiguous()))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     model(torch.randint(0, VOCAB, (2, 12)))
     assert seen == [(D, 16, True)] * 3 * LAYERS
