@@ -10,6 +10,7 @@ Three groups:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -45,15 +46,24 @@ def triton_backend():
     kernels.set_backend("auto")
 
 
-@pytest.fixture
-def split_backward():
-    """The low-rank backward's split variant (ISOFLOP_LOWRANK_BWD=split) for one test."""
+@contextlib.contextmanager
+def lowrank_backward_variant(variant: str):
+    """The low-rank backward's variant (as ISOFLOP_LOWRANK_BWD would set it) inside the block."""
     from isoflop.kernels import triton_lowrank
 
     before = triton_lowrank.BACKWARD_VARIANT.get()
-    triton_lowrank.BACKWARD_VARIANT.set("split")
-    yield
-    triton_lowrank.BACKWARD_VARIANT.set(before)
+    triton_lowrank.BACKWARD_VARIANT.set(variant)
+    try:
+        yield
+    finally:
+        triton_lowrank.BACKWARD_VARIANT.set(before)
+
+
+@pytest.fixture
+def split_backward():
+    """The low-rank backward's split variant (ISOFLOP_LOWRANK_BWD=split) for one test."""
+    with lowrank_backward_variant("split"):
+        yield
 
 
 def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
@@ -240,18 +250,14 @@ def test_lowrank_channel_groups_on_views_of_a_fused_output(gen, triton_backend, 
                                                           lengths):
     """z [B, T, G*R] (one R-column slice per group of Dg channels) with x and z read in place from
     one fused output: forward and every gradient against float64, for both backward variants."""
-    from isoflop.kernels import ops, triton_lowrank
+    from isoflop.kernels import ops
 
     x, z = fused_output_views(B, T, G, Dg, R, dtype, gen=gen)
     assert ops._rows(x) is x and ops._rows(z) is z  # the kernels take the views as they are, no copy
     inputs = dict(x=x, z=z, U=rand(R, W * G * Dg, dtype=dtype, gen=gen) / R**0.5,
                   static=rand(W, G * Dg, dtype=dtype, gen=gen), cu_seqlens=packed_offsets(lengths) if lengths else None)
-    before = triton_lowrank.BACKWARD_VARIANT.get()
-    triton_lowrank.BACKWARD_VARIANT.set(variant)
-    try:
+    with lowrank_backward_variant(variant):
         check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
-    finally:
-        triton_lowrank.BACKWARD_VARIANT.set(before)
 
 
 @interpreted
