@@ -86,6 +86,14 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
 
 
+COMPILE_ALLOWED = "true, false or graphs (torch.compile with CUDA graphs)"
+
+
+def compile_setting_ok(value: Any) -> bool:
+    """train.compile: a boolean, or "graphs" (not 0 or 1, which compare equal to the booleans)."""
+    return isinstance(value, bool) or value == "graphs"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Token budget and batch shape. Every count is in tokens so runs of any size compare."""
@@ -96,7 +104,12 @@ class TrainConfig:
     eval_every_tokens: int = 0  # 0: eval ~10 times over the run, and at the end
     eval_tokens: int = 65536
     checkpoint_every_tokens: int = 0  # 0: checkpoint at every eval
-    compile: bool = False
+    # False: eager; True: torch.compile; "graphs": torch.compile with CUDA graphs (its
+    # "reduce-overhead" mode) on a CUDA device, plain torch.compile elsewhere. Graphs replay a
+    # step's kernels without launching each from Python, the cost that bounds small models' steps
+    # on a GPU (on the H200, batch 64 x 512: steps 3.5-4.7x faster at d128-l3, 1.7-2.3x at
+    # d384-l6; benchmarks/conv_host_overhead.py).
+    compile: bool | str = False
     device: str = "auto"  # auto | cpu | cuda
     # WSD runs only: token counts (each < total_tokens) at which a cooldown branches off the stable
     # phase and is trained to that count, giving one extra endpoint per entry (see train/trainer.py).
@@ -105,6 +118,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # From JSON the counts arrive as a list; a tuple keeps the config hashable.
         object.__setattr__(self, "cooldown_tokens", tuple(int(t) for t in self.cooldown_tokens))
+        if not compile_setting_ok(self.compile):
+            raise ValueError(f"train.compile={self.compile!r}; allowed: {COMPILE_ALLOWED}")
 
     @property
     def tokens_per_step(self) -> int:

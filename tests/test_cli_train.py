@@ -71,10 +71,16 @@ def test_config_file_builds_the_run_spec(tmp_path, corpus_dir):
     assert spec.model.vocab_size == 256 and spec.model.max_seq_len == 32
     assert spec.model.conv.kind == "dynamic-lowrank" and spec.model.conv.rank == 4
     assert spec.model.conv.width == 3 and spec.model.qk_norm
-    assert spec.train.batch_size == 4 and spec.train.device == "cpu"
+    assert spec.train.batch_size == 4 and spec.train.device == "cpu" and spec.train.compile is False
     assert spec.optim.lr == 1e-2 and spec.optim.weight_decay == 0.1  # a default
     assert spec.schedule.kind == "wsd" and spec.schedule.decay_fraction == 0.3
     assert spec.data.val_fraction == 0.2
+
+
+@pytest.mark.parametrize("setting", [True, "graphs"])
+def test_compile_settings(tmp_path, corpus_dir, setting):
+    spec = load_train_config(write_config(tmp_path, tiny_config(corpus_dir, train={"compile": setting})))
+    assert spec.train.compile == setting and type(spec.train.compile) is type(setting)
 
 
 def test_numbers_written_as_yaml_strings(tmp_path, corpus_dir):
@@ -115,7 +121,8 @@ def test_the_example_config_loads():
          "train.batch_size='eight' (wrong type); allowed: an integer"),
         ({"train": {"batch_size": 2.5}}, "train.batch_size=2.5 (wrong type); allowed: an integer"),
         ({"train": {"batch_size": 0}}, "train.batch_size=0; allowed: an integer >= 1"),
-        ({"train": {"compile": "yes"}}, "train.compile='yes' (wrong type); allowed: true or false"),
+        ({"train": {"compile": "yes"}}, "train.compile='yes'; allowed: true, false or graphs"),
+        ({"train": {"compile": 2}}, "train.compile=2 (wrong type); allowed: true or false or a string"),
         ({"train": {"device": "tpu"}}, "train.device='tpu'; allowed: auto, cpu, cuda"),
         ({"train": {"total_tokens": 10}},
          "train.total_tokens=10; allowed: >= one step of train.batch_size x train.seq_len = 128"),

@@ -81,6 +81,16 @@ def test_shipped_sweeps_validate_and_expand(name):
     assert runs and sum(run.is_baseline for run in runs) * len(sweep.architectures) == len(runs)
 
 
+@pytest.mark.parametrize("setting", [False, True, "graphs"])
+def test_compile_setting_reaches_the_runs_and_their_ids(tmp_path, setting):
+    """train.compile: graphs (CUDA graphs) is a setting of its own; false, the default, keeps the
+    run ids that runs made before the setting existed have."""
+    runs = expand(load_sweep(write(tmp_path, changed("train.compile", setting))))
+    assert {run.spec.train.compile for run in runs} == {setting}
+    default_ids = [run.run_id for run in expand(load_sweep(write(tmp_path, GOOD, "default.yaml")))]
+    assert ([run.run_id for run in runs] == default_ids) == (setting is False)
+
+
 def test_ladder_grid(tmp_path):
     document = changed("grid", {"kind": "ladder", "sizes": ["tiny", "xs"], "tokens_per_param": 50})
     sweep = load_sweep(write(tmp_path, document))
@@ -110,7 +120,8 @@ def test_unknown_keys_are_rejected(tmp_path, key, value, path, allowed):
         ("train.batch_size", "sixteen", "train.batch_size", "formula"),
         ("train.batch_size", 0, "train.batch_size", ">= 1"),
         ("train.seq_len", "4 * 32", "train.seq_len", "integer"),  # seq_len may not be a rule
-        ("train.compile", "yes", "train.compile", "true or false"),
+        ("train.compile", "yes", "train.compile", "true, false or graphs"),
+        ("train.compile", 1, "train.compile", "true, false or graphs"),  # 1 == True, but not a boolean
         ("train.device", "tpu", "train.device", "cuda"),
         ("train.schedule", "linear", "train.schedule", "wsd"),
         ("train.warmup_fraction", 1.5, "train.warmup_fraction", "[0, 1]"),

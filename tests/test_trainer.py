@@ -209,3 +209,31 @@ def test_checkpoint_round_trip_restores_every_rng(tmp_path):
     assert torch.equal(model.weight, weights)
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], optimizer_state)
     assert sampler_state == {"step": 7, "seed": 1} and trainer_state == {"step": 7}
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_train_the_run_eager_trains(corpus_dir, tmp_path):
+    """train.compile=graphs (torch.compile with CUDA graphs) on CUDA: the same losses as eager up
+    to rounding, at every eval. The interval train loss averages per-step losses read back in
+    groups, which would fail or repeat the last step's if a replay reused their memory."""
+    cuda = {"device": "cuda", "eval_every_tokens": 4 * TOKENS_PER_STEP}
+    eager = make_spec(corpus_dir, steps=16, arch="dynamic-qkv", train=cuda)
+    graphs = make_spec(corpus_dir, steps=16, arch="dynamic-qkv", train=cuda | {"compile": "graphs"})
+    run(eager, tmp_path / "eager")
+    run(graphs, tmp_path / "graphs")
+    eager_metrics, graph_metrics = (RunDir(tmp_path / name).read_metrics() for name in ("eager", "graphs"))
+    assert [m["step"] for m in graph_metrics] == [4, 8, 12, 16]
+    for e, g in zip(eager_metrics, graph_metrics):
+        assert g["train_loss"] == pytest.approx(e["train_loss"], rel=1e-2)
+        assert g["val_loss"] == pytest.approx(e["val_loss"], rel=1e-2)
+    assert graph_metrics[-1]["val_loss"] < graph_metrics[0]["val_loss"]
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_refuse_several_processes(corpus_dir, tmp_path):
+    from isoflop.train.distributed import World
+    from isoflop.train.trainer import Trainer
+
+    spec = make_spec(corpus_dir, train={"device": "cuda", "compile": "graphs"})
+    with pytest.raises(ValueError, match="compile=graphs trains in one process; this run has 2"):
+        Trainer(spec, RunDir(tmp_path / "run"), echo=False, on_step=None, world=World(size=2, joined=True))

@@ -57,6 +57,7 @@ from isoflop.data.tokenizers import TOKENIZER_NAMES_HELP, nominal_vocab_size
 from isoflop.models import registry, sizes
 from isoflop.orchestrator.rules import Formula, Rule, RuleError, Table, TableRow
 from isoflop.runspec import (
+    COMPILE_ALLOWED,
     QUERY_PLACEMENTS,
     TASK_KINDS,
     DataConfig,
@@ -64,6 +65,7 @@ from isoflop.runspec import (
     ScheduleConfig,
     TaskConfig,
     TrainConfig,
+    compile_setting_ok,
 )
 
 SCHEDULE_KINDS: tuple[str, ...] = ("cosine", "wsd")
@@ -291,6 +293,12 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _compile(value: Any) -> bool | str:
+    if not compile_setting_ok(value):
+        raise _Invalid("is not a known setting", COMPILE_ALLOWED)
+    return value
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _Invalid(f"is a {type(value).__name__}, not a non-empty string", "a non-empty string")
@@ -383,7 +391,7 @@ TRAIN_KEYS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "eval_every_tokens": (TrainConfig, _rule(_int_at_least(0))),
     "eval_tokens": (TrainConfig, _rule(_int_at_least(1))),
     "checkpoint_every_tokens": (TrainConfig, _rule(_int_at_least(0))),
-    "compile": (TrainConfig, _bool),
+    "compile": (TrainConfig, _compile),
     "device": (TrainConfig, _choice(DEVICES)),
     "lr": (OptimConfig, _rule(_positive)),
     "weight_decay": (OptimConfig, _rule(_fraction)),

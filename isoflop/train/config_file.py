@@ -21,6 +21,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ from isoflop.data.tokenizers import nominal_vocab_size
 from isoflop.models.config import ConvSpec, ModelConfig
 from isoflop.models.registry import architecture_names, make_model_config
 from isoflop.models.sizes import resolve_size
-from isoflop.runspec import DataConfig, OptimConfig, RunSpec, ScheduleConfig, TrainConfig
+from isoflop.runspec import (
+    COMPILE_ALLOWED,
+    DataConfig,
+    OptimConfig,
+    RunSpec,
+    ScheduleConfig,
+    TrainConfig,
+    compile_setting_ok,
+)
 from isoflop.train.schedules import validate_schedule
 
 TOP_LEVEL_KEYS: tuple[str, ...] = (
@@ -52,6 +61,7 @@ VALUE_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.eval_every_tokens": (lambda v: v >= 0, "an integer >= 0 (0: about 10 evals per run)"),
     "train.eval_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "train.checkpoint_every_tokens": (lambda v: v >= 0, "an integer >= 0 (0: at every eval)"),
+    "train.compile": (compile_setting_ok, COMPILE_ALLOWED),
     "train.device": (lambda v: v in DEVICES, ", ".join(DEVICES)),
     "optim.lr": (lambda v: v > 0, "a number > 0"),
     "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
@@ -82,7 +92,15 @@ class _Reader:
         return ConfigError(f"{self.file}: {key}={value!r}{problem}; allowed: {allowed}")
 
     def typed(self, key: str, value: Any, kind: type) -> Any:
-        """value as `kind`, accepting what YAML makes of a number written as text."""
+        """value as `kind`, accepting what YAML makes of a number written as text; for a union
+        (`bool | str`), as the first of its types that takes it."""
+        if isinstance(kind, types.UnionType):
+            for member in typing.get_args(kind):
+                try:
+                    return self.typed(key, value, member)
+                except ConfigError:
+                    pass
+            raise self.error(key, value, " or ".join(TYPE_NAMES[m] for m in typing.get_args(kind)), "wrong type")
         if kind is bool:
             if isinstance(value, bool):
                 return value

@@ -228,6 +228,12 @@ class Trainer:
         self.device = distributed.rank_device(resolve_device(train.device), world)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for whatever autocast leaves in fp32
+        # compile: graphs captures each compiled step in CUDA graphs (on CUDA; elsewhere it is
+        # plain torch.compile). The collectives of several processes are not captured here.
+        self.graphs = train.compile == "graphs" and self.device.type == "cuda"
+        if self.graphs and world.joined:
+            raise ValueError(f"train.compile=graphs trains in one process; this run has {world.size} "
+                             "(allowed with several: true or false)")
         self.total_steps = train.total_steps
         self.eval_every = every_steps(
             train.eval_every_tokens, train.tokens_per_step, self.total_steps
@@ -270,7 +276,10 @@ class Trainer:
             eps=spec.optim.eps,
             fused=self.device.type == "cuda",
         )
-        self.forward = torch.compile(self.wrapped) if train.compile else self.wrapped
+        if train.compile:
+            self.forward = torch.compile(self.wrapped, mode="reduce-overhead" if self.graphs else None)
+        else:
+            self.forward = self.wrapped
         self.readback = LossReadback(reduce=world.sum)
         self.progress = Progress()
         self.checkpoint_path = rundir.checkpoint_dir / CHECKPOINT_NAME
@@ -314,6 +323,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def mark_graph_step(self) -> None:
+        """With CUDA graphs, tell them a new step begins: the last replay's outputs have been
+        used, so their memory may be reused (without it, a replay may refuse to overwrite them)."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def tokens_at(self, step: int) -> int:
         return step * self.spec.train.tokens_per_step
 
@@ -353,6 +368,7 @@ class Trainer:
         x, y = (torch.as_tensor(a) for a in self.sampler.next_batch())
         share = self.target_share(y)
         x, y = (distributed.rows(a, self.world).to(self.device, non_blocking=True) for a in (x, y))
+        self.mark_graph_step()
         with self.autocast():
             # the loss alone: no logits kept through backward (none at all with fused CE)
             loss = self.forward(x, targets=y, return_logits=False)[1]
@@ -366,6 +382,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # Log the language-modelling loss alone: MoE models add router losses to what they train on.
         logged = getattr(self.model, "last_losses", {}).get("cross_entropy", loss)
+        if self.graphs:
+            logged = logged.detach().clone()  # the next replay reuses the output's memory
         self.readback.add(step + 1, logged * share if self.world.joined else logged)
         self.progress.lr = lr
 
@@ -411,6 +429,7 @@ class Trainer:
             # FSDP gathers weights in every forward, a collective: a rank out of batches runs the
             # last one again (and ignores it) so that all take part equally.
             x, y = batches[min(i, len(batches) - 1)]
+            self.mark_graph_step()
             with self.autocast():
                 logits, loss = self.forward(x, targets=y)
             if i >= len(batches):
