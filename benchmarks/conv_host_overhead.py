@@ -1,7 +1,7 @@
 """Host (CPU) time of the conv ops in eager training, where small models spend their steps.
 
     PYTHONPATH=. python benchmarks/conv_host_overhead.py [--sizes d128-l3,d384-l6] [--steps 10]
-        [--rounds 5]
+        [--rounds 5] [--no-graphs]
 
 A small model's eager training step is bound by host time (launches and Python), not by the GPU:
 at d128-l3, batch 64 x 512, the step's kernels take well under half its wall time. Each conv adds
@@ -15,7 +15,9 @@ side in one run:
    forward + backward (the autograd engine's own cost per backward call);
 2. per size, training steps of the transformer and the conv variants (eager, as `isoflop run` trains
    by default), each conv variant once through the direct path and once through the custom ops,
-   timed in interleaved rounds: ms per step and the ratio to the transformer.
+   and every variant compiled with CUDA graphs (train.compile: graphs, which takes host time out
+   of the step), timed in interleaved rounds: ms per step and the ratio to the transformer's step
+   on the same path.
 
 Needs CUDA (on CPU the ops run the reference, so there is nothing to compare); says so and exits.
 """
@@ -91,18 +93,22 @@ def per_call(ops, d_model: int) -> None:
         print(f"{name:16s} {fast:8.0f} {custom:10.0f} {slow_ref:10.0f}", flush=True)
 
 
-def steps(ops, size: str, variants: list[str], n_steps: int, rounds: int) -> None:
+def steps(ops, size: str, variants: list[str], n_steps: int, rounds: int, graphs: bool) -> None:
     shape = resolve_size(size)
     direct = ops._dispatch
     runs = {}  # (variant, path) -> [VariantRun, dispatch, seconds]
     for variant in variants:
         cfg = make_model_config(variant, shape.d_model, shape.n_layers, shape.n_heads, shape.d_ff,
                                 VOCAB, SEQ_LEN)
-        paths = [("direct", direct)] + ([("custom op", through_custom_ops)] if variant != "transformer" else [])
-        for path, dispatch in paths:
+        paths = [("direct", direct, "none")]
+        if variant != "transformer":
+            paths.append(("custom op", through_custom_ops, "none"))
+        if graphs:
+            paths.append(("graphs", direct, "graphs"))
+        for path, dispatch, compile_mode in paths:
             ops._dispatch = dispatch
-            run = train_throughput.VariantRun(cfg, torch.device("cuda"), "none", SEQ_LEN, BATCH, "off")
-            for _ in range(3):
+            run = train_throughput.VariantRun(cfg, torch.device("cuda"), compile_mode, SEQ_LEN, BATCH, "off")
+            for _ in range(3):  # graphs: compiled on the first step, recorded by the third
                 run.step()
             runs[(variant, path)] = [run, dispatch, 0.0]
     for _ in range(rounds):
@@ -111,11 +117,12 @@ def steps(ops, size: str, variants: list[str], n_steps: int, rounds: int) -> Non
             entry[2] += entry[0].timed(n_steps)
     ops._dispatch = direct
     total = n_steps * rounds
-    base = runs.get(("transformer", "direct"), [None, None, None])[2]
-    print(f"\n{shape.name}, eager, batch {BATCH} x {SEQ_LEN}: ms per step over {total} steps "
-          f"({rounds} interleaved rounds)")
+    print(f"\n{shape.name}, batch {BATCH} x {SEQ_LEN}: ms per step over {total} steps "
+          f"({rounds} interleaved rounds); x transformer: against its step on the same path")
     print(f"{'variant':22s} {'path':10s} {'ms/step':>8s} {'x transformer':>14s}")
     for (variant, path), (_, _, seconds) in runs.items():
+        # The custom ops' rows compare with the transformer's eager (direct) step.
+        base = runs.get(("transformer", "graphs" if path == "graphs" else "direct"), [None, None, None])[2]
         ratio = f"{seconds / base:14.2f}" if base else f"{'-':>14s}"
         print(f"{variant:22s} {path:10s} {seconds / total * 1e3:8.2f} {ratio}", flush=True)
 
@@ -126,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated architectures")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false",
+                        help="leave out the steps under CUDA graphs (train.compile: graphs)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("conv_host_overhead: needs CUDA (on CPU the conv ops run the PyTorch reference); skipped")
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     per_call(ops, resolve_size(sizes[0]).d_model)
     for size in sizes:
-        steps(ops, size, variants, args.steps, args.rounds)
+        steps(ops, size, variants, args.steps, args.rounds, args.graphs)
     return 0
 
 

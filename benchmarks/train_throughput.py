@@ -22,7 +22,8 @@ before it was built; slowdown = the Transformer's tok/s over the variant's, minu
 Compilation (`--compile`): `blocks` (default) compiles each block and the output head
 (`lm.compile_regions`), so each variant compiles one block instead of every layer and the default
 run (two configs x five variants) stays within a few minutes; `model` compiles the whole model as
-the trainer does; `none` runs eagerly. Shapes are static (dynamic=False).
+the trainer does (train.compile: true); `graphs` also captures its steps in CUDA graphs (torch.compile
+mode "reduce-overhead", as train.compile: graphs); `none` runs eagerly. Shapes are static (dynamic=False).
 
 Fused cross-entropy (`--fused-ce`, models/fused_ce.py): the training step asks the model for its
 loss only (return_logits=False, as the trainer's step), and the switch decides whether that loss
@@ -59,7 +60,7 @@ from isoflop.models.sizes import PAPER_VOCAB_SIZE, resolve_size
 
 DEFAULT_VARIANTS = ("transformer", "static-qkv", "dynamic-qkv", "dynamic-headwise-qkv", "dynamic-all-linear")
 BASELINE = "transformer"
-COMPILE_MODES = ("blocks", "model", "none")
+COMPILE_MODES = ("blocks", "model", "graphs", "none")
 FUSED_CE_CHOICES = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}
 GRAD_CLIP = 1.0  # the trainer's default (optim.grad_clip); clipping is part of its step
 
@@ -139,10 +140,12 @@ class VariantRun:
             self.model = build_model(cfg)
         self.optimizer = torch.optim.AdamW(self.model.param_groups(0.1), lr=1e-4,
                                            fused=device.type == "cuda")
+        self.graphs = compile_mode == "graphs" and device.type == "cuda"
         if compile_mode == "blocks":
             self.forward = compile_regions(self.model, dynamic=False)
-        elif compile_mode == "model":
-            self.forward = torch.compile(self.model, dynamic=False)
+        elif compile_mode in ("model", "graphs"):
+            mode = "reduce-overhead" if self.graphs else None
+            self.forward = torch.compile(self.model, dynamic=False, mode=mode)
         else:
             self.forward = self.model
         tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=device)
@@ -154,6 +157,8 @@ class VariantRun:
 
     def step(self) -> None:
         set_fused_ce(self.fused_ce)  # process-wide, and runs with either setting take turns
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # as the trainer (train.compile: graphs)
         with self.autocast():
             loss = self.forward(self.x, targets=self.y, return_logits=False)[1]
         loss.backward()
