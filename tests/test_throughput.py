@@ -26,7 +26,7 @@ train: {{batch_size: 2, seq_len: 32, lr: 0.003, eval_tokens: 256, device: cpu}}
 executor: {{workers: 2}}
 """
 COLUMNS = ["arch", "size", "params", "tokens_per_step", "steps", "repeats", "tokens_per_s",
-           "tokens_per_s_min", "tokens_per_s_max", "device", "torch_version", "git_sha"]
+           "tokens_per_s_min", "tokens_per_s_max", "device", "compile", "torch_version", "git_sha"]
 
 
 def test_command_writes_one_row_per_architecture_and_size(tmp_path, corpus, capsys):
@@ -43,6 +43,7 @@ def test_command_writes_one_row_per_architecture_and_size(tmp_path, corpus, caps
     assert sorted(zip(table["arch"], table["size"])) == [("dynamic-qkv", "tiny"), ("transformer", "tiny")]
     assert (table["tokens_per_s"] > 0).all() and (table["params"] > 0).all()
     assert (table["steps"] == 4).all() and (table["tokens_per_step"] == 64).all()
+    assert (table["compile"] == False).all()  # noqa: E712  (the sweep trains eagerly: train.compile false)
     # Two measurements each (rounds over both models): the median of two lies between them.
     assert (table["repeats"] == 2).all()
     assert (table["tokens_per_s_min"] <= table["tokens_per_s"]).all()
@@ -116,14 +117,15 @@ def test_report_takes_wallclock_multipliers_from_throughput_csv(tmp_path):
     flops_per_s = {"transformer": 2e12, "dynamic-qkv": 1e12}
     write_table(tmp_path, [
         {"arch": run.arch, "size": run.size, "steps": 30, "repeats": 3, "device": "NVIDIA H200",
-         "tokens_per_s": flops_per_s[run.arch] * run.tokens / run.flops}
+         "compile": "graphs", "tokens_per_s": flops_per_s[run.arch] * run.tokens / run.flops}
         for run in runs.itertuples()])
     text = write_report(tmp_path, n_boot=20).read_text()
     multipliers = pd.read_csv(tmp_path / "multipliers.csv")
     np.testing.assert_allclose(multipliers["wall_multiplier"], multipliers["multiplier"] / 2, rtol=1e-9)
     np.testing.assert_allclose(multipliers["wall_lo"], multipliers["lo"] / 2, rtol=1e-9)
     assert ("at the throughput of each (architecture, size) trained alone "
-            "(throughput.csv: 30 steps each, median of 3 repeats on NVIDIA H200)") in text
+            "(throughput.csv: 30 steps each, median of 3 repeats on NVIDIA H200, torch.compile with "
+            "CUDA graphs)") in text
     assert "Caveat: runs that shared a GPU" not in text
     assert "dynamic-qkv: 2.00 at 1e+17, 2.00 at 1e+18, 2.00 at 1e+19" in text
     assert "wall_tp_lo" not in multipliers.columns  # no repeats' extremes: no throughput range

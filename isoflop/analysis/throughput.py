@@ -5,7 +5,9 @@ itself). When runs shared a GPU, their own tokens_per_s measured the schedule (w
 them) as much as the architecture; with this table present the report's wall-clock multipliers use
 its clean numbers instead. Columns: arch, size, tokens_per_s (required; the median of `repeats`
 measurements), and params, tokens_per_step, steps, repeats, tokens_per_s_min, tokens_per_s_max,
-device, torch_version, git_sha (provenance, read when present). With tokens_per_s_min and
+device, compile (the runs' train.compile: small models' steps are several times faster with CUDA
+graphs, and the conv variants' share of them smaller), torch_version, git_sha (provenance, read
+when present). With tokens_per_s_min and
 tokens_per_s_max the report also gives the wall-clock multipliers' range over the repeats.
 """
 
@@ -21,7 +23,9 @@ from isoflop.analysis.table import TableError
 THROUGHPUT_FILE = "throughput.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = ("arch", "size", "tokens_per_s")
 RANGE_COLUMNS: tuple[str, ...] = ("tokens_per_s_min", "tokens_per_s_max")  # the repeats' extremes
-TEXT_COLUMNS: tuple[str, ...] = ("arch", "size", "device", "torch_version", "git_sha")
+TEXT_COLUMNS: tuple[str, ...] = ("arch", "size", "device", "compile", "torch_version", "git_sha")
+# How the steps ran, by train.compile as the CSV writes it.
+COMPILE_WORDS = {"False": "eager", "True": "torch.compile", "graphs": "torch.compile with CUDA graphs"}
 
 
 def load_throughput(results_dir: str | Path) -> pd.DataFrame | None:
@@ -86,7 +90,7 @@ def apply_throughput(runs: pd.DataFrame, table: pd.DataFrame, column: str = "tok
 
 def describe_throughput(table: pd.DataFrame) -> str:
     """Where the table's numbers come from, for the report: 'throughput.csv: 30 steps each, median
-    of 3 repeats on NVIDIA H200' (the parts the table lacks are left out)."""
+    of 3 repeats on NVIDIA H200, eager' (the parts the table lacks are left out)."""
     counts = []
     steps, repeats = _counts(table, "steps"), _counts(table, "repeats")
     if steps:
@@ -97,6 +101,9 @@ def describe_throughput(table: pd.DataFrame) -> str:
     devices = sorted({str(v) for v in _filled(table, "device")})
     if devices:
         text += (" " if text else "") + f"on {', '.join(devices)}"
+    modes = sorted({COMPILE_WORDS.get(str(v), str(v)) for v in _filled(table, "compile")})
+    if modes:
+        text += (", " if text else "") + " / ".join(modes)
     return THROUGHPUT_FILE + (": " + text if text else "")
 
 

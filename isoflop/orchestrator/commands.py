@@ -410,7 +410,7 @@ def collect_command(args: argparse.Namespace) -> int:
 
 THROUGHPUT_COLUMNS: tuple[str, ...] = (
     "arch", "size", "params", "tokens_per_step", "steps", "repeats", "tokens_per_s", "tokens_per_s_min",
-    "tokens_per_s_max", "device", "torch_version", "git_sha",
+    "tokens_per_s_max", "device", "compile", "torch_version", "git_sha",
 )
 THROUGHPUT_FOLDER = "_throughput"  # beside the sweep's run folders; not a run id, so never a run
 
@@ -505,6 +505,7 @@ def _measure_pairs(pairs: list[Any], folder: Path, steps: int, repeats: int,
         rates = [r["tokens_per_s"] for r in results]
         rows.append({"arch": run.arch, "size": run.size, "tokens_per_step": run.spec.train.tokens_per_step,
                      "params": results[0]["params"], "device": results[0]["device"],
+                     "compile": run.spec.train.compile,
                      "tokens_per_s": statistics.median(rates), "tokens_per_s_min": min(rates),
                      "tokens_per_s_max": max(rates)} | common)
     return rows
