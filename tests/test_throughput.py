@@ -26,7 +26,8 @@ train: {{batch_size: 2, seq_len: 32, lr: 0.003, eval_tokens: 256, device: cpu}}
 executor: {{workers: 2}}
 """
 COLUMNS = ["arch", "size", "params", "tokens_per_step", "steps", "repeats", "tokens_per_s",
-           "tokens_per_s_min", "tokens_per_s_max", "device", "compile", "torch_version", "git_sha"]
+           "tokens_per_s_min", "tokens_per_s_max", "tokens_per_s_rounds", "device", "compile", "torch_version",
+           "git_sha"]
 
 
 def test_command_writes_one_row_per_architecture_and_size(tmp_path, corpus, capsys):
@@ -49,6 +50,9 @@ def test_command_writes_one_row_per_architecture_and_size(tmp_path, corpus, caps
     assert (table["tokens_per_s_min"] <= table["tokens_per_s"]).all()
     assert (table["tokens_per_s"] <= table["tokens_per_s_max"]).all()
     assert (table["tokens_per_s_min"] < table["tokens_per_s_max"]).all()  # timed twice, not copied
+    rounds = table["tokens_per_s_rounds"].str.split(";").apply(lambda values: [float(v) for v in values])
+    np.testing.assert_allclose(rounds.apply(min), table["tokens_per_s_min"], atol=0.05)
+    np.testing.assert_allclose(rounds.apply(max), table["tokens_per_s_max"], atol=0.05)
     assert load_throughput(out) is not None  # what the report reads accepts what the command wrote
     assert (runs_dir / "tput-test" / "_throughput" / "transformer-tiny" / "metrics.jsonl").is_file()
 
@@ -151,3 +155,50 @@ def test_report_gives_the_wallclock_range_over_the_repeated_measurements(tmp_pat
             f"{first['wall_tp_lo']:.2f}-{first['wall_tp_hi']:.2f})") in text
     assert "wall-clock M (interval; throughput range)" in text
     assert "the spread of repeated measurements, which the band leaves out" in text
+
+
+def test_the_range_is_taken_round_by_round_when_the_table_has_the_rounds(tmp_path):
+    """A drift that hits a whole round (every model x0.8 in one round, x1.25 in another) cancels
+    in the ratios taken within each round: the range collapses onto the point estimate, where the
+    extremes (also in the table) would give 1.25^2 either way. A model that alone runs faster in
+    one round widens the range by exactly that factor."""
+    runs = synthetic_results(tmp_path)
+    flops_per_s = {"transformer": 2e12, "dynamic-qkv": 1e12}
+    drift = [0.8, 1.0, 1.25]
+
+    def table(own: dict[str, list[float]]) -> None:
+        rows = []
+        for run in runs.itertuples():
+            median = flops_per_s[run.arch] * run.tokens / run.flops
+            rates = [median * d * f for d, f in zip(drift, own.get(run.arch, [1.0] * 3))]
+            rows.append({"arch": run.arch, "size": run.size, "repeats": 3, "tokens_per_s": median,
+                         "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates),
+                         "tokens_per_s_rounds": ";".join(str(r) for r in rates)})
+        write_table(tmp_path, rows)
+
+    table({})
+    text = write_report(tmp_path, n_boot=20).read_text()
+    multipliers = pd.read_csv(tmp_path / "multipliers.csv")
+    for column in ("wall_tp_lo", "wall_tp_hi"):
+        np.testing.assert_allclose(multipliers[column], multipliers["wall_multiplier"], rtol=1e-9)
+    assert "each round's ratio taken between that round's measurements" in text
+
+    table({"dynamic-qkv": [1.0, 1.1, 1.0]})  # 10% faster in round 2 alone: wall-clock M x1.1 there
+    write_report(tmp_path, n_boot=20)
+    multipliers = pd.read_csv(tmp_path / "multipliers.csv")
+    np.testing.assert_allclose(multipliers["wall_tp_lo"], multipliers["wall_multiplier"], rtol=1e-9)
+    np.testing.assert_allclose(multipliers["wall_tp_hi"], multipliers["wall_multiplier"] * 1.1, rtol=1e-9)
+
+
+@pytest.mark.parametrize("rounds, message", [
+    ("100;x;120", r"column tokens_per_s_rounds has 'x' for round 2 in row 2 \(conv tiny\); allowed: positive"),
+    ("100;120;-1", r"column tokens_per_s_rounds has '-1' for round 3 in row 2 \(conv tiny\); allowed: positive"),
+    ("100;120", r"column tokens_per_s_rounds has 2 values in row 2 \(conv tiny\) and 3 in row 1; allowed: one "
+                "value per round"),
+])
+def test_bad_rounds_name_the_file_the_column_and_the_row(tmp_path, rounds, message):
+    path = write_table(tmp_path, [
+        {"arch": "transformer", "size": "tiny", "tokens_per_s": 100.0, "tokens_per_s_rounds": "90;100;110"},
+        {"arch": "conv", "size": "tiny", "tokens_per_s": 100.0, "tokens_per_s_rounds": rounds}])
+    with pytest.raises(ValueError, match=rf"{path}: {message}"):
+        load_throughput(tmp_path)

@@ -114,23 +114,23 @@ def wall_ratio(base_speed: tuple[float, float], speed: tuple[float, float], M: n
 
 
 def throughput_range(
-    multipliers: pd.DataFrame, slowest: pd.DataFrame, fastest: pd.DataFrame, baseline: str
+    multipliers: pd.DataFrame, timings: list[tuple[pd.DataFrame, pd.DataFrame]], baseline: str
 ) -> pd.DataFrame:
-    """`multipliers` with THROUGHPUT_RANGE_COLUMNS: the wall-clock M at the point estimate M, with
-    the architecture's runs timed at their slowest measured throughput and the baseline's at their
-    fastest (wall_tp_lo), and the reverse (wall_tp_hi). `slowest` and `fastest` are the runs with
-    tokens_per_s at each pair's slowest and fastest measurement; NaN where either is unmeasured."""
+    """`multipliers` with THROUGHPUT_RANGE_COLUMNS: the lowest and highest wall-clock M at the point
+    estimate M over `timings`, each a pair (runs timed for the architecture, runs timed for the
+    baseline) with tokens_per_s from one measurement of each (see analysis/throughput.py); NaN
+    where any of them leaves an architecture unmeasured."""
     out = multipliers.copy()
     bounds = np.full((len(out), 2), np.nan)
-    base_slow, base_fast = seconds_per_flop(slowest, baseline), seconds_per_flop(fastest, baseline)
     for arch, rows in out.groupby("arch", sort=False):
-        slow, fast = seconds_per_flop(slowest, arch), seconds_per_flop(fastest, arch)
-        if None in (slow, fast, base_slow, base_fast):
+        speeds = [(seconds_per_flop(base_runs, baseline), seconds_per_flop(arch_runs, arch))
+                  for arch_runs, base_runs in timings]
+        if any(None in pair for pair in speeds):
             continue
         M, C = rows["multiplier"].to_numpy(float), rows["budget"].to_numpy(float)
+        ratios = np.array([wall_ratio(base, speed, M, C) for base, speed in speeds])
         where = out.index.get_indexer(rows.index)
-        bounds[where, 0] = wall_ratio(base_fast, slow, M, C)
-        bounds[where, 1] = wall_ratio(base_slow, fast, M, C)
+        bounds[where, 0], bounds[where, 1] = ratios.min(axis=0), ratios.max(axis=0)
     out[list(THROUGHPUT_RANGE_COLUMNS)] = bounds
     return out
 

@@ -66,6 +66,7 @@ from isoflop.analysis.throughput import (
     describe_throughput,
     has_range,
     load_throughput,
+    round_columns,
 )
 from isoflop.atomic import atomic_write_text
 
@@ -157,9 +158,8 @@ def run_fit(
         raise ValueError(f"{results_dir}: cannot fit the baseline {baseline!r} by {method}: {reason}")
     multipliers = multiplier_table(_timed_runs(usable, throughput), result.fits, result.samples,
                                    baseline, at=at, wallclock=wallclock)
-    if wallclock and has_range(throughput):
-        slowest, fastest = (apply_throughput(usable, throughput, column) for column in RANGE_COLUMNS)
-        multipliers = throughput_range(multipliers, slowest, fastest, baseline)
+    if wallclock:
+        multipliers = _with_throughput_range(multipliers, usable, throughput, baseline)
     tests = exponent_tests(result, baseline, INTERVAL)
     surfaces = _surfaces(usable, result)
     outliers = flag_outliers(runs, surfaces)
@@ -169,6 +169,21 @@ def run_fit(
     atomic_write_text(multipliers_path, multipliers.to_csv(index=False))
     return FitOutcome(runs, usable, baseline, result, multipliers, tests, surfaces, outliers,
                       fits_path, multipliers_path, throughput)
+
+
+def _with_throughput_range(multipliers: pd.DataFrame, usable: pd.DataFrame, throughput: pd.DataFrame | None,
+                           baseline: str) -> pd.DataFrame:
+    """The wall-clock M's range over throughput.csv's repeated measurements, when it has them:
+    round by round (each round's measurements of the architecture and the baseline together), or
+    else at the extremes (the architecture at its slowest and the baseline at its fastest, and the
+    reverse)."""
+    rounds = [apply_throughput(usable, throughput, column) for column in round_columns(throughput)]
+    if rounds:
+        return throughput_range(multipliers, [(timed, timed) for timed in rounds], baseline)
+    if has_range(throughput):
+        slowest, fastest = (apply_throughput(usable, throughput, column) for column in RANGE_COLUMNS)
+        return throughput_range(multipliers, [(slowest, fastest), (fastest, slowest)], baseline)
+    return multipliers
 
 
 def _timed_runs(usable: pd.DataFrame, throughput: pd.DataFrame | None) -> pd.DataFrame:
@@ -565,7 +580,7 @@ def _wallclock_lines(outcome: FitOutcome) -> list[str]:
          "architecture's FLOPs run faster, below it when they run slower. Seconds per FLOP are a "
          "line in log-log against compute through each architecture's frontier runs; the band "
          "carries M's replicates with the throughput taken as known."
-         + (_RANGE_NOTE if "wall_tp_lo" in outcome.multipliers.columns else "")
+         + (_range_note(outcome.throughput) if "wall_tp_lo" in outcome.multipliers.columns else "")
          + ("" if outcome.throughput is not None else _CONTENTION_CAVEAT)),
         "",
         f"Measured seconds per FLOP relative to {baseline}, at each budget: " + "; ".join(costs) + ".",
@@ -573,13 +588,18 @@ def _wallclock_lines(outcome: FitOutcome) -> list[str]:
     ]
 
 
-# When throughput.csv gives each pair's slowest and fastest measurement (isoflop throughput --repeats).
-_RANGE_NOTE = (
-    " The throughput range after the band is M's point estimate with the architecture timed at its "
-    "slowest measurement and the baseline at its fastest, and the reverse (throughput.csv's "
-    "tokens_per_s_min and tokens_per_s_max): the spread of repeated measurements, which the band "
-    "leaves out."
-)
+def _range_note(throughput: pd.DataFrame) -> str:
+    """What the throughput range after the band is (isoflop throughput --repeats)."""
+    if round_columns(throughput):
+        how = ("at each measurement round's throughput, lowest to highest, with each round's ratio "
+               "taken between that round's measurements of the architecture and the baseline "
+               "(throughput.csv's tokens_per_s_rounds), so a drift of the host that hit a whole round "
+               "cancels")
+    else:
+        how = ("with the architecture timed at its slowest measurement and the baseline at its "
+               "fastest, and the reverse (throughput.csv's tokens_per_s_min and tokens_per_s_max)")
+    return (f" The throughput range after the band is M's point estimate {how}: the spread of "
+            "repeated measurements, which the band leaves out.")
 
 # Only for the runs' own throughput: measured alone (throughput.csv), nothing ran beside a model.
 _CONTENTION_CAVEAT = (

@@ -7,8 +7,9 @@ its clean numbers instead. Columns: arch, size, tokens_per_s (required; the medi
 measurements), and params, tokens_per_step, steps, repeats, tokens_per_s_min, tokens_per_s_max,
 device, compile (the runs' train.compile: small models' steps are several times faster with CUDA
 graphs, and the conv variants' share of them smaller), torch_version, git_sha (provenance, read
-when present). With tokens_per_s_min and
-tokens_per_s_max the report also gives the wall-clock multipliers' range over the repeats.
+when present). The report also gives the wall-clock multipliers' range over the repeats: with
+tokens_per_s_rounds (each round's measurement), the range of the ratios taken round by round;
+otherwise, with tokens_per_s_min and tokens_per_s_max, the ratios at the extremes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from isoflop.analysis.table import TableError
 THROUGHPUT_FILE = "throughput.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = ("arch", "size", "tokens_per_s")
 RANGE_COLUMNS: tuple[str, ...] = ("tokens_per_s_min", "tokens_per_s_max")  # the repeats' extremes
+# Every repeat's tokens/s, ';'-separated in round order (each round measured every pair once), so a
+# round's drift, which hits all models alike, cancels in a wall-clock ratio taken within the round.
+ROUNDS_COLUMN = "tokens_per_s_rounds"
 TEXT_COLUMNS: tuple[str, ...] = ("arch", "size", "device", "compile", "torch_version", "git_sha")
 # How the steps ran, by train.compile as the CSV writes it.
 COMPILE_WORDS = {"False": "eager", "True": "torch.compile", "graphs": "torch.compile with CUDA graphs"}
@@ -43,7 +47,35 @@ def load_throughput(results_dir: str | Path) -> pd.DataFrame | None:
     for column in ("tokens_per_s", *(c for c in RANGE_COLUMNS if c in table.columns)):
         _check_throughput(table, path, column)
     _check_one_row_per_pair(table, path)
+    if ROUNDS_COLUMN in table.columns:
+        _split_rounds(table, path)
     return table
+
+
+def _split_rounds(table: pd.DataFrame, path: Path) -> None:
+    """ROUNDS_COLUMN's values as the columns round_columns() names, checked: the same number of
+    positive finite numbers in every row."""
+    rounds = [str(cell).split(";") for cell in table[ROUNDS_COLUMN]]
+    for row, values in enumerate(rounds):
+        where = f"in row {row + 1} ({table['arch'].iloc[row]} {table['size'].iloc[row]})"
+        if len(values) != len(rounds[0]):
+            raise TableError(f"{path}: column {ROUNDS_COLUMN} has {len(values)} values {where} and "
+                             f"{len(rounds[0])} in row 1; allowed: one value per round, the same rounds in every row")
+        numbers = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(float)
+        bad = np.flatnonzero(~(np.isfinite(numbers) & (numbers > 0)))
+        if len(bad):
+            raise TableError(f"{path}: column {ROUNDS_COLUMN} has {values[bad[0]]!r} for round {bad[0] + 1} "
+                             f"{where}; allowed: positive finite numbers of tokens per second, ';'-separated")
+    for index in range(len(rounds[0])):
+        table[f"{ROUNDS_COLUMN}_{index + 1}"] = [float(values[index]) for values in rounds]
+
+
+def round_columns(table: pd.DataFrame | None) -> list[str]:
+    """The columns holding each round's tokens/s (none without ROUNDS_COLUMN or with one round)."""
+    if table is None or ROUNDS_COLUMN not in table.columns:
+        return []
+    columns = [c for c in table.columns if c.startswith(ROUNDS_COLUMN + "_")]
+    return columns if len(columns) > 1 else []
 
 
 def _require_columns(table: pd.DataFrame, path: Path) -> None:

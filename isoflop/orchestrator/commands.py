@@ -410,7 +410,7 @@ def collect_command(args: argparse.Namespace) -> int:
 
 THROUGHPUT_COLUMNS: tuple[str, ...] = (
     "arch", "size", "params", "tokens_per_step", "steps", "repeats", "tokens_per_s", "tokens_per_s_min",
-    "tokens_per_s_max", "device", "compile", "torch_version", "git_sha",
+    "tokens_per_s_max", "tokens_per_s_rounds", "device", "compile", "torch_version", "git_sha",
 )
 THROUGHPUT_FOLDER = "_throughput"  # beside the sweep's run folders; not a run id, so never a run
 
@@ -422,7 +422,8 @@ def add_throughput(subparsers: argparse._SubParsersAction) -> None:
         description="Train each distinct (architecture, size) of the sweep alone for a few steps, "
         "one after another in this process and through the code path of real runs, and write "
         "throughput.csv (tokens/s of the second half of the steps; the median of --repeats "
-        "measurements taken in interleaved rounds, so drifts of the host hit every model alike). "
+        "measurements taken in interleaved rounds, so drifts of the host hit every model alike, and "
+        "each round's value). "
         "Runs that shared a GPU measured their throughput under contention; with throughput.csv "
         "beside runs.csv, `isoflop report` computes the wall-clock multipliers from these numbers "
         "instead.",
@@ -507,7 +508,9 @@ def _measure_pairs(pairs: list[Any], folder: Path, steps: int, repeats: int,
                      "params": results[0]["params"], "device": results[0]["device"],
                      "compile": run.spec.train.compile,
                      "tokens_per_s": statistics.median(rates), "tokens_per_s_min": min(rates),
-                     "tokens_per_s_max": max(rates)} | common)
+                     "tokens_per_s_max": max(rates),
+                     # round by round, so the report can take each round's ratios apart
+                     "tokens_per_s_rounds": ";".join(f"{rate:.1f}" for rate in rates)} | common)
     return rows
 
 
