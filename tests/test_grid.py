@@ -197,6 +197,10 @@ def test_plan_estimates_time_and_warns_when_data_would_repeat(tmp_path):
     assert repeating and len(plan.warnings) == len(repeating)
     assert "epochs" in plan.warnings[0]
     assert make_plan(sweep, runs, PROFILES["cpu"], train_tokens=10**9).warnings == []
+    graphs = load(tmp_path, SWEEP.replace("train: {", "train: {compile: graphs, "), "graphs.yaml")
+    assert "train: {compile: graphs, " in graphs.path.read_text()
+    warnings = make_plan(graphs, expand(graphs), PROFILES["h200"], train_tokens=10**9).warnings
+    assert len(warnings) == 1 and "train.compile=graphs: the time estimates assume eager steps" in warnings[0]
     document = plan.to_json()
     assert document["n_runs"] == len(runs) and len(document["runs"]) == len(runs)
     assert {"run_id", "arch", "size", "params", "tokens", "flops", "est_seconds"} <= set(document["runs"][0])
