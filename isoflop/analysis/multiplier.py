@@ -19,8 +19,9 @@ architecture's frontier runs (small models use a GPU less well, so it drifts wit
 when the frontier has one distinct compute. Its band carries the compute multiplier's replicates
 with the throughput taken as known. Measured throughput has its own spread (small models' steps are
 bound by host time, which drifts), so where each throughput was measured several times the table
-also gives the wall-clock M with the architecture at its slowest measurement and the baseline at its
-fastest, and the reverse (throughput_range): the bounds the band leaves out.
+also gives the lowest and highest wall-clock M over pairings of those measurements
+(throughput_range; the report pairs them round by round, or else at the extremes): the bounds the
+band leaves out.
 """
 
 from __future__ import annotations

@@ -601,6 +601,7 @@ def _range_note(throughput: pd.DataFrame) -> str:
     return (f" The throughput range after the band is M's point estimate {how}: the spread of "
             "repeated measurements, which the band leaves out.")
 
+
 # Only for the runs' own throughput: measured alone (throughput.csv), nothing ran beside a model.
 _CONTENTION_CAVEAT = (
     " Caveat: runs that shared a GPU (several workers on one device) measured their throughput "
