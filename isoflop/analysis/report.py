@@ -594,7 +594,8 @@ def _range_note(throughput: pd.DataFrame) -> str:
         how = ("at each measurement round's throughput, lowest to highest, with each round's ratio "
                "taken between that round's measurements of the architecture and the baseline "
                "(throughput.csv's tokens_per_s_rounds), so a drift of the host that hit a whole round "
-               "cancels")
+               "cancels; the point estimate takes each model's median over the rounds, which may come "
+               "from different rounds, so it can lie just outside this range")
     else:
         how = ("with the architecture timed at its slowest measurement and the baseline at its "
                "fastest, and the reverse (throughput.csv's tokens_per_s_min and tokens_per_s_max)")
