@@ -107,9 +107,8 @@ class TrainConfig:
     # False: eager; True: torch.compile; "graphs": torch.compile with CUDA graphs (its
     # "reduce-overhead" mode) on a CUDA device, plain torch.compile elsewhere. Graphs replay a
     # step's kernels without launching each from Python, the cost that bounds small models' steps
-    # on a GPU (on the H200, batch 64 x 512: steps 3.5-4.7x faster at d128-l3, 1.7-2.3x at
-    # d384-l6; benchmarks/conv_host_overhead.py). Each run compiles first, so short runs packed
-    # on one GPU finished later than eager ones (README, "Sweep files").
+    # on a GPU; each run compiles first, so packed runs gain little or lose (measured figures:
+    # README, "Sweep files").
     compile: bool | str = False
     device: str = "auto"  # auto | cpu | cuda
     # WSD runs only: token counts (each < total_tokens) at which a cooldown branches off the stable
