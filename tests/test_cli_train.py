@@ -131,6 +131,9 @@ def test_the_example_config_loads():
         ({"optim": {"beta2": 1.0}}, "optim.beta2=1.0; allowed: a number in [0, 1)"),
         ({"data": {"val_fraction": 0}}, "data.val_fraction=0.0; allowed: a number in (0, 1)"),
         ({"data": {"tokenizer": "words"}}, "data.tokenizer='words'; allowed: 'bytes' or 'bpe-<vocab>'"),
+        ({"data": {"corpus": "tiny-shakespeare"}},
+         "data.corpus='tiny-shakespeare' is neither a built-in corpus nor an existing path; allowed: "
+         "python-stdlib, python-site, a text file"),
         ({"schedule": {"kind": "linear"}}, "schedule.kind='linear'; allowed: cosine, wsd"),
         ({"arch": "gpt5"}, "arch='gpt5'; allowed: transformer, static-qkv, dynamic-qkv"),
         ({"size": "huge"}, "size='huge': size='huge'; allowed: a named size (tiny"),

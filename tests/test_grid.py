@@ -222,6 +222,19 @@ def test_plan_command_does_not_import_torch(tmp_path):
     assert report == {"code": 0, "n_runs": 16, "torch": False}
 
 
+def test_plan_names_the_sweep_file_of_a_missing_corpus(tmp_path, capsys):
+    from isoflop.cli import main
+
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(SWEEP.replace("corpus: python-stdlib", "corpus: tiny-shakespeare"))
+    assert main(["plan", str(sweep_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {sweep_file}: data.corpus='tiny-shakespeare' is neither a built-in "
+                          "corpus nor an existing path; allowed: python-stdlib")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert main(["plan", str(sweep_file), "--no-data-check"]) == 0  # the check is the data check's
+
+
 def test_shipped_paper_small_fits_the_gpu_budget():
     """The GPU sweep of issue 3: four architectures, < ~25 H200-minutes by the plan's estimate."""
     sweep = load_sweep(REPO / "sweeps" / "paper-small.yaml")

@@ -175,7 +175,7 @@ def test_retry_without_slurm_trains_the_failed_runs_here(tmp_path, corpus, capsy
     runs = ["--runs-dir", str(tmp_path / "runs")]
     assert main(["run", str(sweep), *runs]) == 2  # a missing corpus is one line, not a traceback
     err = capsys.readouterr().err
-    assert err.startswith("error: data.corpus=") and err.count("\n") == 1
+    assert err.startswith(f"error: {sweep}: data.corpus=") and err.count("\n") == 1
     [planned] = expand(load_sweep(sweep))
     rundir = RunDir(tmp_path / "runs" / "retry-here" / planned.run_id).create()
     rundir.write_spec(planned.spec.to_dict())

@@ -119,6 +119,18 @@ def is_pretokenized(corpus: str) -> bool:
     return _find_shards(corpus) is not None
 
 
+def check_corpus_exists(corpus: str) -> None:
+    """ValueError unless data.corpus names a built-in corpus, an existing file or folder, or a
+    glob: a cheap check (no file is read) for commands that should fail before training starts."""
+    if corpus in BUILTIN_CORPORA or any(ch in corpus for ch in "*?[") or Path(corpus).expanduser().exists():
+        return
+    raise ValueError(
+        f"data.corpus={corpus!r} is neither a built-in corpus nor an existing path; "
+        f"allowed: {', '.join(BUILTIN_CORPORA)}, a text file, a folder of text files "
+        f"({', '.join(sorted(TEXT_EXTENSIONS))}), or .bin shards (a folder or a glob)"
+    )
+
+
 def load_corpus(cfg: DataConfig, cache_dir: Path | None = None) -> Corpus:
     cache_dir = cache_dir or default_cache_dir()
     if not 0.0 < cfg.val_fraction < 1.0:
@@ -152,17 +164,9 @@ def _find_documents(corpus: str) -> list[_Document]:
         for root, label in roots.items():
             docs += _python_files(Path(root), prefix=f"{label}/" if prefixed else "")
     else:
+        check_corpus_exists(corpus)
         path = Path(corpus).expanduser()
-        if path.is_file():
-            docs = [_Document(path, path.name)]
-        elif path.is_dir():
-            docs = _text_files(path)
-        else:
-            raise ValueError(
-                f"data.corpus={corpus!r} is neither a built-in corpus nor an existing path; "
-                f"allowed: {', '.join(BUILTIN_CORPORA)}, a text file, a folder of text files "
-                f"({', '.join(sorted(TEXT_EXTENSIONS))}), or .bin shards (a folder or a glob)"
-            )
+        docs = [_Document(path, path.name)] if path.is_file() else _text_files(path)
     if not docs:
         raise ValueError(f"data.corpus={corpus!r} holds no documents")
     return sorted(docs, key=lambda d: d.rel)

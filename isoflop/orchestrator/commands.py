@@ -104,7 +104,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
     sweep, runs = _load(args.sweep)
     profile = profile_for(args.device or sweep.train["device"])
-    train_tokens = None if args.no_data_check else corpus_train_tokens(sweep.data)
+    train_tokens = None if args.no_data_check else _corpus_checked(sweep, corpus_train_tokens, sweep.data)
     plan = make_plan(sweep, runs, profile, train_tokens)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
@@ -167,15 +167,21 @@ def _only(filters: list[str], all_runs: list[Any], sweep_name: str) -> list[Any]
     return runs
 
 
-def _load_corpus(data: Any) -> Any:
+def _load_corpus(sweep: Any) -> Any:
     """The sweep's corpus; a corpus that does not exist or cannot be read is said once, in one
-    line (UsageError), instead of failing in every run."""
+    line naming the sweep file, instead of failing in every run."""
     from isoflop.data import load_corpus
 
+    return _corpus_checked(sweep, load_corpus, sweep.data)
+
+
+def _corpus_checked(sweep: Any, read: Callable[..., Any], *args: Any) -> Any:
+    """read(*args), with the corpus's ValueError (a missing path, an empty folder, a bad
+    tokenizer: each names its data.* key and what is allowed) as a UsageError naming the file."""
     try:
-        return load_corpus(data)
+        return read(*args)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise UsageError(f"{sweep.path}: {error}") from None
 
 
 def _add_only(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -195,7 +201,7 @@ def _train_here(sweep: Any, runs: list[Any], directory: Path, workers: int,
         if sweep.data.task is not None:  # a synthetic task: runs generate their own batches
             return
         console.print(f"loading corpus {sweep.data.corpus} ({sweep.data.tokenizer}) ...")
-        corpus = _load_corpus(sweep.data)
+        corpus = _load_corpus(sweep)
         console.print(corpus.describe())
         for run in runs:
             if run.tokens > corpus.n_train_tokens:
@@ -464,7 +470,7 @@ def throughput_command(args: argparse.Namespace) -> int:
     sweep, all_runs = _load(args.sweep)
     pairs = _first_of_each_pair(_only(args.only, all_runs, sweep.name))
     if sweep.data.task is None:
-        _load_corpus(sweep.data)  # a missing corpus: one line now, not a traceback in the first run
+        _load_corpus(sweep)  # a missing corpus: one line now, not a traceback in the first run
     folder = sweep_dir(sweep.name, args.runs_dir) / THROUGHPUT_FOLDER
     rows = _measure_pairs(pairs, folder, args.steps, args.repeats, _console())
     path = (args.out or Path("results") / sweep.name) / THROUGHPUT_FILE

@@ -156,9 +156,12 @@ class _Reader:
 
 
 def _vocab_size(data: DataConfig) -> int:
-    """Known from the tokenizer name, except for token shards, whose ids come pre-made."""
-    from isoflop.data.corpora import is_pretokenized, load_corpus
+    """Known from the tokenizer name, except for token shards, whose ids come pre-made. A corpus
+    that is not there fails here, not after the model is built (a synthetic task needs none)."""
+    from isoflop.data.corpora import check_corpus_exists, is_pretokenized, load_corpus
 
+    if data.task is None:
+        check_corpus_exists(data.corpus)
     if is_pretokenized(data.corpus):
         return load_corpus(data).vocab_size
     return nominal_vocab_size(data.tokenizer)
