@@ -12,6 +12,7 @@ from rich.console import Console
 from isoflop.analysis.multiplier import MULTIPLIER_COLUMNS
 from isoflop.analysis.report import format_multiplier_table, run_fit, write_report
 from isoflop.analysis.synthetic import simulate_evals, simulate_runs
+from isoflop.analysis.table import TableError
 
 FACTORS = {"transformer": 1.0, "dynamic-qkv": 1.5, "static-qkv": 1.25}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -116,8 +117,20 @@ def test_a_baseline_without_finished_runs_is_a_clear_error(results):
     runs.loc[runs["arch"] == "transformer", "state"] = "failed"
     runs.to_csv(results / "runs.csv", index=False)
     expected = "cannot fit the baseline 'transformer' by frontier: it has no usable run"
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(TableError, match=expected):
         run_fit(results, n_boot=10)
+
+
+def test_fit_and_report_of_a_table_without_finished_runs_say_one_line(results, capsys):
+    from isoflop.cli import main
+
+    runs = pd.read_csv(results / "runs.csv")
+    runs["state"] = "not started"
+    runs.to_csv(results / "runs.csv", index=False)
+    for command in ("fit", "report"):
+        assert main([command, str(results)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {results}: no usable run (state 'done' with a finite final_val_loss)\n"
 
 
 def test_the_committed_paper_small_results_regenerate_from_their_table(tmp_path):

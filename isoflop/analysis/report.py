@@ -58,7 +58,7 @@ from isoflop.analysis.reference import (
     swapped_pairs,
 )
 from isoflop.analysis.table import (
-    baseline_arch, is_recall_table, load_evals, load_runs, provenance_lines, usable_runs,
+    TableError, baseline_arch, is_recall_table, load_evals, load_runs, provenance_lines, usable_runs,
 )
 from isoflop.analysis.throughput import (
     RANGE_COLUMNS,
@@ -150,12 +150,13 @@ def run_fit(
     usable = usable_runs(runs)
     baseline = baseline_arch(runs)
     if usable.empty:
-        raise ValueError(f"{results_dir}: no usable run (state 'done' with a finite final_val_loss)")
+        # The table's content, not a bug: one line from the CLI (TableError), like a missing column.
+        raise TableError(f"{results_dir}: no usable run (state 'done' with a finite final_val_loss)")
     throughput = load_throughput(results_dir)
     result = fit_method(usable, method, n_boot=n_boot, seed=seed, resample_budgets=resample_budgets)
     if baseline not in result.archs:
         reason = result.skipped.get(baseline, "it has no usable run")
-        raise ValueError(f"{results_dir}: cannot fit the baseline {baseline!r} by {method}: {reason}")
+        raise TableError(f"{results_dir}: cannot fit the baseline {baseline!r} by {method}: {reason}")
     multipliers = multiplier_table(_timed_runs(usable, throughput), result.fits, result.samples,
                                    baseline, at=at, wallclock=wallclock)
     if wallclock:
