@@ -106,11 +106,22 @@ def _budgets(text: str) -> list[float]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type for counts that must be >= 1 (--n-boot)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: allowed: a whole number >= 1")
+    return value
+
+
 def _add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", type=Path, help="a results folder holding runs.csv (e.g. results/quickstart)")
     parser.add_argument("--at", type=_budgets, default=None, metavar="C[,C...]",
                         help="also report the multiplier at these training budgets (FLOPs), e.g. 1e21")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--n-boot", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument(
         "--method", choices=("frontier", "approach2", "approach3"), default="frontier",

@@ -133,6 +133,20 @@ def test_fit_and_report_of_a_table_without_finished_runs_say_one_line(results, c
         assert err == f"error: {results}: no usable run (state 'done' with a finite final_val_loss)\n"
 
 
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--n-boot", "0", "argument --n-boot: 0: allowed: a whole number >= 1"),
+    ("--n-boot", "many", "argument --n-boot: 'many': expected a whole number >= 1"),
+    ("--at", "1e21,big", "argument --at: --at '1e21,big': expected FLOP budgets like 1e18,3e19"),
+    ("--at", "-5", "argument --at: --at '-5': budgets must be positive numbers"),
+])
+def test_bad_analysis_options_are_usage_errors(results, capsys, option, value, message):
+    from isoflop.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", str(results), option, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
 def test_the_committed_paper_small_results_regenerate_from_their_table(tmp_path):
     """results/paper-small (the H200 sweep): fits, multipliers and report come back from runs.csv,
     evals.csv, throughput.csv and reference.yaml alone, byte for byte, and hold the paper's
