@@ -63,10 +63,15 @@ def test_runs_each_run_then_a_rerun_does_nothing(tmp_path, corpus):
 def test_a_failing_run_is_recorded_and_retried_on_the_next_launch(tmp_path, corpus):
     sweep, runs = load(tmp_path, tmp_path / "no-such-corpus")
     directory = tmp_path / "runs" / sweep.name
-    report = launch(sweep, runs, directory, LocalExecutor(workers=2, gpus=[], cores=2), Console(record=True))
+    console = Console(record=True, width=2000)  # no wrapping: the error is one long line
+    report = launch(sweep, runs, directory, LocalExecutor(workers=2, gpus=[], cores=2), console)
     assert report.states == {"failed": 2} and not report.all_finished
     status = RunDir(directory / runs[0].run_id).read_status()
     assert status["state"] == "failed" and "no-such-corpus" in status["error"]
+    # Each failed run's line says why (the error's first line), not only that it failed.
+    failed_lines = [line for line in console.export_text().splitlines() if line.strip().startswith("failed")]
+    assert len(failed_lines) == 2
+    assert all(line.endswith(status["error"].splitlines()[0]) for line in failed_lines)
     assert "Traceback" in RunDir(directory / runs[0].run_id).log_path.read_text()
     # Failed runs are not finished: the next launch tries them again (and they fail again).
     again = launch(sweep, runs, directory, LocalExecutor(workers=1, gpus=[], cores=2), Console(record=True))

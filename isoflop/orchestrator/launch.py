@@ -129,9 +129,14 @@ def launch(
             state = _final_state(end)
             report.states[state] += 1
             progress.advance(task)
-            result = RunDir(end.job.rundir).read_result()
+            rundir = RunDir(end.job.rundir)
+            result = rundir.read_result()
             loss = f" val {result['final_val_loss']:.4f}" if result else ""
-            progress.console.print(f"{state:>8}  {end.job.label}{loss}  ({end.seconds:.0f} s)")
+            # A failure says why here, so a sweep that fails everywhere needs no digging.
+            error = (rundir.read_status() or {}).get("error") if state == "failed" else None
+            why = f": {error.splitlines()[0]}" if error else ""
+            progress.console.print(f"{state:>8}  {end.job.label}{loss}  ({end.seconds:.0f} s){why}",
+                                   markup=False)
 
         executor.execute(jobs, on_finish=finished_job)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(report.states.items()))
