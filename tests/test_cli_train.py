@@ -115,8 +115,9 @@ def test_the_example_config_loads():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"trainer": {}}, "unknown key trainer; allowed: arch, size, model, data, train"),
-        ({"train": {"batchsize": 4}}, "unknown key train.batchsize; allowed: total_tokens, batch_size"),
+        ({"trainer": {}}, "unknown key trainer (did you mean 'train'?); allowed: arch, size, model, data, train"),
+        ({"train": {"batchsize": 4}},
+         "unknown key train.batchsize (did you mean 'batch_size'?); allowed: total_tokens, batch_size"),
         ({"train": {"batch_size": "eight"}},
          "train.batch_size='eight' (wrong type); allowed: an integer"),
         ({"train": {"batch_size": 2.5}}, "train.batch_size=2.5 (wrong type); allowed: an integer"),
@@ -140,9 +141,9 @@ def test_the_example_config_loads():
         ({"size": "d63-l2"}, "size='d63-l2': d_model=63 must be a multiple of the head dim 64"),
         ({"size": 1.5}, "size=1.5 (wrong type); allowed: a size name or parameter count"),
         ({"model": {"d_model": 128}}, "model.d_model=128 (set by `size`"),
-        ({"model": {"qk_nrm": True}}, "unknown key model.qk_nrm; allowed: conv, qk_norm"),
+        ({"model": {"qk_nrm": True}}, "unknown key model.qk_nrm (did you mean 'qk_norm'?); allowed: conv, qk_norm"),
         ({"model": {"conv": {"rnk": 4}}},
-         "unknown key model.conv.rnk; allowed: kind, placement, width, rank"),
+         "unknown key model.conv.rnk (did you mean 'rank'?); allowed: kind, placement, width, rank"),
         ({"model": {"conv": {"kind": "fancy"}}}, "model: conv.kind='fancy'; allowed: none, static"),
         ({"model": {"conv": {"width": 99}}}, "model: conv.width=99; allowed: 1..8"),
         ({"seed": -1}, "seed=-1; allowed: an integer >= 0"),

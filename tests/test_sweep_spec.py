@@ -149,6 +149,17 @@ def test_bad_values_name_path_value_and_allowed(tmp_path, key, value, path, allo
     assert path in str(error) and allowed in str(error)
 
 
+
+def test_misspelt_keys_suggest_the_known_one(tmp_path):
+    error = error_of(tmp_path, changed("train.seqlen", 32, changed("train.seq_len", None)))
+    assert error.path == "train.seqlen" and "did you mean 'seq_len'?" in str(error)
+    # A required key spelt wrong is reported missing first, naming what the file has instead.
+    document = changed("grid", None)
+    document["grids"] = GOOD["grid"]
+    error = error_of(tmp_path, document)
+    assert error.path == "grid" and "is missing (the file has 'grids': a misspelling?)" in str(error)
+    assert "did you mean" not in str(error_of(tmp_path, changed("epochs", 3)))  # nothing close
+
 def test_exactly_one_baseline(tmp_path):
     error = error_of(tmp_path, changed("architectures.dyn.baseline", True))
     assert error.path == "architectures" and "2 baselines" in error.problem

@@ -45,6 +45,7 @@ what needs the model counts: budgets too small for a size, model overrides the r
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,7 +437,10 @@ class _Section:
         self.known.append(key)
         if key not in self.mapping:
             if default is ...:
-                raise SweepError(self.file, self.key_path(key), None, "is missing", "a value")
+                # A misspelt key ("grids:") is then the likely cause, so name it.
+                near = difflib.get_close_matches(key, [str(k) for k in self.mapping], n=1)
+                problem = f"is missing (the file has {near[0]!r}: a misspelling?)" if near else "is missing"
+                raise SweepError(self.file, self.key_path(key), None, problem, "a value")
             return default
         return self.parse(self.key_path(key), self.mapping.pop(key), parse)
 
@@ -461,10 +465,9 @@ class _Section:
     def done(self) -> None:
         if self.mapping:
             key = next(iter(self.mapping))
-            raise SweepError(
-                self.file, self.key_path(str(key)), self.mapping[key], "is not a known key",
-                ", ".join(self.known),
-            )
+            near = difflib.get_close_matches(str(key), self.known, n=1)
+            problem = f"is not a known key (did you mean {near[0]!r}?)" if near else "is not a known key"
+            raise SweepError(self.file, self.key_path(str(key)), self.mapping[key], problem, ", ".join(self.known))
 
 
 def load_sweep(path: Path | str) -> Sweep:

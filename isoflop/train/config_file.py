@@ -21,6 +21,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -140,8 +141,10 @@ class _Reader:
         allowed = list(allowed)
         for name in given:
             if name not in allowed:
+                near = difflib.get_close_matches(str(name), allowed, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
                 raise ConfigError(
-                    f"{self.file}: unknown key {prefix}{name}; allowed: {', '.join(allowed)}"
+                    f"{self.file}: unknown key {prefix}{name}{hint}; allowed: {', '.join(allowed)}"
                 )
 
     def dataclass_fields(self, section: str, raw: dict[str, Any], cls: type) -> dict[str, Any]:
