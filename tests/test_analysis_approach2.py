@@ -68,6 +68,21 @@ def test_a_minimum_the_grid_does_not_bracket_is_rejected_with_its_reason():
         fit_approach2(ArchGrid.of(runs, "base"), paired_draws(arch_grids(runs), 10, 0, False))
 
 
+
+def test_the_error_lists_only_the_rejected_budgets():
+    """The committed paper-small sweep: the transformer's 2.5e15 budget brackets its minimum, the
+    other two do not, so the error gives their two reasons and no empty one for the kept budget."""
+    from pathlib import Path
+
+    from isoflop.analysis.table import load_runs
+
+    runs = usable_runs(load_runs(Path(__file__).parent.parent / "results" / "paper-small"))
+    with pytest.raises(ValueError) as error:
+        fit_approach2(ArchGrid.of(runs, "transformer"), paired_draws(arch_grids(runs), 10, 0, False))
+    message = str(error.value)
+    assert message.startswith("1 budget(s) with a bracketed minimum; Approach 2 needs >= 2 (rejected: 2.5e+14: ")
+    assert "8e+14: lowest loss at the smallest size" in message and "2.5e+15" not in message
+
 def test_edge_rules_name_what_went_wrong():
     x = np.log(np.array([1e6, 2e6, 4e6, 8e6]))
     log_D = np.log(np.array([8e9, 4e9, 2e9, 1e9]))

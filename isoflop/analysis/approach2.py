@@ -184,7 +184,8 @@ def fit_approach2(
     minima = budget_minima(grid, interpolation)
     kept = minima[minima["rejected"] == ""]
     if len(kept) < 2:
-        reasons = "; ".join(f"{b:.3g}: {r}" for b, r in zip(minima["budget"], minima["rejected"]))
+        rejected = minima[minima["rejected"] != ""]  # the kept budgets have no reason to give
+        reasons = "; ".join(f"{b:.3g}: {r}" for b, r in zip(rejected["budget"], rejected["rejected"]))
         raise ValueError(f"{len(kept)} budget(s) with a bracketed minimum; Approach 2 needs >= 2"
                          + (f" (rejected: {reasons})" if reasons else ""))
     log_C = np.log(kept["C"].to_numpy(float))[None]
