@@ -22,7 +22,14 @@ def sci(value: float) -> str:
 
 
 def duration(seconds: float) -> str:
-    """90 -> '1m30s'."""
+    """90 -> '1m30s'; 3 days and more in days, a year and more in years (a plan's estimate for a
+    budget far beyond the machine should still be readable: '396,118 y', not '3472233592h45m')."""
+    days = seconds / 86400
+    if days >= 365:
+        years = days / 365.25
+        return f"{years:.3g} y" if years < 100 else f"{years:,.0f} y" if years < 1e6 else f"{years:.2e} y"
+    if days >= 3:
+        return f"{days:.1f} d"
     seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
