@@ -23,7 +23,7 @@ def sci(value: float) -> str:
 
 def duration(seconds: float) -> str:
     """90 -> '1m30s'; 3 days and more in days, a year and more in years (a plan's estimate for a
-    budget far beyond the machine should still be readable: '396,118 y', not '3472233592h45m')."""
+    budget far beyond the machine should still be readable: '396,102 y', not '3472233592h45m')."""
     days = seconds / 86400
     if days >= 365:
         years = days / 365.25
