@@ -35,7 +35,7 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("config", type=Path, help="the run's YAML file")
     parser.add_argument(
-        "--rundir", type=Path, default=None,
+        "--rundir", type=folder, default=None,
         help="run directory (default: runs/train/<run_id>)",
     )
     parser.add_argument(
@@ -45,6 +45,15 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         "batch, and so the result, stays the config's whatever the number of processes",
     )
     parser.set_defaults(handler=run_train)
+
+
+def folder(text: str) -> Path:
+    """An argparse type for folders that may not exist yet (created when needed), but must not be
+    a file: the mistake is then one usage line, not a traceback from mkdir."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a file; allowed: a folder, existing or not")
+    return path
 
 
 def _si(value: float) -> str:

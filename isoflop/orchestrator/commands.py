@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from isoflop.cli import ErrorExits, one_line_errors
+from isoflop.cli import ErrorExits, folder, one_line_errors
 
 EXIT_SWEEP_ERROR = 2
 EXIT_SLURM_ERROR = 3
@@ -46,7 +46,7 @@ _reports_sweep_errors = one_line_errors(_sweep_error_exits)
 
 
 def _add_runs_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs-dir", type=Path, default=None,
+    parser.add_argument("--runs-dir", type=folder, default=None,
                         help="root of the run folders (default: $ISOFLOP_RUNS or ./runs)")
 
 
@@ -393,7 +393,7 @@ def add_collect(subparsers: argparse._SubParsersAction) -> None:
         "evals.csv (one row per eval point), the tables the analysis reads.",
     )
     parser.add_argument("sweep", type=Path, help="the sweep's YAML file, or its folder of runs")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/<sweep>)")
+    parser.add_argument("--out", type=folder, default=None, help="output folder (default: results/<sweep>)")
     _add_runs_dir(parser)
     parser.set_defaults(handler=collect_command)
 
@@ -441,7 +441,7 @@ def add_throughput(subparsers: argparse._SubParsersAction) -> None:
                         help="measurements per model, one per round over all models; the table keeps "
                              "their median, min and max (default 3, at least 1). Small models' steps "
                              "are bound by host time, which drifts by 10%% and more over minutes")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/<sweep>)")
+    parser.add_argument("--out", type=folder, default=None, help="output folder (default: results/<sweep>)")
     _add_only(parser, "measure")
     _add_runs_dir(parser)
     parser.set_defaults(handler=throughput_command)
