@@ -104,7 +104,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
     sweep, runs = _load(args.sweep)
     profile = profile_for(args.device or sweep.train["device"])
-    train_tokens = None if args.no_data_check else _corpus_checked(sweep, corpus_train_tokens, sweep.data)
+    train_tokens = None if args.no_data_check else _corpus_checked(sweep, corpus_train_tokens)
     plan = make_plan(sweep, runs, profile, train_tokens)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
@@ -172,14 +172,14 @@ def _load_corpus(sweep: Any) -> Any:
     line naming the sweep file, instead of failing in every run."""
     from isoflop.data import load_corpus
 
-    return _corpus_checked(sweep, load_corpus, sweep.data)
+    return _corpus_checked(sweep, load_corpus)
 
 
-def _corpus_checked(sweep: Any, read: Callable[..., Any], *args: Any) -> Any:
-    """read(*args), with the corpus's ValueError (a missing path, an empty folder, a bad
+def _corpus_checked(sweep: Any, read: Callable[[Any], Any]) -> Any:
+    """read(sweep.data), with the corpus's ValueError (a missing path, an empty folder, a bad
     tokenizer: each names its data.* key and what is allowed) as a UsageError naming the file."""
     try:
-        return read(*args)
+        return read(sweep.data)
     except ValueError as error:
         raise UsageError(f"{sweep.path}: {error}") from None
 
