@@ -416,6 +416,21 @@ def test_lowrank_float32_parameters_give_the_half_type_products(triton_backend):
 
 
 @interpreted
+@pytest.mark.parametrize("R", [3, 16])  # R_P stays 16 / grows to 32 for z's columns of ones
+def test_lowrank_forward_keeps_a_float32_static_filter_exact(triton_backend, R):
+    """The forward folds the static filter into the half-precision product as two rows of U (its
+    head and the tail the rounding lost). A cancellation shows whether the tail is there:
+    y = (1 + 2^-12) x[t] - x[t-1] with x = 1 is 2^-12, which the head alone (1.0 in float16) gives
+    as 0."""
+    B, T, D, W = 1, 6, 16, 2
+    x = torch.ones(B, T, D, dtype=torch.float16)
+    z, U = torch.zeros(B, T, R, dtype=torch.float16), torch.zeros(R, W * D, dtype=torch.float16)
+    static = torch.stack([torch.full((D,), 1 + 2**-12), torch.full((D,), -1.0)])  # float32
+    y = kernels.dynamic_conv_lowrank(x, z, U, static, residual=False)
+    assert torch.equal(y[:, 1:], torch.full((B, T - 1, D), 2**-12, dtype=torch.float16))
+
+
+@interpreted
 def test_kernel_arguments_are_checked(gen, triton_backend):
     x = rand(2, 5, 8, gen=gen)
     with pytest.raises(ValueError, match="B == 1"):

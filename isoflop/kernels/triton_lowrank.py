@@ -4,13 +4,17 @@
 
 with U_k = U[:, k*D:(k+1)*D]; with z [B, T, G*R], channel group g (D/G channels) uses z's g-th R
 columns, and x and z may be views with strided rows. The filters f never touch memory: each
-program forms its [rows, channels] slice of f_k = z @ U_k on the matrix units (R padded to >= 16),
-with the static filter as the product's initial value; the residual starts the sum as x[t].
+program forms its [rows, channels] slice of f_k = z @ U_k on the matrix units (R padded to >= 16);
+the residual starts the sum as x[t].
 
 Forward: `_lowrank_conv_kernel`, one program per (CHUNK time tiles, channel tile, batch); the
 lagged tiles x[t-k] mostly hit the cache lines x[t] brought in, so x comes from memory once, and
-the chunk loop is software-pipelined (STAGES): the next tiles' x, z and U are copied into shared
-memory while this tile's products run, and the matrix units read them from there directly.
+the chunk loop is software-pipelined (STAGES): the next tiles' x and z are copied into shared
+memory while this tile's products run, and the matrix units read them from there directly. U is
+loaded once per program and stays in shared memory. In half precision the static filter rides on
+the product too, as two more rows of U (its rounded head and the tail the rounding lost) met by
+two columns of ones in z, so the product gives f_k + s_k with s kept to ~16 bits of mantissa;
+otherwise (dx, float32) it is the product's initial value.
 
 Backward, two kernels:
 - dx[t] = residual*dy[t] + sum_k (f[t+k, k] + s[k]) * dy[t+k] is the same kernel run on dy with
@@ -61,17 +65,72 @@ BACKWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_BWD", ("auto", "fused", "split
 
 
 @triton.jit
+def _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k: tl.constexpr, W: tl.constexpr, R_P: tl.constexpr,
+           BLOCK_D: tl.constexpr, FOLD: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """U_k [R_P, BLOCK_D] in the product's dtype. With FOLD, rows R and R + 1 hold the static filter
+    s_k split into a half-precision head and the remainder it lost (s = head + tail to ~16 bits of
+    mantissa), which z's two columns of ones pick up: the product then yields f_k + s_k. Zeros for
+    taps k >= W (never used)."""
+    u = tl.zeros([R_P, BLOCK_D], dtype=DOT_DTYPE)
+    if k < W:
+        u = tl.load(u_ptr + r[:, None] * (W * D) + k * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        u = u.to(DOT_DTYPE)
+        if FOLD:
+            s_k = tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)
+            head = s_k.to(DOT_DTYPE)
+            tail = (s_k - head.to(tl.float32)).to(DOT_DTYPE)
+            u = tl.where((r == R)[:, None], head[None, :], u)
+            u = tl.where((r == R + 1)[:, None], tail[None, :], u)
+    return u
+
+
+@triton.jit
+def _tap_term(acc, x0, z, u, HOIST: tl.constexpr, u_ptr, x_tile, x_offsets, z_tile, z_offsets_k, s_ptr, pos_ptr,
+              d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, k: tl.constexpr, W: tl.constexpr, R_P: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_STATIC: tl.constexpr, FOLD: tl.constexpr,
+              HAS_POS: tl.constexpr, LEAD: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
+    """acc + tap(t, k) * x[t-k] (with LEAD: + tap(t+k, k) * x[t+k]) on one tile; no-op for k >= W.
+    u is U_k, or with HOIST False, loaded here (one tap's U live at a time: the widest filters')."""
+    if k < W:
+        if not HOIST:
+            u = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        # Each tap starts as the broadcast static filter rather than zeros + s (an add per element the
+        # compiler cannot drop: 0.0 + -0.0 is +0.0), unless the product carries it (FOLD).
+        tap = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        if HAS_STATIC and not FOLD:
+            s_k = tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)
+            tap = tl.broadcast_to(s_k[None, :], [BLOCK_T, BLOCK_D])
+        if k == 0:
+            xk = x0
+            tap = mma(z, u, tap, FP32_DOT)
+        elif LEAD:
+            lead_ok = t_ok & (t + k < T)
+            lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
+            zk = tl.load(z_tile + z_offsets_k, mask=lead_ok[:, None] & r_ok[None, :], other=0.0)
+            tap = mma(zk.to(DOT_DTYPE), u, tap, FP32_DOT)
+            xk = tl.load(x_tile + (x_offsets + k * X_STRIDE), mask=lead_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            tap = mma(z, u, tap, FP32_DOT)
+            lag_ok = t_ok & (p >= k) & (t >= k)
+            xk = tl.load(x_tile + (x_offsets - k * X_STRIDE), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tap * xk.to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _lowrank_conv_kernel(
     x_ptr, z_ptr, u_ptr, s_ptr, pos_ptr, y_ptr,
     T, D, R, X_STRIDE, Z_STRIDE, D_GROUP,
     W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr, LEAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr,
+    FOLD: tl.constexpr = False,
 ):
     """y[t] = sum_k tap(t, k) * x[t-k] (forward), or with LEAD, y[t] = sum_k tap(t+k, k) * x[t+k]:
     the same pass run on dy gives dx, each tap read by the position that used x[t]. Rows of x and
     z are X_STRIDE and Z_STRIDE elements apart (views into a fused projection's output), y is
-    contiguous; this tile's channels belong to group d // D_GROUP, whose R columns of z it reads."""
+    contiguous; this tile's channels belong to group d // D_GROUP, whose R columns of z it reads.
+    FOLD (forward only, R + 2 <= R_P): the static filter rides on the product (see _tap_u)."""
     pid_t, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i = tl.arange(0, BLOCK_T)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -80,43 +139,62 @@ def _lowrank_conv_kernel(
     tile = i[:, None] * D + d[None, :]
     x_offsets = i[:, None] * X_STRIDE + d[None, :]
     z_offsets = i[:, None] * Z_STRIDE + (pid_d * BLOCK_D // D_GROUP) * R + r[None, :]
+    # U is the same for every tile: with several tiles per program it is loaded once, before the walk,
+    # and stays in shared memory, instead of being copied again with each tile's pipelined loads
+    # (KERNELS.md, v13). The unpipelined one-tile kernel (the widest filters) loads it tap by tap.
+    HOIST: tl.constexpr = CHUNK > 1
+    u0, u1, u2, u3, u4, u5, u6, u7 = 0, 0, 0, 0, 0, 0, 0, 0  # (not hoisted: _tap_term loads each)
+    if HOIST:
+        u0 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 0, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        u1 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 1, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        u2 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 2, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        u3 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 3, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        u4 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 4, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        u5 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 5, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        u6 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 6, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        u7 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 7, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
     for c in tl.range(0, CHUNK, num_stages=STAGES):
         t = (pid_t * CHUNK + c) * BLOCK_T + i
         t_ok = t < T
         p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
         # 64-bit only in the tile's base row; offsets inside the tile stay 32-bit (fewer registers).
         first_row = b.to(tl.int64) * T + (pid_t * CHUNK + c) * BLOCK_T
-        z_tile = z_ptr + first_row * Z_STRIDE + z_offsets
+        z_tile = z_ptr + first_row * Z_STRIDE
         x_tile = x_ptr + first_row * X_STRIDE
         # x[t] first: the shifted tiles below mostly hit the cache lines it brought in.
         x0 = tl.load(x_tile + x_offsets, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        z = tl.load(z_tile, mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
-        # The kernel is bound by instruction issue (ncu: ~2.4 of 4 per cycle, neither memory nor
-        # L2 saturated), so per-element work counts: the residual starts the sum as x[t] instead
-        # of adding 1 to tap 0, and each tap starts as the broadcast static filter rather than
-        # zeros + s (an add per element the compiler cannot drop: 0.0 + -0.0 is +0.0).
+        z = tl.load(z_tile + z_offsets, mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        if FOLD:
+            z = tl.where((r >= R) & (r < R + 2), 1.0, z)  # z's columns of ones pick up U's rows of s
+        z = z.to(DOT_DTYPE)
+        # The kernel is bound by instruction issue (ncu: ~2.4 of 4 per cycle, neither memory nor L2
+        # saturated), so per-element work counts: the residual starts the sum as x[t] instead of
+        # adding 1 to tap 0.
         acc = x0.to(tl.float32) if RESIDUAL else tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for k in tl.static_range(W):
-            if HAS_STATIC:
-                s_k = tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)
-                tap = tl.broadcast_to(s_k[None, :], [BLOCK_T, BLOCK_D])
-            else:
-                tap = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-            u = tl.load(u_ptr + r[:, None] * (W * D) + k * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-            if k == 0:
-                xk = x0
-                tap = mma(z, u.to(DOT_DTYPE), tap, FP32_DOT)
-            elif LEAD:
-                lead_ok = t_ok & (t + k < T)
-                lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
-                zk = tl.load(z_tile + k * Z_STRIDE, mask=lead_ok[:, None] & r_ok[None, :], other=0.0)
-                tap = mma(zk.to(DOT_DTYPE), u.to(DOT_DTYPE), tap, FP32_DOT)
-                xk = tl.load(x_tile + (x_offsets + k * X_STRIDE), mask=lead_ok[:, None] & d_ok[None, :], other=0.0)
-            else:
-                tap = mma(z, u.to(DOT_DTYPE), tap, FP32_DOT)
-                lag_ok = t_ok & (p >= k) & (t >= k)
-                xk = tl.load(x_tile + (x_offsets - k * X_STRIDE), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
-            acc += tap * xk.to(tl.float32)
+        acc = _tap_term(acc, x0, z, u0, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 0 * Z_STRIDE, s_ptr,
+                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 0, W, R_P, BLOCK_T, BLOCK_D,
+                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc = _tap_term(acc, x0, z, u1, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 1 * Z_STRIDE, s_ptr,
+                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 1, W, R_P, BLOCK_T, BLOCK_D,
+                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc = _tap_term(acc, x0, z, u2, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 2 * Z_STRIDE, s_ptr,
+                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 2, W, R_P, BLOCK_T, BLOCK_D,
+                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc = _tap_term(acc, x0, z, u3, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 3 * Z_STRIDE, s_ptr,
+                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 3, W, R_P, BLOCK_T, BLOCK_D,
+                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc = _tap_term(acc, x0, z, u4, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 4 * Z_STRIDE, s_ptr,
+                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 4, W, R_P, BLOCK_T, BLOCK_D,
+                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc = _tap_term(acc, x0, z, u5, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 5 * Z_STRIDE, s_ptr,
+                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 5, W, R_P, BLOCK_T, BLOCK_D,
+                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc = _tap_term(acc, x0, z, u6, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 6 * Z_STRIDE, s_ptr,
+                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 6, W, R_P, BLOCK_T, BLOCK_D,
+                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc = _tap_term(acc, x0, z, u7, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 7 * Z_STRIDE, s_ptr,
+                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 7, W, R_P, BLOCK_T, BLOCK_D,
+                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
         tl.store(y_ptr + first_row * D + tile, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
 
 
@@ -328,7 +406,8 @@ def _conv_blocks(T: int, R_P: int, W_P: int, lead: bool, fp32: bool) -> dict:
     R_P * W and with float32, so wider filters take narrower tiles, and the widest the unpipelined
     kernel (offline compile: no spills, shared memory under the H200's 227 KB)."""
     if interpreting():  # CHUNK 2: the interpreter tests walk the chunk loop, masked tail included
-        return {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1, "CHUNK": 2, "STAGES": 1}
+        wide = R_P * W_P > 128  # ... except for the widest filters, which take the one-tile kernel
+        return {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1, "CHUNK": 1 if wide else 2, "STAGES": 1}
     if R_P * W_P <= 64 and not fp32:
         tuned = {"BLOCK_T": 32, "BLOCK_D": 64, "CHUNK": 16} if lead else {"BLOCK_T": 64, "BLOCK_D": 64, "CHUNK": 32}
         blocks = tuned | {"num_warps": 4, "STAGES": 3}
@@ -403,13 +482,32 @@ def _conv(src: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
     # Caller-given blocks without CHUNK/STAGES (the benchmark's) mean one unpipelined tile per program.
     blocks = blocks or _conv_blocks(T, meta["R_P"], next_pow2(meta["W"]), lead, meta["FP32_DOT"])
     blocks = _fit_group({"CHUNK": 1, "STAGES": 1} | blocks, d_group, D)
+    fold = _fold_static(U.shape[0], meta, lead)
+    if fold:
+        meta = meta | {"R_P": _folded_rank(U.shape[0])}
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)  # contiguous, whatever src's strides
     grid = (triton.cdiv(T, blocks["BLOCK_T"] * blocks["CHUNK"]), triton.cdiv(D, blocks["BLOCK_D"]), B)
     _lowrank_conv_kernel[grid](
         src, z, U, static if static is not None else src, pos if pos is not None else src, out,
-        T, D, U.shape[0], src.stride(1), z.stride(1), d_group, RESIDUAL=residual, LEAD=lead, **meta, **blocks,
+        T, D, U.shape[0], src.stride(1), z.stride(1), d_group, RESIDUAL=residual, LEAD=lead, FOLD=fold,
+        **meta, **blocks,
     )
     return out
+
+
+def _folded_rank(R: int) -> int:
+    """R_P with room for z's two columns of ones (the static filter folded into the product)."""
+    return max(16, next_pow2(R + 2))
+
+
+def _fold_static(R: int, meta: dict, lead: bool) -> bool:
+    """Whether the conv kernel folds the static filter into the product (forward, half types):
+    measured 64.2 -> 58.8 us at the paper's shape on an H200, where R=16 takes R_P from 16 to 32
+    (KERNELS.md, v13). Not for dx, whose shifted z tiles would each need the ones written in (88 vs
+    69 us there), nor for exact float32 products, nor where the larger R_P would make U's tiles
+    outgrow the blocks picked for R_P * W <= 128."""
+    folded = _folded_rank(R) * next_pow2(meta["W"]) <= 128
+    return meta["HAS_STATIC"] and not lead and not meta["FP32_DOT"] and folded
 
 
 def lowrank_forward(
