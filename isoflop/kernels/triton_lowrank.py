@@ -424,11 +424,12 @@ def _lowrank_du_kernel(
 def _conv_blocks(T: int, R_P: int, W_P: int, lead: bool, fp32: bool) -> dict:
     """Block sizes of the conv kernel (forward, or dx with `lead`): BLOCK_T x BLOCK_D tiles, CHUNK
     time tiles per program, and STAGES for the compiler's pipelining of the chunk loop (the next
-    tiles' x, z and U copied asynchronously into shared memory while this tile's products run).
+    tiles' x and z copied asynchronously into shared memory while this tile's products run).
     Picked on an H200 at the paper's shape (benchmarks/KERNELS.md, v7): 105 -> 65 us forward and
-    128 -> 73 us dx against the one-tile-per-program kernel. The pipeline's buffers grow with
-    R_P * W and with float32, so wider filters take narrower tiles, and the widest the unpipelined
-    kernel (offline compile: no spills, shared memory under the H200's 227 KB)."""
+    128 -> 73 us dx against the one-tile-per-program kernel. Shared memory (U, held for the whole
+    walk, and the pipeline's buffers) and registers grow with R_P * W and with float32, so wider
+    filters take narrower tiles, and the widest the unpipelined kernel, which loads U tap by tap
+    (offline compile: no spills, shared memory under the H200's 227 KB)."""
     if interpreting():  # CHUNK 2: the interpreter tests walk the chunk loop, masked tail included
         wide = R_P * W_P > 128  # ... except for the widest filters, which take the one-tile kernel
         return {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1, "CHUNK": 1 if wide else 2, "STAGES": 1}
