@@ -94,6 +94,21 @@ def _tap_s(s_ptr, d, d_ok, D, k: tl.constexpr, W: tl.constexpr, HAS_STATIC: tl.c
 
 
 @triton.jit
+def _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k: tl.constexpr, W: tl.constexpr, R_P: tl.constexpr,
+              BLOCK_D: tl.constexpr, HAS_STATIC: tl.constexpr, FOLD: tl.constexpr, LEAD: tl.constexpr,
+              HOIST: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """(U_k, s_k) as the conv kernel's walk keeps them for all its tiles: U_k when hoisted, s_k when
+    hoisted in dx (see the kernel); 0 for what _tap_term loads per tile instead."""
+    u = 0
+    s_k = 0
+    if HOIST:
+        u = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        if LEAD:
+            s_k = _tap_s(s_ptr, d, d_ok, D, k, W, HAS_STATIC, BLOCK_D)
+    return u, s_k
+
+
+@triton.jit
 def _tap_term(acc, x0, z, u, s_k, HOIST: tl.constexpr, u_ptr, x_tile, x_offsets, z_tile, z_offsets_k, s_ptr, pos_ptr,
               d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, k: tl.constexpr, W: tl.constexpr, R_P: tl.constexpr,
               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_STATIC: tl.constexpr, FOLD: tl.constexpr,
@@ -157,26 +172,22 @@ def _lowrank_conv_kernel(
     # [BLOCK_D] row again per tile, replicated over threads): 67.7 -> 61.7 us at the paper's shape.
     # The unfolded forward (W = 8) was 1.5% slower with it, so it loads them per tile.
     HOIST: tl.constexpr = CHUNK > 1
-    u0, u1, u2, u3, u4, u5, u6, u7 = 0, 0, 0, 0, 0, 0, 0, 0  # (not hoisted: _tap_term loads each)
-    s0, s1, s2, s3, s4, s5, s6, s7 = 0, 0, 0, 0, 0, 0, 0, 0
-    if HOIST and LEAD:
-        s0 = _tap_s(s_ptr, d, d_ok, D, 0, W, HAS_STATIC, BLOCK_D)
-        s1 = _tap_s(s_ptr, d, d_ok, D, 1, W, HAS_STATIC, BLOCK_D)
-        s2 = _tap_s(s_ptr, d, d_ok, D, 2, W, HAS_STATIC, BLOCK_D)
-        s3 = _tap_s(s_ptr, d, d_ok, D, 3, W, HAS_STATIC, BLOCK_D)
-        s4 = _tap_s(s_ptr, d, d_ok, D, 4, W, HAS_STATIC, BLOCK_D)
-        s5 = _tap_s(s_ptr, d, d_ok, D, 5, W, HAS_STATIC, BLOCK_D)
-        s6 = _tap_s(s_ptr, d, d_ok, D, 6, W, HAS_STATIC, BLOCK_D)
-        s7 = _tap_s(s_ptr, d, d_ok, D, 7, W, HAS_STATIC, BLOCK_D)
-    if HOIST:
-        u0 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 0, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
-        u1 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 1, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
-        u2 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 2, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
-        u3 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 3, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
-        u4 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 4, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
-        u5 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 5, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
-        u6 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 6, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
-        u7 = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 7, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+    u0, s0 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 0, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
+                        DOT_DTYPE)
+    u1, s1 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 1, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
+                        DOT_DTYPE)
+    u2, s2 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 2, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
+                        DOT_DTYPE)
+    u3, s3 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 3, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
+                        DOT_DTYPE)
+    u4, s4 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 4, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
+                        DOT_DTYPE)
+    u5, s5 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 5, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
+                        DOT_DTYPE)
+    u6, s6 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 6, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
+                        DOT_DTYPE)
+    u7, s7 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 7, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
+                        DOT_DTYPE)
     for c in tl.range(0, CHUNK, num_stages=STAGES):
         t = (pid_t * CHUNK + c) * BLOCK_T + i
         t_ok = t < T
