@@ -26,7 +26,7 @@ Backward, two kernels:
   channel tile; U_k^T loaded once per program). With a static filter, z gets a column of ones
   (R padded to R + 1), so dU_k's column R is ds_k = sum_t df_k: the row sums ride on the matrix
   product (df in the product's input precision, as for dU) instead of costing W cross-warp
-  reductions per tile.
+  reductions per tile. The dz products pad R only to their own RZ_P (no ones column).
 Partials go to float32 buffers and are summed in a fixed order afterwards, so results are
 bit-reproducible (no float atomics). Splitting dx out reads x and dy once more than one fused pass
 would (+134 MB at the paper's shape); the fused version measured slower (registers spilled), see
@@ -238,7 +238,7 @@ def _lag_grads(x_tile, x_offsets, x0, dy0, z, u_t, d_ok, t, p, t_ok, X_STRIDE, d
                k: tl.constexpr, W: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
     """Tap k's filter gradient df = dy[t] * x[t-k] on a [BLOCK_T, BLOCK_D] tile, folded at once into
     dU_k^T += df^T @ z (du, [BLOCK_D, R_P]; with z's column of ones its column R is ds_k) and
-    dz += df @ U_k^T (u_t: U_k^T, [BLOCK_D, R_P]). No-op for taps k >= W."""
+    dz += df @ U_k^T (u_t: U_k^T, [BLOCK_D, RZ_P]). No-op for taps k >= W."""
     if k < W:
         if k == 0:
             xk = x0
@@ -253,7 +253,7 @@ def _lag_grads(x_tile, x_offsets, x0, dy0, z, u_t, d_ok, t, p, t_ok, X_STRIDE, d
 
 @triton.jit
 def _u_t(u_ptr, r, r_ok, d, d_ok, D, k: tl.constexpr, W: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """U_k^T [BLOCK_D, R_P] of this program's channels (unused, so never loaded, for taps k >= W)."""
+    """U_k^T [BLOCK_D, len(r)] of this program's channels (unused, so never loaded, for taps k >= W)."""
     u_t = tl.load(u_ptr + r[None, :] * (W * D) + k * D + d[:, None], mask=d_ok[:, None] & r_ok[None, :] & (k < W),
                   other=0.0)
     return u_t.to(DOT_DTYPE)
@@ -297,6 +297,7 @@ def _lowrank_filter_grad_kernel(
     B, T, D, R, X_STRIDE, Z_STRIDE, D_GROUP, chunks_per_seq, chunk_t,
     W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
+    RZ_P: tl.constexpr,
 ):
     pid_d, pid_n = tl.program_id(0), tl.program_id(1)
     b, t_start, t_end, i, d, r, d_ok, r_ok, dy_offsets, x_offsets, z_offsets = _chunk_tile(
@@ -305,14 +306,18 @@ def _lowrank_filter_grad_kernel(
     # once per program; taps >= W stay unused and vanish.
     du0 = tl.zeros([BLOCK_D, R_P], dtype=tl.float32)
     du1, du2, du3, du4, du5, du6, du7 = du0, du0, du0, du0, du0, du0, du0
-    u0 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 0, W, DOT_DTYPE)
-    u1 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 1, W, DOT_DTYPE)
-    u2 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 2, W, DOT_DTYPE)
-    u3 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 3, W, DOT_DTYPE)
-    u4 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 4, W, DOT_DTYPE)
-    u5 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 5, W, DOT_DTYPE)
-    u6 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 6, W, DOT_DTYPE)
-    u7 = _u_t(u_ptr, r, r_ok, d, d_ok, D, 7, W, DOT_DTYPE)
+    # dz's products pad R to RZ_P, not to R_P: z's column of ones (which can double R_P, 16 -> 32)
+    # serves dU only, and the narrower products halve dz's accumulator (v15).
+    rz = tl.arange(0, RZ_P)
+    rz_ok = rz < R
+    u0 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 0, W, DOT_DTYPE)
+    u1 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 1, W, DOT_DTYPE)
+    u2 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 2, W, DOT_DTYPE)
+    u3 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 3, W, DOT_DTYPE)
+    u4 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 4, W, DOT_DTYPE)
+    u5 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 5, W, DOT_DTYPE)
+    u6 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 6, W, DOT_DTYPE)
+    u7 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 7, W, DOT_DTYPE)
     # dy[t] and x[t] of the next tile are loaded one iteration ahead, so their latency overlaps
     # the current tile's work.
     first_ok = ((t_start + i) < t_end)[:, None] & d_ok[None, :]
@@ -338,7 +343,7 @@ def _lowrank_filter_grad_kernel(
             z = tl.where((r == R)[None, :] & t_ok[:, None], 1.0, z).to(DOT_DTYPE)
 
         # Filter gradients, tap by tap.
-        dz = tl.zeros([BLOCK_T, R_P], dtype=tl.float32)
+        dz = tl.zeros([BLOCK_T, RZ_P], dtype=tl.float32)
         du0, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u0, d_ok, t, p, t_ok, X_STRIDE, du0, dz, 0, W, DOT_DTYPE, FP32_DOT)
         du1, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u1, d_ok, t, p, t_ok, X_STRIDE, du1, dz, 1, W, DOT_DTYPE, FP32_DOT)
         du2, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u2, d_ok, t, p, t_ok, X_STRIDE, du2, dz, 2, W, DOT_DTYPE, FP32_DOT)
@@ -348,7 +353,7 @@ def _lowrank_filter_grad_kernel(
         du6, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u6, d_ok, t, p, t_ok, X_STRIDE, du6, dz, 6, W, DOT_DTYPE, FP32_DOT)
         du7, dz = _lag_grads(x_tile, x_offsets, x0, dy0, z, u7, d_ok, t, p, t_ok, X_STRIDE, du7, dz, 7, W, DOT_DTYPE, FP32_DOT)
         dz_tile = dz_part_ptr + (pid_d.to(tl.int64) * B * T + tile_row) * R
-        tl.store(dz_tile + i[:, None] * R + r[None, :], dz, mask=t_ok[:, None] & r_ok[None, :])
+        tl.store(dz_tile + i[:, None] * R + rz[None, :], dz, mask=t_ok[:, None] & rz_ok[None, :])
 
     _store_partials(du_part_ptr, ds_part_ptr, du0, pid_n, r, r_ok, d, d_ok, R, D, 0, W, HAS_STATIC)
     _store_partials(du_part_ptr, ds_part_ptr, du1, pid_n, r, r_ok, d, d_ok, R, D, 1, W, HAS_STATIC)
@@ -463,8 +468,11 @@ def _grad_blocks(R_P: int, W_P: int) -> dict:
     --sweep` on an H200 (see benchmarks/KERNELS.md)."""
     if interpreting():
         return {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1}
-    narrow = R_P * W_P > 128
-    return {"BLOCK_T": 32 if narrow else 64, "BLOCK_D": 32 if narrow else 64, "num_warps": 4, "num_stages": 1}
+    width = R_P * W_P
+    if width <= 128:
+        return {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 1}
+    # R_P * W_P = 256 (R = 16 with W = 8): 32 x 64 tiles, 268 against 315 us for 32 x 32 (v15).
+    return {"BLOCK_T": 32, "BLOCK_D": 64 if width <= 256 else 32, "num_warps": 4, "num_stages": 1}
 
 
 def _split_blocks(R_P: int, W_P: int, fp32: bool) -> dict:
@@ -595,7 +603,7 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
         x, z, U, pos if pos is not None else x, dy,
         dz_part, du_part, ds_part,
         B, T, D, R, x.stride(1), z.stride(1), d_group, chunks, chunk_t,
-        **meta, **blocks,
+        **meta, **blocks, RZ_P=max(16, next_pow2(R)),
     )
     # Each group's dz sums its own channel tiles' partials (tiles never straddle groups).
     groups = D // d_group
