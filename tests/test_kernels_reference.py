@@ -129,6 +129,20 @@ def test_packed_equals_separate_sequences(gen):
     assert not torch.allclose(ref.dynamic_conv_lowrank(torch.cat(xs, 1), torch.cat(zs, 1), U, s), separate)
 
 
+@pytest.mark.gpu
+def test_packed_reference_runs_inside_a_cuda_graph():
+    """The cu_seqlens checks read values back to the host, which CUDA-graph capture forbids: under
+    capture they are skipped (benchmarks/kernels.py times the reference by graph replay)."""
+    x, z = torch.randn(1, 12, 8, device="cuda"), torch.randn(1, 12, 2, device="cuda")
+    U, cu = torch.randn(2, 3 * 8, device="cuda"), torch.tensor([0, 5, 12], device="cuda")
+    eager = ref.dynamic_conv_lowrank(x, z, U, cu_seqlens=cu)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ref.dynamic_conv_lowrank(x, z, U, cu_seqlens=cu)
+    graph.replay()
+    torch.testing.assert_close(captured, eager)
+
+
 @pytest.mark.parametrize("kind", ["lowrank", "headwise", "static"])
 @pytest.mark.parametrize("W", [1, 2, 4])
 def test_decode_equals_full_sequence(gen, kind, W):

@@ -34,11 +34,16 @@ def positions_in_sequence(T: int, cu_seqlens: Tensor | None, device: torch.devic
     if cu_seqlens is None:
         return t
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    # The checks read values back to the host; a compiled graph skips them rather than break.
-    if not torch.compiler.is_compiling():
+    # The checks read values back to the host: compiled code and CUDA-graph capture skip them
+    # rather than break.
+    if not (torch.compiler.is_compiling() or _capturing(cu)):
         check_cu_seqlens(cu, T)
     seq_of_t = torch.searchsorted(cu, t, right=True) - 1
     return t - cu[seq_of_t]
+
+
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def check_cu_seqlens(cu_seqlens: Tensor, T: int) -> None:
