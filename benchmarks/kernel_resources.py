@@ -79,7 +79,7 @@ def cases(dtype: tl.dtype) -> list[Case]:
         Case("low-rank dx (lead)", triton_lowrank._lowrank_conv_kernel,
              lowrank | dict(RESIDUAL=True, LEAD=True, FOLD=False), dx_blocks),
         Case("low-rank filter grads", triton_lowrank._lowrank_filter_grad_kernel,
-             lowrank | {"R_P": grad_r_p, "RZ_P": max(16, next_pow2(R))}, grad_blocks),
+             lowrank | {"R_P": grad_r_p, "RZ_P": lowrank["R_P"]}, grad_blocks),
         # The split candidate (ISOFLOP_LOWRANK_BWD=split): dz and dU/ds in two kernels.
         Case("low-rank dz (split)", triton_lowrank._lowrank_dz_kernel,
              {k: v for k, v in lowrank.items() if k != "HAS_STATIC"}, split_blocks["dz"]),

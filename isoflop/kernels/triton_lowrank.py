@@ -76,7 +76,7 @@ def _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k: tl.constexpr, W: tl.constexp
         u = tl.load(u_ptr + r[:, None] * (W * D) + k * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         u = u.to(DOT_DTYPE)
         if FOLD:
-            s_k = tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)
+            s_k = _tap_s(s_ptr, d, d_ok, D, k, W, True, BLOCK_D)
             head = s_k.to(DOT_DTYPE)
             tail = (s_k - head.to(tl.float32)).to(DOT_DTYPE)
             u = tl.where((r == R)[:, None], head[None, :], u)
@@ -589,6 +589,7 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
                         pos: Tensor | None, meta: dict, blocks: dict | None):
     B, T, D = x.shape
     R, W, d_group = U.shape[0], meta["W"], _group_size(z, U, D)
+    meta = meta | {"RZ_P": meta["R_P"]}  # the dz products keep R's own padding (v15)
     if static is not None:  # room for z's column of ones (ds_k from the dU product)
         meta = meta | {"R_P": max(16, next_pow2(R + 1))}
     blocks = _fit_group(blocks or _grad_blocks(meta["R_P"], next_pow2(W)), d_group, D)
@@ -604,7 +605,7 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
         x, z, U, pos if pos is not None else x, dy,
         dz_part, du_part, ds_part,
         B, T, D, R, x.stride(1), z.stride(1), d_group, chunks, chunk_t,
-        **meta, **blocks, RZ_P=max(16, next_pow2(R)),
+        **meta, **blocks,
     )
     # Each group's dz sums its own channel tiles' partials (tiles never straddle groups).
     groups = D // d_group
