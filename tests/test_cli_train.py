@@ -213,7 +213,6 @@ def test_cli_config_error_exits_2_without_traceback(tmp_path, corpus_dir, capsys
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
-
 @pytest.mark.parametrize("command, option", [
     ("train", "--rundir"), ("collect", "--out"), ("throughput", "--out"), ("status", "--runs-dir"),
 ])
@@ -224,6 +223,7 @@ def test_a_folder_option_given_a_file_is_a_usage_error(tmp_path, capsys, command
         main([command, str(tmp_path / "config.yaml"), option, str(a_file)])
     assert exit_.value.code == 2
     assert f"argument {option}: {a_file}: is a file; allowed: a folder, existing or not" in capsys.readouterr().err
+
 
 def test_cli_version_and_help(capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -222,7 +222,6 @@ def test_plan_command_does_not_import_torch(tmp_path):
     assert report == {"code": 0, "n_runs": 16, "torch": False}
 
 
-
 @pytest.mark.parametrize("seconds, text", [
     (5, "5s"), (90, "1m30s"), (5 * 3600 + 120, "5h02m"), (2.9 * 86400, "69h36m"), (40 * 86400, "40.0 d"),
     (400 * 86400, "1.1 y"), (3_472_233_592 * 3600, "396,102 y"), (1e20, "3.17e+12 y"),
@@ -231,6 +230,7 @@ def test_plan_durations_stay_readable(seconds, text):
     from isoflop.orchestrator.formats import duration
 
     assert duration(seconds) == text
+
 
 def test_plan_names_the_sweep_file_of_a_missing_corpus(tmp_path, capsys):
     from isoflop.cli import main
