@@ -491,6 +491,7 @@ FUNCTIONS = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynami
         ("lowrank", 1, 777, 384, 3, 5, 1, torch.bfloat16),
         ("lowrank", 2, 300, 256, 8, 64, 1, torch.bfloat16),
         ("lowrank", 2, 1031, 520, 8, 16, 1, torch.bfloat16),  # the conv's middle blocks (R_P * W = 128)
+        ("lowrank", 2, 1031, 520, 4, 64, 1, torch.bfloat16),  # its 64 x 32 pipelined tiles (R_P * W = 256)
         ("headwise", 2, 1031, 512, 4, 1, 1, torch.bfloat16),
         ("headwise", 2, 1031, 528, 4, 1, 12, torch.bfloat16),
         ("headwise", 2, 1031, 528, 4, 1, 12, torch.float32),
@@ -614,8 +615,9 @@ def test_conv_blocks_fit_the_sequence_and_the_filter_width():
     short = _conv_blocks(100, 16, 4, lead=False, fp32=False)
     tiles = -(-100 // short["BLOCK_T"])
     assert tiles <= short["CHUNK"] < 2 * tiles  # CHUNK is a power of two (one compile per value)
-    wide = _conv_blocks(4096, 64, 8, lead=True, fp32=False)
-    assert (wide["CHUNK"], wide["STAGES"]) == (1, 1)
+    assert _conv_blocks(4096, 64, 4, lead=True, fp32=False)["STAGES"] > 1
+    widest = _conv_blocks(4096, 64, 8, lead=True, fp32=False)
+    assert (widest["CHUNK"], widest["STAGES"]) == (1, 1)
     assert _conv_blocks(4096, 16, 4, lead=False, fp32=True)["BLOCK_D"] < paper["BLOCK_D"]
 
 

@@ -441,21 +441,30 @@ def _conv_blocks(T: int, R_P: int, W_P: int, lead: bool, fp32: bool) -> dict:
     """Block sizes of the conv kernel (forward, or dx with `lead`): BLOCK_T x BLOCK_D tiles, CHUNK
     time tiles per program, and STAGES for the compiler's pipelining of the chunk loop (the next
     tiles' x and z copied asynchronously into shared memory while this tile's products run).
-    Picked on an H200 at the paper's shape (benchmarks/KERNELS.md, v7): 105 -> 65 us forward and
-    128 -> 73 us dx against the one-tile-per-program kernel. Shared memory (U, held for the whole
-    walk, and the pipeline's buffers) and registers grow with R_P * W and with float32, so wider
-    filters take narrower tiles, and the widest the unpipelined kernel, which loads U tap by tap
-    (offline compile: no spills, shared memory under the H200's 227 KB)."""
+    Picked on an H200 (benchmarks/KERNELS.md): at the paper's shape (v7) 105 -> 65 us forward and
+    128 -> 73 us dx against the one-tile-per-program kernel; for wider filters by a sweep after v15
+    (v16). Shared memory (U, held for the whole walk, and the pipeline's buffers; dx's shifted z
+    tiles) and registers grow with R_P * W and with float32, so wider filters take narrower tiles,
+    and the widest the unpipelined kernel, which loads U tap by tap (offline compile: shared memory
+    under the H200's 227 KB for every R_P * W up to each branch's bound)."""
+    width = R_P * W_P
     if interpreting():  # CHUNK 2: the interpreter tests walk the chunk loop, masked tail included
-        wide = R_P * W_P > 128  # ... except for the widest filters, which take the one-tile kernel
+        wide = width > 128  # ... except for the widest filters, which take the one-tile kernel
         return {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1, "CHUNK": 1 if wide else 2, "STAGES": 1}
-    if R_P * W_P <= 64 and not fp32:
+    if width > (64 if fp32 else 256):  # (float32 tiles take twice the registers and shared memory)
+        return {"BLOCK_T": 32, "BLOCK_D": 128 if R_P <= 32 else 64, "num_warps": 4, "CHUNK": 1, "STAGES": 1}
+    if fp32:  # (not re-swept in v16)
+        blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4, "CHUNK": 16, "STAGES": 2}
+    elif width <= 64:
         tuned = {"BLOCK_T": 32, "BLOCK_D": 64, "CHUNK": 16} if lead else {"BLOCK_T": 64, "BLOCK_D": 64, "CHUNK": 32}
         blocks = tuned | {"num_warps": 4, "STAGES": 3}
-    elif R_P * W_P <= (64 if fp32 else 128):
-        blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4, "CHUNK": 16, "STAGES": 2}
+    elif width <= 128:
+        # v16, against 64 x 32 tiles with 2 stages: W = 8 forward 125.7 -> 107.2 us, dx 150.1 ->
+        # 124.8; R = 32 forward 75.6 -> 69.3, dx 99.2 -> 81.3.
+        blocks = {"BLOCK_T": 32, "BLOCK_D": 64, "num_warps": 4, "CHUNK": 16, "STAGES": 3}
     else:
-        return {"BLOCK_T": 32, "BLOCK_D": 128 if R_P <= 32 else 64, "num_warps": 4, "CHUNK": 1, "STAGES": 1}
+        # v16, against the one-tile kernel: R = 64 forward 167.2 -> 93.9 us, dx 197.1 -> 142.1.
+        blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4, "CHUNK": 16, "STAGES": 2}
     # Short sequences: no more tiles per program than the sequence has (the rest would be masked).
     blocks["CHUNK"] = min(blocks["CHUNK"], next_pow2(triton.cdiv(T, blocks["BLOCK_T"])))
     return blocks
