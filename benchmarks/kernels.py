@@ -52,6 +52,7 @@ CASES = [
     Case("headwise hs=1 (paper)", "headwise", **PAPER, head_size=1, compile_ref=True),
     Case("static W=4 (paper)", "static", **PAPER),
     Case("lowrank R=64", "lowrank", **PAPER, R=64),
+    Case("lowrank R=128", "lowrank", **PAPER, R=128),  # the split filter gradients ("auto", v16)
     Case("lowrank R=16 W=8", "lowrank", B=4, T=4096, D=2048, W=8),
     Case("lowrank packed 8 docs", "lowrank", B=1, T=16384, D=2048, packed=8),
     Case("lowrank D=1024 T=2048 B=8", "lowrank", B=8, T=2048, D=1024),

@@ -163,6 +163,16 @@ def test_backward_chunks_fill_the_last_wave(monkeypatch):
     assert triton_common.time_chunks(100, 1, 1, 64, cpu, 2) == (64, 2)  # never more chunks than tiles
 
 
+def test_auto_backward_splits_the_filter_gradients_only_for_the_widest_filters():
+    from isoflop.kernels.triton_lowrank import _auto_variant
+
+    assert _auto_variant(16, 4, has_static=True) == "fused"  # the paper's shape
+    assert _auto_variant(64, 4, has_static=True) == "fused"  # R_P * W = 512 (ones column: 65 -> 128)
+    assert _auto_variant(64, 8, has_static=True) == "split"
+    assert _auto_variant(128, 4, has_static=True) == "split"
+    assert _auto_variant(128, 4, has_static=False) == "fused"  # no ones column: 128 * 4
+
+
 def test_lowrank_backward_variant_comes_from_the_environment_and_is_checked():
     if INTERPRETING:
         pytest.skip("checks the non-interpreted process")

@@ -486,14 +486,16 @@ def _grad_blocks(R_P: int, W_P: int) -> dict:
 
 
 def _split_blocks(R_P: int, W_P: int, fp32: bool) -> dict:
-    """{"dz": ..., "du": ...}: block sizes of the split variant's two kernels (W_P is there for the
-    benchmark's tuned override). One accumulator each lets 16 elements per thread (64 x 64 tiles,
-    8 warps) compile without spills for R_P <= 64 and any W (benchmarks/kernel_resources.py);
-    exact float32 products need more registers, so float32 takes 32-row tiles. Not timed yet."""
+    """{"dz": ..., "du": ...}: block sizes of the split variant's two kernels: 64 x 64 tiles (exact
+    float32 products need more registers, so float32 takes 32-row tiles). 4 warps beat 8 for both
+    kernels wherever they were timed (v16, both kernels together: R = 64, W = 8 1309.9 -> 780.7 us;
+    R = 128, W = 4 1095.9 -> 531.3); from R_P * W = 1024 on, the dz kernel spills at 4 warps
+    (offline compile), so 8 there."""
     if interpreting():
         small = {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1}
         return {"dz": small, "du": small}
-    tile = {"BLOCK_T": 32 if fp32 else 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 1}
+    warps = 8 if fp32 or R_P * W_P >= 1024 else 4
+    tile = {"BLOCK_T": 32 if fp32 else 64, "BLOCK_D": 64, "num_warps": warps, "num_stages": 1}
     return {"dz": dict(tile), "du": dict(tile)}
 
 
@@ -581,26 +583,43 @@ def lowrank_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dx, dz, dU, dstatic or None), each contiguous in its input's dtype; inputs as for
     lowrank_forward, dy contiguous. `variant`
-    picks the filter-gradient kernels: "fused" or "split" (None: BACKWARD_VARIANT, whose "auto" is
-    fused). `blocks` overrides their block sizes (benchmarks): one dict for fused, {"dz": ...,
+    picks the filter-gradient kernels: "fused", "split" or "auto" (None: BACKWARD_VARIANT; see
+    _auto_variant). `blocks` overrides their block sizes (benchmarks): one dict for fused, {"dz": ...,
     "du": ...} for split."""
     variant = variant or BACKWARD_VARIANT.get()
     if variant not in BACKWARD_VARIANT.allowed:
         raise ValueError(f"lowrank_backward: variant={variant!r}; allowed: {', '.join(BACKWARD_VARIANT.allowed)}")
     dx = _conv(dy, z, U, static, residual, pos, lead=True, blocks=None)
     meta = _meta(z, U, x.shape[-1], static, pos)
+    if variant == "auto":
+        variant = _auto_variant(U.shape[0], meta["W"], static is not None)
     filter_grads = _split_filter_grads if variant == "split" else _fused_filter_grads
     dz, dU, ds = filter_grads(dy, x, z, U, static, pos, meta, blocks)
     return dx, dz, dU, ds
+
+
+def _grad_rank(R: int, has_static: bool) -> int:
+    """R_P of the fused filter-gradient kernel's dU products: with a static filter, room for z's
+    column of ones (ds_k from the dU product, v8)."""
+    return max(16, next_pow2(R + 1 if has_static else R))
+
+
+def _auto_variant(R: int, W: int, has_static: bool) -> str:
+    """The filter-gradient kernels "auto" picks: fused, except where its W accumulators of
+    [BLOCK_D, R_P] floats leave it 32 x 32 tiles with R floats of dz partials per row and tile, and
+    the split kernels' extra reads of x and dy cost less. Side by side on an H200 at B=4, T=4096,
+    D=2048 with a static filter (KERNELS.md, v16): R_P * W = 1024 took split at R = 64, W = 8 (922.8
+    -> 780.7 us) and R = 128, W = 4 (1519.9 -> 531.3); at 512 fused stayed ahead (R = 64, W = 4:
+    409.7 against 482.9), as it does by far at the paper's shape (118.2 against 330.8)."""
+    return "split" if _grad_rank(R, has_static) * next_pow2(W) >= 1024 else "fused"
 
 
 def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
                         pos: Tensor | None, meta: dict, blocks: dict | None):
     B, T, D = x.shape
     R, W, d_group = U.shape[0], meta["W"], _group_size(z, U, D)
-    meta = meta | {"RZ_P": meta["R_P"]}  # the dz products keep R's own padding (v15)
-    if static is not None:  # room for z's column of ones (ds_k from the dU product)
-        meta = meta | {"R_P": max(16, next_pow2(R + 1))}
+    # The dz products keep R's own padding (v15); the dU products make room for the ones column.
+    meta = meta | {"RZ_P": meta["R_P"], "R_P": _grad_rank(R, static is not None)}
     blocks = _fit_group(blocks or _grad_blocks(meta["R_P"], next_pow2(W)), d_group, D)
     d_tiles = triton.cdiv(D, blocks["BLOCK_D"])
     # dz partials cost d_tiles floats per (row, r) and dU partials R*W*D floats per chunk: about
