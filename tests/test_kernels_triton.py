@@ -499,7 +499,8 @@ FUNCTIONS = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynami
         ("lowrank", 2, 1031, 520, 4, 16, 1, torch.bfloat16),
         ("lowrank", 2, 1031, 520, 4, 16, 1, torch.float32),
         ("lowrank", 1, 777, 384, 3, 5, 1, torch.bfloat16),
-        ("lowrank", 2, 300, 256, 8, 64, 1, torch.bfloat16),
+        ("lowrank", 2, 300, 256, 8, 64, 1, torch.bfloat16),  # R_P * W = 512; split filter gradients
+        ("lowrank", 1, 300, 256, 4, 128, 1, torch.bfloat16),  # the same at R = 128 (split kernels at 4 warps)
         ("lowrank", 2, 1031, 520, 8, 16, 1, torch.bfloat16),  # the conv's middle blocks (R_P * W = 128)
         ("lowrank", 2, 1031, 520, 4, 64, 1, torch.bfloat16),  # its 64 x 32 pipelined tiles (R_P * W = 256)
         ("headwise", 2, 1031, 512, 4, 1, 1, torch.bfloat16),
@@ -625,8 +626,8 @@ def test_conv_blocks_fit_the_sequence_and_the_filter_width():
     short = _conv_blocks(100, 16, 4, lead=False, fp32=False)
     tiles = -(-100 // short["BLOCK_T"])
     assert tiles <= short["CHUNK"] < 2 * tiles  # CHUNK is a power of two (one compile per value)
-    assert _conv_blocks(4096, 64, 4, lead=True, fp32=False)["STAGES"] > 1
-    widest = _conv_blocks(4096, 64, 8, lead=True, fp32=False)
+    assert _conv_blocks(4096, 64, 8, lead=True, fp32=False)["STAGES"] > 1
+    widest = _conv_blocks(4096, 128, 8, lead=True, fp32=False)
     assert (widest["CHUNK"], widest["STAGES"]) == (1, 1)
     assert _conv_blocks(4096, 16, 4, lead=False, fp32=True)["BLOCK_D"] < paper["BLOCK_D"]
 

@@ -451,7 +451,7 @@ def _conv_blocks(T: int, R_P: int, W_P: int, lead: bool, fp32: bool) -> dict:
     if interpreting():  # CHUNK 2: the interpreter tests walk the chunk loop, masked tail included
         wide = width > 128  # ... except for the widest filters, which take the one-tile kernel
         return {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1, "CHUNK": 1 if wide else 2, "STAGES": 1}
-    if width > (64 if fp32 else 256):  # (float32 tiles take twice the registers and shared memory)
+    if width > (64 if fp32 else 512):  # (float32 tiles take twice the registers and shared memory)
         return {"BLOCK_T": 32, "BLOCK_D": 128 if R_P <= 32 else 64, "num_warps": 4, "CHUNK": 1, "STAGES": 1}
     if fp32:  # (not re-swept in v16)
         blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4, "CHUNK": 16, "STAGES": 2}
@@ -463,8 +463,11 @@ def _conv_blocks(T: int, R_P: int, W_P: int, lead: bool, fp32: bool) -> dict:
         # 124.8; R = 32 forward 75.6 -> 69.3, dx 99.2 -> 81.3.
         blocks = {"BLOCK_T": 32, "BLOCK_D": 64, "num_warps": 4, "CHUNK": 16, "STAGES": 3}
     else:
-        # v16, against the one-tile kernel: R = 64 forward 167.2 -> 93.9 us, dx 197.1 -> 142.1.
-        blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4, "CHUNK": 16, "STAGES": 2}
+        # v16, against the one-tile kernel: R = 64 forward 167.2 -> 93.9 us, dx 197.1 -> 142.1; at
+        # 512, R = 128 forward 261.6 -> 154.1, dx 341.7 -> 272.1, R = 64 with W = 8 forward 374.9 ->
+        # 201.8, dx 333.4 -> 335.5. dx takes 8 warps there: at 4 it spills (R = 64, W = 8: 624 us).
+        warps = 8 if lead and width > 256 else 4
+        blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": warps, "CHUNK": 16, "STAGES": 2}
     # Short sequences: no more tiles per program than the sequence has (the rest would be masked).
     blocks["CHUNK"] = min(blocks["CHUNK"], next_pow2(triton.cdiv(T, blocks["BLOCK_T"])))
     return blocks
