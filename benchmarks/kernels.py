@@ -10,8 +10,9 @@ over the eager PyTorch reference and over torch.compile of it (forward+backward)
 
 --sweep first times a few block configurations of each kernel at the paper's shape and uses the
 fastest for the rest of the run (how the defaults in triton_lowrank.py / triton_headwise.py were
-picked); its "lowrank bwd split" plan times the split low-rank backward candidate against the fused
-default's result. ISOFLOP_LOWRANK_BWD=split makes the cases below use the split backward too.
+picked). Its plans for wider low-rank filters (W=8, R=64, R=128) only print (how v16's blocks
+were picked), and its "lowrank ... bwd split" plans time the split low-rank backward against the
+fused one's result. ISOFLOP_LOWRANK_BWD=split makes the cases below use the split backward too.
 Without CUDA it says so and exits cleanly.
 """
 
@@ -237,6 +238,28 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
          row_configs + [hw._blocks(PAPER["D"], 1, backward=True, dynamic=False)]
          + [rows(bc, r, 2, stages) for bc, r in ((256, 256), (256, 128), (512, 128)) for stages in (3, 4, 5)]),
     ]
+    # Wider filters (v16): the conv's blocks at R_P * W = 128 (W=8), 256 (R=64) and 512 (R=128), with
+    # the one-tile kernel they replaced last; and at R=128 the split filter gradients, which "auto"
+    # takes from R_P * W = 1024 on, against the fused kernel's result.
+    wide_configs = [conv(32, 64, 4, 16, 3), conv(64, 32, 4, 16, 2), conv(64, 32, 8, 16, 2), conv(32, 64, 4, 16, 2),
+                    conv(64, 64, 4, 16, 2), conv(32, 64, 4, 1, 1)]
+    for label, W, R in (("W=8", 8, 16), ("R=64", 4, 64), ("R=128", 4, 128)):
+        wide = make_inputs(Case("", "lowrank", B=4, T=4096, D=2048, W=W, R=R))
+        args = (wide["z"], wide["U"], wide["static"], True, None)
+        plans += [
+            (f"lowrank {label} fwd", lambda b, a=args, x=wide["x"]: lr._conv(x, *a, lead=False, blocks=b), wide_configs),
+            (f"lowrank {label} dx", lambda b, a=args, dy=torch.randn_like(wide["x"]): lr._conv(dy, *a, lead=True, blocks=b),
+             wide_configs),
+        ]
+    wide_dy = torch.randn_like(wide["x"])  # R=128's
+
+    def wide_bwd(b, variant, w=wide):
+        return lr.lowrank_backward(wide_dy, w["x"], w["z"], w["U"], w["static"], True, None, blocks=b, variant=variant)
+
+    plans.append(("lowrank R=128 bwd split", lambda b: wide_bwd(b, "split"),
+                  [split(cfg(64, 64, 4), cfg(64, 64, 4)), split(cfg(64, 64, 8), cfg(64, 64, 8)),
+                   split(cfg(64, 64, 4), cfg(32, 64, 4))]))
+    baselines["lowrank R=128 bwd split"] = lambda: wide_bwd(None, "fused")
     if only:
         plans = [plan for plan in plans if any(plan[0].startswith(prefix) for prefix in only)]
     best: dict[str, dict] = {}
