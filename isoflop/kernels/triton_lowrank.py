@@ -455,19 +455,22 @@ def _conv_blocks(T: int, R_P: int, W_P: int, lead: bool, fp32: bool) -> dict:
         return {"BLOCK_T": 32, "BLOCK_D": 128 if R_P <= 32 else 64, "num_warps": 4, "CHUNK": 1, "STAGES": 1}
     if fp32:  # (not re-swept in v16)
         blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4, "CHUNK": 16, "STAGES": 2}
+    elif lead:
+        # dx: 32 x 64 tiles with 3 stages at every width (v16, against the blocks before: W = 8
+        # 150.1 -> 124.8 us, R = 32 99.2 -> 81.3, R = 64 197.1 -> 114.2, R = 128 341.7 -> 239.5, R = 64
+        # with W = 8 333.4 -> 310.4). 8 taps beyond R_P = 16 spill at 4 warps, so 8 there (R = 32,
+        # W = 8: 232.0 against 217.3 us; 64 x 32 tiles, 2 stages, as v16 first had it: 383.9).
+        warps = 8 if W_P == 8 and width > 128 else 4
+        blocks = {"BLOCK_T": 32, "BLOCK_D": 64, "num_warps": warps, "CHUNK": 16, "STAGES": 3}
     elif width <= 64:
-        tuned = {"BLOCK_T": 32, "BLOCK_D": 64, "CHUNK": 16} if lead else {"BLOCK_T": 64, "BLOCK_D": 64, "CHUNK": 32}
-        blocks = tuned | {"num_warps": 4, "STAGES": 3}
+        blocks = {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 4, "CHUNK": 32, "STAGES": 3}
     elif width <= 128:
-        # v16, against 64 x 32 tiles with 2 stages: W = 8 forward 125.7 -> 107.2 us, dx 150.1 ->
-        # 124.8; R = 32 forward 75.6 -> 69.3, dx 99.2 -> 81.3.
+        # v16, against 64 x 32 tiles with 2 stages: W = 8 125.7 -> 107.2 us, R = 32 75.6 -> 69.3.
         blocks = {"BLOCK_T": 32, "BLOCK_D": 64, "num_warps": 4, "CHUNK": 16, "STAGES": 3}
     else:
-        # v16, against the one-tile kernel: R = 64 forward 167.2 -> 93.9 us, dx 197.1 -> 142.1; at
-        # 512, R = 128 forward 261.6 -> 154.1, dx 341.7 -> 272.1, R = 64 with W = 8 forward 374.9 ->
-        # 201.8, dx 333.4 -> 335.5. dx takes 8 warps there: at 4 it spills (R = 64, W = 8: 624 us).
-        warps = 8 if lead and width > 256 else 4
-        blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": warps, "CHUNK": 16, "STAGES": 2}
+        # v16, against the one-tile kernel: R = 64 167.2 -> 93.9 us; at 512, R = 128 261.6 -> 154.1,
+        # R = 64 with W = 8 374.9 -> 201.8.
+        blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4, "CHUNK": 16, "STAGES": 2}
     # Short sequences: no more tiles per program than the sequence has (the rest would be masked).
     blocks["CHUNK"] = min(blocks["CHUNK"], next_pow2(triton.cdiv(T, blocks["BLOCK_T"])))
     return blocks
