@@ -502,7 +502,7 @@ FUNCTIONS = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynami
         ("lowrank", 2, 300, 256, 8, 64, 1, torch.bfloat16),  # R_P * W = 512; split filter gradients
         ("lowrank", 1, 300, 256, 4, 128, 1, torch.bfloat16),  # the same at R = 128 (split kernels at 4 warps)
         ("lowrank", 2, 1031, 520, 8, 16, 1, torch.bfloat16),  # the conv's middle blocks (R_P * W = 128)
-        ("lowrank", 2, 1031, 520, 4, 64, 1, torch.bfloat16),  # its 64 x 32 pipelined tiles (R_P * W = 256)
+        ("lowrank", 2, 1031, 520, 4, 64, 1, torch.bfloat16),  # 256: pipelined, no longer the one-tile kernel
         ("headwise", 2, 1031, 512, 4, 1, 1, torch.bfloat16),
         ("headwise", 2, 1031, 528, 4, 1, 12, torch.bfloat16),
         ("headwise", 2, 1031, 528, 4, 1, 12, torch.float32),
