@@ -41,7 +41,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from isoflop.kernels import triton_headwise, triton_lowrank
-from isoflop.kernels.triton_common import next_pow2
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 BATCH, SEQ, D_MODEL, R, W = 4, 4096, 2048, 16, 4
@@ -69,7 +68,7 @@ def cases(dtype: tl.dtype) -> list[Case]:
     fwd_blocks = triton_lowrank._conv_blocks(SEQ, R, W, lead=False, fp32=False)
     dx_blocks = triton_lowrank._conv_blocks(SEQ, R, W, lead=True, fp32=False)
     # The filter-gradient kernel pads R for z's column of ones (ds from the dU product).
-    grad_r_p = next_pow2(R + 1)
+    grad_r_p = triton_lowrank._grad_rank(R, has_static=True)
     grad_blocks = triton_lowrank._grad_blocks(grad_r_p, W)
     split_blocks = triton_lowrank._split_blocks(R, W, fp32=False)
     found = [

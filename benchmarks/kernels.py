@@ -244,18 +244,20 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
     # which "auto" takes from R_P * W = 1024 on, against the fused kernel's result.
     wide_configs = [conv(32, 64, 4, 16, 3), conv(32, 64, 8, 16, 3), conv(64, 32, 4, 16, 2), conv(64, 32, 8, 16, 2),
                     conv(32, 64, 4, 16, 2), conv(64, 64, 4, 16, 2), conv(32, 64, 4, 1, 1)]
+    wide_inputs = {}
     for label, W, R in (("W=8", 8, 16), ("R=32 W=8", 8, 32), ("R=64", 4, 64), ("R=128", 4, 128)):
-        wide = make_inputs(Case("", "lowrank", B=4, T=4096, D=2048, W=W, R=R))
+        wide = wide_inputs[label] = make_inputs(Case("", "lowrank", B=4, T=4096, D=2048, W=W, R=R))
         args = (wide["z"], wide["U"], wide["static"], True, None)
         plans += [
             (f"lowrank {label} fwd", lambda b, a=args, x=wide["x"]: lr._conv(x, *a, lead=False, blocks=b), wide_configs),
             (f"lowrank {label} dx", lambda b, a=args, dy=torch.randn_like(wide["x"]): lr._conv(dy, *a, lead=True, blocks=b),
              wide_configs),
         ]
-    wide_dy = torch.randn_like(wide["x"])  # R=128's
+    r128 = wide_inputs["R=128"]
+    r128_dy = torch.randn_like(r128["x"])
 
-    def wide_bwd(b, variant, w=wide):
-        return lr.lowrank_backward(wide_dy, w["x"], w["z"], w["U"], w["static"], True, None, blocks=b, variant=variant)
+    def wide_bwd(b, variant, w=r128):
+        return lr.lowrank_backward(r128_dy, w["x"], w["z"], w["U"], w["static"], True, None, blocks=b, variant=variant)
 
     plans.append(("lowrank R=128 bwd split", lambda b: wide_bwd(b, "split"),
                   [split(cfg(64, 64, 4), cfg(64, 64, 4)), split(cfg(64, 64, 8), cfg(64, 64, 8)),
@@ -263,14 +265,6 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
     baselines["lowrank R=128 bwd split"] = lambda: wide_bwd(None, "fused")
     if only:
         plans = [plan for plan in plans if any(plan[0].startswith(prefix) for prefix in only)]
-    def agree(a, b, other_algorithm):
-        """Same blocks' results up to rounding element by element; another algorithm's (split against
-        fused filter gradients: other summation orders, each rounded to bf16) by norm."""
-        a, b = a.float(), b.float()
-        if other_algorithm:
-            return ((a - b).norm() / b.norm()).item() < 1e-2
-        return torch.allclose(a, b, rtol=2e-2, atol=2e-2)
-
     best: dict[str, dict] = {}
     fastest: dict[str, float] = {}
     for name, fn, configs in plans:
@@ -281,7 +275,7 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
             try:
                 got = fn(config)
                 outs = got if isinstance(got, tuple) else (got,)
-                ok = all(a is None or agree(a, b, name in baselines) for a, b in zip(outs, ref_outs))
+                ok = all(a is None or _agree(a, b, name in baselines) for a, b in zip(outs, ref_outs))
                 us = bench(lambda: fn(config), quick)
             except Exception as error:  # a config the compiler rejects is a result too
                 ok, us = False, float("nan")
@@ -295,6 +289,16 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
         print(f"  lowrank bwd, best of each: fused {fastest['lowrank bwd']:.1f} us, "
               f"split {fastest['lowrank bwd split']:.1f} us", flush=True)
     return best
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor, other_algorithm: bool) -> bool:
+    """Other blocks' results agree with the default's up to rounding element by element; another
+    algorithm's (split against fused filter gradients: other summation orders, each rounded to
+    bf16) by norm."""
+    a, b = a.float(), b.float()
+    if other_algorithm:
+        return ((a - b).norm() / b.norm()).item() < 1e-2
+    return torch.allclose(a, b, rtol=2e-2, atol=2e-2)
 
 
 def install_tuned(best: dict[str, dict]) -> None:
