@@ -197,7 +197,8 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
     # The conv kernel (forward; dx is the same kernel with leads): CHUNK tiles per program,
     # STAGES of the compiler's pipelining (v7); CHUNK 1 / STAGES 1 is the kernel before v7.
     conv_configs = [conv(64, 64, 4, 32, 3), conv(64, 64, 4, 16, 3), conv(32, 64, 4, 16, 3), conv(32, 128, 4, 8, 3),
-                    conv(64, 32, 4, 16, 2), conv(128, 32, 4, 16, 3), conv(32, 128, 4, 1, 1)]
+                    conv(64, 32, 4, 16, 2), conv(128, 32, 4, 16, 3), conv(32, 128, 4, 1, 1), conv(64, 64, 8, 32, 3),
+                    conv(32, 64, 4, 16, 4)]
     plans = [
         ("lowrank fwd", lambda b: lr._conv(x, z, U, s, True, None, lead=False, blocks=b), conv_configs),
         ("lowrank dx", lambda b: lr._conv(dy, z, U, s, True, None, lead=True, blocks=b), conv_configs),
@@ -239,11 +240,12 @@ def sweep(quick: bool, only: list[str] | None = None) -> dict[str, dict]:
          row_configs + [hw._blocks(PAPER["D"], 1, backward=True, dynamic=False)]
          + [rows(bc, r, 2, stages) for bc, r in ((256, 256), (256, 128), (512, 128)) for stages in (3, 4, 5)]),
     ]
-    # Wider filters (v16): the conv's blocks at R_P * W = 128 (W=8), 256 (R=64, R=32 W=8) and 512
-    # (R=128), with the one-tile kernel they replaced last; and at R=128 the split filter gradients,
+    # Wider filters (v16, v17): the conv's blocks at R_P * W = 128 (W=8), 256 (R=64, R=32 W=8) and 512
+    # (R=128), with the one-tile kernel they replaced in v16; and at R=128 the split filter gradients,
     # which "auto" takes from R_P * W = 1024 on, against the fused kernel's result.
     wide_configs = [conv(32, 64, 4, 16, 3), conv(32, 64, 8, 16, 3), conv(64, 32, 4, 16, 2), conv(64, 32, 8, 16, 2),
-                    conv(32, 64, 4, 16, 2), conv(64, 64, 4, 16, 2), conv(32, 64, 4, 1, 1)]
+                    conv(32, 64, 4, 16, 2), conv(64, 64, 4, 16, 2), conv(32, 64, 4, 1, 1), conv(64, 64, 8, 32, 3),
+                    conv(64, 64, 8, 16, 3)]
     wide_inputs = {}
     for label, W, R in (("W=8", 8, 16), ("R=32 W=8", 8, 32), ("R=64", 4, 64), ("R=128", 4, 128)):
         wide = wide_inputs[label] = make_inputs(Case("", "lowrank", B=4, T=4096, D=2048, W=W, R=R))

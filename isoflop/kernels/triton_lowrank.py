@@ -8,9 +8,13 @@ program forms its [rows, channels] slice of f_k = z @ U_k on the matrix units (R
 the residual starts the sum as x[t].
 
 Forward: `_lowrank_conv_kernel`, one program per (CHUNK time tiles, channel tile, batch); the
-lagged tiles x[t-k] mostly hit the cache lines x[t] brought in, so x comes from memory once, and
-the chunk loop is software-pipelined (STAGES): the next tiles' x and z are copied into shared
-memory while this tile's products run, and the matrix units read them from there directly. U is
+lagged x mostly hit the cache lines x[t] brought in, so x comes from memory once, and the chunk
+loop is software-pipelined (STAGES): the next tiles' x and z are copied into shared memory while
+this tile's products run, and the matrix units read them from there directly. A tile's rows hold
+its times permuted (_pair_rows) so that each thread's two accumulator rows are consecutive times
+2q and 2q + 1: the lagged x then come as W + 1 pieces x[2q + 1 - j] shared by neighbouring taps,
+instead of W shifted tiles, and a thread loads and converts W + 1 values of x per pair of outputs
+instead of 2W (v17: the paper's forward 56.7 -> 52.7 us, dx 61.4 -> 56.3). U is
 loaded once per program and stays in shared memory. In half precision the static filter rides on
 the product too, as two more rows of U (its rounded head and the tail the rounding lost) met by
 two columns of ones in z, so the product gives f_k + s_k with s kept to ~16 bits of mantissa;
@@ -109,11 +113,53 @@ def _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k: tl.constexpr, W: tl.const
 
 
 @triton.jit
-def _tap_term(acc, x0, z, u, s_k, HOIST: tl.constexpr, u_ptr, x_tile, x_offsets, z_tile, z_offsets_k, s_ptr, pos_ptr,
-              d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, k: tl.constexpr, W: tl.constexpr, R_P: tl.constexpr,
-              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_STATIC: tl.constexpr, FOLD: tl.constexpr,
-              HAS_POS: tl.constexpr, LEAD: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
-    """acc + tap(t, k) * x[t-k] (with LEAD: + tap(t+k, k) * x[t+k]) on one tile; no-op for k >= W.
+def _pair_rows(BLOCK_T: tl.constexpr):
+    """Times of a tile's rows: row 16a + 8s + c holds time 2q + s, q = 8a + c. The matrix units'
+    accumulator layouts give each thread rows r and r + 8 of every 16-row block, so each thread
+    then holds two consecutive times, and a tile splits into its even and odd times for free
+    (_pair_halves: the reshape, permute and split only rename registers)."""
+    i = tl.arange(0, BLOCK_T)
+    return 2 * (8 * (i // 16) + i % 8) + (i // 8) % 2
+
+
+@triton.jit
+def _pair_halves(f, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """f [BLOCK_T, BLOCK_D] (rows as _pair_rows) as its even- and odd-time halves [BLOCK_T // 16, 8,
+    BLOCK_D], element [a, c] at q = 8a + c."""
+    f = tl.permute(tl.reshape(f, [BLOCK_T // 16, 2, 8, BLOCK_D]), [0, 2, 3, 1])
+    return tl.split(f)
+
+
+@triton.jit
+def _pair_rows_of(even, odd, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The inverse of _pair_halves."""
+    return tl.reshape(tl.permute(tl.join(even, odd), [0, 3, 1, 2]), [BLOCK_T, BLOCK_D])
+
+
+@triton.jit
+def _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, j: tl.constexpr, W: tl.constexpr, LEAD: tl.constexpr):
+    """Piece j of x for the taps, as float32 [BLOCK_T // 16, 8, BLOCK_D] like the halves: x[t0 + 2q + m]
+    with m = j (LEAD) or 1 - j (zeros outside [0, T)); tap k takes pieces k and k + 1, so W + 1
+    pieces serve W taps (0 for j > W, never used)."""
+    piece = 0.0
+    if j <= W:
+        m: tl.constexpr = j if LEAD else 1 - j
+        tq = t0 + 2 * q + m
+        ok = (tq >= 0) & (tq < T)
+        piece = tl.load(x_tile + (2 * q + m) * X_STRIDE + dd, mask=ok & d_ok3, other=0.0).to(tl.float32)
+    return piece
+
+
+@triton.jit
+def _tap_term(acc0, acc1, near, far, z, u, s_k, HOIST: tl.constexpr, u_ptr, x_tile, z_tile, z_offsets_k, s_ptr,
+              pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok, t, t_ok, p, t0, T, D, R, X_STRIDE, k: tl.constexpr,
+              W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+              HAS_STATIC: tl.constexpr, FOLD: tl.constexpr, HAS_POS: tl.constexpr, LEAD: tl.constexpr,
+              DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Tap k on one tile, by halves: acc0 (even times 2q) + tap(2q, k) * x[2q-k] and acc1 (odd
+    times) + tap(2q+1, k) * x[2q+1-k]; with LEAD, tap(t+k, k) * x[t+k]. No-op for k >= W. near and
+    far are _piece k and k + 1: x[2q+1-k] and x[2q-k], or with LEAD x[2q+k] and x[2q+k+1]. Per pair
+    of outputs a thread so loads and converts W + 1 values of x instead of 2W.
     u is U_k, or with HOIST False, loaded here (one tap's U live at a time: the widest filters');
     s_k is the static tap when hoisted with LEAD (see the kernel), else loaded here."""
     if k < W:
@@ -127,20 +173,26 @@ def _tap_term(acc, x0, z, u, s_k, HOIST: tl.constexpr, u_ptr, x_tile, x_offsets,
                 s_k = _tap_s(s_ptr, d, d_ok, D, k, W, HAS_STATIC, BLOCK_D)
             tap = tl.broadcast_to(s_k[None, :], [BLOCK_T, BLOCK_D])
         if k == 0:
-            xk = x0
             tap = mma(z, u, tap, FP32_DOT)
         elif LEAD:
             lead_ok = t_ok & (t + k < T)
             lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
             zk = tl.load(z_tile + z_offsets_k, mask=lead_ok[:, None] & r_ok[None, :], other=0.0)
             tap = mma(zk.to(DOT_DTYPE), u, tap, FP32_DOT)
-            xk = tl.load(x_tile + (x_offsets + k * X_STRIDE), mask=lead_ok[:, None] & d_ok[None, :], other=0.0)
+            if HAS_POS:  # x[t+k] of the next sequence (the pieces are zeros only beyond T)
+                tap = tl.where(lead_ok[:, None], tap, 0.0)
         else:
             tap = mma(z, u, tap, FP32_DOT)
-            lag_ok = t_ok & (p >= k) & (t >= k)
-            xk = tl.load(x_tile + (x_offsets - k * X_STRIDE), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tap * xk.to(tl.float32)
-    return acc
+            if HAS_POS:  # x[t-k] of the previous sequence (the pieces are zeros only before 0)
+                tap = tl.where((p >= k)[:, None], tap, 0.0)
+        even, odd = _pair_halves(tap, BLOCK_T, BLOCK_D)
+        if LEAD:
+            acc0 += even * near
+            acc1 += odd * far
+        else:
+            acc0 += even * far
+            acc1 += odd * near
+    return acc0, acc1
 
 
 @triton.jit
@@ -156,15 +208,18 @@ def _lowrank_conv_kernel(
     the same pass run on dy gives dx, each tap read by the position that used x[t]. Rows of x and
     z are X_STRIDE and Z_STRIDE elements apart (views into a fused projection's output), y is
     contiguous; this tile's channels belong to group d // D_GROUP, whose R columns of z it reads.
-    FOLD (forward only, R + 2 <= R_P): the static filter rides on the product (see _tap_u)."""
+    FOLD (forward only, R + 2 <= R_P): the static filter rides on the product (see _tap_u).
+    A tile's rows hold its times in the order of _pair_rows (BLOCK_T a multiple of 16)."""
     pid_t, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i = tl.arange(0, BLOCK_T)
+    row_t = _pair_rows(BLOCK_T)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     r = tl.arange(0, R_P)
     d_ok, r_ok = d < D, r < R
-    tile = i[:, None] * D + d[None, :]
-    x_offsets = i[:, None] * X_STRIDE + d[None, :]
-    z_offsets = i[:, None] * Z_STRIDE + (pid_d * BLOCK_D // D_GROUP) * R + r[None, :]
+    z_offsets = row_t[:, None] * Z_STRIDE + (pid_d * BLOCK_D // D_GROUP) * R + r[None, :]
+    # The halves' indices: q = 8a + c for element [a, c] (see _pair_halves).
+    q = 8 * tl.arange(0, BLOCK_T // 16)[:, None, None] + tl.arange(0, 8)[None, :, None]
+    dd = d[None, None, :]
+    d_ok3 = d_ok[None, None, :]
     # U is the same for every tile: with several tiles per program it is loaded once, before the walk,
     # and stays in shared memory, instead of being copied again with each tile's pipelined loads
     # (KERNELS.md, v13). The unpipelined one-tile kernel (the widest filters) loads it tap by tap.
@@ -189,15 +244,25 @@ def _lowrank_conv_kernel(
     u7, s7 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 7, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
                         DOT_DTYPE)
     for c in tl.range(0, CHUNK, num_stages=STAGES):
-        t = (pid_t * CHUNK + c) * BLOCK_T + i
+        t0 = (pid_t * CHUNK + c) * BLOCK_T
+        t = t0 + row_t
         t_ok = t < T
         p = seq_pos(pos_ptr, t, t_ok, HAS_POS)
         # 64-bit only in the tile's base row; offsets inside the tile stay 32-bit (fewer registers).
-        first_row = b.to(tl.int64) * T + (pid_t * CHUNK + c) * BLOCK_T
+        first_row = b.to(tl.int64) * T + t0
         z_tile = z_ptr + first_row * Z_STRIDE
         x_tile = x_ptr + first_row * X_STRIDE
-        # x[t] first: the shifted tiles below mostly hit the cache lines it brought in.
-        x0 = tl.load(x_tile + x_offsets, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        # All pieces before the products (loaded tap by tap, between them, the forward took 68.9
+        # instead of 52.6 us), x[t] first: the shifted ones mostly hit the cache lines it brought in.
+        e0 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 0, W, LEAD)
+        e1 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 1, W, LEAD)
+        e2 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 2, W, LEAD)
+        e3 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 3, W, LEAD)
+        e4 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 4, W, LEAD)
+        e5 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 5, W, LEAD)
+        e6 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 6, W, LEAD)
+        e7 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 7, W, LEAD)
+        e8 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 8, W, LEAD)
         z = tl.load(z_tile + z_offsets, mask=t_ok[:, None] & r_ok[None, :], other=0.0)
         if FOLD:
             z = tl.where((r >= R) & (r < R + 2), 1.0, z)  # z's columns of ones pick up U's rows of s
@@ -205,32 +270,46 @@ def _lowrank_conv_kernel(
         # The kernel is bound by instruction issue (ncu: ~2.4 of 4 per cycle, neither memory nor L2
         # saturated), so per-element work counts: the residual starts the sum as x[t] instead of
         # adding 1 to tap 0.
-        acc = x0.to(tl.float32) if RESIDUAL else tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        acc = _tap_term(acc, x0, z, u0, s0, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 0 * Z_STRIDE, s_ptr,
-                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 0, W, R_P, BLOCK_T, BLOCK_D,
-                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc = _tap_term(acc, x0, z, u1, s1, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 1 * Z_STRIDE, s_ptr,
-                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 1, W, R_P, BLOCK_T, BLOCK_D,
-                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc = _tap_term(acc, x0, z, u2, s2, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 2 * Z_STRIDE, s_ptr,
-                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 2, W, R_P, BLOCK_T, BLOCK_D,
-                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc = _tap_term(acc, x0, z, u3, s3, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 3 * Z_STRIDE, s_ptr,
-                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 3, W, R_P, BLOCK_T, BLOCK_D,
-                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc = _tap_term(acc, x0, z, u4, s4, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 4 * Z_STRIDE, s_ptr,
-                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 4, W, R_P, BLOCK_T, BLOCK_D,
-                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc = _tap_term(acc, x0, z, u5, s5, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 5 * Z_STRIDE, s_ptr,
-                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 5, W, R_P, BLOCK_T, BLOCK_D,
-                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc = _tap_term(acc, x0, z, u6, s6, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 6 * Z_STRIDE, s_ptr,
-                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 6, W, R_P, BLOCK_T, BLOCK_D,
-                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc = _tap_term(acc, x0, z, u7, s7, HOIST, u_ptr, x_tile, x_offsets, z_tile, z_offsets + 7 * Z_STRIDE, s_ptr,
-                        pos_ptr, d, d_ok, r, r_ok, t, t_ok, p, T, D, R, X_STRIDE, 7, W, R_P, BLOCK_T, BLOCK_D,
-                        HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        tl.store(y_ptr + first_row * D + tile, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+        if RESIDUAL:  # x[2q] and x[2q+1]
+            acc0, acc1 = (e0, e1) if LEAD else (e1, e0)
+        else:
+            acc0 = tl.zeros([BLOCK_T // 16, 8, BLOCK_D], dtype=tl.float32)
+            acc1 = acc0
+        acc0, acc1 = _tap_term(acc0, acc1, e0, e1, z, u0, s0, HOIST, u_ptr, x_tile, z_tile, z_offsets,
+                               s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok, t, t_ok, p, t0, T, D, R,
+                               X_STRIDE, 0, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC, FOLD, HAS_POS, LEAD,
+                               DOT_DTYPE, FP32_DOT)
+        acc0, acc1 = _tap_term(acc0, acc1, e1, e2, z, u1, s1, HOIST, u_ptr, x_tile, z_tile,
+                               z_offsets + 1 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
+                               t, t_ok, p, t0, T, D, R, X_STRIDE, 1, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
+                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc0, acc1 = _tap_term(acc0, acc1, e2, e3, z, u2, s2, HOIST, u_ptr, x_tile, z_tile,
+                               z_offsets + 2 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
+                               t, t_ok, p, t0, T, D, R, X_STRIDE, 2, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
+                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc0, acc1 = _tap_term(acc0, acc1, e3, e4, z, u3, s3, HOIST, u_ptr, x_tile, z_tile,
+                               z_offsets + 3 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
+                               t, t_ok, p, t0, T, D, R, X_STRIDE, 3, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
+                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc0, acc1 = _tap_term(acc0, acc1, e4, e5, z, u4, s4, HOIST, u_ptr, x_tile, z_tile,
+                               z_offsets + 4 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
+                               t, t_ok, p, t0, T, D, R, X_STRIDE, 4, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
+                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc0, acc1 = _tap_term(acc0, acc1, e5, e6, z, u5, s5, HOIST, u_ptr, x_tile, z_tile,
+                               z_offsets + 5 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
+                               t, t_ok, p, t0, T, D, R, X_STRIDE, 5, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
+                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc0, acc1 = _tap_term(acc0, acc1, e6, e7, z, u6, s6, HOIST, u_ptr, x_tile, z_tile,
+                               z_offsets + 6 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
+                               t, t_ok, p, t0, T, D, R, X_STRIDE, 6, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
+                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        acc0, acc1 = _tap_term(acc0, acc1, e7, e8, z, u7, s7, HOIST, u_ptr, x_tile, z_tile,
+                               z_offsets + 7 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
+                               t, t_ok, p, t0, T, D, R, X_STRIDE, 7, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
+                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        y = _pair_rows_of(acc0, acc1, BLOCK_T, BLOCK_D)
+        y_ptrs = y_ptr + first_row * D + row_t[:, None] * D + d[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -455,11 +534,15 @@ def _conv_blocks(T: int, R_P: int, W_P: int, lead: bool, fp32: bool) -> dict:
         return {"BLOCK_T": 32, "BLOCK_D": 128 if R_P <= 32 else 64, "num_warps": 4, "CHUNK": 1, "STAGES": 1}
     if fp32:  # (not re-swept in v16)
         blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4, "CHUNK": 16, "STAGES": 2}
+    elif lead and (width == 256 and W_P <= 4 or width == 128 and W_P == 8):
+        # v17 (pair rows), against the 32 x 64 tiles below: R = 64 114.5 -> 92.7 us; W = 8 equal (109.4
+        # and 109.3), where 32 x 64 tiles spill 24 B (offline compile). (R = 32 with W = 8 spills here.)
+        blocks = {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 8, "CHUNK": 16, "STAGES": 3}
     elif lead:
-        # dx: 32 x 64 tiles with 3 stages at every width (v16, against the blocks before: W = 8
-        # 150.1 -> 124.8 us, R = 32 99.2 -> 81.3, R = 64 197.1 -> 114.2, R = 128 341.7 -> 239.5, R = 64
-        # with W = 8 333.4 -> 310.4). 8 taps beyond R_P = 16 spill at 4 warps, so 8 there (R = 32,
-        # W = 8: 232.0 against 217.3 us; 64 x 32 tiles, 2 stages, as v16 first had it: 383.9).
+        # dx: 32 x 64 tiles with 3 stages at every other width (v16, against the blocks before: W = 8
+        # 150.1 -> 124.8 us, R = 32 99.2 -> 81.3, R = 128 341.7 -> 239.5, R = 64 with W = 8 333.4 ->
+        # 310.4). 8 taps beyond R_P = 16 spill at 4 warps, so 8 there (R = 32, W = 8: 232.0 against
+        # 217.3 us; 64 x 32 tiles, 2 stages, as v16 first had it: 383.9).
         warps = 8 if W_P == 8 and width > 128 else 4
         blocks = {"BLOCK_T": 32, "BLOCK_D": 64, "num_warps": warps, "CHUNK": 16, "STAGES": 3}
     elif width <= 64:
@@ -468,9 +551,9 @@ def _conv_blocks(T: int, R_P: int, W_P: int, lead: bool, fp32: bool) -> dict:
         # v16, against 64 x 32 tiles with 2 stages: W = 8 125.7 -> 107.2 us, R = 32 75.6 -> 69.3.
         blocks = {"BLOCK_T": 32, "BLOCK_D": 64, "num_warps": 4, "CHUNK": 16, "STAGES": 3}
     else:
-        # v16, against the one-tile kernel: R = 64 167.2 -> 93.9 us; at 512, R = 128 261.6 -> 154.1,
-        # R = 64 with W = 8 374.9 -> 201.8.
-        blocks = {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4, "CHUNK": 16, "STAGES": 2}
+        # v17 (pair rows), against v16's 64 x 32 tiles with 2 stages (which beat the one-tile kernel
+        # there): R = 64 105.0 -> 98.4 us, R = 128 154.4 -> 124.3.
+        blocks = {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 8, "CHUNK": 32, "STAGES": 3}
     # Short sequences: no more tiles per program than the sequence has (the rest would be masked).
     blocks["CHUNK"] = min(blocks["CHUNK"], next_pow2(triton.cdiv(T, blocks["BLOCK_T"])))
     return blocks
