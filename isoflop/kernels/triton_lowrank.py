@@ -36,9 +36,9 @@ bit-reproducible (no float atomics). Splitting dx out reads x and dy once more t
 would (+134 MB at the paper's shape); the fused version measured slower (registers spilled), see
 benchmarks/KERNELS.md.
 
-The "split" variant (opt-in: ISOFLOP_LOWRANK_BWD=split or variant="split"; on the H200 its best
-blocks took 457 us against the fused kernel's 356, so fused stays the default) computes the filter
-gradients in two kernels with one accumulator each, so neither spills:
+The "split" variant (what "auto" takes for the widest filters, see _auto_variant; forced by
+ISOFLOP_LOWRANK_BWD=split or variant="split") computes the filter gradients in two kernels with
+one accumulator each, so neither spills:
 - `_lowrank_dz_kernel`, one program per (time tile, batch), walks all channel tiles and taps and
   writes dz[t] = sum_k (dy[t] * x[t-k]) @ U_k^T directly (no partials over channel tiles);
 - `_lowrank_du_kernel`, one program per (tap, channel tile, time chunk), tap fastest so the W
@@ -158,8 +158,8 @@ def _tap_term(acc0, acc1, near, far, z, u, s_k, HOIST: tl.constexpr, u_ptr, x_ti
               DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
     """Tap k on one tile, by halves: acc0 (even times 2q) + tap(2q, k) * x[2q-k] and acc1 (odd
     times) + tap(2q+1, k) * x[2q+1-k]; with LEAD, tap(t+k, k) * x[t+k]. No-op for k >= W. near and
-    far are _piece k and k + 1: x[2q+1-k] and x[2q-k], or with LEAD x[2q+k] and x[2q+k+1]. Per pair
-    of outputs a thread so loads and converts W + 1 values of x instead of 2W.
+    far are _piece k and k + 1: x[2q+1-k] and x[2q-k], or with LEAD x[2q+k] and x[2q+k+1], so for each
+    pair of outputs a thread loads and converts W + 1 values of x instead of 2W.
     u is U_k, or with HOIST False, loaded here (one tap's U live at a time: the widest filters');
     s_k is the static tap when hoisted with LEAD (see the kernel), else loaded here."""
     if k < W:
@@ -253,7 +253,7 @@ def _lowrank_conv_kernel(
         z_tile = z_ptr + first_row * Z_STRIDE
         x_tile = x_ptr + first_row * X_STRIDE
         # All pieces before the products (loaded tap by tap, between them, the forward took 68.9
-        # instead of 52.6 us), x[t] first: the shifted ones mostly hit the cache lines it brought in.
+        # instead of 52.7 us), x[t] first: the shifted ones mostly hit the cache lines it brought in.
         e0 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 0, W, LEAD)
         e1 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 1, W, LEAD)
         e2 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 2, W, LEAD)
