@@ -314,9 +314,9 @@ def _lowrank_conv_kernel(
 
 @triton.jit
 def _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, k: tl.constexpr, W: tl.constexpr):
-    """x[t-k] on a [BLOCK_T, BLOCK_D] tile (x0 itself for k = 0, and for taps k >= W, never used)."""
+    """x[t-k] (k >= 1) on a [BLOCK_T, BLOCK_D] tile; x0 for taps k >= W, which never use it."""
     xk = x0
-    if k > 0 and k < W:
+    if k < W:
         lag_ok = t_ok & (p >= k) & (t >= k)
         xk = tl.load(x_tile + (x_offsets - k * X_STRIDE), mask=lag_ok[:, None] & d_ok[None, :], other=0.0)
     return xk
