@@ -72,11 +72,13 @@ def cases(dtype: tl.dtype) -> list[Case]:
     grad_blocks = triton_lowrank._grad_blocks(grad_r_p, W)
     split_blocks = triton_lowrank._split_blocks(R, W, fp32=False)
     found = [
-        # The forward folds the static filter into the product (z gets two columns of ones).
+        # The forward folds the static filter into the product (z gets two columns of ones), and the
+        # paper's shape is whole tiles, so it masks only the lags (EVEN).
         Case("low-rank forward", triton_lowrank._lowrank_conv_kernel,
-             lowrank | dict(RESIDUAL=True, LEAD=False, FOLD=True, R_P=triton_lowrank._folded_rank(R)), fwd_blocks),
+             lowrank | dict(RESIDUAL=True, LEAD=False, FOLD=True, EVEN=True, R_P=triton_lowrank._folded_rank(R)),
+             fwd_blocks),
         Case("low-rank dx (lead)", triton_lowrank._lowrank_conv_kernel,
-             lowrank | dict(RESIDUAL=True, LEAD=True, FOLD=False), dx_blocks),
+             lowrank | dict(RESIDUAL=True, LEAD=True, FOLD=False, EVEN=False), dx_blocks),
         Case("low-rank filter grads", triton_lowrank._lowrank_filter_grad_kernel,
              lowrank | {"R_P": grad_r_p, "RZ_P": lowrank["R_P"]}, grad_blocks),
         # The split candidate (ISOFLOP_LOWRANK_BWD=split): dz and dU/ds in two kernels.

@@ -215,7 +215,9 @@ DTYPES = [torch.float32, torch.float16]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "B, T, D, R, W, with_static, residual",
-    [(2, 13, 24, 3, 4, True, True), (2, 7, 17, 1, 1, False, False), (1, 20, 32, 17, 8, True, False), (3, 5, 16, 16, 3, True, True)],
+    [(2, 13, 24, 3, 4, True, True), (2, 7, 17, 1, 1, False, False), (1, 20, 32, 17, 8, True, False), (3, 5, 16, 16, 3, True, True),
+     # whole tiles: only the sequences' edge tiles take masks (EVEN), with the chunk loop or one tile
+     (2, 64, 32, 3, 4, True, True), (1, 48, 16, 17, 8, True, False)],
 )
 def test_lowrank_matches_reference(gen, triton_backend, dtype, B, T, D, R, W, with_static, residual):
     inputs = dict(
@@ -255,7 +257,8 @@ def fused_output_views(B: int, T: int, G: int, Dg: int, R: int, dtype, device="c
 @interpreted
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["fused", "split"])
-@pytest.mark.parametrize("B, T, G, Dg, R, W, lengths", [(2, 13, 3, 16, 3, 4, None), (1, 19, 2, 32, 5, 3, [3, 1, 9, 6])])
+@pytest.mark.parametrize("B, T, G, Dg, R, W, lengths", [(2, 13, 3, 16, 3, 4, None), (1, 19, 2, 32, 5, 3, [3, 1, 9, 6]),
+                                                   (1, 32, 2, 16, 5, 4, [3, 1, 9, 19])])  # whole tiles
 def test_lowrank_channel_groups_on_views_of_a_fused_output(gen, triton_backend, dtype, variant, B, T, G, Dg, R, W,
                                                           lengths):
     """z [B, T, G*R] (one R-column slice per group of Dg channels) with x and z read in place from
@@ -503,6 +506,12 @@ FUNCTIONS = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynami
         ("lowrank", 1, 300, 256, 4, 128, 1, torch.bfloat16),  # the same at R = 128 (split kernels at 4 warps)
         ("lowrank", 2, 1031, 520, 8, 16, 1, torch.bfloat16),  # the conv's middle blocks (R_P * W = 128)
         ("lowrank", 2, 1031, 520, 4, 64, 1, torch.bfloat16),  # 256: pipelined, no longer the one-tile kernel
+        # whole tiles: only the sequences' edge tiles take masks (EVEN)
+        ("lowrank", 2, 4096, 512, 4, 16, 1, torch.bfloat16),
+        ("lowrank", 1, 2048, 512, 4, 16, 1, torch.float32),
+        ("lowrank", 2, 2048, 512, 8, 16, 1, torch.bfloat16),
+        ("lowrank", 1, 4096, 512, 4, 64, 1, torch.bfloat16),
+        ("lowrank", 1, 1024, 256, 4, 128, 1, torch.bfloat16),
         ("headwise", 2, 1031, 512, 4, 1, 1, torch.bfloat16),
         ("headwise", 2, 1031, 528, 4, 1, 12, torch.bfloat16),
         ("headwise", 2, 1031, 528, 4, 1, 12, torch.float32),
@@ -537,8 +546,8 @@ def test_gpu_lowrank_channel_groups_on_views_of_a_fused_output(triton_backend, D
 
 @gpu
 @pytest.mark.parametrize("kind", ["lowrank", "headwise", "static"])
-def test_gpu_packed_sequences(triton_backend, kind):
-    lengths = [1, 700, 3, 1500, 2, 900]
+@pytest.mark.parametrize("lengths", [[1, 700, 3, 1500, 2, 900], [1, 700, 3, 1500, 2, 1890]])  # 3106, 4096 rows
+def test_gpu_packed_sequences(triton_backend, kind, lengths):
     poison_cuda_memory()
     inputs = conv_inputs(kind, 1, sum(lengths), 512, 4, torch.bfloat16, packed=lengths)
     check_against_float64(FUNCTIONS[kind], inputs, torch.bfloat16)

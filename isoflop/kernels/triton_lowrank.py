@@ -137,16 +137,24 @@ def _pair_rows_of(even, odd, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, j: tl.constexpr, W: tl.constexpr, LEAD: tl.constexpr):
+def _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, j: tl.constexpr, W: tl.constexpr, LEAD: tl.constexpr,
+           EVEN: tl.constexpr):
     """Piece j of x for the taps, as float32 [BLOCK_T // 16, 8, BLOCK_D] like the halves: x[t0 + 2q + m]
     with m = j (LEAD) or 1 - j (zeros outside [0, T)); tap k takes pieces k and k + 1, so W + 1
-    pieces serve W taps (0 for j > W, never used)."""
+    pieces serve W taps (0 for j > W, never used). EVEN: T and D are whole tiles, so lags need masks
+    only before the sequence's start (leads keep theirs)."""
     piece = 0.0
     if j <= W:
         m: tl.constexpr = j if LEAD else 1 - j
-        tq = t0 + 2 * q + m
-        ok = (tq >= 0) & (tq < T)
-        piece = tl.load(x_tile + (2 * q + m) * X_STRIDE + dd, mask=ok & d_ok3, other=0.0).to(tl.float32)
+        ptrs = x_tile + (2 * q + m) * X_STRIDE + dd
+        if LEAD or not EVEN:
+            tq = t0 + 2 * q + m
+            piece = tl.load(ptrs, mask=(tq >= 0) & (tq < T) & d_ok3, other=0.0)
+        elif m >= 0:  # inside the tile
+            piece = tl.load(ptrs)
+        else:  # (2q + m: the same for every tile, so only the bound moves)
+            piece = tl.load(ptrs, mask=2 * q + m >= -t0, other=0.0)
+        piece = piece.to(tl.float32)
     return piece
 
 
@@ -202,13 +210,14 @@ def _lowrank_conv_kernel(
     W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr, LEAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr,
-    FOLD: tl.constexpr = False,
+    FOLD: tl.constexpr = False, EVEN: tl.constexpr = False,
 ):
     """y[t] = sum_k tap(t, k) * x[t-k] (forward), or with LEAD, y[t] = sum_k tap(t+k, k) * x[t+k]:
     the same pass run on dy gives dx, each tap read by the position that used x[t]. Rows of x and
     z are X_STRIDE and Z_STRIDE elements apart (views into a fused projection's output), y is
     contiguous; this tile's channels belong to group d // D_GROUP, whose R columns of z it reads.
     FOLD (forward only, R + 2 <= R_P): the static filter rides on the product (see _tap_u).
+    EVEN: T is a multiple of BLOCK_T * CHUNK and D of BLOCK_D, so only lags need masks (_piece).
     A tile's rows hold its times in the order of _pair_rows (BLOCK_T a multiple of 16)."""
     pid_t, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row_t = _pair_rows(BLOCK_T)
@@ -254,16 +263,17 @@ def _lowrank_conv_kernel(
         x_tile = x_ptr + first_row * X_STRIDE
         # All pieces before the products (loaded tap by tap, between them, the forward took 68.9
         # instead of 52.7 us), x[t] first: the shifted ones mostly hit the cache lines it brought in.
-        e0 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 0, W, LEAD)
-        e1 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 1, W, LEAD)
-        e2 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 2, W, LEAD)
-        e3 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 3, W, LEAD)
-        e4 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 4, W, LEAD)
-        e5 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 5, W, LEAD)
-        e6 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 6, W, LEAD)
-        e7 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 7, W, LEAD)
-        e8 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 8, W, LEAD)
-        z = tl.load(z_tile + z_offsets, mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        e0 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 0, W, LEAD, EVEN)
+        e1 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 1, W, LEAD, EVEN)
+        e2 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 2, W, LEAD, EVEN)
+        e3 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 3, W, LEAD, EVEN)
+        e4 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 4, W, LEAD, EVEN)
+        e5 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 5, W, LEAD, EVEN)
+        e6 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 6, W, LEAD, EVEN)
+        e7 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 7, W, LEAD, EVEN)
+        e8 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 8, W, LEAD, EVEN)
+        z_ok = r_ok[None, :] if EVEN else t_ok[:, None] & r_ok[None, :]
+        z = tl.load(z_tile + z_offsets, mask=z_ok, other=0.0)
         if FOLD:
             z = tl.where((r >= R) & (r < R + 2), 1.0, z)  # z's columns of ones pick up U's rows of s
         z = z.to(DOT_DTYPE)
@@ -309,7 +319,10 @@ def _lowrank_conv_kernel(
                                FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
         y = _pair_rows_of(acc0, acc1, BLOCK_T, BLOCK_D)
         y_ptrs = y_ptr + first_row * D + row_t[:, None] * D + d[None, :]
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+        if EVEN:
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty))
+        else:
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -653,10 +666,14 @@ def _conv(src: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
         meta = meta | {"R_P": _folded_rank(U.shape[0])}
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)  # contiguous, whatever src's strides
     grid = (triton.cdiv(T, blocks["BLOCK_T"] * blocks["CHUNK"]), triton.cdiv(D, blocks["BLOCK_D"]), B)
+    # Whole tiles: the forward then masks only the lags before the sequence's start, not every
+    # copy (KERNELS.md, v18: 53.0 -> 50.3 us at the paper's shape, R = 64 98.7 -> 76.7). dx
+    # with the same (leads past the end) lost at the paper's shape (56.2 -> 57.8) and R = 128.
+    even = not lead and T % (blocks["BLOCK_T"] * blocks["CHUNK"]) == 0 and D % blocks["BLOCK_D"] == 0
     _lowrank_conv_kernel[grid](
         src, z, U, static if static is not None else src, pos if pos is not None else src, out,
         T, D, U.shape[0], src.stride(1), z.stride(1), d_group, RESIDUAL=residual, LEAD=lead, FOLD=fold,
-        **meta, **blocks,
+        EVEN=even, **meta, **blocks,
     )
     return out
 
