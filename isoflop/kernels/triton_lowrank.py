@@ -73,28 +73,22 @@ def _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k: tl.constexpr, W: tl.constexp
            BLOCK_D: tl.constexpr, FOLD: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """U_k [R_P, BLOCK_D] in the product's dtype. With FOLD, rows R and R + 1 hold the static filter
     s_k split into a half-precision head and the remainder it lost (s = head + tail to ~16 bits of
-    mantissa), which z's two columns of ones pick up: the product then yields f_k + s_k. Zeros for
-    taps k >= W (never used)."""
-    u = tl.zeros([R_P, BLOCK_D], dtype=DOT_DTYPE)
-    if k < W:
-        u = tl.load(u_ptr + r[:, None] * (W * D) + k * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        u = u.to(DOT_DTYPE)
-        if FOLD:
-            s_k = _tap_s(s_ptr, d, d_ok, D, k, W, True, BLOCK_D)
-            head = s_k.to(DOT_DTYPE)
-            tail = (s_k - head.to(tl.float32)).to(DOT_DTYPE)
-            u = tl.where((r == R)[:, None], head[None, :], u)
-            u = tl.where((r == R + 1)[:, None], tail[None, :], u)
+    mantissa), which z's two columns of ones pick up: the product then yields f_k + s_k."""
+    u = tl.load(u_ptr + r[:, None] * (W * D) + k * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    u = u.to(DOT_DTYPE)
+    if FOLD:
+        s_k = _tap_s(s_ptr, d, d_ok, D, k)
+        head = s_k.to(DOT_DTYPE)
+        tail = (s_k - head.to(tl.float32)).to(DOT_DTYPE)
+        u = tl.where((r == R)[:, None], head[None, :], u)
+        u = tl.where((r == R + 1)[:, None], tail[None, :], u)
     return u
 
 
 @triton.jit
-def _tap_s(s_ptr, d, d_ok, D, k: tl.constexpr, W: tl.constexpr, HAS_STATIC: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Static tap s_k [BLOCK_D] in float32 (zeros without a static filter and for taps k >= W)."""
-    s_k = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_STATIC and k < W:
-        s_k = tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)
-    return s_k
+def _tap_s(s_ptr, d, d_ok, D, k: tl.constexpr):
+    """Static tap s_k [BLOCK_D] in float32."""
+    return tl.load(s_ptr + k * D + d, mask=d_ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -107,8 +101,8 @@ def _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k: tl.constexpr, W: tl.const
     s_k = 0
     if HOIST:
         u = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
-        if LEAD:
-            s_k = _tap_s(s_ptr, d, d_ok, D, k, W, HAS_STATIC, BLOCK_D)
+        if LEAD and HAS_STATIC:
+            s_k = _tap_s(s_ptr, d, d_ok, D, k)
     return u, s_k
 
 
@@ -137,69 +131,63 @@ def _pair_rows_of(even, odd, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, j: tl.constexpr, W: tl.constexpr, LEAD: tl.constexpr,
-           EVEN: tl.constexpr):
+def _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, j: tl.constexpr, LEAD: tl.constexpr, EVEN: tl.constexpr):
     """Piece j of x for the taps, as float32 [BLOCK_T // 16, 8, BLOCK_D] like the halves: x[t0 + 2q + m]
     with m = j (LEAD) or 1 - j (zeros outside [0, T)); tap k takes pieces k and k + 1, so W + 1
-    pieces serve W taps (0 for j > W, never used). EVEN: T and D are whole tiles, so lags need masks
-    only before the sequence's start (leads keep theirs)."""
-    piece = 0.0
-    if j <= W:
-        m: tl.constexpr = j if LEAD else 1 - j
-        ptrs = x_tile + (2 * q + m) * X_STRIDE + dd
-        if LEAD or not EVEN:
-            tq = t0 + 2 * q + m
-            piece = tl.load(ptrs, mask=(tq >= 0) & (tq < T) & d_ok3, other=0.0)
-        elif m >= 0:  # inside the tile
-            piece = tl.load(ptrs)
-        else:  # (2q + m: the same for every tile, so only the bound moves)
-            piece = tl.load(ptrs, mask=2 * q + m >= -t0, other=0.0)
-        piece = piece.to(tl.float32)
-    return piece
+    pieces serve W taps. EVEN: T and D are whole tiles, so lags need masks only before the
+    sequence's start (leads keep theirs)."""
+    m: tl.constexpr = j if LEAD else 1 - j
+    ptrs = x_tile + (2 * q + m) * X_STRIDE + dd
+    if LEAD or not EVEN:
+        tq = t0 + 2 * q + m
+        piece = tl.load(ptrs, mask=(tq >= 0) & (tq < T) & d_ok3, other=0.0)
+    elif m >= 0:  # inside the tile
+        piece = tl.load(ptrs)
+    else:  # (2q + m: the same for every tile, so only the bound moves)
+        piece = tl.load(ptrs, mask=2 * q + m >= -t0, other=0.0)
+    return piece.to(tl.float32)
 
 
 @triton.jit
-def _tap_term(acc0, acc1, near, far, z, u, s_k, HOIST: tl.constexpr, u_ptr, x_tile, z_tile, z_offsets_k, s_ptr,
-              pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok, t, t_ok, p, t0, T, D, R, X_STRIDE, k: tl.constexpr,
-              W: tl.constexpr, R_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-              HAS_STATIC: tl.constexpr, FOLD: tl.constexpr, HAS_POS: tl.constexpr, LEAD: tl.constexpr,
-              DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
+def _tap_term(acc0, acc1, near, far, z, u, s_k, HOIST: tl.constexpr, u_ptr, z_tile, z_offsets_k, s_ptr, pos_ptr,
+              d, d_ok, r, r_ok, t, t_ok, p, T, D, R, k: tl.constexpr, W: tl.constexpr, R_P: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_STATIC: tl.constexpr, FOLD: tl.constexpr,
+              HAS_POS: tl.constexpr, LEAD: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
     """Tap k on one tile, by halves: acc0 (even times 2q) + tap(2q, k) * x[2q-k] and acc1 (odd
-    times) + tap(2q+1, k) * x[2q+1-k]; with LEAD, tap(t+k, k) * x[t+k]. No-op for k >= W. near and
-    far are _piece k and k + 1: x[2q+1-k] and x[2q-k], or with LEAD x[2q+k] and x[2q+k+1], so for each
-    pair of outputs a thread loads and converts W + 1 values of x instead of 2W.
+    times) + tap(2q+1, k) * x[2q+1-k]; with LEAD, tap(t+k, k) * x[t+k]. near and far are _piece k
+    and k + 1: x[2q+1-k] and x[2q-k], or with LEAD x[2q+k] and x[2q+k+1], so for each pair of
+    outputs a thread loads and converts W + 1 values of x instead of 2W.
     u is U_k, or with HOIST False, loaded here (one tap's U live at a time: the widest filters');
     s_k is the static tap when hoisted with LEAD (see the kernel), else loaded here."""
-    if k < W:
-        if not HOIST:
-            u = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
-        # Each tap starts as the broadcast static filter rather than zeros + s (an add per element the
-        # compiler cannot drop: 0.0 + -0.0 is +0.0), unless the product carries it (FOLD).
-        tap = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        if HAS_STATIC and not FOLD:
-            if not (HOIST and LEAD):
-                s_k = _tap_s(s_ptr, d, d_ok, D, k, W, HAS_STATIC, BLOCK_D)
-            tap = tl.broadcast_to(s_k[None, :], [BLOCK_T, BLOCK_D])
-        if k == 0:
-            tap = mma(z, u, tap, FP32_DOT)
-        elif LEAD:
-            lead_ok = t_ok & (t + k < T)
-            lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
-            zk = tl.load(z_tile + z_offsets_k, mask=lead_ok[:, None] & r_ok[None, :], other=0.0)
-            tap = mma(zk.to(DOT_DTYPE), u, tap, FP32_DOT)
-            if HAS_POS:  # x[t+k] of the next sequence (the pieces are zeros only beyond T)
-                tap = tl.where(lead_ok[:, None], tap, 0.0)
-        else:
-            tap = mma(z, u, tap, FP32_DOT)
-            if HAS_POS:  # x[t-k] of the previous sequence (the pieces are zeros only before 0)
-                tap = tl.where((p >= k)[:, None], tap, 0.0)
-        even, odd = _pair_halves(tap, BLOCK_T, BLOCK_D)
-        if LEAD:
-            acc0 += even * near
-            acc1 += odd * far
-        else:
-            acc0 += even * far
-            acc1 += odd * near
+    if not HOIST:
+        u = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+    # Each tap starts as the broadcast static filter rather than zeros + s (an add per element the
+    # compiler cannot drop: 0.0 + -0.0 is +0.0), unless the product carries it (FOLD).
+    tap = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    if HAS_STATIC and not FOLD:
+        if not (HOIST and LEAD):
+            s_k = _tap_s(s_ptr, d, d_ok, D, k)
+        tap = tl.broadcast_to(s_k[None, :], [BLOCK_T, BLOCK_D])
+    if k == 0:
+        tap = mma(z, u, tap, FP32_DOT)
+    elif LEAD:
+        lead_ok = t_ok & (t + k < T)
+        lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
+        zk = tl.load(z_tile + z_offsets_k, mask=lead_ok[:, None] & r_ok[None, :], other=0.0)
+        tap = mma(zk.to(DOT_DTYPE), u, tap, FP32_DOT)
+        if HAS_POS:  # x[t+k] of the next sequence (the pieces are zeros only beyond T)
+            tap = tl.where(lead_ok[:, None], tap, 0.0)
+    else:
+        tap = mma(z, u, tap, FP32_DOT)
+        if HAS_POS:  # x[t-k] of the previous sequence (the pieces are zeros only before 0)
+            tap = tl.where((p >= k)[:, None], tap, 0.0)
+    even, odd = _pair_halves(tap, BLOCK_T, BLOCK_D)
+    if LEAD:
+        acc0 += even * near
+        acc1 += odd * far
+    else:
+        acc0 += even * far
+        acc1 += odd * near
     return acc0, acc1
 
 
@@ -236,22 +224,13 @@ def _lowrank_conv_kernel(
     # [BLOCK_D] row again per tile, replicated over threads): 67.7 -> 61.7 us at the paper's shape.
     # The unfolded forward (W = 8) was 1.5% slower with it, so it loads them per tile.
     HOIST: tl.constexpr = CHUNK > 1
-    u0, s0 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 0, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
-                        DOT_DTYPE)
-    u1, s1 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 1, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
-                        DOT_DTYPE)
-    u2, s2 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 2, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
-                        DOT_DTYPE)
-    u3, s3 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 3, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
-                        DOT_DTYPE)
-    u4, s4 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 4, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
-                        DOT_DTYPE)
-    u5, s5 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 5, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
-                        DOT_DTYPE)
-    u6, s6 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 6, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
-                        DOT_DTYPE)
-    u7, s7 = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, 7, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
-                        DOT_DTYPE)
+    walk_u = ()
+    walk_s = ()
+    for k in tl.static_range(W):
+        u, s_k = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
+                           DOT_DTYPE)
+        walk_u = walk_u + (u,)
+        walk_s = walk_s + (s_k,)
     for c in tl.range(0, CHUNK, num_stages=STAGES):
         t0 = (pid_t * CHUNK + c) * BLOCK_T
         t = t0 + row_t
@@ -263,15 +242,9 @@ def _lowrank_conv_kernel(
         x_tile = x_ptr + first_row * X_STRIDE
         # All pieces before the products (loaded tap by tap, between them, the forward took 68.9
         # instead of 52.7 us), x[t] first: the shifted ones mostly hit the cache lines it brought in.
-        e0 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 0, W, LEAD, EVEN)
-        e1 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 1, W, LEAD, EVEN)
-        e2 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 2, W, LEAD, EVEN)
-        e3 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 3, W, LEAD, EVEN)
-        e4 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 4, W, LEAD, EVEN)
-        e5 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 5, W, LEAD, EVEN)
-        e6 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 6, W, LEAD, EVEN)
-        e7 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 7, W, LEAD, EVEN)
-        e8 = _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, 8, W, LEAD, EVEN)
+        pieces = ()
+        for j in tl.static_range(W + 1):
+            pieces = pieces + (_piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, j, LEAD, EVEN),)
         z_ok = r_ok[None, :] if EVEN else t_ok[:, None] & r_ok[None, :]
         z = tl.load(z_tile + z_offsets, mask=z_ok, other=0.0)
         if FOLD:
@@ -281,42 +254,15 @@ def _lowrank_conv_kernel(
         # saturated), so per-element work counts: the residual starts the sum as x[t] instead of
         # adding 1 to tap 0.
         if RESIDUAL:  # x[2q] and x[2q+1]
-            acc0, acc1 = (e0, e1) if LEAD else (e1, e0)
+            acc0, acc1 = (pieces[0], pieces[1]) if LEAD else (pieces[1], pieces[0])
         else:
             acc0 = tl.zeros([BLOCK_T // 16, 8, BLOCK_D], dtype=tl.float32)
             acc1 = acc0
-        acc0, acc1 = _tap_term(acc0, acc1, e0, e1, z, u0, s0, HOIST, u_ptr, x_tile, z_tile, z_offsets,
-                               s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok, t, t_ok, p, t0, T, D, R,
-                               X_STRIDE, 0, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC, FOLD, HAS_POS, LEAD,
-                               DOT_DTYPE, FP32_DOT)
-        acc0, acc1 = _tap_term(acc0, acc1, e1, e2, z, u1, s1, HOIST, u_ptr, x_tile, z_tile,
-                               z_offsets + 1 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
-                               t, t_ok, p, t0, T, D, R, X_STRIDE, 1, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
-                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc0, acc1 = _tap_term(acc0, acc1, e2, e3, z, u2, s2, HOIST, u_ptr, x_tile, z_tile,
-                               z_offsets + 2 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
-                               t, t_ok, p, t0, T, D, R, X_STRIDE, 2, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
-                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc0, acc1 = _tap_term(acc0, acc1, e3, e4, z, u3, s3, HOIST, u_ptr, x_tile, z_tile,
-                               z_offsets + 3 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
-                               t, t_ok, p, t0, T, D, R, X_STRIDE, 3, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
-                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc0, acc1 = _tap_term(acc0, acc1, e4, e5, z, u4, s4, HOIST, u_ptr, x_tile, z_tile,
-                               z_offsets + 4 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
-                               t, t_ok, p, t0, T, D, R, X_STRIDE, 4, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
-                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc0, acc1 = _tap_term(acc0, acc1, e5, e6, z, u5, s5, HOIST, u_ptr, x_tile, z_tile,
-                               z_offsets + 5 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
-                               t, t_ok, p, t0, T, D, R, X_STRIDE, 5, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
-                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc0, acc1 = _tap_term(acc0, acc1, e6, e7, z, u6, s6, HOIST, u_ptr, x_tile, z_tile,
-                               z_offsets + 6 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
-                               t, t_ok, p, t0, T, D, R, X_STRIDE, 6, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
-                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
-        acc0, acc1 = _tap_term(acc0, acc1, e7, e8, z, u7, s7, HOIST, u_ptr, x_tile, z_tile,
-                               z_offsets + 7 * Z_STRIDE, s_ptr, pos_ptr, q, dd, d_ok3, d, d_ok, r, r_ok,
-                               t, t_ok, p, t0, T, D, R, X_STRIDE, 7, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC,
-                               FOLD, HAS_POS, LEAD, DOT_DTYPE, FP32_DOT)
+        for k in tl.static_range(W):
+            acc0, acc1 = _tap_term(acc0, acc1, pieces[k], pieces[k + 1], z, walk_u[k], walk_s[k], HOIST, u_ptr,
+                                   z_tile, z_offsets + k * Z_STRIDE, s_ptr, pos_ptr, d, d_ok, r, r_ok, t, t_ok, p,
+                                   T, D, R, k, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE,
+                                   FP32_DOT)
         y = _pair_rows_of(acc0, acc1, BLOCK_T, BLOCK_D)
         y_ptrs = y_ptr + first_row * D + row_t[:, None] * D + d[None, :]
         if EVEN:
@@ -327,7 +273,7 @@ def _lowrank_conv_kernel(
 
 @triton.jit
 def _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, k: tl.constexpr, W: tl.constexpr):
-    """x[t-k] (k >= 1) on a [BLOCK_T, BLOCK_D] tile; x0 for taps k >= W, which never use it."""
+    """x[t-k] (k >= 1) on a [BLOCK_T, BLOCK_D] tile; x0 (not loaded) for k >= W, past the last tap."""
     xk = x0
     if k < W:
         lag_ok = t_ok & (p >= k) & (t >= k)
@@ -336,23 +282,20 @@ def _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, k: tl.constexpr, W
 
 
 @triton.jit
-def _lag_grads(xk, dy0, z, u_t, du, dz, k: tl.constexpr, W: tl.constexpr, DOT_DTYPE: tl.constexpr,
-               FP32_DOT: tl.constexpr):
+def _lag_grads(xk, dy0, z, u_t, du, dz, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
     """Tap k's filter gradient df = dy[t] * x[t-k] (xk) on a [BLOCK_T, BLOCK_D] tile, folded at once
     into dU_k^T += df^T @ z (du, [BLOCK_D, R_P]; with z's column of ones its column R is ds_k) and
-    dz += df @ U_k^T (u_t: U_k^T, [BLOCK_D, RZ_P]). No-op for taps k >= W."""
-    if k < W:
-        df = (dy0.to(tl.float32) * xk.to(tl.float32)).to(DOT_DTYPE)
-        du = mma(tl.trans(df), z, du, FP32_DOT)
-        dz = mma(df, u_t, dz, FP32_DOT)
+    dz += df @ U_k^T (u_t: U_k^T, [BLOCK_D, RZ_P])."""
+    df = (dy0.to(tl.float32) * xk.to(tl.float32)).to(DOT_DTYPE)
+    du = mma(tl.trans(df), z, du, FP32_DOT)
+    dz = mma(df, u_t, dz, FP32_DOT)
     return du, dz
 
 
 @triton.jit
 def _u_t(u_ptr, r, r_ok, d, d_ok, D, k: tl.constexpr, W: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """U_k^T [BLOCK_D, len(r)] of this program's channels (unused, so never loaded, for taps k >= W)."""
-    u_t = tl.load(u_ptr + r[None, :] * (W * D) + k * D + d[:, None], mask=d_ok[:, None] & r_ok[None, :] & (k < W),
-                  other=0.0)
+    """U_k^T [BLOCK_D, len(r)] of this program's channels."""
+    u_t = tl.load(u_ptr + r[None, :] * (W * D) + k * D + d[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
     return u_t.to(DOT_DTYPE)
 
 
@@ -360,12 +303,11 @@ def _u_t(u_ptr, r, r_ok, d, d_ok, D, k: tl.constexpr, W: tl.constexpr, DOT_DTYPE
 def _store_partials(du_part_ptr, ds_part_ptr, du, pid_n, r, r_ok, d, d_ok, R, D,
                     k: tl.constexpr, W: tl.constexpr, HAS_STATIC: tl.constexpr):
     """This chunk's dU_k partial and, from du's column R (z's column of ones), its ds_k partial."""
-    if k < W:
-        du_ptrs = du_part_ptr + pid_n.to(tl.int64) * R * W * D + r[None, :] * (W * D) + k * D + d[:, None]
-        tl.store(du_ptrs, du, mask=d_ok[:, None] & r_ok[None, :])
-        if HAS_STATIC:
-            ds = tl.sum(tl.where((r == R)[None, :], du, 0.0), axis=1)
-            tl.store(ds_part_ptr + pid_n.to(tl.int64) * W * D + k * D + d, ds, mask=d_ok)
+    du_ptrs = du_part_ptr + pid_n.to(tl.int64) * R * W * D + r[None, :] * (W * D) + k * D + d[:, None]
+    tl.store(du_ptrs, du, mask=d_ok[:, None] & r_ok[None, :])
+    if HAS_STATIC:
+        ds = tl.sum(tl.where((r == R)[None, :], du, 0.0), axis=1)
+        tl.store(ds_part_ptr + pid_n.to(tl.int64) * W * D + k * D + d, ds, mask=d_ok)
 
 
 @triton.jit
@@ -400,21 +342,15 @@ def _lowrank_filter_grad_kernel(
     b, t_start, t_end, i, d, r, d_ok, r_ok, dy_offsets, x_offsets, z_offsets = _chunk_tile(
         pid_d, pid_n, chunks_per_seq, chunk_t, T, D, R, X_STRIDE, Z_STRIDE, D_GROUP, BLOCK_T, BLOCK_D, R_P)
     # Per-tap accumulators of dU_k (and ds_k, their column R) over this chunk, and U_k^T, loaded
-    # once per program; taps >= W stay unused and vanish.
-    du0 = tl.zeros([BLOCK_D, R_P], dtype=tl.float32)
-    du1, du2, du3, du4, du5, du6, du7 = du0, du0, du0, du0, du0, du0, du0
-    # dz's products pad R to RZ_P, not to R_P: z's column of ones (which can double R_P, 16 -> 32)
-    # serves dU only, and the narrower products halve dz's accumulator (v15).
+    # once per program. dz's products pad R to RZ_P, not to R_P: z's column of ones (which can
+    # double R_P, 16 -> 32) serves dU only, and the narrower products halve dz's accumulator (v15).
     rz = tl.arange(0, RZ_P)
     rz_ok = rz < R
-    u0 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 0, W, DOT_DTYPE)
-    u1 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 1, W, DOT_DTYPE)
-    u2 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 2, W, DOT_DTYPE)
-    u3 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 3, W, DOT_DTYPE)
-    u4 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 4, W, DOT_DTYPE)
-    u5 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 5, W, DOT_DTYPE)
-    u6 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 6, W, DOT_DTYPE)
-    u7 = _u_t(u_ptr, rz, rz_ok, d, d_ok, D, 7, W, DOT_DTYPE)
+    du = ()
+    u_t = ()
+    for k in tl.static_range(W):
+        du = du + (tl.zeros([BLOCK_D, R_P], dtype=tl.float32),)
+        u_t = u_t + (_u_t(u_ptr, rz, rz_ok, d, d_ok, D, k, W, DOT_DTYPE),)
     # dy[t] and x[t] of the next tile are loaded one iteration ahead, so their latency overlaps
     # the current tile's work.
     first_ok = ((t_start + i) < t_end)[:, None] & d_ok[None, :]
@@ -443,39 +379,19 @@ def _lowrank_filter_grad_kernel(
         # products, so its latency overlaps them (v17: 119.2 -> 112.8 us at the paper's shape; all
         # taps' loaded up front spill and took 161.4).
         dz = tl.zeros([BLOCK_T, RZ_P], dtype=tl.float32)
-        lag_next = _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, 1, W)
-        du0, dz = _lag_grads(x0, dy0, z, u0, du0, dz, 0, W, DOT_DTYPE, FP32_DOT)
-        lag = lag_next
-        lag_next = _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, 2, W)
-        du1, dz = _lag_grads(lag, dy0, z, u1, du1, dz, 1, W, DOT_DTYPE, FP32_DOT)
-        lag = lag_next
-        lag_next = _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, 3, W)
-        du2, dz = _lag_grads(lag, dy0, z, u2, du2, dz, 2, W, DOT_DTYPE, FP32_DOT)
-        lag = lag_next
-        lag_next = _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, 4, W)
-        du3, dz = _lag_grads(lag, dy0, z, u3, du3, dz, 3, W, DOT_DTYPE, FP32_DOT)
-        lag = lag_next
-        lag_next = _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, 5, W)
-        du4, dz = _lag_grads(lag, dy0, z, u4, du4, dz, 4, W, DOT_DTYPE, FP32_DOT)
-        lag = lag_next
-        lag_next = _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, 6, W)
-        du5, dz = _lag_grads(lag, dy0, z, u5, du5, dz, 5, W, DOT_DTYPE, FP32_DOT)
-        lag = lag_next
-        lag_next = _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, 7, W)
-        du6, dz = _lag_grads(lag, dy0, z, u6, du6, dz, 6, W, DOT_DTYPE, FP32_DOT)
-        lag = lag_next
-        du7, dz = _lag_grads(lag, dy0, z, u7, du7, dz, 7, W, DOT_DTYPE, FP32_DOT)
+        lag = x0
+        du_next = ()
+        for k in tl.static_range(W):
+            lag_next = _lag_x(x_tile, x_offsets, x0, d_ok, t, p, t_ok, X_STRIDE, k + 1, W)
+            du_k, dz = _lag_grads(lag, dy0, z, u_t[k], du[k], dz, DOT_DTYPE, FP32_DOT)
+            du_next = du_next + (du_k,)
+            lag = lag_next
+        du = du_next
         dz_tile = dz_part_ptr + (pid_d.to(tl.int64) * B * T + tile_row) * R
         tl.store(dz_tile + i[:, None] * R + rz[None, :], dz, mask=t_ok[:, None] & rz_ok[None, :])
 
-    _store_partials(du_part_ptr, ds_part_ptr, du0, pid_n, r, r_ok, d, d_ok, R, D, 0, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du1, pid_n, r, r_ok, d, d_ok, R, D, 1, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du2, pid_n, r, r_ok, d, d_ok, R, D, 2, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du3, pid_n, r, r_ok, d, d_ok, R, D, 3, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du4, pid_n, r, r_ok, d, d_ok, R, D, 4, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du5, pid_n, r, r_ok, d, d_ok, R, D, 5, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du6, pid_n, r, r_ok, d, d_ok, R, D, 6, W, HAS_STATIC)
-    _store_partials(du_part_ptr, ds_part_ptr, du7, pid_n, r, r_ok, d, d_ok, R, D, 7, W, HAS_STATIC)
+    for k in tl.static_range(W):
+        _store_partials(du_part_ptr, ds_part_ptr, du[k], pid_n, r, r_ok, d, d_ok, R, D, k, W, HAS_STATIC)
 
 
 @triton.jit
