@@ -583,9 +583,11 @@ def _conv(src: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)  # contiguous, whatever src's strides
     grid = (triton.cdiv(T, blocks["BLOCK_T"] * blocks["CHUNK"]), triton.cdiv(D, blocks["BLOCK_D"]), B)
     # Whole tiles: the forward then masks only the lags before the sequence's start, not every
-    # copy (KERNELS.md, v18: 53.0 -> 50.3 us at the paper's shape, R = 64 98.7 -> 76.7). dx
-    # with the same (leads past the end) lost at the paper's shape (56.2 -> 57.8) and R = 128.
-    even = not lead and T % (blocks["BLOCK_T"] * blocks["CHUNK"]) == 0 and D % blocks["BLOCK_D"] == 0
+    # copy (KERNELS.md, v18: 53.0 -> 50.3 us at the paper's shape, R = 64 98.7 -> 76.7). It lost
+    # with packed sequences (56.5 -> 60.2 us, B=1, T=16384, 8 documents), and dx with the same
+    # (leads past the end) lost at the paper's shape (56.2 -> 57.8) and R = 128 (211.7 -> 227.9).
+    whole_tiles = T % (blocks["BLOCK_T"] * blocks["CHUNK"]) == 0 and D % blocks["BLOCK_D"] == 0
+    even = whole_tiles and not lead and pos is None
     _lowrank_conv_kernel[grid](
         src, z, U, static if static is not None else src, pos if pos is not None else src, out,
         T, D, U.shape[0], src.stride(1), z.stride(1), d_group, RESIDUAL=residual, LEAD=lead, FOLD=fold,
