@@ -83,34 +83,6 @@ def _headwise_fwd_kernel(
 
 
 @triton.jit
-def _accumulate_tap(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, df, k: tl.constexpr):
-    """acc_k += df for the constexpr tap k (Triton has no arrays of tensors; W <= 8)."""
-    if k == 0:
-        acc0 += df
-    elif k == 1:
-        acc1 += df
-    elif k == 2:
-        acc2 += df
-    elif k == 3:
-        acc3 += df
-    elif k == 4:
-        acc4 += df
-    elif k == 5:
-        acc5 += df
-    elif k == 6:
-        acc6 += df
-    else:
-        acc7 += df
-    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
-
-
-@triton.jit
-def _store_static_partial(ds_ptr, acc, k: tl.constexpr, W: tl.constexpr, d, c_ok, D):
-    if k < W:
-        tl.store(ds_ptr + k * D + d, tl.sum(acc, axis=0), mask=c_ok)
-
-
-@triton.jit
 def _headwise_bwd_kernel(
     x_ptr, w_ptr, s_ptr, pos_ptr, dy_ptr,
     dx_ptr, dw_ptr, ds_part_ptr,
@@ -126,8 +98,10 @@ def _headwise_bwd_kernel(
     HEADS: tl.constexpr = BLOCK_C // HS_P
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     h, d, c_ok = tile_channels(pid_c, H, HS, HS_P, HEADS)
-    z = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
-    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = z, z, z, z, z, z, z, z
+    # The static filter's gradient, per tap, accumulated element-wise over the chunk.
+    acc = ()
+    for k in tl.static_range(W):
+        acc = acc + (tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32),)
     for i in range(CHUNK):
         t, t_ok, p, row = _rows(pos_ptr, T, b, pid_t * CHUNK + i, BLOCK_T, HAS_POS)
         tile_ok = t_ok[:, None, None] & c_ok[None, :, :]
@@ -152,6 +126,7 @@ def _headwise_bwd_kernel(
 
         # Filter gradients df = dy[t] * x[t-k]: dw summed over each head's lanes, written directly;
         # the static filter's accumulated for the chunk's partial row.
+        acc_next = ()
         for k in tl.static_range(W):
             if k == 0:
                 xk = x0
@@ -162,20 +137,14 @@ def _headwise_bwd_kernel(
             if HAS_DYN:
                 dw_ptrs = dw_ptr + row[:, None] * (W * H) + k * H + h[None, :]
                 tl.store(dw_ptrs, tl.sum(df, axis=2).to(dw_ptr.dtype.element_ty), mask=t_ok[:, None] & (h < H)[None, :])
-            if HAS_STATIC:
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _accumulate_tap(
-                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, df, k)
+            acc_next = acc_next + (acc[k] + df,)
+        if HAS_STATIC:
+            acc = acc_next
     if HAS_STATIC:
         partial_row = (b * tl.num_programs(0) + pid_t).to(tl.int64)  # (b, chunk)
         ds_ptr = ds_part_ptr + partial_row * W * D
-        _store_static_partial(ds_ptr, acc0, 0, W, d, c_ok, D)
-        _store_static_partial(ds_ptr, acc1, 1, W, d, c_ok, D)
-        _store_static_partial(ds_ptr, acc2, 2, W, d, c_ok, D)
-        _store_static_partial(ds_ptr, acc3, 3, W, d, c_ok, D)
-        _store_static_partial(ds_ptr, acc4, 4, W, d, c_ok, D)
-        _store_static_partial(ds_ptr, acc5, 5, W, d, c_ok, D)
-        _store_static_partial(ds_ptr, acc6, 6, W, d, c_ok, D)
-        _store_static_partial(ds_ptr, acc7, 7, W, d, c_ok, D)
+        for k in tl.static_range(W):
+            tl.store(ds_ptr + k * D + d, tl.sum(acc[k], axis=0), mask=c_ok)
 
 
 def _blocks(D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
