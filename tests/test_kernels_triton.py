@@ -216,7 +216,7 @@ DTYPES = [torch.float32, torch.float16]
 @pytest.mark.parametrize(
     "B, T, D, R, W, with_static, residual",
     [(2, 13, 24, 3, 4, True, True), (2, 7, 17, 1, 1, False, False), (1, 20, 32, 17, 8, True, False), (3, 5, 16, 16, 3, True, True),
-     # whole tiles: only the sequences' edge tiles take masks (EVEN), with the chunk loop or one tile
+     # whole tiles: the forward masks only lags before the sequence's start (EVEN); chunk loop or one tile
      (2, 64, 32, 3, 4, True, True), (1, 48, 16, 17, 8, True, False)],
 )
 def test_lowrank_matches_reference(gen, triton_backend, dtype, B, T, D, R, W, with_static, residual):
@@ -506,7 +506,7 @@ FUNCTIONS = {"lowrank": kernels.dynamic_conv_lowrank, "headwise": kernels.dynami
         ("lowrank", 1, 300, 256, 4, 128, 1, torch.bfloat16),  # the same at R = 128 (split kernels at 4 warps)
         ("lowrank", 2, 1031, 520, 8, 16, 1, torch.bfloat16),  # the conv's middle blocks (R_P * W = 128)
         ("lowrank", 2, 1031, 520, 4, 64, 1, torch.bfloat16),  # 256: pipelined, no longer the one-tile kernel
-        # whole tiles: only the sequences' edge tiles take masks (EVEN)
+        # whole tiles: the forward masks only lags before the sequence's start (EVEN)
         ("lowrank", 2, 4096, 512, 4, 16, 1, torch.bfloat16),
         ("lowrank", 1, 2048, 512, 4, 16, 1, torch.float32),
         ("lowrank", 2, 2048, 512, 8, 16, 1, torch.bfloat16),
