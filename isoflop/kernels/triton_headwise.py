@@ -137,7 +137,8 @@ def _headwise_bwd_kernel(
             if HAS_DYN:
                 dw_ptrs = dw_ptr + row[:, None] * (W * H) + k * H + h[None, :]
                 tl.store(dw_ptrs, tl.sum(df, axis=2).to(dw_ptr.dtype.element_ty), mask=t_ok[:, None] & (h < H)[None, :])
-            acc_next = acc_next + (acc[k] + df,)
+            if HAS_STATIC:
+                acc_next = acc_next + (acc[k] + df,)
         if HAS_STATIC:
             acc = acc_next
     if HAS_STATIC:

@@ -70,8 +70,8 @@ BACKWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_BWD", ("auto", "fused", "split
 
 
 @triton.jit
-def _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k: tl.constexpr, W: tl.constexpr, R_P: tl.constexpr,
-           BLOCK_D: tl.constexpr, FOLD: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k: tl.constexpr, W: tl.constexpr, FOLD: tl.constexpr,
+           DOT_DTYPE: tl.constexpr):
     """U_k [R_P, BLOCK_D] in the product's dtype. With FOLD, rows R and R + 1 hold the static filter
     s_k split into a half-precision head and the remainder it lost (s = head + tail to ~16 bits of
     mantissa), which z's two columns of ones pick up: the product then yields f_k + s_k."""
@@ -93,15 +93,14 @@ def _tap_s(s_ptr, d, d_ok, D, k: tl.constexpr):
 
 
 @triton.jit
-def _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k: tl.constexpr, W: tl.constexpr, R_P: tl.constexpr,
-              BLOCK_D: tl.constexpr, HAS_STATIC: tl.constexpr, FOLD: tl.constexpr, LEAD: tl.constexpr,
-              HOIST: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k: tl.constexpr, W: tl.constexpr, HAS_STATIC: tl.constexpr,
+              FOLD: tl.constexpr, LEAD: tl.constexpr, HOIST: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """(U_k, s_k) as the conv kernel's walk keeps them for all its tiles: U_k when hoisted, s_k when
     hoisted in dx (see the kernel); 0 for what _tap_term loads per tile instead."""
     u = 0
     s_k = 0
     if HOIST:
-        u = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        u = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, FOLD, DOT_DTYPE)
         if LEAD and HAS_STATIC:
             s_k = _tap_s(s_ptr, d, d_ok, D, k)
     return u, s_k
@@ -151,9 +150,9 @@ def _piece(x_tile, X_STRIDE, q, dd, d_ok3, t0, T, j: tl.constexpr, LEAD: tl.cons
 
 @triton.jit
 def _tap_term(acc0, acc1, near, far, z, u, s_k, HOIST: tl.constexpr, u_ptr, z_tile, z_offsets_k, s_ptr, pos_ptr,
-              d, d_ok, r, r_ok, t, t_ok, p, T, D, R, k: tl.constexpr, W: tl.constexpr, R_P: tl.constexpr,
-              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_STATIC: tl.constexpr, FOLD: tl.constexpr,
-              HAS_POS: tl.constexpr, LEAD: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
+              d, d_ok, r, r_ok, t, t_ok, p, T, D, R, k: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_D: tl.constexpr, HAS_STATIC: tl.constexpr, FOLD: tl.constexpr, HAS_POS: tl.constexpr,
+              LEAD: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
     """Tap k on one tile, by halves: acc0 (even times 2q) + tap(2q, k) * x[2q-k] and acc1 (odd
     times) + tap(2q+1, k) * x[2q+1-k]; with LEAD, tap(t+k, k) * x[t+k]. near and far are _piece k
     and k + 1: x[2q+1-k] and x[2q-k], or with LEAD x[2q+k] and x[2q+k+1], so for each pair of
@@ -161,7 +160,7 @@ def _tap_term(acc0, acc1, near, far, z, u, s_k, HOIST: tl.constexpr, u_ptr, z_ti
     u is U_k, or with HOIST False, loaded here (one tap's U live at a time: the widest filters');
     s_k is the static tap when hoisted with LEAD (see the kernel), else loaded here."""
     if not HOIST:
-        u = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, R_P, BLOCK_D, FOLD, DOT_DTYPE)
+        u = _tap_u(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, FOLD, DOT_DTYPE)
     # Each tap starts as the broadcast static filter rather than zeros + s (an add per element the
     # compiler cannot drop: 0.0 + -0.0 is +0.0), unless the product carries it (FOLD).
     tap = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -228,8 +227,7 @@ def _lowrank_conv_kernel(
     walk_u = ()
     walk_s = ()
     for k in tl.static_range(W):
-        u, s_k = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, R_P, BLOCK_D, HAS_STATIC, FOLD, LEAD, HOIST,
-                           DOT_DTYPE)
+        u, s_k = _walk_tap(u_ptr, s_ptr, r, r_ok, d, d_ok, D, R, k, W, HAS_STATIC, FOLD, LEAD, HOIST, DOT_DTYPE)
         walk_u = walk_u + (u,)
         walk_s = walk_s + (s_k,)
     for c in tl.range(0, CHUNK, num_stages=STAGES):
@@ -262,7 +260,7 @@ def _lowrank_conv_kernel(
         for k in tl.static_range(W):
             acc0, acc1 = _tap_term(acc0, acc1, pieces[k], pieces[k + 1], z, walk_u[k], walk_s[k], HOIST, u_ptr,
                                    z_tile, z_offsets + k * Z_STRIDE, s_ptr, pos_ptr, d, d_ok, r, r_ok, t, t_ok, p,
-                                   T, D, R, k, W, R_P, BLOCK_T, BLOCK_D, HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE,
+                                   T, D, R, k, W, BLOCK_T, BLOCK_D, HAS_STATIC, FOLD, HAS_POS, LEAD, DOT_DTYPE,
                                    FP32_DOT)
         y = _pair_rows_of(acc0, acc1, BLOCK_T, BLOCK_D)
         y_ptrs = y_ptr + first_row * D + row_t[:, None] * D + d[None, :]
