@@ -641,6 +641,35 @@ def test_conv_blocks_fit_the_sequence_and_the_filter_width():
     assert _conv_blocks(4096, 16, 4, lead=False, fp32=True)["BLOCK_D"] < paper["BLOCK_D"]
 
 
+def test_conv_blocks_fit_the_grid():
+    """The forward halves CHUNK while its grid has fewer programs than multiprocessors, and walks 4
+    stages deep only with 64 x 64 tiles on grids of at most two programs per multiprocessor, where
+    the fourth stage's shared memory costs no occupancy; dx (narrow filters) walks 4 stages deep and
+    halves CHUNK while its programs take more than one wave and the last would be under 80% full
+    (KERNELS.md, v19)."""
+    from isoflop.kernels.triton_lowrank import _fill_processors
+
+    fwd = {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 4, "CHUNK": 32, "STAGES": 3}
+    dx = {"BLOCK_T": 32, "BLOCK_D": 64, "num_warps": 4, "CHUNK": 16, "STAGES": 3}
+
+    def fill(T, D, B, blocks=fwd, processors=132, width=64):
+        return _fill_processors(dict(blocks), T, D, B, processors, lead=blocks is dx, width=width)
+
+    assert fill(4096, 2048, 4) == fwd | {"STAGES": 4}  # 256 programs: CHUNK stays
+    assert fill(4096, 2048, 8) == fwd  # 512 programs, 4 per multiprocessor: 3 stages
+    assert fill(2048, 1024, 8) == fwd | {"CHUNK": 16, "STAGES": 4}  # 128 -> 256 programs
+    assert fill(4096, 2048, 1) == fwd | {"CHUNK": 8}  # 64 -> 256 programs; short walks: 3 stages
+    assert fill(64, 64, 1)["CHUNK"] == 2  # U stays loaded once per program
+    assert fill(4096, 2048, 4, processors=64) == fwd  # a smaller chip: 4 programs per processor
+    narrow = fwd | {"BLOCK_T": 32, "CHUNK": 16}
+    assert fill(4096, 1024, 1, blocks=narrow) == narrow | {"CHUNK": 8}  # other tiles: stages as given
+    assert fill(4096, 2048, 4, blocks=dx) == dx | {"STAGES": 4}  # 1024 programs in 396 slots: 86%
+    assert fill(2048, 1024, 8, blocks=dx) == dx | {"CHUNK": 8, "STAGES": 4}  # 512 (65%) -> 1024
+    assert fill(4096, 2048, 1, blocks=dx) == dx | {"STAGES": 4}  # 256 programs: one wave
+    assert fill(4096, 2048, 1, blocks=dx, processors=40)["CHUNK"] == 8  # 256 in 120 slots (71%) -> 512
+    assert fill(4096, 2048, 4, blocks=dx, width=128) == dx  # wider filters: as swept (v16)
+
+
 def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path):
     """benchmarks/kernel_resources.py: every kernel compiles for sm_90 without a GPU (Triton's own
     ptxas) and its resource usage is read back."""

@@ -61,13 +61,13 @@ def time_chunks(T: int, batch: int, tiles_across: int, block_t: int, device: tor
     across = max(1, batch * tiles_across)
     most = triton.cdiv(T, block_t)
     chunks = max(1, min(most, slots // across))
-    while chunks < most and _wave_fill(across * chunks, slots) < 0.9:
+    while chunks < most and wave_fill(across * chunks, slots) < 0.9:
         chunks += 1
     chunk_t = triton.cdiv(triton.cdiv(T, chunks), block_t) * block_t
     return chunk_t, triton.cdiv(T, chunk_t)
 
 
-def _wave_fill(programs: int, slots: int) -> float:
+def wave_fill(programs: int, slots: int) -> float:
     """Busy fraction of the slots over the waves that `programs` take."""
     return programs / (triton.cdiv(programs, slots) * slots)
 

@@ -60,8 +60,10 @@ from isoflop.kernels.triton_common import (
     interpreting,
     mma,
     next_pow2,
+    processor_count,
     seq_pos,
     time_chunks,
+    wave_fill,
 )
 
 # Which filter-gradient kernels the backward runs: "fused" (one kernel; the default, "auto") or
@@ -574,8 +576,12 @@ def _conv(src: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
         # multiprocessor instead of two (115 vs 105 KB each), dx two instead of three.
         U = U.to(z.dtype)
     # Caller-given blocks without CHUNK/STAGES (the benchmark's) mean one unpipelined tile per program.
+    given = blocks is not None
+    width = meta["R_P"] * next_pow2(meta["W"])
     blocks = blocks or _conv_blocks(T, meta["R_P"], next_pow2(meta["W"]), lead, meta["FP32_DOT"])
     blocks = _fit_group({"CHUNK": 1, "STAGES": 1} | blocks, d_group, D)
+    if not (given or interpreting()) and blocks["STAGES"] > 1:
+        blocks = _fill_processors(blocks, T, D, B, processor_count(src.device), lead, width)
     fold = _fold_static(U.shape[0], meta, lead)
     if fold:
         meta = meta | {"R_P": _folded_rank(U.shape[0])}
@@ -593,6 +599,40 @@ def _conv(src: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
         EVEN=even, **meta, **blocks,
     )
     return out
+
+
+def _fill_processors(blocks: dict, T: int, D: int, B: int, processors: int, lead: bool, width: int) -> dict:
+    """The pipelined conv's CHUNK and STAGES for the grid they make (KERNELS.md, v19; H200, side by
+    side, outputs equal).
+
+    Forward: halve CHUNK while the grid has fewer programs than multiprocessors, which would
+    otherwise each walk alone: [8, 2048, 1024] 33.9 -> 27.1 us, [1, 4096, 2048] 32.0 -> 14.8,
+    [16, 1024, 512] 17.4 -> 14.7. Where the grid has at most two programs per multiprocessor, 64 x
+    64 tiles on 4 warps walk 4 stages deep (98 KB of shared memory per program, so 2 fit, as the
+    grid needs): the paper's shape 50.1 -> 48.0, the 300M conv [8, 4096, 1024] 50.3 -> 47.8. Short
+    walks (CHUNK 8) gained nothing from the fourth stage (14.9 -> 15.2).
+
+    dx (width R_P * W <= 64, 32 x 64 tiles on 4 warps; 3 programs per multiprocessor, capped by
+    registers): 4 stages (paper 56.9 -> 56.4 us, 300M conv 56.6 -> 56.3; [8, 2048, 1024] at CHUNK 32
+    31.6 -> 29.6), and CHUNK halved while the programs take more than one wave and the last would
+    be under 80% full ([8, 2048, 1024]: 512 programs in 396 slots, 35.4 -> 31.3 us with 1024). Grids
+    of one wave keep CHUNK 16: halving it to 4 there took 16.8 -> 18.3 us ([1, 4096, 2048])."""
+    def programs(chunk: int) -> int:
+        return triton.cdiv(T, blocks["BLOCK_T"] * chunk) * triton.cdiv(D, blocks["BLOCK_D"]) * B
+
+    chunk, stages = blocks["CHUNK"], blocks["STAGES"]
+    tiles = (blocks["BLOCK_T"], blocks["BLOCK_D"], blocks["num_warps"])
+    if not lead:
+        while chunk > 2 and programs(chunk) < processors:  # (2: U stays loaded once per program)
+            chunk //= 2
+        if tiles == (64, 64, 4) and chunk >= 16 and programs(chunk) <= 2 * processors:
+            stages = 4
+    elif tiles == (32, 64, 4) and width <= 64:
+        slots = 3 * processors
+        while chunk > 4 and programs(chunk) > slots and wave_fill(programs(chunk), slots) < 0.8:
+            chunk //= 2
+        stages = 4
+    return blocks | {"CHUNK": chunk, "STAGES": stages}
 
 
 def _folded_rank(R: int) -> int:
