@@ -15,7 +15,9 @@ its times permuted (_pair_rows) so that each thread's two accumulator rows are c
 2q and 2q + 1: the lagged x then come as W + 1 pieces x[2q + 1 - j] shared by neighbouring taps,
 instead of W shifted tiles, and a thread loads and converts W + 1 values of x per pair of outputs
 instead of 2W (v17: the paper's forward 56.7 -> 52.7 us, dx 61.4 -> 56.3). Over whole tiles the
-forward masks only the lags before a sequence's start (EVEN, v18: 53.0 -> 50.3 us). U is
+forward masks only the lags before a sequence's start (EVEN, v18: 53.0 -> 50.3 us). CHUNK and
+STAGES fit the grid (_fill_processors, v19: small grids walk shorter chunks, grids of at most two
+programs per multiprocessor 4 stages deep: 50.1 -> 48.0 us). U is
 loaded once per program and stays in shared memory. In half precision the static filter rides on
 the product too, as two more rows of U (its rounded head and the tail the rounding lost) met by
 two columns of ones in z, so the product gives f_k + s_k with s kept to ~16 bits of mantissa;
