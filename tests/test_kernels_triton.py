@@ -212,6 +212,22 @@ DTYPES = [torch.float32, torch.float16]
 
 
 @interpreted
+@pytest.mark.parametrize("shape, groups", [((70, 9), 1), ((8, 3, 17), 2), ((6, 4, 5), 3)])
+def test_partial_sums_reduce_each_group_in_a_fixed_order_and_cast(shape, groups):
+    """The backward's float32 partials: each group of leading slices summed (70 rows take two
+    64-row steps), cast in the same pass, and bit-identical when repeated."""
+    from isoflop.kernels.triton_common import sum_partials
+
+    part = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    expected = part.double().view(groups, shape[0] // groups, -1).sum(1)
+    out = sum_partials(part, torch.float32, groups)
+    assert out.shape == expected.shape and torch.allclose(out.double(), expected, atol=1e-5)
+    assert torch.equal(sum_partials(part, torch.float32, groups), out)
+    half = sum_partials(part, torch.float16, groups)
+    assert half.dtype == torch.float16 and torch.equal(half, out.half())
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "B, T, D, R, W, with_static, residual",

@@ -100,3 +100,34 @@ def tile_channels(pid_c, H, HS: tl.constexpr, HS_P: tl.constexpr, HEADS: tl.cons
     d = h[:, None] * HS + lane[None, :]
     ok = (h < H)[:, None] & (lane < HS)[None, :]
     return h, d, ok
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[g, m] = sum over n of part[g, n, m] (float32, BLOCK_N rows at a time, always in the same
+    order), written in out's type."""
+    g = tl.program_id(1).to(tl.int64)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = (g * N + n0 + n).to(tl.int64)
+        ok = ((n0 + n) < N)[:, None] & (m < M)[None, :]
+        acc += tl.sum(tl.load(part_ptr + rows[:, None] * M + m[None, :], mask=ok, other=0.0), axis=0)
+    tl.store(out_ptr + g * M + m, acc.to(out_ptr.dtype.element_ty), mask=m < M)
+
+
+def sum_partials(part: torch.Tensor, dtype: torch.dtype, groups: int = 1) -> torch.Tensor:
+    """The kernels' float32 partial sums reduced: part [groups * N, ...] (contiguous) summed over
+    each group's N leading slices in a fixed order (so results are bit-reproducible), and cast to
+    `dtype` in the same pass; returns [groups, prod(...)]. One launch where torch.sum and a cast
+    take two, each ~2 us even for a few hundred KB (KERNELS.md, point 21)."""
+    n = part.shape[0] // groups
+    m = part[0].numel()
+    out = torch.empty(groups, m, dtype=dtype, device=part.device)
+    # up to 64 rows per step and 64 values per thread: few steps, so little waiting on loads
+    block_n = min(64, next_pow2(n))
+    block_m = 16 if interpreting() else min(1024, max(128, 8192 // block_n))
+    _sum_partials_kernel[(triton.cdiv(m, block_m), groups)](part, out, n, m, BLOCK_N=block_n, BLOCK_M=block_m,
+                                                             num_warps=4)
+    return out

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from isoflop.kernels import triton_headwise_rows as rows
-from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos, tile_channels
+from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos, sum_partials, tile_channels
 
 
 @triton.jit
@@ -259,5 +259,5 @@ def headwise_backward(
         dx, dw if dw is not None else dx, ds_part if ds_part is not None else dx,
         T, D, H, RESIDUAL=residual, **meta, **blocks,
     )
-    ds = ds_part.sum(0).view(width, D).to(static.dtype) if static is not None else None
+    ds = sum_partials(ds_part, static.dtype).view(width, D) if static is not None else None
     return dx, dw, ds

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from isoflop.kernels.triton_common import tile_channels
+from isoflop.kernels.triton_common import sum_partials, tile_channels
 
 MAX_WIDTH = 4
 
@@ -321,5 +321,5 @@ def rows_backward(dy: Tensor, x: Tensor, w: Tensor | None, static: Tensor | None
         dx, dw if dw is not None else dx, ds_part if ds_part is not None else dx,
         T, D, H, **meta, **blocks,
     )
-    ds = ds_part.sum(0).view(W, D).to(static.dtype) if static is not None else None
+    ds = sum_partials(ds_part, static.dtype).view(W, D) if static is not None else None
     return dx, dw, ds

@@ -64,6 +64,7 @@ from isoflop.kernels.triton_common import (
     next_pow2,
     processor_count,
     seq_pos,
+    sum_partials,
     time_chunks,
     wave_fill,
 )
@@ -723,14 +724,16 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
     )
     # Each group's dz sums its own channel tiles' partials (tiles never straddle groups).
     groups = D // d_group
-    if groups == 1:
-        dz = dz_part.sum(0).view(B, T, R)
-    else:
-        dz = dz_part.view(groups, d_tiles // groups, B * T, R).sum(1).permute(1, 0, 2).reshape(B, T, groups * R)
-    dz = dz.to(z.dtype)
-    dU = du_part.sum(0).to(U.dtype)
-    ds = ds_part.sum(0).view(W, D).to(static.dtype) if static is not None else None
-    return dz, dU, ds
+    dz = sum_partials(dz_part, z.dtype, groups).view(groups, B * T, R)
+    dz = dz.view(B, T, R) if groups == 1 else dz.permute(1, 0, 2).reshape(B, T, groups * R)
+    return dz, *_sum_param_grads(du_part, ds_part, U, static)
+
+
+def _sum_param_grads(du_part: Tensor, ds_part: Tensor, U: Tensor, static: Tensor | None):
+    """dU and ds from their per-chunk partials (ds_part is du_part itself without a static filter)."""
+    dU = sum_partials(du_part, U.dtype).view(U.shape)
+    ds = sum_partials(ds_part, static.dtype).view(static.shape) if static is not None else None
+    return dU, ds
 
 
 def _split_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
@@ -759,6 +762,4 @@ def _split_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
         T, D, R, x.stride(1), z.stride(1), d_group, chunks, chunk_t,
         **meta, **du_blocks,
     )
-    dU = du_part.sum(0).to(U.dtype)
-    ds = ds_part.sum(0).view(W, D).to(static.dtype) if static is not None else None
-    return dz, dU, ds
+    return dz, *_sum_param_grads(du_part, ds_part, U, static)
