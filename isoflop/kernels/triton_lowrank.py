@@ -34,8 +34,8 @@ Backward, two kernels:
   (R padded to R + 1), so dU_k's column R is ds_k = sum_t df_k: the row sums ride on the matrix
   product (df in the product's input precision, as for dU) instead of costing W cross-warp
   reductions per tile. The dz products pad R only to their own RZ_P (no ones column).
-Partials go to float32 buffers and are summed in a fixed order afterwards, so results are
-bit-reproducible (no float atomics). Splitting dx out reads x and dy once more than one fused pass
+Partials go to float32 buffers and are summed in a fixed order afterwards (sum_partials, which
+casts in the same launch), so results are bit-reproducible (no float atomics). Splitting dx out reads x and dy once more than one fused pass
 would (+134 MB at the paper's shape); the fused version measured slower (registers spilled), see
 benchmarks/KERNELS.md.
 
