@@ -35,9 +35,9 @@ Backward, two kernels:
   product (df in the product's input precision, as for dU) instead of costing W cross-warp
   reductions per tile. The dz products pad R only to their own RZ_P (no ones column).
 Partials go to float32 buffers and are summed in a fixed order afterwards (sum_partials, which
-casts in the same launch), so results are bit-reproducible (no float atomics). Splitting dx out reads x and dy once more than one fused pass
-would (+134 MB at the paper's shape); the fused version measured slower (registers spilled), see
-benchmarks/KERNELS.md.
+casts in the same launch), so results are bit-reproducible (no float atomics). Splitting dx out
+reads x and dy once more than one fused pass would (+134 MB at the paper's shape); the fused
+version measured slower (registers spilled), see benchmarks/KERNELS.md.
 
 The "split" variant (what "auto" takes for the widest filters, see _auto_variant; forced by
 ISOFLOP_LOWRANK_BWD=split or variant="split") computes the filter gradients in two kernels with
@@ -580,11 +580,11 @@ def _conv(src: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
         U = U.to(z.dtype)
     # Caller-given blocks without CHUNK/STAGES (the benchmark's) mean one unpipelined tile per program.
     given = blocks is not None
-    width = meta["R_P"] * next_pow2(meta["W"])
-    blocks = blocks or _conv_blocks(T, meta["R_P"], next_pow2(meta["W"]), lead, meta["FP32_DOT"])
+    W_P = next_pow2(meta["W"])
+    blocks = blocks or _conv_blocks(T, meta["R_P"], W_P, lead, meta["FP32_DOT"])
     blocks = _fit_group({"CHUNK": 1, "STAGES": 1} | blocks, d_group, D)
     if not (given or interpreting()) and blocks["STAGES"] > 1:
-        blocks = _fill_processors(blocks, T, D, B, processor_count(src.device), lead, width)
+        blocks = _fill_processors(blocks, T, D, B, processor_count(src.device), lead, meta["R_P"] * W_P)
     fold = _fold_static(U.shape[0], meta, lead)
     if fold:
         meta = meta | {"R_P": _folded_rank(U.shape[0])}
