@@ -182,7 +182,7 @@ class VariantRun:
 # custom op, not one of its kernels; matched anywhere, they once put 4 ms of copies in "conv").
 CONV_GROUP = "conv (isoflop Triton)"
 KERNEL_GROUPS = (
-    (CONV_GROUP, ("_lowrank_", "_headwise_", "_rows_", "_conv_step_")),
+    (CONV_GROUP, ("_lowrank_", "_headwise_", "_rows_", "_conv_step_", "_sum_partials_")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "matmul")),
     ("compiled elementwise", ("triton_",)),
