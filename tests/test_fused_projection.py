@@ -45,10 +45,11 @@ def unfused_logits(model: LanguageModel, idx: torch.Tensor) -> torch.Tensor:
     for block in model.blocks:
         attention, mlp = block.mixer, block.ffn
         h = block.mixer_norm(x)
-        q, k, v = (unfused(attention, name, h).view(B, T, HEADS, -1).transpose(1, 2) for name in "qkv")
+        q, k, v = (unfused(attention, name, h).view(B, T, HEADS, -1) for name in "qkv")
         if attention.q_norm is not None:
             q, k = attention.q_norm(q), attention.k_norm(k)
-        out = F.scaled_dot_product_attention(apply_rope(q, rope), apply_rope(k, rope), v, is_causal=True)
+        q, k, v = (t.transpose(1, 2) for t in (apply_rope(q, rope), apply_rope(k, rope), v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + unfused(attention, "o", out.transpose(1, 2).reshape(B, T, -1))
         h = block.ffn_norm(x)
         x = x + unfused(mlp, "down", F.silu(unfused(mlp, "gate", h)) * unfused(mlp, "up", h))

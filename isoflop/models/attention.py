@@ -34,8 +34,8 @@ def rope_angles(positions: Tensor, head_dim: int, theta: float) -> Rope:
 
 
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
-    """Rotate x [B, H, T, head_dim] by position; pairs are (i, i + head_dim/2) (Llama's layout)."""
-    cos, sin = rope
+    """Rotate x [B, T, H, head_dim] by position; pairs are (i, i + head_dim/2) (Llama's layout)."""
+    cos, sin = (angle[:, None, :] for angle in rope)  # [T, 1, head_dim/2]: the same for every head
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
@@ -92,12 +92,21 @@ class Attention(nn.Module):
         return {"q": self.q, "k": self.k, "v": self.v}
 
     def _to_heads(self, q: Tensor, k: Tensor, v: Tensor, rope: Rope) -> tuple[Tensor, ...]:
-        """[B, T, d] each -> [B, H, T, head_dim]; QK-norm (if any) before RoPE."""
+        """[B, T, d] each -> [B, H, T, head_dim] (views of [B, T, H, head_dim] tensors); QK-norm (if
+        any) before RoPE.
+
+        QK-norm and RoPE run before the heads are transposed, so their outputs, and the gradients
+        the attention's backward hands back for them, keep the [B, T, d] order. Rotated after the
+        transpose, q and k came out as [B, H, T, head_dim] tensors and their gradients reached the
+        q and k convs' backward transposed, to be copied once more (a conv kernel takes rows; the
+        plain QKV matmul's gradient folds the transpose into its concatenation). At 300M this
+        order took 1.0 GiB off every variant's peak memory, and 0.7 ms of dynamic-qkv's compiled
+        elementwise kernels per step (benchmarks/KERNELS.md, training point 12)."""
         B, T, _ = q.shape
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, rope), apply_rope(k, rope), v
+        return tuple(t.transpose(1, 2) for t in (apply_rope(q, rope), apply_rope(k, rope), v))
 
     def forward(
         self, h: Tensor, rope: Rope, cu_seqlens: Tensor | None = None,
