@@ -228,6 +228,24 @@ def test_partial_sums_reduce_each_group_in_a_fixed_order_and_cast(shape, groups)
 
 
 @interpreted
+def test_partial_sums_in_one_launch_equal_them_one_by_one():
+    """A backward's dz, dU and ds sums share one launch: each result is bit-identical to its own
+    sum_partials, whatever its shape, groups and dtype, for one to three jobs."""
+    from isoflop.kernels.triton_common import sum_partials, sum_partials_together
+
+    g = torch.Generator().manual_seed(1)
+    jobs = [(torch.randn(6, 5, 7, generator=g), torch.float16, 3), (torch.randn(70, 9, generator=g), torch.float32, 1),
+            (torch.randn(4, 33, generator=g), torch.float16, 2)]
+    for count in (1, 2, 3):
+        together = sum_partials_together(jobs[:count])
+        assert len(together) == count
+        for out, (part, dtype, groups) in zip(together, jobs):
+            assert out.dtype == dtype and torch.equal(out, sum_partials(part, dtype, groups))
+    with pytest.raises(ValueError, match="allowed: 1 to 3"):
+        sum_partials_together(jobs + jobs[:1])
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "B, T, D, R, W, with_static, residual",

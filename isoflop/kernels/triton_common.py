@@ -103,11 +103,11 @@ def tile_channels(pid_c, H, HS: tl.constexpr, HS_P: tl.constexpr, HEADS: tl.cons
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """out[g, m] = sum over n of part[g, n, m] (float32, BLOCK_N rows at a time, always in the same
-    order), written in out's type."""
-    g = tl.program_id(1).to(tl.int64)
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _sum_group_block(part_ptr, out_ptr, N, M, local, M_BLOCKS, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Block `local` of one job: out[g, m] = sum over n of part[g, n, m] for BLOCK_M values of m
+    (float32, BLOCK_N rows at a time, always in the same order), written in out's type."""
+    g = (local // M_BLOCKS).to(tl.int64)
+    m = (local % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -117,17 +117,55 @@ def _sum_partials_kernel(part_ptr, out_ptr, N, M, BLOCK_N: tl.constexpr, BLOCK_M
     tl.store(out_ptr + g * M + m, acc.to(out_ptr.dtype.element_ty), mask=m < M)
 
 
+@triton.jit
+def _sum_partials_kernel(
+    part0, out0, N0, M0, MB0, part1, out1, N1, M1, MB1, part2, out2, N2, M2, MB2, END0, END1,
+    JOBS: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_M0: tl.constexpr, BLOCK_N1: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_M2: tl.constexpr,
+):
+    """Up to three jobs in one launch: programs [0, END0) sum job 0, [END0, END1) job 1, the rest
+    job 2 (MB: each job's blocks of BLOCK_M values per group)."""
+    pid = tl.program_id(0)
+    if pid < END0:
+        _sum_group_block(part0, out0, N0, M0, pid, MB0, BLOCK_N0, BLOCK_M0)
+    else:
+        if JOBS > 1:
+            if pid < END1:
+                _sum_group_block(part1, out1, N1, M1, pid - END0, MB1, BLOCK_N1, BLOCK_M1)
+            else:
+                if JOBS > 2:
+                    _sum_group_block(part2, out2, N2, M2, pid - END1, MB2, BLOCK_N2, BLOCK_M2)
+
+
 def sum_partials(part: torch.Tensor, dtype: torch.dtype, groups: int = 1) -> torch.Tensor:
     """The kernels' float32 partial sums reduced: part [groups * N, ...] (contiguous) summed over
     each group's N leading slices in a fixed order (so results are bit-reproducible), and cast to
     `dtype` in the same pass; returns [groups, prod(...)]. One launch where torch.sum and a cast
     take two, each ~2 us even for a few hundred KB (KERNELS.md, point 21)."""
-    n = part.shape[0] // groups
-    m = part[0].numel()
-    out = torch.empty(groups, m, dtype=dtype, device=part.device)
-    # up to 64 rows per step and 64 values per thread: few steps, so little waiting on loads
-    block_n = min(64, next_pow2(n))
-    block_m = 16 if interpreting() else min(1024, max(128, 8192 // block_n))
-    _sum_partials_kernel[(triton.cdiv(m, block_m), groups)](part, out, n, m, BLOCK_N=block_n, BLOCK_M=block_m,
-                                                             num_warps=4)
-    return out
+    return sum_partials_together([(part, dtype, groups)])[0]
+
+
+def sum_partials_together(jobs: list[tuple[torch.Tensor, torch.dtype, int]]) -> list[torch.Tensor]:
+    """sum_partials of up to three (part, dtype, groups) jobs in one launch: a backward's dz, dU and
+    ds sums, which took a launch each (KERNELS.md, v21)."""
+    if not 1 <= len(jobs) <= 3:
+        raise ValueError(f"sum_partials_together: {len(jobs)} jobs; allowed: 1 to 3")
+    outs, args, blocks, end = [], [], {}, 0
+    for j, (part, dtype, groups) in enumerate(jobs):
+        n = part.shape[0] // groups
+        m = part[0].numel()
+        out = torch.empty(groups, m, dtype=dtype, device=part.device)
+        # up to 64 rows per step and 64 values per thread: few steps, so little waiting on loads
+        block_n = min(64, next_pow2(n))
+        block_m = 16 if interpreting() else min(1024, max(128, 8192 // block_n))
+        m_blocks = triton.cdiv(m, block_m)
+        end += m_blocks * groups
+        outs.append(out)
+        args.append((part, out, n, m, m_blocks, end))
+        blocks |= {f"BLOCK_N{j}": block_n, f"BLOCK_M{j}": block_m}
+    for j in range(len(jobs), 3):  # unused slots: job 0's arguments, never reached (JOBS)
+        args.append(args[0])
+        blocks |= {f"BLOCK_N{j}": blocks["BLOCK_N0"], f"BLOCK_M{j}": blocks["BLOCK_M0"]}
+    flat = [value for part, out, n, m, m_blocks, _ in args for value in (part, out, n, m, m_blocks)]
+    _sum_partials_kernel[(end,)](*flat, args[0][5], args[1][5], JOBS=len(jobs), **blocks, num_warps=4)
+    return outs

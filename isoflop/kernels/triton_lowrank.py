@@ -34,10 +34,10 @@ Backward, two kernels:
   (R padded to R + 1), so dU_k's column R is ds_k = sum_t df_k: the row sums ride on the matrix
   product (df in the product's input precision, as for dU) instead of costing W cross-warp
   reductions per tile. The dz products pad R only to their own RZ_P (no ones column).
-Partials go to float32 buffers and are summed in a fixed order afterwards (sum_partials, which
-casts in the same launch), so results are bit-reproducible (no float atomics). Splitting dx out
-reads x and dy once more than one fused pass would (+134 MB at the paper's shape); the fused
-version measured slower (registers spilled), see benchmarks/KERNELS.md.
+Partials go to float32 buffers and are summed in a fixed order afterwards, all of a backward's
+sums and casts in one launch (sum_partials_together), so results are bit-reproducible (no float
+atomics). Splitting dx out reads x and dy once more than one fused pass would (+134 MB at the
+paper's shape); the fused version measured slower (registers spilled), see benchmarks/KERNELS.md.
 
 The "split" variant (what "auto" takes for the widest filters, see _auto_variant; forced by
 ISOFLOP_LOWRANK_BWD=split or variant="split") computes the filter gradients in two kernels with
@@ -64,7 +64,7 @@ from isoflop.kernels.triton_common import (
     next_pow2,
     processor_count,
     seq_pos,
-    sum_partials,
+    sum_partials_together,
     time_chunks,
     wave_fill,
 )
@@ -724,16 +724,20 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
     )
     # Each group's dz sums its own channel tiles' partials (tiles never straddle groups).
     groups = D // d_group
-    dz = sum_partials(dz_part, z.dtype, groups).view(groups, B * T, R)
+    dz, dU, ds = _sum_param_grads(du_part, ds_part, U, static, (dz_part, z.dtype, groups))
+    dz = dz.view(groups, B * T, R)
     dz = dz.view(B, T, R) if groups == 1 else dz.permute(1, 0, 2).reshape(B, T, groups * R)
-    return dz, *_sum_param_grads(du_part, ds_part, U, static)
+    return dz, dU, ds
 
 
-def _sum_param_grads(du_part: Tensor, ds_part: Tensor, U: Tensor, static: Tensor | None):
-    """dU and ds from their per-chunk partials (ds_part is du_part itself without a static filter)."""
-    dU = sum_partials(du_part, U.dtype).view(U.shape)
-    ds = sum_partials(ds_part, static.dtype).view(static.shape) if static is not None else None
-    return dU, ds
+def _sum_param_grads(du_part: Tensor, ds_part: Tensor, U: Tensor, static: Tensor | None, *first: tuple):
+    """(*first's sums, dU, ds) from their partials (ds_part is du_part itself without a static
+    filter), in one launch with the `first` sum_partials jobs (KERNELS.md, v21)."""
+    jobs = [*first, (du_part, U.dtype, 1)] + ([(ds_part, static.dtype, 1)] if static is not None else [])
+    sums = sum_partials_together(jobs)
+    dU = sums[len(first)].view(U.shape)
+    ds = sums[-1].view(static.shape) if static is not None else None
+    return *sums[:len(first)], dU, ds
 
 
 def _split_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
