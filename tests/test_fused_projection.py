@@ -108,15 +108,16 @@ def test_lowrank_convs_of_one_projection_run_as_one_call(monkeypatch, arch, widt
     assert seen == widths
 
 
-def test_compiled_code_runs_lowrank_convs_one_by_one_on_contiguous_copies(monkeypatch):
-    """Under torch.compile (measured faster at 300M, and less memory) each low-rank conv runs alone
-    on contiguous inputs; eager code groups them and reads views (the test above)."""
+def test_compiled_code_runs_lowrank_convs_one_by_one_on_views(monkeypatch):
+    """Under torch.compile (measured faster at 300M, and less memory) each low-rank conv runs alone,
+    reading its x and z as views of the fused projection, as eager code does (no copies: the ops
+    take any layout, KERNELS.md training point 13); eager code groups them (the test above)."""
     model = build_model(tiny_config("dynamic-qkv"))
     seen = record_calls(monkeypatch, "dynamic_conv_lowrank",
-                        lambda x, z, *_: (x.shape[-1], z.shape[-1], x.is_contiguous() and z.is_contiguous()))
+                        lambda x, z, *_: (x.shape[-1], z.shape[-1], x.is_contiguous() or z.is_contiguous()))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     model(torch.randint(0, VOCAB, (2, 12)))
-    assert seen == [(D, 16, True)] * 3 * LAYERS
+    assert seen == [(D, 16, False)] * 3 * LAYERS
 
 
 class MatmulShapes(TorchDispatchMode):

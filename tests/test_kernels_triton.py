@@ -11,6 +11,7 @@ Three groups:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -410,6 +411,30 @@ def test_custom_ops_pass_opcheck(gen):
     torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu))
     torch.library.opcheck(ops.headwise_conv, (x, rand(B, T, W, 4, gen=gen).requires_grad_(), None, False, None))
     torch.library.opcheck(ops.conv_step, (x[:, 0].detach(), rand(B, W - 1, D, gen=gen), z[:, 0].detach(), U.detach(), None, s.detach(), True))
+
+
+@interpreted
+def test_lowrank_ops_take_inputs_in_any_layout(gen):
+    """The low-rank ops let Inductor hand them any layout (torch.Tag.flexible_layout, so it need not
+    copy its padded buffers to eager's strides; ops._takes_any_rows): rows padded, sequences
+    apart, transposed storage must all give the results of contiguous inputs, bit for bit."""
+    from isoflop.kernels import ops
+
+    B, T, D, R, W = 2, 9, 32, 3, 3
+    x, z, dy = rand(B, T, D, gen=gen), rand(B, T, R, gen=gen), rand(B, T, D, gen=gen)
+    U, s = rand(R, W * D, gen=gen), rand(W, D, gen=gen)
+    x_apart = torch.zeros(T, B, D + 5).permute(1, 0, 2)[..., 3:3 + D]  # batch stride != T rows
+    z_padded = torch.zeros(B, T, R + 13)[..., 2:2 + R]
+    dy_transposed = torch.zeros(B, D, T).transpose(1, 2)
+    for view, values in ((x_apart, x), (z_padded, z), (dy_transposed, dy)):
+        view.copy_(values)
+    assert torch.equal(ops.lowrank_conv(x_apart, z_padded, U, s, True, None), ops.lowrank_conv(x, z, U, s, True, None))
+    odd = ops.lowrank_conv_backward(dy_transposed, x_apart, z_padded, U, s, True, None)
+    plain = ops.lowrank_conv_backward(dy, x, z, U, s, True, None)
+    assert all(torch.equal(a, b) for a, b in zip(odd, plain))
+    if "tags" in inspect.signature(torch.library.custom_op).parameters:  # torch >= 2.8
+        for op in (torch.ops.isoflop.lowrank_conv, torch.ops.isoflop.lowrank_conv_backward):
+            assert torch.Tag.flexible_layout in op.default.tags
 
 
 @interpreted

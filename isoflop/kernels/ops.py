@@ -76,7 +76,24 @@ def _lowrank_conv(
     return lowrank_forward(_rows(x), _rows(z), U.contiguous(), static, residual, pos)
 
 
-lowrank_conv = torch.library.custom_op("isoflop::lowrank_conv", _lowrank_conv, mutates_args=())
+def _takes_any_rows(name: str, fn: Callable):
+    """A custom op that Inductor may hand views with padded or strided rows as they are.
+
+    By default Inductor gives a custom op its inputs with the strides eager mode had. On CUDA it
+    pads the rows of wide buffers to 128 bytes (comprehensive padding: the fused projection's
+    3120 columns at 300M become 3136), and torch 2.11 then copied every x and z sliced from that
+    output, and the backward's saved x, back to eager's strides: 1.6 ms of a 300M dynamic-qkv
+    step, 5.4 ms of all-linear's (KERNELS.md, training point 13). The low-rank kernels take any
+    row stride and copy other layouts themselves (`_rows`), so these ops accept any layout
+    (torch.Tag.flexible_layout, where torch >= 2.8 lets custom_op take tags)."""
+    flexible = getattr(torch.Tag, "flexible_layout", None)
+    try:
+        return torch.library.custom_op(name, fn, mutates_args=(), tags=(flexible,) if flexible else ())
+    except TypeError:  # custom_op without tags (torch < 2.8): eager strides, so copies stay
+        return torch.library.custom_op(name, fn, mutates_args=())
+
+
+lowrank_conv = _takes_any_rows("isoflop::lowrank_conv", _lowrank_conv)
 
 
 @lowrank_conv.register_fake
@@ -94,8 +111,7 @@ def _lowrank_conv_backward(
     return dx, dz, dU, ds if ds is not None else _empty(x)
 
 
-lowrank_conv_backward = torch.library.custom_op(
-    "isoflop::lowrank_conv_backward", _lowrank_conv_backward, mutates_args=())
+lowrank_conv_backward = _takes_any_rows("isoflop::lowrank_conv_backward", _lowrank_conv_backward)
 
 
 @lowrank_conv_backward.register_fake

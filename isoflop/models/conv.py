@@ -136,14 +136,9 @@ class DynamicShortConv(nn.Module):
         z = generator_input(h) [B, T, rank or W*H] when the caller has computed it already."""
         z = self.generator_input(h) if z is None else z
         if self.kind == "lowrank":
-            # x and z are often views into a fused projection's output (LinearConvs.project).
-            # Eager code hands them to the kernels as they are (a copy would be one more kernel
-            # launch, and what the backward keeps of the output is no more than copies would be).
-            # Under torch.compile, views buy nothing: Inductor copies the split outputs anyway, and
-            # its backward adds a pass over each x view's gradient (300M dynamic-qkv, profiled:
-            # +1.2 ms of GPU time and +2.6 ms per step on views, of which the kernels +0.4 ms).
-            if torch.compiler.is_compiling():
-                x, z = x.contiguous(), z.contiguous()
+            # x and z are often views into a fused projection's output (LinearConvs.project): the
+            # kernels read them in place, eager or compiled (the ops take any row stride, so
+            # Inductor need not copy its padded buffers; ops._takes_any_rows).
             return kernels.dynamic_conv_lowrank(
                 x, z, self.up, self.bias, residual=self.residual, cu_seqlens=cu_seqlens
             )
@@ -286,9 +281,9 @@ class LinearConvs(nn.ModuleDict):
             y = kernels.static_conv(y, weight, residual=static[0].residual, cu_seqlens=cu_seqlens)
             return list(y.split([conv.channels for conv in static], dim=-1))
         # Eager small models are bound by host time per call: q/k/v as one call took a d128-l3
-        # step from x1.60 to x1.36 the transformer's. Compiled, one call per conv on contiguous
-        # copies was faster at 300M (+10.3% vs +10.9% for one call on copies, +12.0% on views)
-        # and keeps 2 GiB less (attention keeps v, a view of the one call's whole output).
+        # step from x1.60 to x1.36 the transformer's. Compiled, one call per conv was faster at
+        # 300M (+10.3% vs +10.9% for one call, on copies) and keeps 2 GiB less (attention keeps
+        # v, a view of the one call's whole output); each call reads its views in place.
         lowrank = None if torch.compiler.is_compiling() else self._lowrank_group(list(linears))
         if lowrank is not None:
             return self._run_lowrank_group(h, linears, lowrank, cu_seqlens)
