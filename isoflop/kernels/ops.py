@@ -76,16 +76,17 @@ def _lowrank_conv(
     return lowrank_forward(_rows(x), _rows(z), U.contiguous(), static, residual, pos)
 
 
-def _takes_any_rows(name: str, fn: Callable):
-    """A custom op that Inductor may hand views with padded or strided rows as they are.
+def _takes_any_layout(name: str, fn: Callable):
+    """A custom op that Inductor may hand its inputs in any layout, views with padded rows included.
 
     By default Inductor gives a custom op its inputs with the strides eager mode had. On CUDA it
     pads the rows of wide buffers to 128 bytes (comprehensive padding: the fused projection's
     3120 columns at 300M become 3136), and torch 2.11 then copied every x and z sliced from that
     output, and the backward's saved x, back to eager's strides: 1.6 ms of a 300M dynamic-qkv
-    step, 5.4 ms of all-linear's (KERNELS.md, training point 13). The low-rank kernels take any
-    row stride and copy other layouts themselves (`_rows`), so these ops accept any layout
-    (torch.Tag.flexible_layout, where torch >= 2.8 lets custom_op take tags)."""
+    step, 5.4 ms of all-linear's (KERNELS.md, training point 13). The low-rank kernels take a row
+    stride and the ops copy other layouts themselves (`_rows`), so they accept any layout
+    (torch.Tag.flexible_layout, where torch >= 2.8 lets custom_op take tags). Their fake
+    implementations return contiguous tensors, as the kernels do."""
     flexible = getattr(torch.Tag, "flexible_layout", None)
     try:
         return torch.library.custom_op(name, fn, mutates_args=(), tags=(flexible,) if flexible else ())
@@ -93,7 +94,7 @@ def _takes_any_rows(name: str, fn: Callable):
         return torch.library.custom_op(name, fn, mutates_args=())
 
 
-lowrank_conv = _takes_any_rows("isoflop::lowrank_conv", _lowrank_conv)
+lowrank_conv = _takes_any_layout("isoflop::lowrank_conv", _lowrank_conv)
 
 
 @lowrank_conv.register_fake
@@ -111,13 +112,13 @@ def _lowrank_conv_backward(
     return dx, dz, dU, ds if ds is not None else _empty(x)
 
 
-lowrank_conv_backward = _takes_any_rows("isoflop::lowrank_conv_backward", _lowrank_conv_backward)
+lowrank_conv_backward = _takes_any_layout("isoflop::lowrank_conv_backward", _lowrank_conv_backward)
 
 
 @lowrank_conv_backward.register_fake
 def _(dy, x, z, U, static, residual, cu_seqlens):
-    ds = torch.empty_like(static) if static is not None else _empty(x)
-    return x.new_empty(x.shape), z.new_empty(z.shape), torch.empty_like(U), ds
+    ds = static.new_empty(static.shape) if static is not None else _empty(x)
+    return x.new_empty(x.shape), z.new_empty(z.shape), U.new_empty(U.shape), ds
 
 
 def _lowrank_setup(ctx, inputs, output):

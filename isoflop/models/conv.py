@@ -57,7 +57,7 @@ class StaticShortConv(nn.Module):
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         """x [B, T, channels] -> [B, T, channels]."""
-        x = x.contiguous()  # see DynamicShortConv.forward
+        x = x.contiguous()  # see DynamicShortConv.forward (head-wise)
         return kernels.static_conv(x, self.weight, residual=self.residual, cu_seqlens=cu_seqlens)
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,13 +137,14 @@ class DynamicShortConv(nn.Module):
         z = self.generator_input(h) if z is None else z
         if self.kind == "lowrank":
             # x and z are often views into a fused projection's output (LinearConvs.project): the
-            # kernels read them in place, eager or compiled (the ops take any row stride, so
-            # Inductor need not copy its padded buffers; ops._takes_any_rows).
+            # kernels read them in place, eager or compiled (the ops take any layout, so Inductor
+            # need not copy its padded buffers; ops._takes_any_layout).
             return kernels.dynamic_conv_lowrank(
                 x, z, self.up, self.bias, residual=self.residual, cu_seqlens=cu_seqlens
             )
         # The head-wise kernels take contiguous inputs: copying here, once, means the copies are
-        # what the backward saves, so it neither copies again nor keeps the fused output alive.
+        # what the backward saves, so it neither copies again nor keeps the fused output alive
+        # (reading views in place: KERNELS.md, training point 14).
         x, z = x.contiguous(), z.contiguous()
         return kernels.dynamic_conv_headwise(
             x, self._taps(z), self.bias, residual=self.residual, cu_seqlens=cu_seqlens
