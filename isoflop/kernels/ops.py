@@ -27,7 +27,7 @@ from torch import Tensor
 
 # Low-rank channel groups: a channel tile (>= 16 for the matrix units) fits in one; defined beside
 # the dispatch, which must not import Triton.
-from isoflop.kernels import GROUP_MULTIPLE
+from isoflop.kernels import GROUP_MULTIPLE, LOWRANK_OPS_TAKE_ANY_LAYOUT
 from isoflop.kernels.reference import check_cu_seqlens, lowrank_groups
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
@@ -87,11 +87,9 @@ def _takes_any_layout(name: str, fn: Callable):
     stride and the ops copy other layouts themselves (`_rows`), so they accept any layout
     (torch.Tag.flexible_layout, where torch >= 2.8 lets custom_op take tags). Their fake
     implementations return contiguous tensors, as the kernels do."""
-    flexible = getattr(torch.Tag, "flexible_layout", None)
-    try:
-        return torch.library.custom_op(name, fn, mutates_args=(), tags=(flexible,) if flexible else ())
-    except TypeError:  # custom_op without tags (torch < 2.8): eager strides, so copies stay
-        return torch.library.custom_op(name, fn, mutates_args=())
+    if LOWRANK_OPS_TAKE_ANY_LAYOUT:
+        return torch.library.custom_op(name, fn, mutates_args=(), tags=(torch.Tag.flexible_layout,))
+    return torch.library.custom_op(name, fn, mutates_args=())  # no tags before torch 2.8
 
 
 lowrank_conv = _takes_any_layout("isoflop::lowrank_conv", _lowrank_conv)

@@ -138,7 +138,10 @@ class DynamicShortConv(nn.Module):
         if self.kind == "lowrank":
             # x and z are often views into a fused projection's output (LinearConvs.project): the
             # kernels read them in place, eager or compiled (the ops take any layout, so Inductor
-            # need not copy its padded buffers; ops._takes_any_layout).
+            # need not copy its padded buffers; ops._takes_any_layout). Where torch cannot say so,
+            # Inductor copies each view and the saved x once more: one copy here costs less.
+            if torch.compiler.is_compiling() and not kernels.LOWRANK_OPS_TAKE_ANY_LAYOUT:
+                x, z = x.contiguous(), z.contiguous()
             return kernels.dynamic_conv_lowrank(
                 x, z, self.up, self.bias, residual=self.residual, cu_seqlens=cu_seqlens
             )
