@@ -150,7 +150,7 @@ def sum_partials_together(jobs: list[tuple[torch.Tensor, torch.dtype, int]]) -> 
     ds sums, which took a launch each (KERNELS.md, v21)."""
     if not 1 <= len(jobs) <= 3:
         raise ValueError(f"sum_partials_together: {len(jobs)} jobs; allowed: 1 to 3")
-    outs, args, blocks, end = [], [], {}, 0
+    outs, args, ends, blocks = [], [], [], {}
     for j, (part, dtype, groups) in enumerate(jobs):
         n = part.shape[0] // groups
         m = part[0].numel()
@@ -159,13 +159,13 @@ def sum_partials_together(jobs: list[tuple[torch.Tensor, torch.dtype, int]]) -> 
         block_n = min(64, next_pow2(n))
         block_m = 16 if interpreting() else min(1024, max(128, 8192 // block_n))
         m_blocks = triton.cdiv(m, block_m)
-        end += m_blocks * groups
         outs.append(out)
-        args.append((part, out, n, m, m_blocks, end))
+        args += [part, out, n, m, m_blocks]
+        ends.append((ends[-1] if ends else 0) + m_blocks * groups)  # this job's programs end here
         blocks |= {f"BLOCK_N{j}": block_n, f"BLOCK_M{j}": block_m}
     for j in range(len(jobs), 3):  # unused slots: job 0's arguments, never reached (JOBS)
-        args.append(args[0])
+        args += args[:5]
+        ends.append(ends[-1])
         blocks |= {f"BLOCK_N{j}": blocks["BLOCK_N0"], f"BLOCK_M{j}": blocks["BLOCK_M0"]}
-    flat = [value for part, out, n, m, m_blocks, _ in args for value in (part, out, n, m, m_blocks)]
-    _sum_partials_kernel[(end,)](*flat, args[0][5], args[1][5], JOBS=len(jobs), **blocks, num_warps=4)
+    _sum_partials_kernel[(ends[-1],)](*args, ends[0], ends[1], JOBS=len(jobs), **blocks, num_warps=4)
     return outs
