@@ -48,6 +48,9 @@ BATCH, SEQ, D_MODEL, R, W = 4, 4096, 2048, 16, 4
 # (chunks_per_seq) compile as plain integers.
 INT_ARGS = {"B": BATCH, "T": SEQ, "D": D_MODEL, "R": R, "chunk_t": 16,
             "X_STRIDE": D_MODEL, "Z_STRIDE": R, "D_GROUP": D_MODEL}  # low-rank: contiguous, one group
+# Head-wise and static: contiguous inputs (DENSE); with DENSE False they compile the path for views
+# (rows X_STRIDE and W_STRIDE apart, runtime integers).
+DENSE = os.environ.get("KR_DENSE", "1") == "1"
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 # Pointer arguments that are not activations: their element types.
 POINTER_TYPES = {"pos_ptr": "*i32", "dz_part_ptr": "*fp32", "du_part_ptr": "*fp32", "ds_part_ptr": "*fp32"}
@@ -89,14 +92,16 @@ def cases(dtype: tl.dtype) -> list[Case]:
     # Head-wise and static: the row-walking kernels (up to 4 taps, so the paper's W=4) ...
     rows = triton_headwise.rows
     for hs in (16, 1):
-        head = dict(W=W, HS=hs, HS_P=hs, HAS_DYN=True, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True)
+        head = dict(W=W, HS=hs, HS_P=hs, HAS_DYN=True, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True,
+                    DENSE=DENSE)
         found += [
             Case(f"head-wise hs={hs} forward", rows._rows_fwd_kernel, head,
                  triton_headwise._row_blocks(SEQ, D_MODEL, hs, backward=False), {"H": D_MODEL // hs}),
             Case(f"head-wise hs={hs} backward", rows._rows_bwd_kernel, head,
                  triton_headwise._row_blocks(SEQ, D_MODEL, hs, backward=True), {"H": D_MODEL // hs}),
         ]
-    static = dict(W=W, HS=1, HS_P=1, HAS_DYN=False, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True)
+    static = dict(W=W, HS=1, HS_P=1, HAS_DYN=False, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True,
+                  DENSE=DENSE)
     found += [
         Case("static forward", rows._rows_fwd_kernel, static,
              triton_headwise._row_blocks(SEQ, D_MODEL, 1, backward=False, dynamic=False), {"H": D_MODEL}),

@@ -331,11 +331,11 @@ def install_tuned(best: dict[str, dict]) -> None:
             return {kernel: dict(blocks) for kernel, blocks in tuned.items()}
         return split_default(R_P, W_P, fp32)
 
-    def row_blocks(T, D, hs_p, backward, dynamic=True):
+    def row_blocks(T, D, hs_p, backward, dynamic=True, dense=True):
         kind = ("headwise hs=1" if hs_p == 1 else "headwise hs=4" if hs_p <= 4 else "headwise hs=16") if dynamic else "static"
         tuned = best.get(f"{kind} {'bwd' if backward else 'fwd'}")
-        if tuned is None or "ROWS" not in tuned:  # a tiled winner cannot be installed here
-            return row_default(T, D, hs_p, backward, dynamic)
+        if tuned is None or "ROWS" not in tuned or not dense:  # tuned on contiguous inputs, as rows
+            return row_default(T, D, hs_p, backward, dynamic, dense)
         return {**tuned, "BLOCK_C": max(tuned["BLOCK_C"], hs_p)}
 
     lr._conv_blocks, lr._grad_blocks, lr._split_blocks, hw._row_blocks = (

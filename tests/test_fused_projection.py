@@ -110,18 +110,23 @@ def test_lowrank_convs_of_one_projection_run_as_one_call(monkeypatch, arch, widt
 
 
 @pytest.mark.parametrize("any_layout", [True, False])
-def test_compiled_code_runs_lowrank_convs_one_by_one_on_views(monkeypatch, any_layout):
-    """Under torch.compile (measured faster at 300M, and less memory) each low-rank conv runs alone,
-    reading its x and z as views of the fused projection, as eager code does (no copies: the ops
-    take any layout, KERNELS.md training point 13); eager code groups them (the test above). Where
-    torch cannot tag the ops (before 2.8), the model copies each view once instead."""
-    model = build_model(tiny_config("dynamic-qkv"))
-    seen = record_calls(monkeypatch, "dynamic_conv_lowrank",
-                        lambda x, z, *_: (x.shape[-1], z.shape[-1], x.is_contiguous() and z.is_contiguous()))
+@pytest.mark.parametrize("arch, function, filters", [
+    ("dynamic-qkv", "dynamic_conv_lowrank", (16,)),  # z [B, T, R]
+    ("dynamic-headwise-qkv", "dynamic_conv_headwise", (4, D // 16)),  # w [B, T, W, H]
+])
+def test_compiled_code_runs_dynamic_convs_one_by_one_on_views(monkeypatch, any_layout, arch, function, filters):
+    """Under torch.compile (measured faster at 300M, and less memory) each dynamic conv runs alone,
+    reading its x and filter input as views of the fused projection, as eager code does (no
+    copies: the ops take any layout, KERNELS.md training points 13 and 14); eager code groups the
+    low-rank ones (the test above). Where torch cannot tag the ops (before 2.8), the model copies
+    each view once instead."""
+    model = build_model(tiny_config(arch))
+    seen = record_calls(monkeypatch, function,
+                        lambda x, z, *_: (x.shape[-1], z.shape[2:], x.is_contiguous() and z.is_contiguous()))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    monkeypatch.setattr(kernels, "LOWRANK_OPS_TAKE_ANY_LAYOUT", any_layout)
+    monkeypatch.setattr(kernels, "CONV_OPS_TAKE_ANY_LAYOUT", any_layout)
     model(torch.randint(0, VOCAB, (2, 12)))
-    assert seen == [(D, 16, not any_layout)] * 3 * LAYERS
+    assert seen == [(D, filters, not any_layout)] * 3 * LAYERS
 
 
 class MatmulShapes(TorchDispatchMode):

@@ -413,27 +413,58 @@ def test_custom_ops_pass_opcheck(gen):
     torch.library.opcheck(ops.conv_step, (x[:, 0].detach(), rand(B, W - 1, D, gen=gen), z[:, 0].detach(), U.detach(), None, s.detach(), True))
 
 
+def odd_layouts(x: Tensor) -> list[Tensor]:
+    """x [B, T, D]'s values in two layouts the conv ops take: padded rows (read in place, the
+    kernels' row stride) and sequences apart (batch stride != T rows: copied)."""
+    B, T, D = x.shape
+    padded = torch.zeros(B, T, D + 5)[..., 3:3 + D].copy_(x)
+    apart = torch.zeros(T, B, D + 5).permute(1, 0, 2)[..., 3:3 + D].copy_(x)
+    return [padded, apart]
+
+
 @interpreted
 def test_lowrank_ops_take_inputs_in_any_layout(gen):
     """The low-rank ops let Inductor hand them any layout (torch.Tag.flexible_layout, so it need not
-    copy its padded buffers to eager's strides; ops._takes_any_rows): rows padded, sequences
+    copy its padded buffers to eager's strides; ops._takes_any_layout): rows padded, sequences
     apart, transposed storage must all give the results of contiguous inputs, bit for bit."""
     from isoflop.kernels import ops
 
     B, T, D, R, W = 2, 9, 32, 3, 3
     x, z, dy = rand(B, T, D, gen=gen), rand(B, T, R, gen=gen), rand(B, T, D, gen=gen)
     U, s = rand(R, W * D, gen=gen), rand(W, D, gen=gen)
-    x_apart = torch.zeros(T, B, D + 5).permute(1, 0, 2)[..., 3:3 + D]  # batch stride != T rows
-    z_padded = torch.zeros(B, T, R + 13)[..., 2:2 + R]
-    dy_transposed = torch.zeros(B, D, T).transpose(1, 2)
-    for view, values in ((x_apart, x), (z_padded, z), (dy_transposed, dy)):
-        view.copy_(values)
-    assert torch.equal(ops.lowrank_conv(x_apart, z_padded, U, s, True, None), ops.lowrank_conv(x, z, U, s, True, None))
-    odd = ops.lowrank_conv_backward(dy_transposed, x_apart, z_padded, U, s, True, None)
-    plain = ops.lowrank_conv_backward(dy, x, z, U, s, True, None)
-    assert all(torch.equal(a, b) for a, b in zip(odd, plain))
+    z_padded = torch.zeros(B, T, R + 13)[..., 2:2 + R].copy_(z)
+    dy_transposed = torch.zeros(B, D, T).transpose(1, 2).copy_(dy)
+    plain = [ops.lowrank_conv(x, z, U, s, True, None), *ops.lowrank_conv_backward(dy, x, z, U, s, True, None)]
+    for x_odd in odd_layouts(x):
+        odd = [ops.lowrank_conv(x_odd, z_padded, U, s, True, None),
+               *ops.lowrank_conv_backward(dy_transposed, x_odd, z_padded, U, s, True, None)]
+        assert all(torch.equal(a, b) for a, b in zip(odd, plain))
     if "tags" in inspect.signature(torch.library.custom_op).parameters:  # torch >= 2.8
         for op in (torch.ops.isoflop.lowrank_conv, torch.ops.isoflop.lowrank_conv_backward):
+            assert torch.Tag.flexible_layout in op.default.tags
+
+
+@interpreted
+@pytest.mark.parametrize("W", [3, 6])  # the row walks (up to 4 taps) and the tiled kernels
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_headwise_ops_take_inputs_in_any_layout(gen, W, dynamic):
+    """The head-wise and static ops, like the low-rank ones, take any layout: x with padded rows or
+    sequences apart, taps w unflattened from a wider row, dy transposed must all give the results
+    of contiguous inputs, bit for bit (views are read in place, other layouts copied)."""
+    from isoflop.kernels import ops
+
+    B, T, D, H = 2, 9, 16, 4
+    x, dy, s = rand(B, T, D, gen=gen), rand(B, T, D, gen=gen), rand(W, D, gen=gen)
+    w = rand(B, T, W, H, gen=gen) if dynamic else None
+    dy_transposed = torch.zeros(B, D, T).transpose(1, 2).copy_(dy)
+    w_padded = torch.zeros(B, T, W * H + 7)[..., 5:5 + W * H].unflatten(-1, (W, H)).copy_(w) if dynamic else None
+    plain = [ops.headwise_conv(x, w, s, True, None), *ops.headwise_conv_backward(dy, x, w, s, True, None)]
+    for x_odd in odd_layouts(x):
+        odd = [ops.headwise_conv(x_odd, w_padded, s, True, None),
+               *ops.headwise_conv_backward(dy_transposed, x_odd, w_padded, s, True, None)]
+        assert all(torch.equal(a, b) for a, b in zip(odd, plain))
+    if "tags" in inspect.signature(torch.library.custom_op).parameters:  # torch >= 2.8
+        for op in (torch.ops.isoflop.headwise_conv, torch.ops.isoflop.headwise_conv_backward):
             assert torch.Tag.flexible_layout in op.default.tags
 
 

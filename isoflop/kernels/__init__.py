@@ -31,10 +31,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Mirror ops.MAX_WIDTH / ops.MAX_HEAD_SIZE without importing Triton (ops takes GROUP_MULTIPLE from here).
 _MAX_WIDTH, _MAX_HEAD_SIZE = 8, 256
 GROUP_MULTIPLE = 16  # channels per low-rank channel group that the Triton kernels can tile
-# Whether the low-rank custom ops can tell Inductor they take any layout (custom_op's tags, torch
+# Whether the conv custom ops can tell Inductor they take any layout (custom_op's tags, torch
 # >= 2.8): then compiled models hand them views in place; without it Inductor would copy each view
 # to eager's strides, and the model copies once itself (ops._takes_any_layout, models/conv.py).
-LOWRANK_OPS_TAKE_ANY_LAYOUT = (
+CONV_OPS_TAKE_ANY_LAYOUT = (
     hasattr(torch.Tag, "flexible_layout") and "tags" in inspect.signature(torch.library.custom_op).parameters
 )
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 # Low-rank channel groups: a channel tile (>= 16 for the matrix units) fits in one; defined beside
 # the dispatch, which must not import Triton.
-from isoflop.kernels import GROUP_MULTIPLE, LOWRANK_OPS_TAKE_ANY_LAYOUT
+from isoflop.kernels import GROUP_MULTIPLE, CONV_OPS_TAKE_ANY_LAYOUT
 from isoflop.kernels.reference import check_cu_seqlens, lowrank_groups
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
@@ -56,12 +56,23 @@ def _empty(like: Tensor) -> Tensor:
 
 def _rows(t: Tensor) -> Tensor:
     """t [B, T, C] itself when its rows are evenly strided with unit channel stride, as views into
-    one fused projection's output are (the low-rank kernels take a row stride, so such a view costs
-    no copy); otherwise a contiguous copy."""
+    one fused projection's output are (the kernels take a row stride, so such a view costs no
+    copy); otherwise a contiguous copy."""
     B, T, _ = t.shape
     if t.stride(2) == 1 and (B == 1 or t.stride(0) == T * t.stride(1)):
         return t
     return t.contiguous()
+
+
+def _tap_rows(w: Tensor | None) -> Tensor | None:
+    """Head-wise taps w [B, T, W, H] itself when each row's W * H taps are contiguous and rows are
+    evenly strided (the generator's output unflattened, read in place); otherwise a contiguous copy."""
+    if w is None:
+        return None
+    B, T, _, H = w.shape
+    if w.stride(3) == 1 and w.stride(2) == H and (B == 1 or w.stride(0) == T * w.stride(1)):
+        return w
+    return w.contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,17 +88,18 @@ def _lowrank_conv(
 
 
 def _takes_any_layout(name: str, fn: Callable):
-    """A custom op that Inductor may hand its inputs in any layout, views with padded rows included.
+    """A conv custom op that Inductor may hand its inputs in any layout, views with padded rows
+    included.
 
     By default Inductor gives a custom op its inputs with the strides eager mode had. On CUDA it
     pads the rows of wide buffers to 128 bytes (comprehensive padding: the fused projection's
     3120 columns at 300M become 3136), and torch 2.11 then copied every x and z sliced from that
     output, and the backward's saved x, back to eager's strides: 1.6 ms of a 300M dynamic-qkv
-    step, 5.4 ms of all-linear's (KERNELS.md, training point 13). The low-rank kernels take a row
-    stride and the ops copy other layouts themselves (`_rows`), so they accept any layout
-    (torch.Tag.flexible_layout, where torch >= 2.8 lets custom_op take tags). Their fake
+    step, 5.4 ms of all-linear's (KERNELS.md, training points 13 and 14). The kernels take row
+    strides and the ops copy other layouts themselves (`_rows`, `_tap_rows`), so they accept any
+    layout (torch.Tag.flexible_layout, where torch >= 2.8 lets custom_op take tags). Their fake
     implementations return contiguous tensors, as the kernels do."""
-    if LOWRANK_OPS_TAKE_ANY_LAYOUT:
+    if CONV_OPS_TAKE_ANY_LAYOUT:
         return torch.library.custom_op(name, fn, mutates_args=(), tags=(torch.Tag.flexible_layout,))
     return torch.library.custom_op(name, fn, mutates_args=())  # no tags before torch 2.8
 
@@ -141,40 +153,37 @@ lowrank_conv.register_autograd(_lowrank_grad, setup_context=_lowrank_setup)
 def _headwise_conv(
     x: Tensor, w: Optional[Tensor], static: Optional[Tensor], residual: bool, cu_seqlens: Optional[Tensor]
 ) -> Tensor:
-    w = w.contiguous() if w is not None else None
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
-    return headwise_forward(x.contiguous(), w, static, residual, pos)
+    return headwise_forward(_rows(x), _tap_rows(w), static, residual, pos)
 
 
-headwise_conv = torch.library.custom_op("isoflop::headwise_conv", _headwise_conv, mutates_args=())
+headwise_conv = _takes_any_layout("isoflop::headwise_conv", _headwise_conv)
 
 
 @headwise_conv.register_fake
 def _(x, w, static, residual, cu_seqlens):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _headwise_conv_backward(
     dy: Tensor, x: Tensor, w: Optional[Tensor], static: Optional[Tensor], residual: bool,
     cu_seqlens: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    w = w.contiguous() if w is not None else None
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
-    dx, dw, ds = headwise_backward(dy.contiguous(), x.contiguous(), w, static, residual, pos)
+    dx, dw, ds = headwise_backward(dy.contiguous(), _rows(x), _tap_rows(w), static, residual, pos)
     return dx, dw if dw is not None else _empty(x), ds if ds is not None else _empty(x)
 
 
-headwise_conv_backward = torch.library.custom_op(
-    "isoflop::headwise_conv_backward", _headwise_conv_backward, mutates_args=())
+headwise_conv_backward = _takes_any_layout("isoflop::headwise_conv_backward", _headwise_conv_backward)
 
 
 @headwise_conv_backward.register_fake
 def _(dy, x, w, static, residual, cu_seqlens):
-    dw = torch.empty_like(w) if w is not None else _empty(x)
-    ds = torch.empty_like(static) if static is not None else _empty(x)
-    return torch.empty_like(x), dw, ds
+    dw = w.new_empty(w.shape) if w is not None else _empty(x)
+    ds = static.new_empty(static.shape) if static is not None else _empty(x)
+    return x.new_empty(x.shape), dw, ds
 
 
 def _headwise_setup(ctx, inputs, output):

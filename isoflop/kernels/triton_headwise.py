@@ -32,15 +32,15 @@ from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos, sum_
 
 
 @triton.jit
-def _tap(w_ptr, s_ptr, row, row_ok, h, d, k: tl.constexpr, D, H, W: tl.constexpr,
+def _tap(w_ptr, s_ptr, row, row_ok, h, d, k: tl.constexpr, D, H, WS, W: tl.constexpr,
          HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, RESIDUAL: tl.constexpr,
          BLOCK_T: tl.constexpr, HEADS: tl.constexpr):
     """Effective tap k at rows `row` (float32, broadcastable to [BLOCK_T, HEADS, HS_P]): the head's
-    dynamic value (loaded once per head, not per channel) + static + residual."""
+    dynamic value (loaded once per head, not per channel; w's rows WS apart) + static + residual."""
     tap = tl.zeros([BLOCK_T, HEADS, 1], dtype=tl.float32)
     if HAS_DYN:
         w_ok = row_ok[:, None] & (h < H)[None, :]
-        w = tl.load(w_ptr + row[:, None] * (W * H) + k * H + h[None, :], mask=w_ok, other=0.0)
+        w = tl.load(w_ptr + row[:, None] * WS + k * H + h[None, :], mask=w_ok, other=0.0)
         tap += w.to(tl.float32)[:, :, None]
     if HAS_STATIC:
         tap = tap + tl.load(s_ptr + k * D + d, mask=d < D, other=0.0).to(tl.float32)[None, :, :]
@@ -63,20 +63,23 @@ def _rows(pos_ptr, T, b, tile, BLOCK_T: tl.constexpr, HAS_POS: tl.constexpr):
 @triton.jit
 def _headwise_fwd_kernel(
     x_ptr, w_ptr, s_ptr, pos_ptr, y_ptr,
-    T, D, H,
+    T, D, H, X_STRIDE, W_STRIDE,
     W: tl.constexpr, HS: tl.constexpr, HS_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
+    DENSE: tl.constexpr = True,
 ):
+    """x's rows X_STRIDE apart and w's W_STRIDE, or D and W * H when DENSE (rows._strides)."""
     HEADS: tl.constexpr = BLOCK_C // HS_P
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     h, d, c_ok = tile_channels(pid_c, H, HS, HS_P, HEADS)
+    XS, WS = rows._strides(D, H, X_STRIDE, W_STRIDE, W, DENSE)
     t, t_ok, p, row = _rows(pos_ptr, T, b, pid_t, BLOCK_T, HAS_POS)
-    x_ptrs = x_ptr + row[:, None, None] * D + d[None, :, :]
+    x_ptrs = x_ptr + row[:, None, None] * XS + d[None, :, :]
     acc = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
     for k in tl.static_range(W):
         lag_ok = t_ok & (p >= k) & (t >= k)
-        xk = tl.load(x_ptrs - k * D, mask=lag_ok[:, None, None] & c_ok[None, :, :], other=0.0)
-        tap = _tap(w_ptr, s_ptr, row, t_ok, h, d, k, D, H, W, HAS_DYN, HAS_STATIC, RESIDUAL, BLOCK_T, HEADS)
+        xk = tl.load(x_ptrs - k * XS, mask=lag_ok[:, None, None] & c_ok[None, :, :], other=0.0)
+        tap = _tap(w_ptr, s_ptr, row, t_ok, h, d, k, D, H, WS, W, HAS_DYN, HAS_STATIC, RESIDUAL, BLOCK_T, HEADS)
         acc += tap * xk.to(tl.float32)
     y_ptrs = y_ptr + row[:, None, None] * D + d[None, :, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None, None] & c_ok[None, :, :])
@@ -86,18 +89,21 @@ def _headwise_fwd_kernel(
 def _headwise_bwd_kernel(
     x_ptr, w_ptr, s_ptr, pos_ptr, dy_ptr,
     dx_ptr, dw_ptr, ds_part_ptr,
-    T, D, H,
+    T, D, H, X_STRIDE, W_STRIDE,
     W: tl.constexpr, HS: tl.constexpr, HS_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     CHUNK: tl.constexpr,
     HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
+    DENSE: tl.constexpr = True,
 ):
     """One program per (CHUNK consecutive time tiles, channel tile, batch), tile after tile. The
     static filter's gradient is accumulated element-wise over the chunk and summed over rows once
     at its end: a row sum per tap and tile costs a cross-warp reduction (shared memory and a
-    barrier) that stalls the tile's loads, so CHUNK > 1 pays it once per CHUNK tiles."""
+    barrier) that stalls the tile's loads, so CHUNK > 1 pays it once per CHUNK tiles. x and w may
+    be strided views as in the forward; dy, dx and dw are contiguous."""
     HEADS: tl.constexpr = BLOCK_C // HS_P
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     h, d, c_ok = tile_channels(pid_c, H, HS, HS_P, HEADS)
+    XS, WS = rows._strides(D, H, X_STRIDE, W_STRIDE, W, DENSE)
     # The static filter's gradient, per tap, accumulated element-wise over the chunk.
     acc = ()
     for k in tl.static_range(W):
@@ -106,9 +112,10 @@ def _headwise_bwd_kernel(
         t, t_ok, p, row = _rows(pos_ptr, T, b, pid_t * CHUNK + i, BLOCK_T, HAS_POS)
         tile_ok = t_ok[:, None, None] & c_ok[None, :, :]
         offsets = row[:, None, None] * D + d[None, :, :]
+        x_offsets = row[:, None, None] * XS + d[None, :, :]
         # dy[t] and x[t] first, so their latency overlaps the shifted loads that mostly hit their lines.
         dy0 = tl.load(dy_ptr + offsets, mask=tile_ok, other=0.0)
-        x0 = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0)
+        x0 = tl.load(x_ptr + x_offsets, mask=tile_ok, other=0.0)
 
         # dx: the taps that read x[t] sit at later positions t+k.
         dx = tl.zeros([BLOCK_T, HEADS, HS_P], dtype=tl.float32)
@@ -120,7 +127,8 @@ def _headwise_bwd_kernel(
                 lead_ok = t_ok & (t + k < T)
                 lead_ok = lead_ok & (seq_pos(pos_ptr, t + k, lead_ok, HAS_POS) >= k)
                 dyk = tl.load(dy_ptr + offsets + k * D, mask=lead_ok[:, None, None] & c_ok[None, :, :], other=0.0)
-            tap = _tap(w_ptr, s_ptr, row + k, lead_ok, h, d, k, D, H, W, HAS_DYN, HAS_STATIC, RESIDUAL, BLOCK_T, HEADS)
+            tap = _tap(w_ptr, s_ptr, row + k, lead_ok, h, d, k, D, H, WS, W, HAS_DYN, HAS_STATIC, RESIDUAL,
+                       BLOCK_T, HEADS)
             dx += tap * dyk.to(tl.float32)
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -132,7 +140,7 @@ def _headwise_bwd_kernel(
                 xk = x0
             else:
                 lag_ok = t_ok & (p >= k) & (t >= k)
-                xk = tl.load(x_ptr + offsets - k * D, mask=lag_ok[:, None, None] & c_ok[None, :, :], other=0.0)
+                xk = tl.load(x_ptr + x_offsets - k * XS, mask=lag_ok[:, None, None] & c_ok[None, :, :], other=0.0)
             df = dy0.to(tl.float32) * xk.to(tl.float32)
             if HAS_DYN:
                 dw_ptrs = dw_ptr + row[:, None] * (W * H) + k * H + h[None, :]
@@ -173,13 +181,20 @@ def _blocks(D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
     return {"BLOCK_T": 16, "BLOCK_C": max(hs_p, min(256, channels)), "num_warps": 4}
 
 
-def _row_blocks(T: int, D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
+def _row_blocks(T: int, D: int, hs_p: int, backward: bool, dynamic: bool = True, dense: bool = True) -> dict:
     """Channels per program, rows per program, warps and (backward) pipeline stages of the
     row-walking kernels: 8 channels per thread (16-byte loads) for the static conv's forward and
     heads of 8+ channels, 4 for narrower heads; hs=1 reads a full filter row per row and takes 128
     rows, hs=2..4's forward 32. The static conv's backward walks 4 stages deep with 4 channels per
     thread and 256 rows (128 for sequences under 1024 tokens, to keep enough programs). Picked side by
-    side on an H200 at the paper's shape and the 300M model's (KERNELS.md, v9 and v11)."""
+    side on an H200 at the paper's shape and the 300M model's (KERNELS.md, v9 and v11).
+
+    The forward on views (not dense: x's row stride is a second runtime integer) compiles to 130
+    registers at hs=16, where 128 is the most that lets 8 programs of 2 warps share a
+    multiprocessor; with 7, the paper's and the 300M conv's 1,024 programs take a second wave (hs=16
+    forward 45.2 -> 61.9 us; KERNELS.md, training point 14). Capped at 128, it needs 123 and spills
+    nothing (offline, Triton 3.6). Narrower tiles need fewer than 128 (hs=4: 95), and a cap would
+    only let ptxas use more (hs=4: 107; its forward on views 63.9 -> 66.7 us), so they keep none."""
     pipelined = backward and not dynamic
     if interpreting():  # 5 rows: chunk edges fall inside the walk's 4-row groups
         return {"BLOCK_C": max(8, hs_p), "ROWS": 5, "num_warps": 1} | ({"STAGES": 4} if pipelined else {})
@@ -192,7 +207,11 @@ def _row_blocks(T: int, D: int, hs_p: int, backward: bool, dynamic: bool = True)
     elif dynamic and hs_p <= 4 and not backward:
         rows_per_program = 32
     blocks = {"BLOCK_C": max(hs_p, min(block_c, next_pow2(D))), "ROWS": rows_per_program, "num_warps": 2}
-    return blocks | ({"STAGES": 1} if backward else {})
+    if backward:
+        return blocks | {"STAGES": 1}
+    if dense or blocks["BLOCK_C"] < 512:  # a cap only adds registers to the narrower tiles
+        return blocks
+    return blocks | {"maxnreg": 128}
 
 
 def _takes_rows(width: int, blocks: dict | None) -> bool:
@@ -204,8 +223,8 @@ def _takes_rows(width: int, blocks: dict | None) -> bool:
 def _meta(x: Tensor, w: Tensor | None, static: Tensor | None, pos: Tensor | None, width: int) -> dict:
     hs = x.shape[-1] // w.shape[-1] if w is not None else 1
     return {
-        "W": width, "HS": hs, "HS_P": next_pow2(hs),
-        "HAS_DYN": w is not None, "HAS_STATIC": static is not None, "HAS_POS": pos is not None,
+        "W": width, "HS": hs, "HS_P": next_pow2(hs), "HAS_DYN": w is not None,
+        "HAS_STATIC": static is not None, "HAS_POS": pos is not None, "DENSE": rows.dense(x, w),
     }
 
 
@@ -218,20 +237,22 @@ def headwise_forward(
     x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool, pos: Tensor | None,
     blocks: dict | None = None,
 ) -> Tensor:
-    """y [B, T, D] for contiguous x [B, T, D], w [B, T, W, H] or None, static [W, D] or None (not
-    both None), pos int32 [T] (packed sequences) or None. `blocks` overrides block sizes (benchmarks)."""
+    """y [B, T, D] (contiguous) for x [B, T, D] and w [B, T, W, H] or None with evenly strided rows
+    (rows.row_strides: views into a fused projection are read in place), static [W, D] or None
+    (not both None), pos int32 [T] (packed sequences) or None. `blocks` overrides block sizes
+    (benchmarks)."""
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
-        blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=False, dynamic=w is not None)
+        blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=False, dynamic=w is not None, dense=meta["DENSE"])
         return rows.rows_forward(x, w, static, pos, meta | {"RESIDUAL": residual}, blocks)
     blocks = blocks or _blocks(D, meta["HS_P"], backward=False, dynamic=w is not None)
     H = D // meta["HS"]
-    y = torch.empty_like(x)
+    y = x.new_empty(x.shape)
     _headwise_fwd_kernel[_grid(T, H, B, meta["HS_P"], blocks)](
         x, w if w is not None else x, static if static is not None else x, pos if pos is not None else x, y,
-        T, D, H, RESIDUAL=residual, **meta, **blocks,
+        T, D, H, *rows.row_strides(x, w), RESIDUAL=residual, **meta, **blocks,
     )
     return y
 
@@ -240,7 +261,8 @@ def headwise_backward(
     dy: Tensor, x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool,
     pos: Tensor | None, blocks: dict | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(dx, dw or None, dstatic or None), each in its input's dtype; all inputs contiguous."""
+    """(dx, dw or None, dstatic or None), each contiguous and in its input's dtype; dy contiguous,
+    x and w as in headwise_forward."""
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
@@ -250,14 +272,14 @@ def headwise_backward(
     blocks = {"CHUNK": 1} | (blocks or _blocks(D, meta["HS_P"], backward=True, dynamic=w is not None))
     H = D // meta["HS"]
     grid = _grid(T, H, B, meta["HS_P"], blocks)
-    dx = torch.empty_like(x)
-    dw = torch.empty_like(w) if w is not None else None
+    dx = x.new_empty(x.shape)
+    dw = w.new_empty(w.shape) if w is not None else None
     f32 = dict(device=x.device, dtype=torch.float32)
     ds_part = torch.empty(B * grid[0], width * D, **f32) if static is not None else None
     _headwise_bwd_kernel[grid](
         x, w if w is not None else x, static if static is not None else x, pos if pos is not None else x, dy,
         dx, dw if dw is not None else dx, ds_part if ds_part is not None else dx,
-        T, D, H, RESIDUAL=residual, **meta, **blocks,
+        T, D, H, *rows.row_strides(x, w), RESIDUAL=residual, **meta, **blocks,
     )
     ds = sum_partials(ds_part, static.dtype).view(width, D) if static is not None else None
     return dx, dw, ds

@@ -52,10 +52,11 @@ def _static_tap(s_ptr, d, c_ok, k: tl.constexpr, W: tl.constexpr, D, HAS_STATIC:
 
 
 @triton.jit
-def _row(ptr, b, T, D, u, d, c_ok):
-    """Row u of a [B, T, D] tensor on the tile's channels, float32; zeros where u is outside [0, T)."""
+def _row(ptr, b, T, STRIDE, u, d, c_ok):
+    """Row u of a [B, T, D] tensor whose rows lie STRIDE elements apart, on the tile's channels,
+    float32; zeros where u is outside [0, T)."""
     ok = (u >= 0) & (u < T)
-    return tl.load(ptr + (b * T + u).to(tl.int64) * D + d, mask=c_ok & ok, other=0.0).to(tl.float32)
+    return tl.load(ptr + (b * T + u).to(tl.int64) * STRIDE + d, mask=c_ok & ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -69,35 +70,48 @@ def _position(pos_ptr, T, u, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _dyn_tap(w_ptr, b, T, H, u, h, ok, k: tl.constexpr, W: tl.constexpr, HAS_DYN: tl.constexpr,
+def _dyn_tap(w_ptr, b, T, H, WS, u, h, ok, k: tl.constexpr, W: tl.constexpr, HAS_DYN: tl.constexpr,
              HEADS: tl.constexpr):
-    """Dynamic tap k of row u, one value per head as [HEADS, 1] (broadcast over the head's lanes)."""
+    """Dynamic tap k of row u (rows WS elements apart), one value per head as [HEADS, 1] (broadcast
+    over the head's lanes)."""
     w = tl.zeros([HEADS], dtype=tl.float32)
     if HAS_DYN:
         if k < W:
             row = (b * T + u).to(tl.int64)
-            w = tl.load(w_ptr + row * (W * H) + k * H + h, mask=ok & (h < H), other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + row * WS + k * H + h, mask=ok & (h < H), other=0.0).to(tl.float32)
     return w[:, None]
 
 
 @triton.jit
-def _dyn_taps(w_ptr, b, T, H, u, h, ok, W: tl.constexpr, HAS_DYN: tl.constexpr, HEADS: tl.constexpr):
+def _dyn_taps(w_ptr, b, T, H, WS, u, h, ok, W: tl.constexpr, HAS_DYN: tl.constexpr, HEADS: tl.constexpr):
     """Row u's four dynamic taps (zeros beyond W), loaded only where `ok`."""
     ok = ok & (u >= 0) & (u < T)
-    return (_dyn_tap(w_ptr, b, T, H, u, h, ok, 0, W, HAS_DYN, HEADS),
-            _dyn_tap(w_ptr, b, T, H, u, h, ok, 1, W, HAS_DYN, HEADS),
-            _dyn_tap(w_ptr, b, T, H, u, h, ok, 2, W, HAS_DYN, HEADS),
-            _dyn_tap(w_ptr, b, T, H, u, h, ok, 3, W, HAS_DYN, HEADS))
+    return (_dyn_tap(w_ptr, b, T, H, WS, u, h, ok, 0, W, HAS_DYN, HEADS),
+            _dyn_tap(w_ptr, b, T, H, WS, u, h, ok, 1, W, HAS_DYN, HEADS),
+            _dyn_tap(w_ptr, b, T, H, WS, u, h, ok, 2, W, HAS_DYN, HEADS),
+            _dyn_tap(w_ptr, b, T, H, WS, u, h, ok, 3, W, HAS_DYN, HEADS))
 
 
 @triton.jit
-def _load_row(x_ptr, w_ptr, pos_ptr, b, T, D, H, u, d, h, c_ok, taps_ok,
+def _load_row(x_ptr, w_ptr, pos_ptr, b, T, XS, WS, H, u, d, h, c_ok, taps_ok,
               W: tl.constexpr, HAS_DYN: tl.constexpr, HAS_POS: tl.constexpr, HEADS: tl.constexpr):
-    """Row u's position, x and dynamic taps (loaded where taps_ok), in this order."""
+    """Row u's position, x and dynamic taps (loaded where taps_ok), in this order (row strides XS
+    and WS)."""
     q = _position(pos_ptr, T, u, HAS_POS)
-    xr = _row(x_ptr, b, T, D, u, d, c_ok)
-    w0, w1, w2, w3 = _dyn_taps(w_ptr, b, T, H, u, h, taps_ok, W, HAS_DYN, HEADS)
+    xr = _row(x_ptr, b, T, XS, u, d, c_ok)
+    w0, w1, w2, w3 = _dyn_taps(w_ptr, b, T, H, WS, u, h, taps_ok, W, HAS_DYN, HEADS)
     return xr, q, w0, w1, w2, w3
+
+
+@triton.jit
+def _strides(D, H, X_STRIDE, W_STRIDE, W: tl.constexpr, DENSE: tl.constexpr):
+    """Row strides of x and w. DENSE (contiguous inputs) uses D and W * H, the strides y, dx and dw
+    are written with, so x's and y's row addresses are one computation and the walk keeps the
+    registers it had before views (hs=16 forward: 118 against 130 with a separate x stride, which
+    cost a program per multiprocessor and a second wave; KERNELS.md, training point 14)."""
+    if DENSE:
+        return D, W * H
+    return X_STRIDE, W_STRIDE
 
 
 @triton.jit
@@ -134,15 +148,19 @@ def _fwd_row(y_ptr, b, T, D, u, d, store_ok, x0, q, w0, w1, w2, w3, s0, s1, s2, 
 @triton.jit
 def _rows_fwd_kernel(
     x_ptr, w_ptr, s_ptr, pos_ptr, y_ptr,
-    T, D, H,
+    T, D, H, X_STRIDE, W_STRIDE,
     W: tl.constexpr, HS: tl.constexpr, HS_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
     HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
+    DENSE: tl.constexpr = True,
 ):
-    """One program per (ROWS rows, channel tile, batch); walks up from W-1 rows below its rows."""
+    """One program per (ROWS rows, channel tile, batch); walks up from W-1 rows below its rows.
+    x's rows lie X_STRIDE elements apart and w's W_STRIDE (views into a fused projection), or
+    D and W * H when DENSE (see _strides)."""
     tl.static_assert(W <= 4)
     HEADS: tl.constexpr = BLOCK_C // HS_P
     b, h, d, c_ok, t_lo, t_hi, s0, s1, s2, s3 = _program(s_ptr, T, D, H, W, HS, HS_P, ROWS, HEADS,
                                                           HAS_STATIC, RESIDUAL)
+    XS, WS = _strides(D, H, X_STRIDE, W_STRIDE, W, DENSE)
     # Separate zeros: on the GPU (Triton 3.6), loop-carried values that start as one value, or are
     # rotated by one tuple assignment (x3, x2, x1 = x2, x1, x0), came out mixed up.
     x1 = tl.zeros([HEADS, HS_P], dtype=tl.float32)
@@ -152,13 +170,13 @@ def _rows_fwd_kernel(
         # u as a [1] tensor: masks that mix it with the channel mask broadcast in the interpreter too
         u = t_lo - (W - 1) + 4 * g + tl.zeros([1], dtype=tl.int32)
         # a row's x, then its taps (as in the backward; a few % faster than all x rows first)
-        xa, qa, wa0, wa1, wa2, wa3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, D, H, u, d, h, c_ok, u >= t_lo,
+        xa, qa, wa0, wa1, wa2, wa3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, XS, WS, H, u, d, h, c_ok, u >= t_lo,
                                                W, HAS_DYN, HAS_POS, HEADS)
-        xb, qb, wb0, wb1, wb2, wb3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, D, H, u + 1, d, h, c_ok, u + 1 >= t_lo,
+        xb, qb, wb0, wb1, wb2, wb3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, XS, WS, H, u + 1, d, h, c_ok, u + 1 >= t_lo,
                                                W, HAS_DYN, HAS_POS, HEADS)
-        xc, qc, wc0, wc1, wc2, wc3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, D, H, u + 2, d, h, c_ok, u + 2 >= t_lo,
+        xc, qc, wc0, wc1, wc2, wc3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, XS, WS, H, u + 2, d, h, c_ok, u + 2 >= t_lo,
                                                W, HAS_DYN, HAS_POS, HEADS)
-        xd, qd, wd0, wd1, wd2, wd3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, D, H, u + 3, d, h, c_ok, u + 3 >= t_lo,
+        xd, qd, wd0, wd1, wd2, wd3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, XS, WS, H, u + 3, d, h, c_ok, u + 3 >= t_lo,
                                                W, HAS_DYN, HAS_POS, HEADS)
         x1, x2, x3 = _fwd_row(y_ptr, b, T, D, u, d, c_ok & (u >= t_lo) & (u < t_hi),
                               xa, qa, wa0, wa1, wa2, wa3, s0, s1, s2, s3, x1, x2, x3, W)
@@ -228,18 +246,20 @@ def _store_static_partial(ds_ptr, acc, k: tl.constexpr, W: tl.constexpr, d, c_ok
 def _rows_bwd_kernel(
     x_ptr, w_ptr, s_ptr, pos_ptr, dy_ptr,
     dx_ptr, dw_ptr, ds_part_ptr,
-    T, D, H,
+    T, D, H, X_STRIDE, W_STRIDE,
     W: tl.constexpr, HS: tl.constexpr, HS_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
     HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr,
-    STAGES: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1, DENSE: tl.constexpr = True,
 ):
     """One program per (ROWS rows, channel tile, batch); walks down from W-1 rows above its rows
     (their taps reach its dx) to W-1 rows below them (their x pairs with its dy). STAGES > 1
-    pipelines the walk's loads (groups of 4 rows in flight; 1: not pipelined)."""
+    pipelines the walk's loads (groups of 4 rows in flight; 1: not pipelined). x and w may be
+    views with evenly strided rows, as in the forward; dy, dx and dw are contiguous."""
     tl.static_assert(W <= 4)
     HEADS: tl.constexpr = BLOCK_C // HS_P
     b, h, d, c_ok, t_lo, t_hi, s0, s1, s2, s3 = _program(s_ptr, T, D, H, W, HS, HS_P, ROWS, HEADS,
                                                           HAS_STATIC, RESIDUAL)
+    XS, WS = _strides(D, H, X_STRIDE, W_STRIDE, W, DENSE)
     # carried: dy[u+1..u+3] and their positions, dx's pending sums, the static gradient (see fwd
     # for why every carry starts as its own zeros)
     d1 = tl.zeros([HEADS, HS_P], dtype=tl.float32)
@@ -260,16 +280,16 @@ def _rows_bwd_kernel(
         # per row: x, taps, then dy (this order measured 10-40% faster than all dy rows, all x
         # rows, then the taps: hs=4 backward 232 -> 134 us). Rows below the program's feed none
         # of its dx: their taps are not loaded.
-        xa, qa, wa0, wa1, wa2, wa3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, D, H, u, d, h, c_ok, u >= t_lo,
+        xa, qa, wa0, wa1, wa2, wa3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, XS, WS, H, u, d, h, c_ok, u >= t_lo,
                                                W, HAS_DYN, HAS_POS, HEADS)
         ya = _row(dy_ptr, b, T, D, u, d, c_ok)
-        xb, qb, wb0, wb1, wb2, wb3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, D, H, u - 1, d, h, c_ok, u - 1 >= t_lo,
+        xb, qb, wb0, wb1, wb2, wb3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, XS, WS, H, u - 1, d, h, c_ok, u - 1 >= t_lo,
                                                W, HAS_DYN, HAS_POS, HEADS)
         yb = _row(dy_ptr, b, T, D, u - 1, d, c_ok)
-        xc, qc, wc0, wc1, wc2, wc3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, D, H, u - 2, d, h, c_ok, u - 2 >= t_lo,
+        xc, qc, wc0, wc1, wc2, wc3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, XS, WS, H, u - 2, d, h, c_ok, u - 2 >= t_lo,
                                                W, HAS_DYN, HAS_POS, HEADS)
         yc = _row(dy_ptr, b, T, D, u - 2, d, c_ok)
-        xd, qd, wd0, wd1, wd2, wd3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, D, H, u - 3, d, h, c_ok, u - 3 >= t_lo,
+        xd, qd, wd0, wd1, wd2, wd3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, XS, WS, H, u - 3, d, h, c_ok, u - 3 >= t_lo,
                                                W, HAS_DYN, HAS_POS, HEADS)
         yd = _row(dy_ptr, b, T, D, u - 3, d, c_ok)
         d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3 = _bwd_row(
@@ -292,18 +312,30 @@ def _rows_bwd_kernel(
         _store_static_partial(ds_ptr, a3, 3, W, d, c_ok, D)
 
 
+def row_strides(x: Tensor, w: Tensor | None) -> tuple[int, int]:
+    """Row strides of x [B, T, D] and w [B, T, W, H] (W * H without w), whose rows must be evenly
+    strided with unit channel stride and taps H apart (the ops copy other layouts)."""
+    return x.stride(1), w.stride(1) if w is not None else 0
+
+
+def dense(x: Tensor, w: Tensor | None) -> bool:
+    """Whether x's and w's rows lie D and W * H elements apart (DENSE: the kernels' own strides)."""
+    return x.stride(1) == x.shape[2] and (w is None or w.stride(1) == w.shape[2] * w.shape[3])
+
+
 def row_grid(T: int, H: int, B: int, hs_p: int, blocks: dict) -> tuple[int, int, int]:
     return triton.cdiv(T, blocks["ROWS"]), triton.cdiv(H, blocks["BLOCK_C"] // hs_p), B
 
 
 def rows_forward(x: Tensor, w: Tensor | None, static: Tensor | None, pos: Tensor | None,
                  meta: dict, blocks: dict) -> Tensor:
+    """y, contiguous; x and w as `row_strides` describes them (meta holds its DENSE)."""
     B, T, D = x.shape
     H = D // meta["HS"]
-    y = torch.empty_like(x)
+    y = x.new_empty(x.shape)
     _rows_fwd_kernel[row_grid(T, H, B, meta["HS_P"], blocks)](
         x, w if w is not None else x, static if static is not None else x, pos if pos is not None else x, y,
-        T, D, H, **meta, **blocks,
+        T, D, H, *row_strides(x, w), **meta, **blocks,
     )
     return y
 
@@ -313,13 +345,13 @@ def rows_backward(dy: Tensor, x: Tensor, w: Tensor | None, static: Tensor | None
     B, T, D = x.shape
     H, W = D // meta["HS"], meta["W"]
     grid = row_grid(T, H, B, meta["HS_P"], blocks)
-    dx = torch.empty_like(x)
-    dw = torch.empty_like(w) if w is not None else None
+    dx = x.new_empty(x.shape)
+    dw = w.new_empty(w.shape) if w is not None else None
     ds_part = torch.empty(B * grid[0], W * D, device=x.device, dtype=torch.float32) if static is not None else None
     _rows_bwd_kernel[grid](
         x, w if w is not None else x, static if static is not None else x, pos if pos is not None else x, dy,
         dx, dw if dw is not None else dx, ds_part if ds_part is not None else dx,
-        T, D, H, **meta, **blocks,
+        T, D, H, *row_strides(x, w), **meta, **blocks,
     )
     ds = sum_partials(ds_part, static.dtype).view(W, D) if static is not None else None
     return dx, dw, ds

@@ -42,6 +42,17 @@ def _uniform_filter(width: int, channels: int) -> nn.Parameter:
     return weight
 
 
+def _as_kernels_take(*inputs: Tensor) -> tuple[Tensor, ...]:
+    """The conv's inputs as the kernels should get them. They are often views into a fused
+    projection's output (LinearConvs.project), which the kernels read in place, eager or compiled:
+    the ops take any layout, so Inductor need not copy its padded buffers (ops._takes_any_layout;
+    KERNELS.md, training points 13 and 14). Where torch cannot say so, Inductor would copy each
+    view and the backward's saved x once more: one copy here costs less."""
+    if torch.compiler.is_compiling() and not kernels.CONV_OPS_TAKE_ANY_LAYOUT:
+        return tuple(t.contiguous() for t in inputs)
+    return inputs
+
+
 class StaticShortConv(nn.Module):
     """y = x + sum_k weight[k] * x[t-k]: a depthwise causal conv with one learned filter."""
 
@@ -57,7 +68,7 @@ class StaticShortConv(nn.Module):
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         """x [B, T, channels] -> [B, T, channels]."""
-        x = x.contiguous()  # see DynamicShortConv.forward (head-wise)
+        (x,) = _as_kernels_take(x)
         return kernels.static_conv(x, self.weight, residual=self.residual, cu_seqlens=cu_seqlens)
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,20 +146,11 @@ class DynamicShortConv(nn.Module):
         """x [B, T, channels] is filtered; h [B, T, in_features] generates the filters, or
         z = generator_input(h) [B, T, rank or W*H] when the caller has computed it already."""
         z = self.generator_input(h) if z is None else z
+        x, z = _as_kernels_take(x, z)
         if self.kind == "lowrank":
-            # x and z are often views into a fused projection's output (LinearConvs.project): the
-            # kernels read them in place, eager or compiled (the ops take any layout, so Inductor
-            # need not copy its padded buffers; ops._takes_any_layout). Where torch cannot say so,
-            # Inductor copies each view and the saved x once more: one copy here costs less.
-            if torch.compiler.is_compiling() and not kernels.LOWRANK_OPS_TAKE_ANY_LAYOUT:
-                x, z = x.contiguous(), z.contiguous()
             return kernels.dynamic_conv_lowrank(
                 x, z, self.up, self.bias, residual=self.residual, cu_seqlens=cu_seqlens
             )
-        # The head-wise kernels take contiguous inputs: copying here, once, means the copies are
-        # what the backward saves, so it neither copies again nor keeps the fused output alive
-        # (reading views in place: KERNELS.md, training point 14).
-        x, z = x.contiguous(), z.contiguous()
         return kernels.dynamic_conv_headwise(
             x, self._taps(z), self.bias, residual=self.residual, cu_seqlens=cu_seqlens
         )
