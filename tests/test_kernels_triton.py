@@ -447,21 +447,24 @@ def test_lowrank_ops_take_inputs_in_any_layout(gen):
 @interpreted
 @pytest.mark.parametrize("W", [3, 6])  # the row walks (up to 4 taps) and the tiled kernels
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_headwise_ops_take_inputs_in_any_layout(gen, W, dynamic):
+@pytest.mark.parametrize("packed", [False, True])
+def test_headwise_ops_take_inputs_in_any_layout(gen, W, dynamic, packed):
     """The head-wise and static ops, like the low-rank ones, take any layout: x with padded rows or
     sequences apart, taps w unflattened from a wider row, dy transposed must all give the results
-    of contiguous inputs, bit for bit (views are read in place, other layouts copied)."""
+    of contiguous inputs, bit for bit (views are read in place, other layouts copied). Heads of 3
+    channels (padded to 4 lanes); packed: two documents in one row."""
     from isoflop.kernels import ops
 
-    B, T, D, H = 2, 9, 16, 4
+    B, T, D, H = (1, 9, 12, 4) if packed else (2, 9, 12, 4)
+    cu = torch.tensor([0, 4, 9]) if packed else None
     x, dy, s = rand(B, T, D, gen=gen), rand(B, T, D, gen=gen), rand(W, D, gen=gen)
     w = rand(B, T, W, H, gen=gen) if dynamic else None
     dy_transposed = torch.zeros(B, D, T).transpose(1, 2).copy_(dy)
     w_padded = torch.zeros(B, T, W * H + 7)[..., 5:5 + W * H].unflatten(-1, (W, H)).copy_(w) if dynamic else None
-    plain = [ops.headwise_conv(x, w, s, True, None), *ops.headwise_conv_backward(dy, x, w, s, True, None)]
+    plain = [ops.headwise_conv(x, w, s, True, cu), *ops.headwise_conv_backward(dy, x, w, s, True, cu)]
     for x_odd in odd_layouts(x):
-        odd = [ops.headwise_conv(x_odd, w_padded, s, True, None),
-               *ops.headwise_conv_backward(dy_transposed, x_odd, w_padded, s, True, None)]
+        odd = [ops.headwise_conv(x_odd, w_padded, s, True, cu),
+               *ops.headwise_conv_backward(dy_transposed, x_odd, w_padded, s, True, cu)]
         assert all(torch.equal(a, b) for a, b in zip(odd, plain))
     if "tags" in inspect.signature(torch.library.custom_op).parameters:  # torch >= 2.8
         for op in (torch.ops.isoflop.headwise_conv, torch.ops.isoflop.headwise_conv_backward):
