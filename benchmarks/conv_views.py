@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, B, T, D, hs in SHAPES:
         times, identical = measure(B, T, D, hs, args.rounds)
         if header is None:
-            header = f"{'shape [B, T, D]':32s}" + "".join(f"{name:>18s}" for name in times) + "  bit-identical"
+            header = f"{'shape [B, T, D]':40s}" + "".join(f"{name:>18s}" for name in times) + "  bit-identical"
             print(header)
             print("-" * len(header))
-        print(f"{f'{label} [{B}, {T}, {D}]':32s}" + "".join(f"{t:18.1f}" for t in times.values())
+        print(f"{f'{label} [{B}, {T}, {D}]':40s}" + "".join(f"{t:18.1f}" for t in times.values())
               + f"  {identical}")
     return 0
 
