@@ -2,7 +2,9 @@
 host-side helpers that pick block sizes and grids.
 
 Conventions of every kernel here (see reference.py for the operator):
-- tensors are contiguous, batch-first; row = b*T + t indexes [B, T, ...] tensors as [B*T, ...];
+- tensors are batch-first, row = b*T + t indexes [B, T, ...] tensors as [B*T, ...]; outputs are
+  contiguous, and inputs read from a fused projection (x, z, w) may be views with evenly strided
+  rows (a row stride argument);
 - `pos` (int32 [T], only with packed sequences) is each position's index inside its own sequence, so
   x[t-k] exists iff pos[t] >= k; without packing pos[t] = t;
 - the effective tap k is dynamic + static + (1 if k == 0 and residual), so the residual costs nothing;
