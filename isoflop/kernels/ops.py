@@ -54,25 +54,20 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """t [B, T, C] itself when its rows are evenly strided with unit channel stride, as views into
-    one fused projection's output are (the kernels take a row stride, so such a view costs no
-    copy); otherwise a contiguous copy."""
-    B, T, _ = t.shape
-    if t.stride(2) == 1 and (B == 1 or t.stride(0) == T * t.stride(1)):
-        return t
-    return t.contiguous()
-
-
-def _tap_rows(w: Tensor | None) -> Tensor | None:
-    """Head-wise taps w [B, T, W, H] itself when each row's W * H taps are contiguous and rows are
-    evenly strided (the generator's output unflattened, read in place); otherwise a contiguous copy."""
-    if w is None:
+def _rows(t: Tensor | None) -> Tensor | None:
+    """t [B, T, ...] itself when each row t[b, i] is contiguous and rows are evenly strided, as
+    views into one fused projection's output are (x and z [B, T, C]; head-wise taps [B, T, W, H],
+    the generator's output unflattened): the kernels take a row stride, so such a view costs no
+    copy. Otherwise a contiguous copy; None stays None."""
+    if t is None:
         return None
-    B, T, _, H = w.shape
-    if w.stride(3) == 1 and w.stride(2) == H and (B == 1 or w.stride(0) == T * w.stride(1)):
-        return w
-    return w.contiguous()
+    inner = 1  # each row's own strides must be a contiguous [...]'s
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if stride != inner:
+            return t.contiguous()
+        inner *= size
+    B, T = t.shape[:2]
+    return t if B == 1 or t.stride(0) == T * t.stride(1) else t.contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,8 +91,8 @@ def _takes_any_layout(name: str, fn: Callable):
     3120 columns at 300M become 3136), and torch 2.11 then copied every x and z sliced from that
     output, and the backward's saved x, back to eager's strides: 1.6 ms of a 300M dynamic-qkv
     step, 5.4 ms of all-linear's (KERNELS.md, training points 13 and 14). The kernels take row
-    strides and the ops copy other layouts themselves (`_rows`, `_tap_rows`), so they accept any
-    layout (torch.Tag.flexible_layout, where torch >= 2.8 lets custom_op take tags). Their fake
+    strides and the ops copy other layouts themselves (`_rows`), so they accept any layout
+    (torch.Tag.flexible_layout, where torch >= 2.8 lets custom_op take tags). Their fake
     implementations return contiguous tensors, as the kernels do."""
     if CONV_OPS_TAKE_ANY_LAYOUT:
         return torch.library.custom_op(name, fn, mutates_args=(), tags=(torch.Tag.flexible_layout,))
@@ -155,7 +150,7 @@ def _headwise_conv(
 ) -> Tensor:
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
-    return headwise_forward(_rows(x), _tap_rows(w), static, residual, pos)
+    return headwise_forward(_rows(x), _rows(w), static, residual, pos)
 
 
 headwise_conv = _takes_any_layout("isoflop::headwise_conv", _headwise_conv)
@@ -172,7 +167,7 @@ def _headwise_conv_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
-    dx, dw, ds = headwise_backward(dy.contiguous(), _rows(x), _tap_rows(w), static, residual, pos)
+    dx, dw, ds = headwise_backward(dy.contiguous(), _rows(x), _rows(w), static, residual, pos)
     return dx, dw if dw is not None else _empty(x), ds if ds is not None else _empty(x)
 
 
