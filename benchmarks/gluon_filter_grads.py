@@ -179,10 +179,7 @@ def filter_grads(kernel, dy, x, z, U, static, pos):
         HAS_STATIC=static is not None, HAS_POS=pos is not None,
         DOT_DTYPE=gl.bfloat16 if z.dtype == torch.bfloat16 else gl.float16, num_warps=WARPS,
     )
-    groups = D // d_group
-    dz, dU, ds = lr._sum_param_grads(du_part, ds_part, U, static, (dz_part, z.dtype, groups))
-    dz = dz.view(groups, B * T, R)
-    return (dz.view(B, T, R) if groups == 1 else dz.permute(1, 0, 2).reshape(B, T, groups * R)), dU, ds
+    return lr.sum_filter_grads(dz_part, du_part, ds_part, z, U, static, D // d_group)
 
 
 def positions(cu: list[int], device) -> torch.Tensor:

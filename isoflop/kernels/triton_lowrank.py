@@ -722,8 +722,15 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
         B, T, D, R, x.stride(1), z.stride(1), d_group, chunks, chunk_t,
         **meta, **blocks,
     )
-    # Each group's dz sums its own channel tiles' partials (tiles never straddle groups).
-    groups = D // d_group
+    return sum_filter_grads(dz_part, du_part, ds_part, z, U, static, D // d_group)
+
+
+def sum_filter_grads(dz_part: Tensor, du_part: Tensor, ds_part: Tensor, z: Tensor, U: Tensor,
+                     static: Tensor | None, groups: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dz, dU, ds) from the fused filter-gradient kernel's partials, in one launch: each of the
+    `groups` channel groups' dz sums its own channel tiles' partials (tiles never straddle
+    groups), and dz comes back in z's layout [B, T, groups * R]."""
+    B, T, R = z.shape[0], z.shape[1], U.shape[0]
     dz, dU, ds = _sum_param_grads(du_part, ds_part, U, static, (dz_part, z.dtype, groups))
     dz = dz.view(groups, B * T, R)
     dz = dz.view(B, T, R) if groups == 1 else dz.permute(1, 0, 2).reshape(B, T, groups * R)
