@@ -1,6 +1,6 @@
 """Registers, spills, shared memory and layout conversions of the conv kernels, compiled offline.
 
-    python benchmarks/kernel_resources.py [--arch 90] [--dtype bf16]
+    python benchmarks/kernel_resources.py [--arch 90] [--dtype bf16] [--views]
 
 Compiles each Triton kernel at the paper's shape (bf16, W=4, R=16; hs=16, hs=1, static) with the block
 sizes the dispatch picks, for an sm_<arch> target, with no GPU: Triton's bundled ptxas builds the
@@ -24,6 +24,7 @@ a change against its parent with the same Triton.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -48,9 +49,9 @@ BATCH, SEQ, D_MODEL, R, W = 4, 4096, 2048, 16, 4
 # (chunks_per_seq) compile as plain integers.
 INT_ARGS = {"B": BATCH, "T": SEQ, "D": D_MODEL, "R": R, "chunk_t": 16,
             "X_STRIDE": D_MODEL, "Z_STRIDE": R, "D_GROUP": D_MODEL}  # low-rank: contiguous, one group
-# Head-wise and static: contiguous inputs (DENSE); with DENSE False they compile the path for views
-# (rows X_STRIDE and W_STRIDE apart, runtime integers).
-DENSE = os.environ.get("KR_DENSE", "1") == "1"
+# --views: the head-wise and static kernels' path for inputs read in place from a fused q/k/v +
+# hs=16 generators' projection (DENSE off; rows this many elements apart, as runtime integers).
+VIEW_STRIDE = 3 * D_MODEL + 3 * W * (D_MODEL // 16)
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 # Pointer arguments that are not activations: their element types.
 POINTER_TYPES = {"pos_ptr": "*i32", "dz_part_ptr": "*fp32", "du_part_ptr": "*fp32", "ds_part_ptr": "*fp32"}
@@ -65,8 +66,9 @@ class Case:
     ints: dict = field(default_factory=dict)  # this kernel's own integer arguments (over INT_ARGS)
 
 
-def cases(dtype: tl.dtype) -> list[Case]:
-    """Each kernel with the constants and block sizes the dispatch uses at the paper's shape."""
+def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
+    """Each kernel with the constants and block sizes the dispatch uses at the paper's shape; with
+    `views`, the head-wise and static kernels as they read views (VIEW_STRIDE)."""
     lowrank = dict(W=W, R_P=R, HAS_STATIC=True, HAS_POS=False, DOT_DTYPE=dtype, FP32_DOT=False)
     fwd_blocks = triton_lowrank._conv_blocks(SEQ, R, W, lead=False, fp32=False)
     dx_blocks = triton_lowrank._conv_blocks(SEQ, R, W, lead=True, fp32=False)
@@ -91,22 +93,24 @@ def cases(dtype: tl.dtype) -> list[Case]:
     ]
     # Head-wise and static: the row-walking kernels (up to 4 taps, so the paper's W=4) ...
     rows = triton_headwise.rows
+    strides = {"X_STRIDE": VIEW_STRIDE, "W_STRIDE": VIEW_STRIDE} if views else {}
+    row_blocks = functools.partial(triton_headwise._row_blocks, SEQ, D_MODEL, dense=not views)
     for hs in (16, 1):
         head = dict(W=W, HS=hs, HS_P=hs, HAS_DYN=True, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True,
-                    DENSE=DENSE)
+                    DENSE=not views)
         found += [
             Case(f"head-wise hs={hs} forward", rows._rows_fwd_kernel, head,
-                 triton_headwise._row_blocks(SEQ, D_MODEL, hs, backward=False), {"H": D_MODEL // hs}),
+                 row_blocks(hs, backward=False), {"H": D_MODEL // hs, **strides}),
             Case(f"head-wise hs={hs} backward", rows._rows_bwd_kernel, head,
-                 triton_headwise._row_blocks(SEQ, D_MODEL, hs, backward=True), {"H": D_MODEL // hs}),
+                 row_blocks(hs, backward=True), {"H": D_MODEL // hs, **strides}),
         ]
     static = dict(W=W, HS=1, HS_P=1, HAS_DYN=False, HAS_STATIC=True, HAS_POS=False, RESIDUAL=True,
-                  DENSE=DENSE)
+                  DENSE=not views)
     found += [
         Case("static forward", rows._rows_fwd_kernel, static,
-             triton_headwise._row_blocks(SEQ, D_MODEL, 1, backward=False, dynamic=False), {"H": D_MODEL}),
+             row_blocks(1, backward=False, dynamic=False), {"H": D_MODEL, **strides}),
         Case("static backward", rows._rows_bwd_kernel, static,
-             triton_headwise._row_blocks(SEQ, D_MODEL, 1, backward=True, dynamic=False), {"H": D_MODEL}),
+             row_blocks(1, backward=True, dynamic=False), {"H": D_MODEL, **strides}),
     ]
     # ... and the tiled kernels, which serve 5 to 8 taps (here 8).
     tiled = [("head-wise hs=16", dict(head, W=8, HS=16, HS_P=16), D_MODEL // 16, True),
@@ -115,7 +119,7 @@ def cases(dtype: tl.dtype) -> list[Case]:
         for part, kernel in (("forward", triton_headwise._headwise_fwd_kernel),
                              ("backward", triton_headwise._headwise_bwd_kernel)):
             blocks = triton_headwise._blocks(D_MODEL, consts["HS_P"], backward=part == "backward", dynamic=dynamic)
-            found.append(Case(f"{name} {part} (tiled, W=8)", kernel, consts, blocks, {"H": heads}))
+            found.append(Case(f"{name} {part} (tiled, W=8)", kernel, consts, blocks, {"H": heads, **strides}))
     return found
 
 
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--keep", type=Path, default=None, help="also write each kernel's TTGIR here")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--views", action="store_true",
+                        help="the head-wise and static kernels as they read views into a fused projection")
     args = parser.parse_args(argv)
     rows = []
     print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}, B={BATCH} T={SEQ} D={D_MODEL} W={W} R={R}")
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(head))
     tmp = Path(__file__).with_name(".kernel_resources.cubin")
     try:
-        for case in cases(DTYPES[args.dtype]):
+        for case in cases(DTYPES[args.dtype], views=args.views):
             kernel = compile_case(case, args.arch, args.dtype)
             use = resources(kernel.asm["cubin"], tmp)
             ttgir = kernel.asm["ttgir"]
