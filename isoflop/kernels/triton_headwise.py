@@ -193,8 +193,9 @@ def _row_blocks(T: int, D: int, hs_p: int, backward: bool, dynamic: bool = True,
     registers at hs=16, where 128 is the most that lets 8 programs of 2 warps share a
     multiprocessor; with 7, the paper's and the 300M conv's 1,024 programs take a second wave (hs=16
     forward 45.2 -> 61.9 us; KERNELS.md, training point 14). Capped at 128, it needs 123 and spills
-    nothing (offline, Triton 3.6: benchmarks/kernel_resources.py --views). Narrower tiles need fewer than 128 (hs=4: 95), and a cap would
-    only let ptxas use more (hs=4: 107; its forward on views 63.9 -> 66.7 us), so they keep none."""
+    nothing (offline, Triton 3.6: benchmarks/kernel_resources.py --views). Narrower tiles need
+    fewer than 128 (hs=4: 95), and a cap would only let ptxas use more (hs=4: 107; its forward on
+    views 63.9 -> 66.7 us), so they keep none."""
     pipelined = backward and not dynamic
     if interpreting():  # 5 rows: chunk edges fall inside the walk's 4-row groups
         return {"BLOCK_C": max(8, hs_p), "ROWS": 5, "num_warps": 1} | ({"STAGES": 4} if pipelined else {})
@@ -245,7 +246,8 @@ def headwise_forward(
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
-        blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=False, dynamic=w is not None, dense=meta["DENSE"])
+        blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=False, dynamic=w is not None,
+                                       dense=meta["DENSE"])
         return rows.rows_forward(x, w, static, pos, meta | {"RESIDUAL": residual}, blocks)
     blocks = blocks or _blocks(D, meta["HS_P"], backward=False, dynamic=w is not None)
     H = D // meta["HS"]
