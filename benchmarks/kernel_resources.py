@@ -41,7 +41,12 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from isoflop.kernels import triton_headwise, triton_lowrank
+try:
+    from triton.experimental.gluon._runtime import GluonASTSource
+except ImportError:  # no Gluon: gluon_lowrank has no kernel to compile either
+    GluonASTSource = None
+
+from isoflop.kernels import gluon_lowrank, triton_headwise, triton_lowrank
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 BATCH, SEQ, D_MODEL, R, W = 4, 4096, 2048, 16, 4
@@ -64,6 +69,7 @@ class Case:
     constexprs: dict
     options: dict
     ints: dict = field(default_factory=dict)  # this kernel's own integer arguments (over INT_ARGS)
+    gluon: bool = False  # a Gluon kernel: its *_desc arguments are TMA descriptors of x and dy
 
 
 def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
@@ -91,6 +97,12 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
              {k: v for k, v in lowrank.items() if k != "HAS_STATIC"}, split_blocks["dz"]),
         Case("low-rank dU (split)", triton_lowrank._lowrank_du_kernel, lowrank, split_blocks["du"]),
     ]
+    if gluon_lowrank.gluon is not None:  # its Hopper twin (the backward's "auto" there)
+        found.append(Case("low-rank filter grads (gluon)", gluon_lowrank._filter_grad_kernel,
+                          {k: v for k, v in lowrank.items() if k != "FP32_DOT"}
+                          | {"R_P": grad_r_p, "RZ_P": lowrank["R_P"], "STAGES": gluon_lowrank.STAGES,
+                             "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D},
+                          {"num_warps": gluon_lowrank.WARPS}, gluon=True))
     # Head-wise and static: the row-walking kernels (up to 4 taps, so the paper's W=4) ...
     rows = triton_headwise.rows
     strides = {"X_STRIDE": VIEW_STRIDE, "W_STRIDE": VIEW_STRIDE} if views else {}
@@ -133,6 +145,8 @@ def compile_case(case: Case, arch: int, dtype_name: str):
         value = (INT_ARGS | case.ints).get(name)
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name.endswith("_desc"):
+            signature[name] = _descriptor_type(constexprs["DOT_DTYPE"])
         elif name.endswith("_ptr"):
             signature[name] = POINTER_TYPES.get(name, f"*{dtype_name}")
             attrs[(index,)] = divisible
@@ -142,8 +156,22 @@ def compile_case(case: Case, arch: int, dtype_name: str):
             signature[name] = "i32"
             if value is not None and value % 16 == 0:
                 attrs[(index,)] = divisible
-    source = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    source_type = GluonASTSource if case.gluon else ASTSource
+    source = source_type(fn=case.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _descriptor_type(dtype: tl.dtype) -> str:
+    """The launcher's type string of gluon_lowrank's TMA descriptors (taken from a CPU tensor's)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    import torch
+
+    block = [1, gluon_lowrank.BLOCK_T, gluon_lowrank.BLOCK_D]
+    layout = gluon_lowrank.gl.NVMMASharedLayout.get_default_for(block, dtype)
+    like = torch.empty(BATCH, SEQ, D_MODEL, dtype={tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}[dtype])
+    return mangle_type(TensorDescriptor.from_tensor(like, block, layout))
 
 
 def resources(cubin: bytes, tmp: Path) -> dict[str, int]:

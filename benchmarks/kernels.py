@@ -12,8 +12,9 @@ over the eager PyTorch reference and over torch.compile of it (forward+backward)
 fastest for the rest of the run (how the defaults in triton_lowrank.py / triton_headwise.py were
 picked). Its plans for wider low-rank filters (W=8, R=32 W=8, R=64, R=128) only print (how v16's
 blocks were picked), and its "lowrank ... bwd split" plans time the split low-rank backward
-against the fused one's result. ISOFLOP_LOWRANK_BWD=split makes the cases below use the split
-backward too.
+against the fused one's result. The cases below run the backward's "auto" variant, which on Hopper
+takes the Gluon filter gradients where they run (gluon_lowrank); ISOFLOP_LOWRANK_BWD=fused times
+the Triton kernel instead, =split the split backward.
 Without CUDA it says so and exits cleanly.
 """
 

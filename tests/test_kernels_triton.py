@@ -189,10 +189,12 @@ except ValueError as error:
     print(error)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines() == ["split", "lowrank_backward: variant='fast'; allowed: auto, fused, split"]
+    assert out.stdout.strip().splitlines() == ["split",
+                                               "lowrank_backward: variant='fast'; allowed: auto, fused, gluon, split"]
     bad = subprocess.run([sys.executable, "-c", "from isoflop.kernels import triton_lowrank"], capture_output=True,
                          text=True, env=os.environ | {"ISOFLOP_LOWRANK_BWD": "fast"})
-    assert bad.returncode != 0 and "ISOFLOP_LOWRANK_BWD='fast'" in bad.stderr and "allowed: auto, fused, split" in bad.stderr
+    assert bad.returncode != 0 and "ISOFLOP_LOWRANK_BWD='fast'" in bad.stderr
+    assert "allowed: auto, fused, gluon, split" in bad.stderr
 
 
 def test_interpreter_suite():
@@ -323,6 +325,21 @@ def test_lowrank_split_and_fused_backward_agree(gen):
     assert torch.equal(fused[0], split[0])
     for name, a, b in zip(["dz", "dU", "ds"], fused[1:], split[1:]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@interpreted
+def test_lowrank_gluon_backward_says_why_it_cannot_run_here(gen):
+    """The Gluon filter gradients need a Hopper GPU; "auto" falls back to the Triton kernel, and a
+    forced "gluon" names what is missing instead of failing inside the compiler."""
+    from isoflop.kernels import triton_lowrank
+
+    x, z, dy = rand(1, 20, 32, gen=gen), rand(1, 20, 4, gen=gen), rand(1, 20, 32, gen=gen)
+    U = rand(4, 3 * 32, gen=gen)
+    auto = triton_lowrank.lowrank_backward(dy, x, z, U, None, True, None, variant="auto")
+    fused = triton_lowrank.lowrank_backward(dy, x, z, U, None, True, None, variant="fused")
+    assert all(torch.equal(a, b) for a, b in zip(auto[:3], fused[:3]))
+    with pytest.raises(ValueError, match="variant='gluon' cannot run here: .*(Gluon|Hopper)"):
+        triton_lowrank.lowrank_backward(dy, x, z, U, None, True, None, variant="gluon")
 
 
 @interpreted
@@ -659,6 +676,46 @@ def test_gpu_split_backward_matches_float64_reference(triton_backend, split_back
     check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
 
 
+def hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@gpu
+@pytest.mark.skipif(not hopper(), reason="the Gluon filter gradients need a Hopper GPU")
+@pytest.mark.parametrize(
+    "B, T, G, Dg, R, W, dtype, static, lengths, view",
+    [(4, 4096, 1, 2048, 16, 4, torch.bfloat16, True, None, False),  # the paper's shape
+     (2, 1031, 1, 520, 16, 4, torch.bfloat16, True, None, False),  # ragged T and D (TMA's zero fill)
+     (1, 777, 1, 384, 5, 3, torch.float16, True, None, False),  # R = 5
+     (2, 300, 1, 256, 16, 1, torch.bfloat16, False, None, False),  # one tap, no static filter
+     (2, 500, 1, 192, 8, 2, torch.float16, False, None, True),  # x a view with strided rows
+     (1, 3106, 1, 512, 16, 4, torch.bfloat16, True, [1, 700, 3, 1500, 2, 900], False),  # packed
+     (2, 1031, 3, 512, 16, 4, torch.bfloat16, True, None, True)],  # q, k, v groups on views
+)
+def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(B, T, G, Dg, R, W, dtype, static, lengths, view):
+    """The Gluon kernel ("auto" on Hopper) computes what the Triton kernel does, bit for bit: the
+    same df values, products and partial sums, so the Triton kernel's float64 tests cover both."""
+    from isoflop.kernels import ops, triton_lowrank
+
+    poison_cuda_memory()
+    g = torch.Generator().manual_seed(0)
+    on = dict(dtype=dtype, device="cuda", gen=g)
+    D = G * Dg
+    if view:
+        x, z = fused_output_views(B, T, G, Dg, R, dtype, device="cuda", gen=g)
+    else:
+        x, z = rand(B, T, D, **on), rand(B, T, G * R, **on)
+    dy, U = rand(B, T, D, **on), rand(R, W * D, **on) / R**0.5
+    s = rand(W, D, **on) if static else None
+    pos = ops._positions(packed_offsets(lengths).cuda(), T, x.device) if lengths else None
+    assert triton_lowrank.gluon_lowrank.cannot_run(dy, x, z, U, Dg) is None
+    gluon = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, pos, variant="gluon")
+    fused = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, pos, variant="fused")
+    auto = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, pos, variant="auto")
+    for name, a, b, c in zip(["dx", "dz", "dU", "ds"], gluon, fused, auto):
+        assert (a is None and b is None) or (torch.equal(a, b) and torch.equal(a, c)), name
+
+
 @gpu
 def test_gpu_mixed_dtypes_as_under_autocast(triton_backend):
     """Autocast gives bf16 activations and float32 parameters (U, static)."""
@@ -777,7 +834,11 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 15 and all(0 < row["registers"] <= 255 for row in rows)
+    gluon = [row for row in rows if "gluon" in row["kernel"]]  # where Triton has Gluon's Hopper ops
+    assert len(rows) == 15 + len(gluon) and all(0 < row["registers"] <= 255 for row in rows)
+    # the Gluon filter gradients fit two programs per multiprocessor (registers, 228 KB of shared memory)
+    assert all(row["registers"] <= 255 and row["shared_bytes"] <= 113 * 1024 and row["stack_bytes"] == 0
+               for row in gluon)
     assert all(row["dots"] != "none" for row in rows[:5])  # the low-rank filters use the matrix units
     # The split backward's block sizes were chosen so that it does not spill (Triton 3.9, sm_90).
     assert all(row["stack_bytes"] == 0 for row in rows if "split" in row["kernel"]), rows[3:5]

@@ -39,6 +39,10 @@ sums and casts in one launch (sum_partials_together), so results are bit-reprodu
 atomics). Splitting dx out reads x and dy once more than one fused pass would (+134 MB at the
 paper's shape); the fused version measured slower (registers spilled), see benchmarks/KERNELS.md.
 
+On Hopper the filter gradients run as the "gluon" variant where it takes the inputs
+(`gluon_lowrank`: the same algorithm and bit-identical results, its tiles fed by TMA and its products
+asynchronous, ~22% faster at the paper's shape); "fused" forces the Triton kernel.
+
 The "split" variant (what "auto" takes for the widest filters, see _auto_variant; forced by
 ISOFLOP_LOWRANK_BWD=split or variant="split") computes the filter gradients in two kernels with
 one accumulator each, so neither spills:
@@ -57,6 +61,7 @@ import triton.language as tl
 from torch import Tensor
 
 from isoflop.backends import BackendChoice
+from isoflop.kernels import gluon_lowrank
 from isoflop.kernels.triton_common import (
     dot_dtype,
     interpreting,
@@ -69,9 +74,11 @@ from isoflop.kernels.triton_common import (
     wave_fill,
 )
 
-# Which filter-gradient kernels the backward runs: "fused" (one kernel; the default, "auto") or
-# "split" (dz and dU in separate kernels). Read once from ISOFLOP_LOWRANK_BWD; `.set()` in tests.
-BACKWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_BWD", ("auto", "fused", "split"), "low-rank backward variant")
+# Which filter-gradient kernels the backward runs: "fused" (one Triton kernel), "gluon" (the same on
+# Hopper in Gluon, gluon_lowrank), "split" (dz and dU in separate kernels), or "auto" (gluon where it
+# runs, else fused or split by _auto_variant). Read once from ISOFLOP_LOWRANK_BWD; `.set()` in tests.
+BACKWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_BWD", ("auto", "fused", "gluon", "split"),
+                                 "low-rank backward variant")
 
 
 @triton.jit
@@ -669,19 +676,26 @@ def lowrank_backward(
     pos: Tensor | None, blocks: dict | None = None, variant: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dx, dz, dU, dstatic or None), each contiguous in its input's dtype; inputs as for
-    lowrank_forward, dy contiguous. `variant`
-    picks the filter-gradient kernels: "fused", "split" or "auto" (None: BACKWARD_VARIANT; see
-    _auto_variant). `blocks` overrides their block sizes (benchmarks): one dict for fused, {"dz": ...,
+    lowrank_forward, dy contiguous. `variant` picks the filter-gradient kernels: "fused", "gluon",
+    "split" or "auto" (None: BACKWARD_VARIANT; see BACKWARD_VARIANT). `blocks` overrides their block
+    sizes (benchmarks; "auto" then picks among the Triton kernels): one dict for fused, {"dz": ...,
     "du": ...} for split."""
     variant = variant or BACKWARD_VARIANT.get()
     if variant not in BACKWARD_VARIANT.allowed:
         raise ValueError(f"lowrank_backward: variant={variant!r}; allowed: {', '.join(BACKWARD_VARIANT.allowed)}")
     dx = _conv(dy, z, U, static, residual, pos, lead=True, blocks=None)
     meta = _meta(z, U, x.shape[-1], static, pos)
-    if variant == "auto":
-        variant = _auto_variant(U.shape[0], meta["W"], static is not None)
-    filter_grads = _split_filter_grads if variant == "split" else _fused_filter_grads
-    dz, dU, ds = filter_grads(dy, x, z, U, static, pos, meta, blocks)
+    if variant in ("auto", "gluon"):
+        why_not = gluon_lowrank.cannot_run(dy, x, z, U, _group_size(z, U, x.shape[-1]))
+        if variant == "gluon" and why_not:
+            raise ValueError(f"lowrank_backward: variant='gluon' cannot run here: {why_not}")
+        if variant == "auto":
+            variant = "gluon" if why_not is None and blocks is None else _auto_variant(U.shape[0], meta["W"],
+                                                                                        static is not None)
+    if variant == "split":
+        dz, dU, ds = _split_filter_grads(dy, x, z, U, static, pos, meta, blocks)
+    else:
+        dz, dU, ds = _fused_filter_grads(dy, x, z, U, static, pos, meta, blocks, gluon=variant == "gluon")
     return dx, dz, dU, ds
 
 
@@ -702,12 +716,17 @@ def _auto_variant(R: int, W: int, has_static: bool) -> str:
 
 
 def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
-                        pos: Tensor | None, meta: dict, blocks: dict | None):
+                        pos: Tensor | None, meta: dict, blocks: dict | None, gluon: bool = False):
+    """(dz, dU, ds) from the fused filter-gradient kernel, or with `gluon` from its Gluon twin
+    (gluon_lowrank: the same tiles, partials and results)."""
     B, T, D = x.shape
     R, W, d_group = U.shape[0], meta["W"], _group_size(z, U, D)
     # The dz products keep R's own padding (v15); the dU products make room for the ones column.
     meta = meta | {"RZ_P": meta["R_P"], "R_P": _grad_rank(R, static is not None)}
-    blocks = _fit_group(blocks or _grad_blocks(meta["R_P"], next_pow2(W)), d_group, D)
+    if gluon:  # its tiles are fixed (cannot_run has checked that groups take them)
+        blocks = {"BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D}
+    else:
+        blocks = _fit_group(blocks or _grad_blocks(meta["R_P"], next_pow2(W)), d_group, D)
     d_tiles = triton.cdiv(D, blocks["BLOCK_D"])
     # dz partials cost d_tiles floats per (row, r) and dU partials R*W*D floats per chunk: about
     # two programs per multiprocessor balances both against keeping the chip busy.
@@ -716,12 +735,15 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
     dz_part = torch.empty(d_tiles, B * T, R, **f32)
     du_part = torch.empty(B * chunks, R, W * D, **f32)
     ds_part = torch.empty(B * chunks, W * D, **f32) if static is not None else du_part
-    _lowrank_filter_grad_kernel[(d_tiles, B * chunks)](
-        x, z, U, pos if pos is not None else x, dy,
-        dz_part, du_part, ds_part,
-        B, T, D, R, x.stride(1), z.stride(1), d_group, chunks, chunk_t,
-        **meta, **blocks,
-    )
+    if gluon:
+        gluon_lowrank.filter_grad_partials(dy, x, z, U, pos, meta, d_group, chunk_t, chunks, dz_part, du_part, ds_part)
+    else:
+        _lowrank_filter_grad_kernel[(d_tiles, B * chunks)](
+            x, z, U, pos if pos is not None else x, dy,
+            dz_part, du_part, ds_part,
+            B, T, D, R, x.stride(1), z.stride(1), d_group, chunks, chunk_t,
+            **meta, **blocks,
+        )
     return sum_filter_grads(dz_part, du_part, ds_part, z, U, static, D // d_group)
 
 

@@ -1,0 +1,231 @@
+"""The low-rank filter gradients on Hopper, in Gluon (Triton's explicit-layout language): the
+backward's "gluon" variant, which "auto" takes where `supports` says it can.
+
+Same algorithm and results as `triton_lowrank._lowrank_filter_grad_kernel` (bit-identical: the same
+df values, products and partial sums), one program per (64 channels, time chunk), 4 warps, 64-row
+tiles, dU_k^T += df_k^T @ z and dz += df_k @ U_k^T per tap, z's column of ones giving ds. What
+plain Triton could not say, and what it buys (KERNELS.md, v22; paper shape 100 -> 78 us):
+- every tile's dy and lagged x[t-k] come by TMA, one box each, a tile ahead into a two-slot ring
+  (the lags as their own boxes: a shared-memory view cannot start at a row offset, and the copies
+  of the overlapping rows hit L2). Boxes start at t - k < 0 or reach past T: TMA fills zeros, so
+  tiles need no masks;
+- the products run asynchronously (one wait per tile, or per reuse of df's two buffers), so a
+  tap's df is formed while the previous taps' products run;
+- dz's product takes df from registers (loaded from the ring in its operand layout); only dU's
+  reads df from shared memory. Shared memory throughput is what bounds this kernel (ncu: L1 85%).
+Gluon is experimental: its TMA load was renamed between Triton 3.6 and 3.7, handled below; where
+Gluon or its Hopper ops are missing, `cannot_run` says so and the Triton kernel runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from isoflop.kernels.triton_common import interpreting
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # async_copy_global_to_shared up to Triton 3.6, async_load since (the old name raises)
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+except (ImportError, AttributeError):  # a Triton without Gluon's Hopper ops
+    gluon = None
+
+BLOCK_T, BLOCK_D, WARPS, STAGES = 64, 64, 4, 2
+MAX_RANK, MAX_WIDTH = 16, 4
+
+
+def cannot_run(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, d_group: int) -> str | None:
+    """Why the Gluon kernel cannot take these inputs here, or None if it can."""
+    D = x.shape[-1]
+    R, W = U.shape[0], U.shape[1] // D
+    if gluon is None:
+        return "this Triton has no Gluon Hopper ops"
+    if interpreting() or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
+        return "it needs a Hopper GPU (sm_90)"
+    if not (x.dtype == dy.dtype == z.dtype and x.dtype in (torch.float16, torch.bfloat16)):
+        return f"it takes float16 or bfloat16 x, dy and z (got {x.dtype}, {dy.dtype}, {z.dtype})"
+    if R > MAX_RANK or W > MAX_WIDTH:
+        return f"it takes R <= {MAX_RANK} and W <= {MAX_WIDTH} (got R={R}, W={W})"
+    if d_group < D and d_group % BLOCK_D:
+        return f"channel groups must be multiples of {BLOCK_D} channels (got {d_group})"
+    for name, t in (("x", x), ("dy", dy)):  # TMA: 16-byte aligned base and rows, unit channel stride
+        if t.stride(2) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:2]):
+            return f"{name}'s rows must be 16-byte aligned with contiguous channels (strides {tuple(t.stride())})"
+    return None
+
+
+def filter_grad_partials(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, meta: dict,
+                         d_group: int, chunk_t: int, chunks: int, dz_part: Tensor, du_part: Tensor,
+                         ds_part: Tensor) -> None:
+    """Fill the partial buffers as `triton_lowrank._fused_filter_grads` allocates them (`meta` there:
+    R_P with the ones column, RZ_P, W, HAS_STATIC, HAS_POS, DOT_DTYPE)."""
+    B, T, D = x.shape
+    dot = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([1, BLOCK_T, BLOCK_D], dot)
+    x_desc, dy_desc = (TensorDescriptor(t, [B, T, D], list(t.stride()), [1, BLOCK_T, BLOCK_D], layout) for t in (x, dy))
+    _filter_grad_kernel[(triton.cdiv(D, BLOCK_D), B * chunks)](
+        x_desc, dy_desc, z, U, pos if pos is not None else x,
+        dz_part, du_part, ds_part,
+        B, T, D, U.shape[0], z.stride(1), d_group, chunks, chunk_t,
+        W=meta["W"], R_P=meta["R_P"], RZ_P=meta["RZ_P"], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+        HAS_STATIC=meta["HAS_STATIC"], HAS_POS=meta["HAS_POS"], DOT_DTYPE=dot, STAGES=STAGES,
+        num_warps=WARPS,
+    )
+
+
+if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
+
+    @gluon.jit
+    def store_du(du_part_ptr, ds_part_ptr, du, pid_n, r, d, R, D, k: gl.constexpr, W: gl.constexpr,
+                 HAS_STATIC: gl.constexpr):
+        """This chunk's dU_k partial and, from du's column R (z's column of ones), its ds_k partial."""
+        d_ok = d < D
+        ptrs = du_part_ptr + pid_n.to(gl.int64) * R * W * D + r[None, :] * (W * D) + k * D + d[:, None]
+        gl.store(ptrs, du, mask=d_ok[:, None] & (r < R)[None, :])
+        if HAS_STATIC:
+            ds = gl.sum(gl.where((r == R)[None, :], du, 0.0), axis=1)
+            gl.store(ds_part_ptr + pid_n.to(gl.int64) * W * D + k * D + d, ds, mask=d_ok)
+
+    @gluon.jit
+    def _issue(x_desc, dy_desc, ring, bars, j, t0, b, d0, W: gl.constexpr, STAGES: gl.constexpr, pred):
+        """TMA copies of tile j (rows t0..): dy and x[t-k] for each tap k, into ring slot j % STAGES."""
+        s = j % STAGES
+        bar = bars.index(s)
+        mbarrier.expect(bar, (W + 1) * dy_desc.block_type.nbytes, pred=pred)
+        tma_load(dy_desc, [b, t0, d0], bar, ring.index(s * (W + 1)), pred=pred)
+        for k in gl.static_range(W):
+            tma_load(x_desc, [b, t0 - k, d0], bar, ring.index(s * (W + 1) + 1 + k), pred=pred)
+
+    @gluon.jit
+    def _load_z(z_ptr, rows, t_end, base, Z_STRIDE, g_col, zr, R):
+        """z's R columns for `rows` of this channel tile's group (zeros past the chunk and beyond R)."""
+        return gl.load(z_ptr + (base + rows.to(gl.int64))[:, None] * Z_STRIDE + g_col + zr[None, :],
+                       mask=(rows < t_end)[:, None] & (zr < R)[None, :], other=0.0)
+
+    @gluon.jit
+    def _filter_grad_kernel(
+        x_desc, dy_desc, z_ptr, u_ptr, pos_ptr,
+        dz_part_ptr, du_part_ptr, ds_part_ptr,
+        B, T, D, R, Z_STRIDE, D_GROUP, chunks_per_seq, chunk_t,
+        W: gl.constexpr, R_P: gl.constexpr, RZ_P: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_D: gl.constexpr,
+        HAS_STATIC: gl.constexpr, HAS_POS: gl.constexpr, DOT_DTYPE: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        gl.static_assert(W <= 4)
+        dz_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, RZ_P, 16])
+        du_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, R_P, 16])
+        # dy, x and df live in the register layout of dz's A operand: that product reads df there.
+        df_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dz_l, k_width=2)
+        df_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_D], DOT_DTYPE)
+        ut_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_D, RZ_P], DOT_DTYPE)
+        z_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, R_P], DOT_DTYPE)
+        small_l: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])  # U^T and z tiles
+
+        pid_d = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        b = pid_n // chunks_per_seq
+        t_start = (pid_n % chunks_per_seq) * chunk_t
+        t_end = gl.minimum(T, t_start + chunk_t)
+        n_tiles = gl.cdiv(t_end - t_start, BLOCK_T)
+        d0 = pid_d * BLOCK_D
+        g_col = (d0 // D_GROUP) * R  # this channel tile's group's R columns of z
+        base = b.to(gl.int64) * T
+        i = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, df_l))
+
+        # U_k^T [BLOCK_D, RZ_P] per tap, in shared memory for the whole walk.
+        ud = d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, small_l))
+        ur = gl.arange(0, RZ_P, layout=gl.SliceLayout(0, small_l))
+        ut_smem = gl.allocate_shared_memory(DOT_DTYPE, [W, BLOCK_D, RZ_P], ut_s)
+        for k in gl.static_range(W):
+            u = gl.load(u_ptr + ur[None, :] * (W * D) + k * D + ud[:, None],
+                        mask=(ud < D)[:, None] & (ur < R)[None, :], other=0.0)
+            ut_smem.index(k).store(u.to(DOT_DTYPE))
+        # The ring: per slot dy and W lagged x tiles; 2 slots, 2 df buffers, U^T and z: 108 KB at W = 4,
+        # so two programs share a multiprocessor (with 3 slots or 4 df buffers only one did: slower).
+        ring = gl.allocate_shared_memory(DOT_DTYPE, [STAGES * (W + 1), 1, BLOCK_T, BLOCK_D], dy_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for slot in gl.static_range(STAGES):
+            mbarrier.init(bars.index(slot), count=1)
+        df_smem = gl.allocate_shared_memory(DOT_DTYPE, [2, BLOCK_T, BLOCK_D], df_s)
+        z_smem = gl.allocate_shared_memory(DOT_DTYPE, [BLOCK_T, R_P], z_s)
+        zi = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, small_l))
+        zr = gl.arange(0, R_P, layout=gl.SliceLayout(0, small_l))
+
+        # One dU_k accumulator per tap, by name: the waits take and return them.
+        du0 = gl.zeros([BLOCK_D, R_P], gl.float32, du_l)
+        du1 = gl.zeros([BLOCK_D, R_P], gl.float32, du_l)
+        du2 = gl.zeros([BLOCK_D, R_P], gl.float32, du_l)
+        du3 = gl.zeros([BLOCK_D, R_P], gl.float32, du_l)
+        dzi = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, dz_l))
+        dzr = gl.arange(0, RZ_P, layout=gl.SliceLayout(0, dz_l))
+
+        for j in gl.static_range(STAGES - 1):
+            _issue(x_desc, dy_desc, ring, bars, j, t_start + j * BLOCK_T, b, d0, W, STAGES, j < n_tiles)
+        z_next = _load_z(z_ptr, t_start + zi, t_end, base, Z_STRIDE, g_col, zr, R)  # z one tile ahead
+        for it in range(n_tiles):
+            t0 = t_start + it * BLOCK_T
+            ahead = it + STAGES - 1
+            _issue(x_desc, dy_desc, ring, bars, ahead, t0 + (STAGES - 1) * BLOCK_T, b, d0, W, STAGES,
+                   ahead < n_tiles)
+            z = z_next
+            z_next = _load_z(z_ptr, t0 + BLOCK_T + zi, t_end, base, Z_STRIDE, g_col, zr, R)
+            if HAS_STATIC:  # the column of ones: dU_k's column R is then ds_k
+                z = gl.where((zr == R)[None, :] & ((t0 + zi) < t_end)[:, None], 1.0, z)
+            z_smem.store(z.to(DOT_DTYPE))  # (the last tile's products were waited for)
+            t = t0 + i
+            p = t
+            if HAS_POS:
+                p = gl.load(pos_ptr + t, mask=t < t_end, other=0)
+            s = it % STAGES
+            mbarrier.wait(bars.index(s), (it // STAGES) & 1)
+            dy0 = ring.index(s * (W + 1)).reshape([BLOCK_T, BLOCK_D]).load(df_l).to(gl.float32)
+            dz = gl.zeros([BLOCK_T, RZ_P], gl.float32, dz_l)
+            for k in gl.static_range(W):
+                xk = ring.index(s * (W + 1) + 1 + k).reshape([BLOCK_T, BLOCK_D]).load(df_l).to(gl.float32)
+                if HAS_POS:  # x[t-k] of the previous packed sequence
+                    xk = gl.where((p >= k)[:, None], xk, 0.0)
+                if k >= 2:  # df's buffer k % 2: tap k - 2's products must be done with it
+                    dz, du0, du1, du2, du3 = warpgroup_mma_wait(2, deps=(dz, du0, du1, du2, du3))
+                df = (dy0 * xk).to(DOT_DTYPE)
+                buf = df_smem.index(k % 2)
+                buf.store(df)
+                fence_async_shared()
+                dz = warpgroup_mma(df, ut_smem.index(k), dz, is_async=True)
+                df_t = buf.permute((1, 0))
+                if k == 0:
+                    du0 = warpgroup_mma(df_t, z_smem, du0, is_async=True)
+                elif k == 1:
+                    du1 = warpgroup_mma(df_t, z_smem, du1, is_async=True)
+                elif k == 2:
+                    du2 = warpgroup_mma(df_t, z_smem, du2, is_async=True)
+                else:
+                    du3 = warpgroup_mma(df_t, z_smem, du3, is_async=True)
+            dz, du0, du1, du2, du3 = warpgroup_mma_wait(0, deps=(dz, du0, du1, du2, du3))
+            dt = t0 + dzi
+            dz_ptrs = dz_part_ptr + (pid_d.to(gl.int64) * B * T + base + dt.to(gl.int64))[:, None] * R + dzr[None, :]
+            gl.store(dz_ptrs, dz, mask=(dt < t_end)[:, None] & (dzr < R)[None, :])
+
+        for slot in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(slot))
+        od = d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, du_l))
+        orr = gl.arange(0, R_P, layout=gl.SliceLayout(0, du_l))
+        store_du(du_part_ptr, ds_part_ptr, du0, pid_n, orr, od, R, D, 0, W, HAS_STATIC)
+        if W > 1:
+            store_du(du_part_ptr, ds_part_ptr, du1, pid_n, orr, od, R, D, 1, W, HAS_STATIC)
+        if W > 2:
+            store_du(du_part_ptr, ds_part_ptr, du2, pid_n, orr, od, R, D, 2, W, HAS_STATIC)
+        if W > 3:
+            store_du(du_part_ptr, ds_part_ptr, du3, pid_n, orr, od, R, D, 3, W, HAS_STATIC)
