@@ -6,12 +6,12 @@
 `gluon_lowrank`'s kernel ("gluon", what the backward's "auto" takes there): the same algorithm with
 its tiles fed by TMA and its products asynchronous, so the results must be bit-identical. Per shape
 it prints whether they are, and the median GPU time of both, kernel and partial sums (graph replay,
-the median of interleaved rounds). On the H200 (session 20, KERNELS.md v22): paper shape 100.4 ->
-77.7 us, the 300M conv 102.8 -> 79.0, bit-identical at four shapes.
+the median of interleaved rounds). On the H200 (session 20, KERNELS.md v22): paper shape 99.9 ->
+68.5 us, the 300M conv 102.1 -> 69.7, bit-identical at four shapes.
 
 History: session 19's first Gluon version (asynchronous products, tiles loaded into registers)
 gave 98 against 100 us (KERNELS.md, point 23); feeding the tiles through shared memory by TMA
-and taking dz's operand from registers made the difference. Needs a Hopper GPU; says so otherwise.
+and taking df from registers for both products made the difference. Needs a Hopper GPU; says so otherwise.
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
 """The low-rank filter gradients on Hopper, in Gluon (Triton's explicit-layout language): the
-backward's "gluon" variant, which "auto" takes where `supports` says it can.
+backward's "gluon" variant, which "auto" takes wherever it can run (`cannot_run`).
 
 Same algorithm and results as `triton_lowrank._lowrank_filter_grad_kernel` (bit-identical: the same
 df values, products and partial sums), one program per (64 channels, time chunk), 4 warps, 64-row
 tiles, dU_k^T += df_k^T @ z and dz += df_k @ U_k^T per tap, z's column of ones giving ds. What
-plain Triton could not say, and what it buys (KERNELS.md, v22; paper shape 100 -> 78 us):
+plain Triton could not say, and what it buys (KERNELS.md, v22; paper shape 100 -> 71 us):
 - every tile's dy and lagged x[t-k] come by TMA, one box each, a tile ahead into a two-slot ring
   (the lags as their own boxes: a shared-memory view cannot start at a row offset, and the copies
   of the overlapping rows hit L2). Boxes start at t - k < 0 or reach past T: TMA fills zeros, so
   tiles need no masks;
-- the products run asynchronously (one wait per tile, or per reuse of df's two buffers), so a
-  tap's df is formed while the previous taps' products run;
-- dz's product takes df from registers (loaded from the ring in its operand layout); only dU's
-  reads df from shared memory. Shared memory throughput is what bounds this kernel (ncu: L1 85%).
+- the products run asynchronously, one wait per tile, so a tap's df is formed while the previous
+  taps' products run;
+- both products take df from registers, formed twice from the ring (once in each product's operand
+  layout, x and dy read transposed for dU's), so df never goes through shared memory. Shared
+  memory throughput is what bounds this kernel (ncu, staging df for dU: L1 85%).
 Gluon is experimental: its TMA load was renamed between Triton 3.6 and 3.7, handled below; where
 Gluon or its Hopper ops are missing, `cannot_run` says so and the Triton kernel runs.
 """
@@ -29,7 +30,6 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -127,9 +127,11 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
                                                         instr_shape=[16, RZ_P, 16])
         du_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, R_P, 16])
-        # dy, x and df live in the register layout of dz's A operand: that product reads df there.
+        # Both products take df from registers, formed in each one's A-operand layout: df for dz's,
+        # df^T for dU's (dy and x loaded from the ring a second time, transposed), so df never goes
+        # through shared memory (v22: 77.9 -> 70.9 us at the paper's shape against staging it for dU).
         df_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dz_l, k_width=2)
-        df_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_D], DOT_DTYPE)
+        dft_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=du_l, k_width=2)
         ut_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_D, RZ_P], DOT_DTYPE)
         z_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, R_P], DOT_DTYPE)
         small_l: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])  # U^T and z tiles
@@ -144,6 +146,7 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
         g_col = (d0 // D_GROUP) * R  # this channel tile's group's R columns of z
         base = b.to(gl.int64) * T
         i = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, df_l))
+        i_t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, dft_l))
 
         # U_k^T [BLOCK_D, RZ_P] per tap, in shared memory for the whole walk.
         ud = d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, small_l))
@@ -153,13 +156,12 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
             u = gl.load(u_ptr + ur[None, :] * (W * D) + k * D + ud[:, None],
                         mask=(ud < D)[:, None] & (ur < R)[None, :], other=0.0)
             ut_smem.index(k).store(u.to(DOT_DTYPE))
-        # The ring: per slot dy and W lagged x tiles; 2 slots, 2 df buffers, U^T and z: 108 KB at W = 4,
-        # so two programs share a multiprocessor (with 3 slots or 4 df buffers only one did: slower).
+        # The ring: per slot dy and W lagged x tiles; 2 slots, U^T and z: 92 KB at W = 4, so two
+        # programs share a multiprocessor (registers allow no more; with 3 slots only one: slower).
         ring = gl.allocate_shared_memory(DOT_DTYPE, [STAGES * (W + 1), 1, BLOCK_T, BLOCK_D], dy_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for slot in gl.static_range(STAGES):
             mbarrier.init(bars.index(slot), count=1)
-        df_smem = gl.allocate_shared_memory(DOT_DTYPE, [2, BLOCK_T, BLOCK_D], df_s)
         z_smem = gl.allocate_shared_memory(DOT_DTYPE, [BLOCK_T, R_P], z_s)
         zi = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, small_l))
         zr = gl.arange(0, R_P, layout=gl.SliceLayout(0, small_l))
@@ -186,25 +188,26 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
                 z = gl.where((zr == R)[None, :] & ((t0 + zi) < t_end)[:, None], 1.0, z)
             z_smem.store(z.to(DOT_DTYPE))  # (the last tile's products were waited for)
             t = t0 + i
-            p = t
+            t_t = t0 + i_t
+            p, p_t = t, t_t
             if HAS_POS:
                 p = gl.load(pos_ptr + t, mask=t < t_end, other=0)
+                p_t = gl.load(pos_ptr + t_t, mask=t_t < t_end, other=0)
             s = it % STAGES
             mbarrier.wait(bars.index(s), (it // STAGES) & 1)
-            dy0 = ring.index(s * (W + 1)).reshape([BLOCK_T, BLOCK_D]).load(df_l).to(gl.float32)
+            dy_tile = ring.index(s * (W + 1)).reshape([BLOCK_T, BLOCK_D])
+            dy0 = dy_tile.load(df_l).to(gl.float32)
+            dy0_t = dy_tile.permute((1, 0)).load(dft_l).to(gl.float32)
             dz = gl.zeros([BLOCK_T, RZ_P], gl.float32, dz_l)
             for k in gl.static_range(W):
-                xk = ring.index(s * (W + 1) + 1 + k).reshape([BLOCK_T, BLOCK_D]).load(df_l).to(gl.float32)
+                x_tile = ring.index(s * (W + 1) + 1 + k).reshape([BLOCK_T, BLOCK_D])
+                xk = x_tile.load(df_l).to(gl.float32)
+                xk_t = x_tile.permute((1, 0)).load(dft_l).to(gl.float32)
                 if HAS_POS:  # x[t-k] of the previous packed sequence
                     xk = gl.where((p >= k)[:, None], xk, 0.0)
-                if k >= 2:  # df's buffer k % 2: tap k - 2's products must be done with it
-                    dz, du0, du1, du2, du3 = warpgroup_mma_wait(2, deps=(dz, du0, du1, du2, du3))
-                df = (dy0 * xk).to(DOT_DTYPE)
-                buf = df_smem.index(k % 2)
-                buf.store(df)
-                fence_async_shared()
-                dz = warpgroup_mma(df, ut_smem.index(k), dz, is_async=True)
-                df_t = buf.permute((1, 0))
+                    xk_t = gl.where((p_t >= k)[None, :], xk_t, 0.0)
+                dz = warpgroup_mma((dy0 * xk).to(DOT_DTYPE), ut_smem.index(k), dz, is_async=True)
+                df_t = (dy0_t * xk_t).to(DOT_DTYPE)
                 if k == 0:
                     du0 = warpgroup_mma(df_t, z_smem, du0, is_async=True)
                 elif k == 1:
@@ -213,6 +216,8 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
                     du2 = warpgroup_mma(df_t, z_smem, du2, is_async=True)
                 else:
                     du3 = warpgroup_mma(df_t, z_smem, du3, is_async=True)
+                if k >= 1:  # tap k - 1's products done: their df operands' registers free again
+                    dz, du0, du1, du2, du3 = warpgroup_mma_wait(2, deps=(dz, du0, du1, du2, du3))
             dz, du0, du1, du2, du3 = warpgroup_mma_wait(0, deps=(dz, du0, du1, du2, du3))
             dt = t0 + dzi
             dz_ptrs = dz_part_ptr + (pid_d.to(gl.int64) * B * T + base + dt.to(gl.int64))[:, None] * R + dzr[None, :]
