@@ -796,7 +796,7 @@ def test_conv_blocks_fit_the_grid():
     stages deep only with 64 x 64 tiles on grids of at most two programs per multiprocessor, where
     the fourth stage's shared memory costs no occupancy; dx (narrow filters) walks 4 stages deep and
     halves CHUNK while its programs take more than one wave and the last would be under 80% full
-    (KERNELS.md, v19)."""
+    (KERNELS.md, v19), or while they are fewer than the multiprocessors, as the forward (v23)."""
     from isoflop.kernels.triton_lowrank import _fill_processors
 
     fwd = {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 4, "CHUNK": 32, "STAGES": 3}
@@ -818,6 +818,8 @@ def test_conv_blocks_fit_the_grid():
     assert fill(4096, 2048, 1, blocks=dx) == dx | {"STAGES": 4}  # 256 programs: one wave
     assert fill(4096, 2048, 1, blocks=dx, processors=40)["CHUNK"] == 8  # 256 in 120 slots (71%) -> 512
     assert fill(4096, 2048, 4, blocks=dx, width=128) == dx  # wider filters: as swept (v16)
+    assert fill(3000, 256, 1, blocks=dx) == dx | {"CHUNK": 2, "STAGES": 4}  # 24 -> 188 programs
+    assert fill(512, 384, 8, blocks=dx) == dx | {"CHUNK": 4, "STAGES": 4}  # a small model's: 48 -> 192
 
 
 def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path):

@@ -626,7 +626,9 @@ def _fill_processors(blocks: dict, T: int, D: int, B: int, processors: int, lead
     registers): 4 stages (paper 56.9 -> 56.4 us, 300M conv 56.6 -> 56.3; [8, 2048, 1024] at CHUNK 32
     31.6 -> 29.6), and CHUNK halved while the programs take more than one wave and the last would
     be under 80% full ([8, 2048, 1024]: 512 programs in 396 slots, 35.4 -> 31.3 us with 1024). Grids
-    of one wave keep CHUNK 16: halving it to 4 there took 16.8 -> 18.3 us ([1, 4096, 2048])."""
+    of one wave keep CHUNK 16: halving it to 4 there took 16.8 -> 18.3 us ([1, 4096, 2048]). Grids
+    with fewer programs than multiprocessors halve it as the forward does (v23: [1, 3000, 256] had
+    24 programs, 20.4 us)."""
     def programs(chunk: int) -> int:
         return triton.cdiv(T, blocks["BLOCK_T"] * chunk) * triton.cdiv(D, blocks["BLOCK_D"]) * B
 
@@ -640,6 +642,8 @@ def _fill_processors(blocks: dict, T: int, D: int, B: int, processors: int, lead
     elif tiles == (32, 64, 4) and width <= 64:
         slots = 3 * processors
         while chunk > 4 and programs(chunk) > slots and wave_fill(programs(chunk), slots) < 0.8:
+            chunk //= 2
+        while chunk > 2 and programs(chunk) < processors:  # as the forward (v23)
             chunk //= 2
         stages = 4
     return blocks | {"CHUNK": chunk, "STAGES": stages}
