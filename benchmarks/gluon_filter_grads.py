@@ -3,11 +3,13 @@
     PYTHONPATH=. python benchmarks/gluon_filter_grads.py [--rounds 3]
 
 `triton_lowrank._fused_filter_grads` runs the plain-pointer Triton kernel ("fused") or, on Hopper,
-`gluon_lowrank`'s kernel ("gluon", what the backward's "auto" takes there): the same algorithm with
-its tiles fed by TMA and its products asynchronous, so the results must be bit-identical. Per shape
+`gluon_lowrank`'s kernel ("gluon", what the backward's "auto" takes there for unpacked sequences):
+the same algorithm with its tiles fed by TMA and its products asynchronous, so the results must be
+bit-identical. Per shape
 it prints whether they are, and the median GPU time of both, kernel and partial sums (graph replay,
-the median of interleaved rounds). On the H200 (session 20, KERNELS.md v22): paper shape 99.9 ->
-68.5 us, the 300M conv 102.1 -> 69.7, bit-identical at four shapes.
+the median of interleaved rounds). On the H200 (session 20, KERNELS.md v22): paper shape 100.4 ->
+67.2 us, the 300M conv 102.7 -> 69.0, ragged 7.1 -> 6.4, packed 8.9 -> 10.3 (so "auto" keeps the
+Triton kernel for packed sequences), bit-identical at all four.
 
 History: session 19's first Gluon version (asynchronous products, tiles loaded into registers)
 gave 98 against 100 us (KERNELS.md, point 23); feeding the tiles through shared memory by TMA

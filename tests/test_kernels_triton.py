@@ -693,8 +693,9 @@ def hopper() -> bool:
      (2, 1031, 3, 512, 16, 4, torch.bfloat16, True, None, True)],  # q, k, v groups on views
 )
 def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(B, T, G, Dg, R, W, dtype, static, lengths, view):
-    """The Gluon kernel ("auto" on Hopper) computes what the Triton kernel does, bit for bit: the
-    same df values, products and partial sums, so the Triton kernel's float64 tests cover both."""
+    """The Gluon kernel ("auto" on Hopper, unless sequences are packed) computes what the Triton
+    kernel does, bit for bit: the same df values, products and partial sums, so the Triton kernel's
+    float64 tests cover both."""
     from isoflop.kernels import ops, triton_lowrank
 
     poison_cuda_memory()

@@ -1,10 +1,11 @@
 """The low-rank filter gradients on Hopper, in Gluon (Triton's explicit-layout language): the
-backward's "gluon" variant, which "auto" takes wherever it can run (`cannot_run`).
+backward's "gluon" variant, which "auto" takes wherever it can run (`cannot_run`) unless sequences
+are packed (there it lost: triton_lowrank.lowrank_backward).
 
 Same algorithm and results as `triton_lowrank._lowrank_filter_grad_kernel` (bit-identical: the same
 df values, products and partial sums), one program per (64 channels, time chunk), 4 warps, 64-row
 tiles, dU_k^T += df_k^T @ z and dz += df_k @ U_k^T per tap, z's column of ones giving ds. What
-plain Triton could not say, and what it buys (KERNELS.md, v22; paper shape 100 -> 71 us):
+plain Triton could not say, and what it buys (KERNELS.md, v22; paper shape 100 -> 67 us):
 - every tile's dy and lagged x[t-k] come by TMA, one box each, a tile ahead into a two-slot ring
   (the lags as their own boxes: a shared-memory view cannot start at a row offset, and the copies
   of the overlapping rows hit L2). Boxes start at t - k < 0 or reach past T: TMA fills zeros, so

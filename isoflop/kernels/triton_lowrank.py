@@ -39,9 +39,9 @@ sums and casts in one launch (sum_partials_together), so results are bit-reprodu
 atomics). Splitting dx out reads x and dy once more than one fused pass would (+134 MB at the
 paper's shape); the fused version measured slower (registers spilled), see benchmarks/KERNELS.md.
 
-On Hopper the filter gradients run as the "gluon" variant where it takes the inputs
-(`gluon_lowrank`: the same algorithm and bit-identical results, its tiles fed by TMA and its products
-asynchronous, 100 -> 69 us at the paper's shape); "fused" forces the Triton kernel.
+On Hopper the filter gradients run as the "gluon" variant where it takes the inputs and sequences
+are not packed (`gluon_lowrank`: the same algorithm and bit-identical results, its tiles fed by TMA
+and its products asynchronous, 100 -> 67 us at the paper's shape); "fused" forces the Triton kernel.
 
 The "split" variant (what "auto" takes for the widest filters, see _auto_variant; forced by
 ISOFLOP_LOWRANK_BWD=split or variant="split") computes the filter gradients in two kernels with
@@ -76,7 +76,7 @@ from isoflop.kernels.triton_common import (
 
 # Which filter-gradient kernels the backward runs: "fused" (one Triton kernel), "gluon" (the same on
 # Hopper in Gluon, gluon_lowrank), "split" (dz and dU in separate kernels), or "auto" (gluon where it
-# runs, else fused or split by _auto_variant). Read once from ISOFLOP_LOWRANK_BWD; `.set()` in tests.
+# runs, sequences unpacked; else fused or split by _auto_variant). Read once from ISOFLOP_LOWRANK_BWD.
 BACKWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_BWD", ("auto", "fused", "gluon", "split"),
                                  "low-rank backward variant")
 
@@ -694,8 +694,11 @@ def lowrank_backward(
         if variant == "gluon" and why_not:
             raise ValueError(f"lowrank_backward: variant='gluon' cannot run here: {why_not}")
         if variant == "auto":
-            variant = "gluon" if why_not is None and blocks is None else _auto_variant(U.shape[0], meta["W"],
-                                                                                        static is not None)
+            # Not with packed sequences: there the Gluon kernel lost (H200, 8 documents in [1, 16384,
+            # 2048]: backward 214.8 -> 221.0 us; [1, 3000, 256]: 8.9 -> 10.3), its position loads
+            # and masks in both operand layouts costing more than the TMA saves.
+            takes_gluon = why_not is None and blocks is None and pos is None
+            variant = "gluon" if takes_gluon else _auto_variant(U.shape[0], meta["W"], static is not None)
     if variant == "split":
         dz, dU, ds = _split_filter_grads(dy, x, z, U, static, pos, meta, blocks)
     else:
