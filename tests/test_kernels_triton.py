@@ -837,11 +837,11 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    gluon = [row for row in rows if "gluon" in row["kernel"]]  # where Triton has Gluon's Hopper ops
-    assert len(rows) == 15 + len(gluon) and all(0 < row["registers"] <= 255 for row in rows)
-    # the Gluon filter gradients fit two programs per multiprocessor (registers, 228 KB of shared memory)
-    assert all(row["registers"] <= 255 and row["shared_bytes"] <= 113 * 1024 and row["stack_bytes"] == 0
-               for row in gluon)
+    assert len(rows) == 16 and all(0 < row["registers"] <= 255 for row in rows)
+    # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
+    # fit two programs per multiprocessor (228 KB of shared memory).
+    gluon = [row for row in rows if row["kernel"] == "low-rank filter grads (gluon)"]
+    assert len(gluon) == 1 and gluon[0]["shared_bytes"] <= 113 * 1024 and gluon[0]["stack_bytes"] == 0
     assert all(row["dots"] != "none" for row in rows[:5])  # the low-rank filters use the matrix units
     # The split backward's block sizes were chosen so that it does not spill (Triton 3.9, sm_90).
     assert all(row["stack_bytes"] == 0 for row in rows if "split" in row["kernel"]), rows[3:5]

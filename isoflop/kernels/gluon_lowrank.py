@@ -57,6 +57,8 @@ def cannot_run(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, d_group: int) -> str
         return "it needs a Hopper GPU (sm_90)"
     if not (x.dtype == dy.dtype == z.dtype and x.dtype in (torch.float16, torch.bfloat16)):
         return f"it takes float16 or bfloat16 x, dy and z (got {x.dtype}, {dy.dtype}, {z.dtype})"
+    if x.numel() == 0:
+        return "the inputs are empty (a TMA descriptor needs every dimension > 0)"
     if R > MAX_RANK or W > MAX_WIDTH:
         return f"it takes R <= {MAX_RANK} and W <= {MAX_WIDTH} (got R={R}, W={W})"
     if d_group < D and d_group % BLOCK_D:
