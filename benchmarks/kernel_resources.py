@@ -98,7 +98,7 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
         Case("low-rank dU (split)", triton_lowrank._lowrank_du_kernel, lowrank, split_blocks["du"]),
     ]
     if gluon_lowrank.gluon is not None:  # its Hopper twin (the backward's "auto" there)
-        found.append(Case("low-rank filter grads (gluon)", gluon_lowrank._filter_grad_kernel,
+        found.append(Case("low-rank filter grads (gluon)", gluon_lowrank._lowrank_gluon_filter_grad_kernel,
                           {k: v for k, v in lowrank.items() if k != "FP32_DOT"}
                           | {"R_P": grad_r_p, "RZ_P": lowrank["R_P"], "STAGES": gluon_lowrank.STAGES,
                              "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D},
