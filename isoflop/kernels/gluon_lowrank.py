@@ -10,8 +10,8 @@ plain Triton could not say, and what it buys (KERNELS.md, v22; paper shape 100 -
   (the lags as their own boxes: a shared-memory view cannot start at a row offset, and the copies
   of the overlapping rows hit L2). Boxes start at t - k < 0 or reach past T: TMA fills zeros, so
   tiles need no masks;
-- the products run asynchronously, one wait per tile, so a tap's df is formed while the previous
-  taps' products run;
+- the products run asynchronously: tap k's are waited for only once tap k + 1's are issued, so a
+  tap's df is formed while the previous tap's products run;
 - both products take df from registers, formed twice from the ring (once in each product's operand
   layout, x and dy read transposed for dU's), so df never goes through shared memory. Shared
   memory throughput is what bounds this kernel (ncu, staging df for dU: L1 85%).
