@@ -25,15 +25,8 @@ import sys
 import torch
 import triton
 
-from isoflop.kernels import gluon_lowrank
+from isoflop.kernels import gluon_lowrank, ops
 from isoflop.kernels import triton_lowrank as lr
-
-
-def positions(cu: list[int], device) -> torch.Tensor:
-    """Each position's index inside its own packed sequence."""
-    bounds = torch.tensor(cu, device=device)
-    t = torch.arange(cu[-1], device=device)
-    return (t - bounds[torch.searchsorted(bounds, t, right=True) - 1]).to(torch.int32)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         z = torch.randn(B, T, R, device="cuda", dtype=torch.bfloat16)
         U = (torch.randn(R, W * D, device="cuda") * 0.1).to(torch.bfloat16)
         s = torch.randn(W, D, device="cuda", dtype=torch.bfloat16)
-        pos = positions(cu, x.device) if cu else None
+        pos = ops._positions(torch.tensor(cu), T, x.device) if cu else None
         meta = lr._meta(z, U, D, s, pos)
         calls = {name: (lambda gluon=name == "gluon": lr._fused_filter_grads(dy, x, z, U, s, pos, meta, None, gluon))
                  for name in ("triton", "gluon")}

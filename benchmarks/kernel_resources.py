@@ -163,15 +163,11 @@ def compile_case(case: Case, arch: int, dtype_name: str):
 
 def _descriptor_type(dtype: tl.dtype) -> str:
     """The launcher's type string of gluon_lowrank's TMA descriptors (taken from a CPU tensor's)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    import torch
     from triton.runtime.jit import mangle_type
 
-    import torch
-
-    block = [1, gluon_lowrank.BLOCK_T, gluon_lowrank.BLOCK_D]
-    layout = gluon_lowrank.gl.NVMMASharedLayout.get_default_for(block, dtype)
     like = torch.empty(BATCH, SEQ, D_MODEL, dtype={tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}[dtype])
-    return mangle_type(TensorDescriptor.from_tensor(like, block, layout))
+    return mangle_type(gluon_lowrank.tile_descriptor(like))
 
 
 def resources(cubin: bytes, tmp: Path) -> dict[str, int]:

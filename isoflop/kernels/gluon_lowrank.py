@@ -75,23 +75,32 @@ def filter_grad_partials(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, pos: Tenso
     """Fill the partial buffers as `triton_lowrank._fused_filter_grads` allocates them (`meta` there:
     R_P with the ones column, RZ_P, W, HAS_STATIC, HAS_POS, DOT_DTYPE)."""
     B, T, D = x.shape
-    dot = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([1, BLOCK_T, BLOCK_D], dot)
-    x_desc, dy_desc = (TensorDescriptor(t, [B, T, D], list(t.stride()), [1, BLOCK_T, BLOCK_D], layout) for t in (x, dy))
     _lowrank_gluon_filter_grad_kernel[(triton.cdiv(D, BLOCK_D), B * chunks)](
-        x_desc, dy_desc, z, U, pos if pos is not None else x,
+        tile_descriptor(x), tile_descriptor(dy), z, U, pos if pos is not None else x,
         dz_part, du_part, ds_part,
         B, T, D, U.shape[0], z.stride(1), d_group, chunks, chunk_t,
         W=meta["W"], R_P=meta["R_P"], RZ_P=meta["RZ_P"], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-        HAS_STATIC=meta["HAS_STATIC"], HAS_POS=meta["HAS_POS"], DOT_DTYPE=dot, STAGES=STAGES,
+        HAS_STATIC=meta["HAS_STATIC"], HAS_POS=meta["HAS_POS"], DOT_DTYPE=_dot_dtype(x), STAGES=STAGES,
         num_warps=WARPS,
     )
+
+
+def _dot_dtype(t: Tensor):
+    return gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+
+
+def tile_descriptor(t: Tensor) -> TensorDescriptor:
+    """The TMA descriptor the kernel reads t [B, T, D] (x or dy) through: [1, BLOCK_T, BLOCK_D] boxes,
+    zeros outside t."""
+    block = [1, BLOCK_T, BLOCK_D]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _dot_dtype(t))
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
 if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
 
     @gluon.jit
-    def store_du(du_part_ptr, ds_part_ptr, du, pid_n, r, d, R, D, k: gl.constexpr, W: gl.constexpr,
+    def _store_du(du_part_ptr, ds_part_ptr, du, pid_n, r, d, R, D, k: gl.constexpr, W: gl.constexpr,
                  HAS_STATIC: gl.constexpr):
         """This chunk's dU_k partial and, from du's column R (z's column of ones), its ds_k partial."""
         d_ok = d < D
@@ -230,10 +239,10 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
             mbarrier.invalidate(bars.index(slot))
         od = d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, du_l))
         orr = gl.arange(0, R_P, layout=gl.SliceLayout(0, du_l))
-        store_du(du_part_ptr, ds_part_ptr, du0, pid_n, orr, od, R, D, 0, W, HAS_STATIC)
+        _store_du(du_part_ptr, ds_part_ptr, du0, pid_n, orr, od, R, D, 0, W, HAS_STATIC)
         if W > 1:
-            store_du(du_part_ptr, ds_part_ptr, du1, pid_n, orr, od, R, D, 1, W, HAS_STATIC)
+            _store_du(du_part_ptr, ds_part_ptr, du1, pid_n, orr, od, R, D, 1, W, HAS_STATIC)
         if W > 2:
-            store_du(du_part_ptr, ds_part_ptr, du2, pid_n, orr, od, R, D, 2, W, HAS_STATIC)
+            _store_du(du_part_ptr, ds_part_ptr, du2, pid_n, orr, od, R, D, 2, W, HAS_STATIC)
         if W > 3:
-            store_du(du_part_ptr, ds_part_ptr, du3, pid_n, orr, od, R, D, 3, W, HAS_STATIC)
+            _store_du(du_part_ptr, ds_part_ptr, du3, pid_n, orr, od, R, D, 3, W, HAS_STATIC)
