@@ -792,6 +792,24 @@ def test_conv_blocks_fit_the_sequence_and_the_filter_width():
     assert _conv_blocks(4096, 16, 4, lead=False, fp32=True)["BLOCK_D"] < paper["BLOCK_D"]
 
 
+def test_row_blocks_pipeline_the_backward_and_cap_narrow_forwards():
+    """The row walks' blocks as measured (KERNELS.md, v24): the static conv's and wide heads'
+    backwards walk pipelined (fewer rows per program on short sequences), narrow heads' dense
+    forwards are capped to keep 16 programs per multiprocessor, and views keep their own rule."""
+    if INTERPRETING:
+        pytest.skip("the interpreter has its own tiny blocks")
+    from isoflop.kernels.triton_headwise import _row_blocks
+
+    wide = _row_blocks(4096, 2048, 16, backward=True)
+    assert wide["STAGES"] > 1 and wide["ROWS"] > _row_blocks(512, 2048, 16, backward=True)["ROWS"]
+    assert _row_blocks(4096, 2048, 1, backward=False, dynamic=False, dense=True).get("maxnreg") is None
+    assert _row_blocks(4096, 2048, 1, backward=True, dynamic=False)["STAGES"] > 1
+    assert _row_blocks(4096, 2048, 4, backward=False)["maxnreg"] == 64
+    assert "maxnreg" not in _row_blocks(4096, 2048, 4, backward=False, dense=False)
+    assert _row_blocks(4096, 2048, 16, backward=False, dense=False)["maxnreg"] == 128
+    assert _row_blocks(4096, 2048, 4, backward=True)["STAGES"] == 1
+
+
 def test_conv_blocks_fit_the_grid():
     """The forward halves CHUNK while its grid has fewer programs than multiprocessors, and walks 4
     stages deep only with 64 x 64 tiles on grids of at most two programs per multiprocessor, where

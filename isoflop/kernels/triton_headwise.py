@@ -182,34 +182,43 @@ def _blocks(D: int, hs_p: int, backward: bool, dynamic: bool = True) -> dict:
 
 
 def _row_blocks(T: int, D: int, hs_p: int, backward: bool, dynamic: bool = True, dense: bool = True) -> dict:
-    """Channels per program, rows per program, warps and (backward) pipeline stages of the
-    row-walking kernels: 8 channels per thread (16-byte loads) for the static conv's forward and
-    heads of 8+ channels, 4 for narrower heads; hs=1 reads a full filter row per row and takes 128
-    rows, hs=2..4's forward 32. The static conv's backward walks 4 stages deep with 4 channels per
-    thread and 256 rows (128 for sequences under 1024 tokens, to keep enough programs). Picked side by
-    side on an H200 at the paper's shape and the 300M model's (KERNELS.md, v9 and v11).
+    """Channels per program, rows per program, warps, pipeline stages (backward) and register caps
+    of the row-walking kernels: 8 channels per thread (16-byte loads) for the static conv's forward
+    and heads of 8+ channels, 4 for narrower heads. Picked side by side on an H200 at the paper's
+    shape and the 300M model's (KERNELS.md, v9, v11 and v24):
+    - the static conv's backward walks 4 stages deep with 4 channels per thread and 256 rows (128
+      for sequences under 1024 tokens, to keep enough programs);
+    - the head-wise backward of heads of 8+ channels walks 3 stages deep, 128 rows (64 under 1024
+      tokens); hs=1's takes 256 rows (128 under 1024 tokens) and no stages, hs=2..4's 64 rows;
+    - forwards take 64 rows, hs=1's 128 and hs=2..4's 32, whose dense forward is capped at 64
+      registers (72 at hs=2: there 64 spills) to keep 16 programs per multiprocessor (hs=4: 80
+      registers uncapped, 59.6 -> 66.7 us; capped 57.5).
 
     The forward on views (not dense: x's row stride is a second runtime integer) compiles to 130
     registers at hs=16, where 128 is the most that lets 8 programs of 2 warps share a
     multiprocessor; with 7, the paper's and the 300M conv's 1,024 programs take a second wave (hs=16
     forward 45.2 -> 61.9 us; KERNELS.md, training point 14). Capped at 128, it needs 123 and spills
-    nothing (offline, Triton 3.6: benchmarks/kernel_resources.py --views). Narrower tiles need
-    fewer than 128 (hs=4: 95), and a cap would only let ptxas use more (hs=4: 107; its forward on
-    views 63.9 -> 66.7 us), so they keep none."""
-    pipelined = backward and not dynamic
+    nothing (offline, Triton 3.6: benchmarks/kernel_resources.py --views). Narrower tiles on views
+    keep no cap (hs=4: 95 registers, 107 with one: its forward on views 63.9 -> 66.7 us)."""
+    long_rows = T >= 1024
     if interpreting():  # 5 rows: chunk edges fall inside the walk's 4-row groups
-        return {"BLOCK_C": max(8, hs_p), "ROWS": 5, "num_warps": 1} | ({"STAGES": 4} if pipelined else {})
-    if pipelined:
-        return {"BLOCK_C": min(256, next_pow2(D)), "ROWS": 256 if T >= 1024 else 128, "num_warps": 2, "STAGES": 4}
+        pipelined = backward and (not dynamic or hs_p >= 8)
+        return {"BLOCK_C": max(8, hs_p), "ROWS": 5, "num_warps": 1} | ({"STAGES": 3} if pipelined else {})
+    if backward and not dynamic:
+        return {"BLOCK_C": min(256, next_pow2(D)), "ROWS": 256 if long_rows else 128, "num_warps": 2, "STAGES": 4}
     block_c = 512 if not dynamic or hs_p >= 8 else 256
-    rows_per_program = 64
-    if dynamic and hs_p == 1:
-        rows_per_program = 128
-    elif dynamic and hs_p <= 4 and not backward:
-        rows_per_program = 32
-    blocks = {"BLOCK_C": max(hs_p, min(block_c, next_pow2(D))), "ROWS": rows_per_program, "num_warps": 2}
+    blocks = {"BLOCK_C": max(hs_p, min(block_c, next_pow2(D))), "ROWS": 64, "num_warps": 2}
     if backward:
+        if dynamic and hs_p >= 8:
+            return blocks | {"ROWS": 128 if long_rows else 64, "STAGES": 3}
+        if dynamic and hs_p == 1:
+            return blocks | {"ROWS": 256 if long_rows else 128, "STAGES": 1}
         return blocks | {"STAGES": 1}
+    if dynamic and hs_p == 1:
+        return blocks | {"ROWS": 128}
+    if dynamic and hs_p <= 4:
+        blocks["ROWS"] = 32
+        return blocks | ({"maxnreg": 64 if hs_p == 4 else 72} if dense else {})
     if dense or blocks["BLOCK_C"] < 512:  # a cap only adds registers to the narrower tiles
         return blocks
     return blocks | {"maxnreg": 128}

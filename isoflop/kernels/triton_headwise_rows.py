@@ -17,8 +17,9 @@ load as far as the compiler knows, so loads issued row by row would each wait fo
 row's store (one load latency per row: the first prototype, KERNELS.md v9). The backward's walk can
 also be software-pipelined (STAGES > 1): the compiler then copies the next groups' rows into shared
 memory asynchronously while this group's arithmetic runs, so loads stay in flight without costing
-registers. The static conv's backward takes it (KERNELS.md v11); the head-wise ones were slower with
-it (their per-head tap loads are too narrow to copy asynchronously, and registers spill). Taps are
+registers. The static conv's backward takes it (KERNELS.md v11), and since the position masks went
+(v24) so does the backward of heads of 8+ channels; narrower heads' were slower with it (their
+per-head tap loads are too narrow to copy asynchronously). Taps are
 written out one by one up to 4 (Triton has no arrays of tensors); wider filters take the tiled
 kernels. Channel tiles hold whole heads, as in triton_headwise.py, so dw is complete in one program
 and written directly; the static filter's gradient has one partial row per program, summed in a
@@ -130,17 +131,29 @@ def _program(s_ptr, T, D, H, W: tl.constexpr, HS: tl.constexpr, HS_P: tl.constex
 
 
 @triton.jit
+def _in_sequence(q, k: tl.constexpr, value, HAS_POS: tl.constexpr):
+    """value where lag k stays inside row u's sequence (its position q >= k), else 0. Unpacked, rows
+    before 0 and from T on load as zeros and rows outside [t_lo, t_hi) are not stored, so every
+    value there is already what the mask would make it: the mask is then left out (a select per
+    element and tap; without them the hs=16 backward's loop went from 1550 to 1191 SASS
+    instructions, KERNELS.md v24)."""
+    if HAS_POS:
+        value = tl.where(q >= k, value, 0.0)
+    return value
+
+
+@triton.jit
 def _fwd_row(y_ptr, b, T, D, u, d, store_ok, x0, q, w0, w1, w2, w3, s0, s1, s2, s3, x1, x2, x3,
-             W: tl.constexpr):
+             W: tl.constexpr, HAS_POS: tl.constexpr):
     """y[u] from x[u] and the carried x[u-1..u-3] (lag k exists iff q >= k); returns the carry for
     row u+1."""
     y = (w0 + s0) * x0
     if W > 1:
-        y += tl.where(q >= 1, (w1 + s1) * x1, 0.0)
+        y += _in_sequence(q, 1, (w1 + s1) * x1, HAS_POS)
     if W > 2:
-        y += tl.where(q >= 2, (w2 + s2) * x2, 0.0)
+        y += _in_sequence(q, 2, (w2 + s2) * x2, HAS_POS)
     if W > 3:
-        y += tl.where(q >= 3, (w3 + s3) * x3, 0.0)
+        y += _in_sequence(q, 3, (w3 + s3) * x3, HAS_POS)
     tl.store(y_ptr + (b * T + u).to(tl.int64) * D + d, y.to(y_ptr.dtype.element_ty), mask=store_ok)
     return x0, x1, x2
 
@@ -179,22 +192,24 @@ def _rows_fwd_kernel(
         xd, qd, wd0, wd1, wd2, wd3 = _load_row(x_ptr, w_ptr, pos_ptr, b, T, XS, WS, H, u + 3, d, h, c_ok, u + 3 >= t_lo,
                                                W, HAS_DYN, HAS_POS, HEADS)
         x1, x2, x3 = _fwd_row(y_ptr, b, T, D, u, d, c_ok & (u >= t_lo) & (u < t_hi),
-                              xa, qa, wa0, wa1, wa2, wa3, s0, s1, s2, s3, x1, x2, x3, W)
+                              xa, qa, wa0, wa1, wa2, wa3, s0, s1, s2, s3, x1, x2, x3, W, HAS_POS)
         x1, x2, x3 = _fwd_row(y_ptr, b, T, D, u + 1, d, c_ok & (u + 1 >= t_lo) & (u + 1 < t_hi),
-                              xb, qb, wb0, wb1, wb2, wb3, s0, s1, s2, s3, x1, x2, x3, W)
+                              xb, qb, wb0, wb1, wb2, wb3, s0, s1, s2, s3, x1, x2, x3, W, HAS_POS)
         x1, x2, x3 = _fwd_row(y_ptr, b, T, D, u + 2, d, c_ok & (u + 2 >= t_lo) & (u + 2 < t_hi),
-                              xc, qc, wc0, wc1, wc2, wc3, s0, s1, s2, s3, x1, x2, x3, W)
+                              xc, qc, wc0, wc1, wc2, wc3, s0, s1, s2, s3, x1, x2, x3, W, HAS_POS)
         x1, x2, x3 = _fwd_row(y_ptr, b, T, D, u + 3, d, c_ok & (u + 3 >= t_lo) & (u + 3 < t_hi),
-                              xd, qd, wd0, wd1, wd2, wd3, s0, s1, s2, s3, x1, x2, x3, W)
+                              xd, qd, wd0, wd1, wd2, wd3, s0, s1, s2, s3, x1, x2, x3, W, HAS_POS)
 
 
 @triton.jit
-def _pair(dw_ptr, df, valid, v_in, v, b, T, h, H, k: tl.constexpr, W: tl.constexpr,
-          HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, acc):
-    """The filter gradient's pair (row v = u + k, lag k), df = dy[v] * x[u]: dw[v, k] written when v
-    is one of the program's rows (zero where x[v-k] lies outside v's sequence), and the static
-    filter's gradient accumulated."""
-    df = tl.where(valid, df, 0.0)
+def _pair(dw_ptr, df, q_v, v_in, v, b, T, h, H, k: tl.constexpr, W: tl.constexpr,
+          HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr, acc):
+    """The filter gradient's pair (row v = u + k at position q_v, lag k), df = dy[v] * x[u]: dw[v, k]
+    written when v is one of the program's rows (zero where x[v-k] lies outside v's sequence), and
+    the static filter's gradient accumulated (the carried dy[v] is zero for v outside the
+    program's rows: _bwd_row)."""
+    if HAS_POS:
+        df = tl.where(q_v >= k, df, 0.0)
     if HAS_DYN:
         row = (b * T + v).to(tl.int64)
         tl.store(dw_ptr + row * (W * H) + k * H + h, tl.sum(df, axis=1).to(dw_ptr.dtype.element_ty),
@@ -207,7 +222,7 @@ def _pair(dw_ptr, df, valid, v_in, v, b, T, h, H, k: tl.constexpr, W: tl.constex
 @triton.jit
 def _bwd_row(dx_ptr, dw_ptr, b, T, D, H, u, d, h, c_ok, t_lo, t_hi, dy0, x0, q,
              w0, w1, w2, w3, s0, s1, s2, s3, d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3,
-             W: tl.constexpr, HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr):
+             W: tl.constexpr, HAS_DYN: tl.constexpr, HAS_STATIC: tl.constexpr, HAS_POS: tl.constexpr):
     """Row u of the downward walk. dx[u] = tap_0[u] dy[u] + c1 completes (c1 holds the taps of
     rows above); dy[u] * tap_k[u] starts dx[u-k]'s pending sum (if u-k is in u's sequence); the pairs
     (u+k, k) use the carried dy[u+k] (positions q_k). Returns the carries for row u-1."""
@@ -218,21 +233,25 @@ def _bwd_row(dx_ptr, dw_ptr, b, T, D, H, u, d, h, c_ok, t_lo, t_hi, dy0, x0, q,
     n2 = c3
     n3 = tl.zeros_like(c3)
     if W > 1:
-        n1 += tl.where(q >= 1, (w1 + s1) * dy0, 0.0)
+        n1 += _in_sequence(q, 1, (w1 + s1) * dy0, HAS_POS)
     if W > 2:
-        n2 += tl.where(q >= 2, (w2 + s2) * dy0, 0.0)
+        n2 += _in_sequence(q, 2, (w2 + s2) * dy0, HAS_POS)
     if W > 3:
-        n3 += tl.where(q >= 3, (w3 + s3) * dy0, 0.0)
-    a0 = _pair(dw_ptr, dy0 * x0, u_in, u_in, u, b, T, h, H, 0, W, HAS_DYN, HAS_STATIC, a0)
+        n3 += _in_sequence(q, 3, (w3 + s3) * dy0, HAS_POS)
+    # dy[u] as the pairs see it: zero outside the program's rows, whose static gradient is another
+    # program's (one select per element and row, where the position masks took one per tap).
+    if HAS_STATIC:
+        dy0 = tl.where(u_in, dy0, 0.0)
+    a0 = _pair(dw_ptr, dy0 * x0, q, u_in, u, b, T, h, H, 0, W, HAS_DYN, HAS_STATIC, HAS_POS, a0)
     if W > 1:
         v_in = (u + 1 >= t_lo) & (u + 1 < t_hi)
-        a1 = _pair(dw_ptr, d1 * x0, v_in & (q1 >= 1), v_in, u + 1, b, T, h, H, 1, W, HAS_DYN, HAS_STATIC, a1)
+        a1 = _pair(dw_ptr, d1 * x0, q1, v_in, u + 1, b, T, h, H, 1, W, HAS_DYN, HAS_STATIC, HAS_POS, a1)
     if W > 2:
         v_in = (u + 2 >= t_lo) & (u + 2 < t_hi)
-        a2 = _pair(dw_ptr, d2 * x0, v_in & (q2 >= 2), v_in, u + 2, b, T, h, H, 2, W, HAS_DYN, HAS_STATIC, a2)
+        a2 = _pair(dw_ptr, d2 * x0, q2, v_in, u + 2, b, T, h, H, 2, W, HAS_DYN, HAS_STATIC, HAS_POS, a2)
     if W > 3:
         v_in = (u + 3 >= t_lo) & (u + 3 < t_hi)
-        a3 = _pair(dw_ptr, d3 * x0, v_in & (q3 >= 3), v_in, u + 3, b, T, h, H, 3, W, HAS_DYN, HAS_STATIC, a3)
+        a3 = _pair(dw_ptr, d3 * x0, q3, v_in, u + 3, b, T, h, H, 3, W, HAS_DYN, HAS_STATIC, HAS_POS, a3)
     return dy0, d1, d2, q, q1, q2, n1, n2, n3, a0, a1, a2, a3
 
 
@@ -294,16 +313,16 @@ def _rows_bwd_kernel(
         yd = _row(dy_ptr, b, T, D, u - 3, d, c_ok)
         d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3 = _bwd_row(
             dx_ptr, dw_ptr, b, T, D, H, u, d, h, c_ok, t_lo, t_hi, ya, xa, qa, wa0, wa1, wa2, wa3,
-            s0, s1, s2, s3, d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3, W, HAS_DYN, HAS_STATIC)
+            s0, s1, s2, s3, d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3, W, HAS_DYN, HAS_STATIC, HAS_POS)
         d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3 = _bwd_row(
             dx_ptr, dw_ptr, b, T, D, H, u - 1, d, h, c_ok, t_lo, t_hi, yb, xb, qb, wb0, wb1, wb2, wb3,
-            s0, s1, s2, s3, d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3, W, HAS_DYN, HAS_STATIC)
+            s0, s1, s2, s3, d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3, W, HAS_DYN, HAS_STATIC, HAS_POS)
         d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3 = _bwd_row(
             dx_ptr, dw_ptr, b, T, D, H, u - 2, d, h, c_ok, t_lo, t_hi, yc, xc, qc, wc0, wc1, wc2, wc3,
-            s0, s1, s2, s3, d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3, W, HAS_DYN, HAS_STATIC)
+            s0, s1, s2, s3, d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3, W, HAS_DYN, HAS_STATIC, HAS_POS)
         d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3 = _bwd_row(
             dx_ptr, dw_ptr, b, T, D, H, u - 3, d, h, c_ok, t_lo, t_hi, yd, xd, qd, wd0, wd1, wd2, wd3,
-            s0, s1, s2, s3, d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3, W, HAS_DYN, HAS_STATIC)
+            s0, s1, s2, s3, d1, d2, d3, q1, q2, q3, c1, c2, c3, a0, a1, a2, a3, W, HAS_DYN, HAS_STATIC, HAS_POS)
     if HAS_STATIC:
         ds_ptr = ds_part_ptr + (b * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * W * D
         _store_static_partial(ds_ptr, a0, 0, W, d, c_ok, D)
