@@ -343,6 +343,26 @@ def test_lowrank_gluon_backward_says_why_it_cannot_run_here(gen):
 
 
 @interpreted
+def test_headwise_gluon_backward_says_why_it_cannot_run_here(gen, monkeypatch):
+    """The Gluon head-wise backward needs a Hopper GPU; "auto" falls back to the Triton walk, and a
+    forced "gluon" names what is missing; the variant comes checked from ISOFLOP_HEADWISE_BWD."""
+    from isoflop.kernels import triton_headwise
+
+    x, dy, w = rand(1, 20, 32, gen=gen), rand(1, 20, 32, gen=gen), rand(1, 20, 4, 2, gen=gen)
+    auto = triton_headwise.headwise_backward(dy, x, w, None, True, None)
+    monkeypatch.setattr(triton_headwise.BACKWARD_VARIANT, "name", "triton")
+    walk = triton_headwise.headwise_backward(dy, x, w, None, True, None)
+    assert all(torch.equal(a, b) for a, b in zip(auto[:2], walk[:2]))
+    triton_headwise.BACKWARD_VARIANT.set("gluon")
+    with pytest.raises(ValueError, match="ISOFLOP_HEADWISE_BWD=gluon cannot run here: .*(Gluon|Hopper)"):
+        triton_headwise.headwise_backward(dy, x, w, None, True, None)
+    static = triton_headwise.headwise_backward(dy, x, None, rand(4, 32, gen=gen), True, None)  # always the walk
+    assert static[1] is None and static[2].shape == (4, 32)
+    with pytest.raises(ValueError, match="allowed: auto, triton, gluon"):
+        triton_headwise.BACKWARD_VARIANT.set("fast")
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind, W", [("lowrank", 4), ("headwise", 4), ("static", 4),
                                      ("headwise", 6), ("static", 6)])  # W=6: the tiled head-wise kernels
@@ -718,6 +738,46 @@ def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(B, T, G, Dg, R, W, 
 
 
 @gpu
+@pytest.mark.parametrize("B, T, D, hs, W, static, residual, dtype, view", [
+    (2, 1000, 1024, 16, 4, True, True, torch.bfloat16, False),  # ragged T: the last program's rows
+    (1, 300, 512, 8, 3, False, True, torch.float16, False),
+    (2, 517, 1536, 64, 2, True, False, torch.bfloat16, True),  # x and w read in place from a projection
+    (3, 64, 512, 32, 1, True, True, torch.bfloat16, False),
+])
+def test_gpu_gluon_headwise_backward_matches_float64_reference(B, T, D, hs, W, static, residual, dtype, view):
+    """The Gluon head-wise backward against float64 (and the Triton walk's own error), including
+    views whose rows lie apart, as the fused q/k/v projection gives them."""
+    from isoflop.kernels import gluon_headwise, triton_headwise
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon head-wise backward runs on Hopper")
+    poison_cuda_memory()
+    g = torch.Generator().manual_seed(0)
+    on = dict(dtype=dtype, device="cuda", gen=g)
+    H = D // hs
+    if view:  # [B, T, D + W*H + 8] projection; x and w are slices of its rows
+        proj = rand(B, T, D + W * H + 8, **on)
+        x, w = proj[..., :D], proj[..., D:D + W * H].unflatten(-1, (W, H))
+    else:
+        x, w = rand(B, T, D, **on), rand(B, T, W, H, **on)
+    dy, s = rand(B, T, D, **on), rand(W, D, **on) / W**0.5 if static else None
+    assert gluon_headwise.cannot_run(dy, x, w, None) is None
+    got = gluon_headwise.backward(dy, x, w, s, residual)
+    walk = triton_headwise.rows.rows_backward(
+        dy, x, w, s, None, triton_headwise._meta(x, w, s, None, W) | {"RESIDUAL": residual},
+        triton_headwise._row_blocks(T, D, hs, backward=True))
+    exact = [t.detach().double().requires_grad_() for t in (x, w, s if static else x)]
+    y = ref.short_conv(exact[0], ref.headwise_filters(exact[1], hs), exact[2] if static else None, residual=residual)
+    y.backward(dy.double())
+    for name, a, b, e in zip(["dx", "dw", "ds"], got, walk, exact):
+        if name == "ds" and not static:
+            assert a is None
+            continue
+        assert a.is_contiguous() and a.dtype == dtype, name
+        assert relative_error(a, e.grad) < max(2 * relative_error(b, e.grad), TOLERANCE[dtype] / 4), name
+
+
+@gpu
 def test_gpu_mixed_dtypes_as_under_autocast(triton_backend):
     """Autocast gives bf16 activations and float32 parameters (U, static)."""
     inputs = conv_inputs("lowrank", 2, 512, 512, 4, torch.bfloat16)
@@ -855,11 +915,14 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 16 and all(0 < row["registers"] <= 255 for row in rows)
+    assert len(rows) == 17 and all(0 < row["registers"] <= 255 for row in rows)
     # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
     # fit two programs per multiprocessor (228 KB of shared memory).
     gluon = [row for row in rows if row["kernel"] == "low-rank filter grads (gluon)"]
     assert len(gluon) == 1 and gluon[0]["shared_bytes"] <= 113 * 1024 and gluon[0]["stack_bytes"] == 0
+    # The Gluon head-wise backward too, in under 192 registers (5 programs of 2 warps per multiprocessor).
+    walk = [row for row in rows if row["kernel"] == "head-wise hs=16 backward (gluon)"]
+    assert len(walk) == 1 and walk[0]["stack_bytes"] == 0 and walk[0]["registers"] <= 192
     assert all(row["dots"] != "none" for row in rows[:5])  # the low-rank filters use the matrix units
     # The split backward's block sizes were chosen so that it does not spill (Triton 3.9, sm_90).
     assert all(row["stack_bytes"] == 0 for row in rows if "split" in row["kernel"]), rows[3:5]

@@ -27,8 +27,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from isoflop.backends import BackendChoice
+from isoflop.kernels import gluon_headwise
 from isoflop.kernels import triton_headwise_rows as rows
 from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos, sum_partials, tile_channels
+
+# Which kernel the head-wise backward runs: "triton" (the row walk), "gluon" (the same walk fed by
+# TMA on Hopper, gluon_headwise; an error where it cannot run), or "auto" (gluon wherever it runs).
+# Static convs (no dynamic taps) always take the Triton walk. Read once from ISOFLOP_HEADWISE_BWD.
+BACKWARD_VARIANT = BackendChoice("ISOFLOP_HEADWISE_BWD", ("auto", "triton", "gluon"), "head-wise backward variant")
 
 
 @triton.jit
@@ -276,6 +283,13 @@ def headwise_backward(
     x and w as in headwise_forward."""
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
+    variant = BACKWARD_VARIANT.get()
+    if variant != "triton" and blocks is None and w is not None:
+        why_not = gluon_headwise.cannot_run(dy, x, w, pos)
+        if variant == "gluon" and why_not:
+            raise ValueError(f"headwise_backward: ISOFLOP_HEADWISE_BWD=gluon cannot run here: {why_not}")
+        if why_not is None:
+            return gluon_headwise.backward(dy, x, w, static, residual)
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
         blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=True, dynamic=w is not None)

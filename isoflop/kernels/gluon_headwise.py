@@ -1,0 +1,294 @@
+"""The head-wise conv's backward on Hopper, in Gluon (Triton's explicit-layout language), for heads
+of 8 to 64 channels and up to 4 taps, on unpacked sequences.
+
+Same algorithm as `triton_headwise_rows._rows_bwd_kernel`: a program owns ROWS rows of 512 channels
+and walks them one row at a time, carrying the few neighbouring rows a tap needs, so each row of x,
+dy and w is read once. What the Triton kernel could not say (ncu on it: issue-bound, 62% of issue
+slots used, ~43 instructions per element where its arithmetic needs ~17):
+- rows arrive by TMA, TR rows of x, dy and w per copy, STAGES tiles ahead into a ring, so no load
+  needs registers, addresses or masks; rows before 0 and from T on come as zeros;
+- the walk goes up: dw[u] and the static gradient's pairs dy[u] x[u-k] are complete at row u, and
+  dx[u-W+1] completes there; the halo (W-1 rows below and above the program's rows) is a separate
+  tile at each end, so the walk over the program's own rows needs no row masks;
+- dw's head sums stay in the layout the reduction leaves them in (a head's lanes in neighbouring
+  threads): no trip through shared memory and no barrier per sum, which the Triton kernel's store
+  layout forced.
+The loop takes 30 instructions per element instead of 43 (offline, Triton 3.6), and on the H200 the
+paper's hs=16 backward 72.7 us instead of 90.1, with the same error against float64 (KERNELS.md v25).
+Heads of 128 channels are 4 per 512-channel tile, too few for w's 16-byte TMA rows; they, packed
+sequences and the static conv take the Triton walk (`cannot_run` says why).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from isoflop.kernels.triton_common import interpreting, processor_count, sum_partials
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # async_copy_global_to_shared up to Triton 3.6, async_load since (the old name raises)
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    if not hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.6 calls it _reinterpret
+        gl.shared_memory_descriptor.reinterpret = gl.shared_memory_descriptor._reinterpret
+except (ImportError, AttributeError):  # a Triton without Gluon's Hopper ops
+    gluon = None
+
+CHANNELS, WARPS, MAX_WIDTH = 512, 2, 4
+MIN_HEAD, MAX_HEAD = 8, 64  # 16-byte TMA rows of x (8 channels) and of w (512 / 64 = 8 heads)
+# TR rows per copy, STAGES copies in flight (KERNELS.md v25: 4 x 3 best of 4-8 x 3-6)
+TR, STAGES = 4, 3
+
+
+def cannot_run(dy: Tensor, x: Tensor, w: Tensor | None, pos: Tensor | None) -> str | None:
+    """Why the Gluon backward cannot take these inputs here, or None if it can."""
+    if gluon is None:
+        return "this Triton has no Gluon Hopper ops"
+    if interpreting() or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
+        return "it needs a Hopper GPU (sm_90)"
+    if w is None:
+        return "it serves head-wise filters (the static conv takes the Triton kernel)"
+    if pos is not None:
+        return "packed sequences take the Triton kernel"
+    B, T, D = x.shape
+    W, H = w.shape[2], w.shape[3]
+    hs = D // H
+    if W > MAX_WIDTH:
+        return f"it takes up to {MAX_WIDTH} taps (got {W})"
+    if not (MIN_HEAD <= hs <= MAX_HEAD and hs & (hs - 1) == 0):
+        return f"it takes heads of {MIN_HEAD} to {MAX_HEAD} channels, a power of two (got {hs})"
+    if D % CHANNELS:
+        return f"D must be a multiple of {CHANNELS} (got {D})"
+    if not (x.dtype == dy.dtype == w.dtype and x.dtype in (torch.float16, torch.bfloat16)):
+        return f"it takes float16 or bfloat16 x, dy and w (got {x.dtype}, {dy.dtype}, {w.dtype})"
+    if x.numel() == 0:
+        return "the inputs are empty (a TMA descriptor needs every dimension > 0)"
+    for name, t in (("x", x), ("dy", dy), ("w", w)):  # TMA: 16-byte aligned base and rows
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+            return f"{name} must be 16-byte aligned with unit channel stride (strides {tuple(t.stride())})"
+    if w.stride(2) != H:
+        return f"w's taps must lie H={H} apart (strides {tuple(w.stride())})"
+    return None
+
+
+def rows_per_program(T: int, D: int, B: int, device: torch.device) -> int:
+    """256 rows per program (fewest halo rows; the paper's shape 77.7 -> 72.7 us against 128) unless
+    the grid would then leave multiprocessors idle: halved down to 32 until it has a program for each."""
+    rows = 256
+    while rows > 32 and triton.cdiv(T, rows) * (D // CHANNELS) * B < processor_count(device):
+        rows //= 2
+    return rows
+
+
+def backward(dy: Tensor, x: Tensor, w: Tensor, static: Tensor | None, residual: bool,
+             blocks: dict | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """dx, dw and the static filter's gradient (None without one), as `rows_backward` returns them
+    (contiguous). x and w may be views (rows evenly strided: `cannot_run`). `blocks` overrides ROWS,
+    TR and STAGES (benchmarks)."""
+    B, T, D = x.shape
+    blocks = {"ROWS": rows_per_program(T, D, B, x.device), "TR": TR, "STAGES": STAGES} | (blocks or {})
+    W, H = w.shape[2], w.shape[3]
+    hs = D // H
+    heads = CHANNELS // hs
+    grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
+    dx = x.new_empty(x.shape)  # contiguous whatever x's layout (the kernel writes dense rows)
+    dw = w.new_empty(w.shape)
+    ds_part = torch.empty(B * grid[0], W * D, device=x.device, dtype=torch.float32) if static is not None else None
+    tr = blocks["TR"]
+    w_p = triton.next_power_of_2(W)  # boxes are powers of two: W = 3 copies a zero-filled fourth tap
+    rows_box = [1, tr, heads, hs]
+    _headwise_gluon_bwd_kernel[grid](
+        _descriptor(_by_heads(x, hs), rows_box), _descriptor(_by_heads(dy, hs), rows_box),
+        _descriptor(w, [1, tr, w_p, heads]),
+        static if static is not None else x, dx, dw, ds_part if ds_part is not None else dx,
+        T, D, H,
+        W=W, W_P=w_p, HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr, STAGES=blocks["STAGES"],
+        HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=_dtype(x), NUM_WARPS=WARPS, num_warps=WARPS,
+    )
+    ds = sum_partials(ds_part, static.dtype).view(W, D) if static is not None else None
+    return dx, dw, ds
+
+
+def _dtype(t: Tensor):
+    return gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+
+
+def _by_heads(t: Tensor, hs: int) -> Tensor:
+    """[B, T, D] (rows evenly strided, channels contiguous) seen as [B, T, D // hs, hs]."""
+    B, T, D = t.shape
+    return t.as_strided((B, T, D // hs, hs), (t.stride(0), t.stride(1), hs, 1))
+
+
+def _descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
+    """TMA descriptor of a 4-D tensor read in `block` boxes, rows unswizzled (the walk reads them back
+    one row at a time)."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=t.element_size() * 8, rank=4)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
+
+    @gluon.jit
+    def _static_tap(s_ptr, offs, c0, D, k: gl.constexpr, W: gl.constexpr, HAS_STATIC: gl.constexpr,
+                    RESIDUAL: gl.constexpr, HEADS: gl.constexpr, HS: gl.constexpr, layout: gl.constexpr):
+        """Static tap k on this program's channels (+1 on tap 0 for the residual), float32."""
+        tap = gl.zeros([HEADS, HS], gl.float32, layout)
+        if k < W:
+            if HAS_STATIC:
+                tap += gl.load(s_ptr + k * D + c0 + offs).to(gl.float32)
+            if RESIDUAL:
+                if k == 0:
+                    tap += 1.0
+        return tap
+
+    @gluon.jit
+    def _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t, b, h0,
+               STAGES: gl.constexpr):
+        """TMA copies of tile j (rows t..): its x, dy and w rows into ring slot j % STAGES."""
+        s = j % STAGES
+        bar = bars.index(s)
+        pred = j < n_tiles
+        mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
+        tma_load(x_desc, [b, t, h0, 0], bar, x_tma.index(s), pred=pred)
+        tma_load(dy_desc, [b, t, h0, 0], bar, dy_tma.index(s), pred=pred)
+        tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s), pred=pred)
+
+    @gluon.jit
+    def _taps(w_ring, row, W: gl.constexpr, W_P: gl.constexpr, head_l: gl.constexpr):
+        """Row `row` of the ring's dynamic taps: W values per head, each [HEADS, 1] float32."""
+        taps = ()
+        for k in gl.static_range(W):
+            taps = taps + (gl.expand_dims(w_ring.index(row * W_P + k).load(head_l).to(gl.float32), 1),)
+        return taps
+
+    @gluon.jit
+    def _dx_step(dyr, taps, s, pend, W: gl.constexpr):
+        """Row u's dx contributions (tap_k[u] + s_k) dy[u] joined to the pending sums of dx[u-1..u-W+1]
+        (pend[i]: dx[u-1-i]). Returns dx[u-W+1], now complete, and the pending sums for row u+1."""
+        new = ()
+        done = (taps[W - 1] + s[W - 1]) * dyr
+        if W > 1:
+            done += pend[W - 2]
+        for i in gl.static_range(W - 1):  # pending for rows u, u-1, ..., u-W+2
+            p = (taps[i] + s[i]) * dyr
+            if i > 0:
+                p += pend[i - 1]
+            new = new + (p,)
+        return done, new
+
+    @gluon.jit
+    def _headwise_gluon_bwd_kernel(
+        x_desc, dy_desc, w_desc, s_ptr, dx_ptr, dw_ptr, ds_part_ptr,
+        T, D, H,
+        W: gl.constexpr, W_P: gl.constexpr, HS: gl.constexpr, HEADS: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr,
+        STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
+        NUM_WARPS: gl.constexpr,
+    ):
+        gl.static_assert(W <= 4)
+        gl.static_assert(TR >= W - 1)
+        gl.static_assert(ROWS % TR == 0)
+        # [heads, lanes] per row: 8 channels per thread (16 bytes), a head's lanes in HS / 8
+        # neighbouring threads, so its sum is a few shuffles and stays in their registers.
+        L: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HS, HS // 8], [NUM_WARPS, 1], [1, 0])
+        head_l: gl.constexpr = gl.SliceLayout(1, L)
+        lane_l: gl.constexpr = gl.SliceLayout(0, L)
+        # (a view's layout may have one dimension less than the view: index() then drops the first)
+        rows_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        taps_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+
+        pid_t = gl.program_id(0)
+        pid_c = gl.program_id(1)
+        b = gl.program_id(2)
+        t_lo = pid_t * ROWS
+        h0 = pid_c * HEADS
+        c0 = h0 * HS
+        heads = gl.arange(0, HEADS, layout=head_l)
+        offs = gl.expand_dims(heads, 1) * HS + gl.expand_dims(gl.arange(0, HS, layout=lane_l), 0)
+        s = ()
+        for k in gl.static_range(W):
+            s = s + (_static_tap(s_ptr, offs, c0, D, k, W, HAS_STATIC, RESIDUAL, HEADS, HS, L),)
+
+        # The ring, plain rows for the walk's reads, seen as TMA boxes for the copies.
+        x_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR, HEADS, HS], rows_s)
+        dy_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR, HEADS, HS], rows_s)
+        w_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR * W_P, HEADS], taps_s)
+        x_tma = x_ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS, HS], x_desc.layout)
+        dy_tma = dy_ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS, HS], dy_desc.layout)
+        w_tma = w_ring.reinterpret(DTYPE, [STAGES, 1, TR, W_P, HEADS], w_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+
+        # Tiles: 0 holds the TR rows below the program's (x's lags), 1..ROWS/TR its rows, the last
+        # the TR rows above (dy and taps for its last rows' dx).
+        n_tiles = ROWS // TR + 2
+        for j in gl.static_range(STAGES):
+            _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t_lo + (j - 1) * TR, b, h0, STAGES)
+        mbarrier.wait(bars.index(0), 0)
+        lags = ()  # x[u-1], x[u-2], ... for the first row u = t_lo
+        for i in gl.static_range(W - 1):
+            lags = lags + (x_ring.index(TR - 1 - i).load(L).to(gl.float32),)
+        pend = ()
+        for i in gl.static_range(W - 1):
+            pend = pend + (gl.zeros([HEADS, HS], gl.float32, L),)
+        acc = ()
+        for k in gl.static_range(W):
+            acc = acc + (gl.zeros([HEADS, HS], gl.float32, L),)
+
+        for j in range(1, n_tiles - 1):
+            _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j + STAGES - 1, n_tiles,
+                   t_lo + (j + STAGES - 2) * TR, b, h0, STAGES)
+            slot = j % STAGES
+            mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
+            for r in gl.static_range(TR):
+                u = t_lo + (j - 1) * TR + r
+                row = slot * TR + r
+                xr = x_ring.index(row).load(L).to(gl.float32)
+                dyr = dy_ring.index(row).load(L).to(gl.float32)
+                taps = _taps(w_ring, row, W, W_P, head_l)
+                # pairs dy[u] x[u-k]: dw[u, k] (a head's sum) and the static filter's gradient
+                dw_row = dw_ptr + (b * T + u).to(gl.int64) * (W * H) + h0
+                new_acc = ()
+                for k in gl.static_range(W):
+                    if k == 0:
+                        df = dyr * xr
+                    else:
+                        df = dyr * lags[k - 1]
+                    gl.store(dw_row + k * H + heads, gl.sum(df, axis=1).to(DTYPE), mask=(heads >= 0) & (u < T))
+                    new_acc = new_acc + (acc[k] + df,)
+                if HAS_STATIC:
+                    acc = new_acc
+                if W > 1:
+                    new_lags = (xr,)
+                    for i in gl.static_range(W - 2):
+                        new_lags = new_lags + (lags[i],)
+                    lags = new_lags
+                done, pend = _dx_step(dyr, taps, s, pend, W)
+                v = u - (W - 1)
+                gl.store(dx_ptr + (b * T + v).to(gl.int64) * D + c0 + offs, done.to(DTYPE),
+                         mask=(offs >= 0) & (v >= t_lo) & (v < T))
+
+        # The rows above: their taps complete dx of the program's last W - 1 rows.
+        last = n_tiles - 1
+        slot = last % STAGES
+        mbarrier.wait(bars.index(slot), (last // STAGES) & 1)
+        for r in gl.static_range(W - 1):
+            u = t_lo + ROWS + r
+            row = slot * TR + r
+            dyr = dy_ring.index(row).load(L).to(gl.float32)
+            done, pend = _dx_step(dyr, _taps(w_ring, row, W, W_P, head_l), s, pend, W)
+            v = u - (W - 1)
+            gl.store(dx_ptr + (b * T + v).to(gl.int64) * D + c0 + offs, done.to(DTYPE),
+                     mask=(offs >= 0) & (v < T))
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        if HAS_STATIC:
+            part = ds_part_ptr + (b * gl.num_programs(0) + pid_t).to(gl.int64) * (W * D) + c0 + offs
+            for k in gl.static_range(W):
+                gl.store(part + k * D, acc[k])
