@@ -36,6 +36,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiling is the point: never the in
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -47,7 +48,7 @@ try:
 except ImportError:  # no Gluon: gluon_lowrank has no kernel to compile either
     GluonASTSource = None
 
-from isoflop.kernels import gluon_headwise, gluon_lowrank, triton_headwise, triton_lowrank
+from isoflop.kernels import gluon_common, gluon_headwise, gluon_lowrank, triton_headwise, triton_lowrank
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 BATCH, SEQ, D_MODEL, R, W = 4, 4096, 2048, 16, 4
@@ -70,8 +71,8 @@ class Case:
     constexprs: dict
     options: dict
     ints: dict = field(default_factory=dict)  # this kernel's own integer arguments (over INT_ARGS)
-    gluon: bool = False  # a Gluon kernel: its *_desc arguments are TMA descriptors of x and dy ...
-    descriptors: dict = field(default_factory=dict)  # ... or these (name -> TensorDescriptor)
+    gluon: bool = False  # a Gluon kernel, whose *_desc arguments are these TMA descriptors:
+    descriptors: dict = field(default_factory=dict)  # name -> TensorDescriptor (only its type matters)
 
 
 def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
@@ -100,11 +101,13 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
         Case("low-rank dU (split)", triton_lowrank._lowrank_du_kernel, lowrank, split_blocks["du"]),
     ]
     if gluon_lowrank.gluon is not None:  # its Hopper twin (the backward's "auto" there)
+        tiles = gluon_lowrank.tile_descriptor(torch.empty(BATCH, SEQ, D_MODEL, dtype=_torch_dtype(dtype)))
         found.append(Case("low-rank filter grads (gluon)", gluon_lowrank._lowrank_gluon_filter_grad_kernel,
                           {k: v for k, v in lowrank.items() if k != "FP32_DOT"}
                           | {"R_P": grad_r_p, "RZ_P": lowrank["R_P"], "STAGES": gluon_lowrank.STAGES,
                              "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D},
-                          {"num_warps": gluon_lowrank.WARPS}, gluon=True))
+                          {"num_warps": gluon_lowrank.WARPS}, gluon=True,
+                          descriptors={"x_desc": tiles, "dy_desc": tiles}))
     if gluon_headwise.gluon is not None:  # the head-wise backward's "auto" on Hopper
         found.append(_gluon_headwise_case(dtype, head_size=16))
     # Head-wise and static: the row-walking kernels (up to 4 taps, so the paper's W=4) ...
@@ -142,16 +145,13 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
 def _gluon_headwise_case(dtype: tl.dtype, head_size: int) -> Case:
     """gluon_headwise's kernel at the paper's shape, with the descriptors `backward` builds (taken
     from CPU tensors: only their types matter)."""
-    import torch
-
     heads, H = gluon_headwise.CHANNELS // head_size, D_MODEL // head_size
-    torch_dtype = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}[dtype]
-    x = torch.empty(BATCH, SEQ, H, head_size, dtype=torch_dtype)
-    w = torch.empty(BATCH, SEQ, W, H, dtype=torch_dtype)
+    x = torch.empty(BATCH, SEQ, H, head_size, dtype=_torch_dtype(dtype))
+    w = torch.empty(BATCH, SEQ, W, H, dtype=_torch_dtype(dtype))
     tr, w_p = gluon_headwise.TR, triton.next_power_of_2(W)
     rows = gluon_headwise._descriptor(x, [1, tr, heads, head_size])
     consts = dict(W=W, W_P=w_p, HS=head_size, HEADS=heads, ROWS=256, TR=tr, STAGES=gluon_headwise.STAGES,
-                  HAS_STATIC=True, RESIDUAL=True, DTYPE=gluon_headwise._dtype(x), NUM_WARPS=gluon_headwise.WARPS)
+                  HAS_STATIC=True, RESIDUAL=True, DTYPE=gluon_common.gl_dtype(x), NUM_WARPS=gluon_headwise.WARPS)
     return Case(f"head-wise hs={head_size} backward (gluon)", gluon_headwise._headwise_gluon_bwd_kernel, consts,
                 {"num_warps": gluon_headwise.WARPS}, {"H": H}, gluon=True,
                 descriptors={"x_desc": rows, "dy_desc": rows,
@@ -170,8 +170,6 @@ def compile_case(case: Case, arch: int, dtype_name: str):
             signature[name] = "constexpr"
         elif name in case.descriptors:
             signature[name] = mangle_type(case.descriptors[name])
-        elif name.endswith("_desc"):
-            signature[name] = _descriptor_type(constexprs["DOT_DTYPE"])
         elif name.endswith("_ptr"):
             signature[name] = POINTER_TYPES.get(name, f"*{dtype_name}")
             attrs[(index,)] = divisible
@@ -186,12 +184,8 @@ def compile_case(case: Case, arch: int, dtype_name: str):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def _descriptor_type(dtype: tl.dtype) -> str:
-    """The launcher's type string of gluon_lowrank's TMA descriptors (taken from a CPU tensor's)."""
-    import torch
-
-    like = torch.empty(BATCH, SEQ, D_MODEL, dtype={tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}[dtype])
-    return mangle_type(gluon_lowrank.tile_descriptor(like))
+def _torch_dtype(dtype: tl.dtype) -> torch.dtype:
+    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}[dtype]
 
 
 def resources(cubin: bytes, tmp: Path) -> dict[str, int]:

@@ -25,20 +25,17 @@ import torch
 import triton
 from torch import Tensor
 
-from isoflop.kernels.triton_common import interpreting, processor_count, sum_partials
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    # async_copy_global_to_shared up to Triton 3.6, async_load since (the old name raises)
-    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    if not hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.6 calls it _reinterpret
-        gl.shared_memory_descriptor.reinterpret = gl.shared_memory_descriptor._reinterpret
-except (ImportError, AttributeError):  # a Triton without Gluon's Hopper ops
-    gluon = None
+from isoflop.kernels.gluon_common import (
+    TensorDescriptor,
+    gl,
+    gl_dtype,
+    gluon,
+    hopper_missing,
+    mbarrier,
+    tma_load,
+    tma_misaligned,
+)
+from isoflop.kernels.triton_common import processor_count, sum_partials
 
 CHANNELS, WARPS, MAX_WIDTH = 512, 2, 4
 MIN_HEAD, MAX_HEAD = 8, 64  # 16-byte TMA rows of x (8 channels) and of w (512 / 64 = 8 heads)
@@ -48,10 +45,9 @@ TR, STAGES = 4, 3
 
 def cannot_run(dy: Tensor, x: Tensor, w: Tensor | None, pos: Tensor | None) -> str | None:
     """Why the Gluon backward cannot take these inputs here, or None if it can."""
-    if gluon is None:
-        return "this Triton has no Gluon Hopper ops"
-    if interpreting() or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
-        return "it needs a Hopper GPU (sm_90)"
+    missing = hopper_missing(x)
+    if missing:
+        return missing
     if w is None:
         return "it serves head-wise filters (the static conv takes the Triton kernel)"
     if pos is not None:
@@ -69,9 +65,9 @@ def cannot_run(dy: Tensor, x: Tensor, w: Tensor | None, pos: Tensor | None) -> s
         return f"it takes float16 or bfloat16 x, dy and w (got {x.dtype}, {dy.dtype}, {w.dtype})"
     if x.numel() == 0:
         return "the inputs are empty (a TMA descriptor needs every dimension > 0)"
-    for name, t in (("x", x), ("dy", dy), ("w", w)):  # TMA: 16-byte aligned base and rows
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
-            return f"{name} must be 16-byte aligned with unit channel stride (strides {tuple(t.stride())})"
+    misaligned = tma_misaligned("x", x) or tma_misaligned("dy", dy) or tma_misaligned("w", w)
+    if misaligned:
+        return misaligned
     if w.stride(2) != H:
         return f"w's taps must lie H={H} apart (strides {tuple(w.stride())})"
     return None
@@ -109,14 +105,10 @@ def backward(dy: Tensor, x: Tensor, w: Tensor, static: Tensor | None, residual: 
         static if static is not None else x, dx, dw, ds_part if ds_part is not None else dx,
         T, D, H,
         W=W, W_P=w_p, HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr, STAGES=blocks["STAGES"],
-        HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=_dtype(x), NUM_WARPS=WARPS, num_warps=WARPS,
+        HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(x), NUM_WARPS=WARPS, num_warps=WARPS,
     )
     ds = sum_partials(ds_part, static.dtype).view(W, D) if static is not None else None
     return dx, dw, ds
-
-
-def _dtype(t: Tensor):
-    return gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
 
 
 def _by_heads(t: Tensor, hs: int) -> Tensor:

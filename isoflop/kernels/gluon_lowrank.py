@@ -15,7 +15,7 @@ plain Triton could not say, and what it buys (KERNELS.md, v22; paper shape 100 -
 - both products take df from registers, formed twice from the ring (once in each product's operand
   layout, x and dy read transposed for dU's), so df never goes through shared memory. Shared
   memory throughput is what bounds this kernel (ncu, staging df for dU: L1 85%).
-Gluon is experimental: its TMA load was renamed between Triton 3.6 and 3.7, handled below; where
+Gluon is experimental: its TMA load was renamed between Triton 3.6 and 3.7 (gluon_common); where
 Gluon or its Hopper ops are missing, `cannot_run` says so and the Triton kernel runs.
 """
 
@@ -25,23 +25,18 @@ import torch
 import triton
 from torch import Tensor
 
-from isoflop.kernels.triton_common import interpreting
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    # async_copy_global_to_shared up to Triton 3.6, async_load since (the old name raises)
-    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-except (ImportError, AttributeError):  # a Triton without Gluon's Hopper ops
-    gluon = None
+from isoflop.kernels.gluon_common import (
+    TensorDescriptor,
+    gl,
+    gl_dtype,
+    gluon,
+    hopper_missing,
+    mbarrier,
+    tma_load,
+    tma_misaligned,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 BLOCK_T, BLOCK_D, WARPS, STAGES = 64, 64, 4, 2
 MAX_RANK, MAX_WIDTH = 16, 4
@@ -51,10 +46,9 @@ def cannot_run(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, d_group: int) -> str
     """Why the Gluon kernel cannot take these inputs here, or None if it can."""
     D = x.shape[-1]
     R, W = U.shape[0], U.shape[1] // D
-    if gluon is None:
-        return "this Triton has no Gluon Hopper ops"
-    if interpreting() or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
-        return "it needs a Hopper GPU (sm_90)"
+    missing = hopper_missing(x)
+    if missing:
+        return missing
     if not (x.dtype == dy.dtype == z.dtype and x.dtype in (torch.float16, torch.bfloat16)):
         return f"it takes float16 or bfloat16 x, dy and z (got {x.dtype}, {dy.dtype}, {z.dtype})"
     if x.numel() == 0:
@@ -63,10 +57,7 @@ def cannot_run(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, d_group: int) -> str
         return f"it takes R <= {MAX_RANK} and W <= {MAX_WIDTH} (got R={R}, W={W})"
     if d_group < D and d_group % BLOCK_D:
         return f"channel groups must be multiples of {BLOCK_D} channels (got {d_group})"
-    for name, t in (("x", x), ("dy", dy)):  # TMA: 16-byte aligned base and rows, unit channel stride
-        if t.stride(2) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:2]):
-            return f"{name}'s rows must be 16-byte aligned with contiguous channels (strides {tuple(t.stride())})"
-    return None
+    return tma_misaligned("x", x) or tma_misaligned("dy", dy)
 
 
 def filter_grad_partials(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, meta: dict,
@@ -80,20 +71,16 @@ def filter_grad_partials(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, pos: Tenso
         dz_part, du_part, ds_part,
         B, T, D, U.shape[0], z.stride(1), d_group, chunks, chunk_t,
         W=meta["W"], R_P=meta["R_P"], RZ_P=meta["RZ_P"], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-        HAS_STATIC=meta["HAS_STATIC"], HAS_POS=meta["HAS_POS"], DOT_DTYPE=_dot_dtype(x), STAGES=STAGES,
+        HAS_STATIC=meta["HAS_STATIC"], HAS_POS=meta["HAS_POS"], DOT_DTYPE=gl_dtype(x), STAGES=STAGES,
         num_warps=WARPS,
     )
-
-
-def _dot_dtype(t: Tensor):
-    return gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
 
 
 def tile_descriptor(t: Tensor) -> TensorDescriptor:
     """The TMA descriptor the kernel reads t [B, T, D] (x or dy) through: [1, BLOCK_T, BLOCK_D] boxes,
     zeros outside t."""
     block = [1, BLOCK_T, BLOCK_D]
-    layout = gl.NVMMASharedLayout.get_default_for(block, _dot_dtype(t))
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype(t))
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 

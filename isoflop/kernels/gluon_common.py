@@ -1,0 +1,52 @@
+"""What the Gluon kernels (gluon_lowrank, gluon_headwise) share: Gluon's Hopper ops where this Triton
+has them (`gluon` is None otherwise), the names that moved between Triton 3.6 and 3.9, and the checks
+that say why a kernel cannot take its inputs here."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from isoflop.kernels.triton_common import interpreting
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # async_copy_global_to_shared up to Triton 3.6, async_load since (the old name raises)
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    if not hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.6 calls it _reinterpret
+        gl.shared_memory_descriptor.reinterpret = gl.shared_memory_descriptor._reinterpret
+except (ImportError, AttributeError):  # a Triton without Gluon's Hopper ops
+    gluon = None
+
+__all__ = ["TensorDescriptor", "gl", "gl_dtype", "gluon", "hopper_missing", "mbarrier", "tma_load",
+           "tma_misaligned", "warpgroup_mma", "warpgroup_mma_wait"]
+
+
+def hopper_missing(t: Tensor) -> str | None:
+    """Why a Gluon Hopper kernel cannot run on t's device with this Triton, or None if it can."""
+    if gluon is None:
+        return "this Triton has no Gluon Hopper ops"
+    if interpreting() or not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] != 9:
+        return "it needs a Hopper GPU (sm_90)"
+    return None
+
+
+def tma_misaligned(name: str, t: Tensor) -> str | None:
+    """Why TMA cannot read t (16-byte aligned base and strides, unit innermost stride), or None."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+        return f"{name}'s rows must be 16-byte aligned with contiguous channels (strides {tuple(t.stride())})"
+    return None
+
+
+def gl_dtype(t: Tensor):
+    """Gluon's type for a half-precision tensor."""
+    return gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
