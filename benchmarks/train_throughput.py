@@ -17,7 +17,10 @@ Columns: tok/s over all timed steps; MFU = analytic training FLOPs per token
 (`counting.flops_per_token(cfg, seq_len).train`) x tok/s / the bf16 matmul rate measured in the same
 run (8192^3, mean of 10 after warm-up); peak GiB = the most memory the variant allocated during its
 warm-up steps (its parameters, gradients, optimiser state and activations), above what was allocated
-before it was built; slowdown = the Transformer's tok/s over the variant's, minus one.
+before it was built; slowdown = the Transformer's tok/s over the variant's, minus one; +FLOPs = the
+variant's analytic training FLOPs per token over the Transformer's, minus one: the part of the
+slowdown that its extra arithmetic explains at equal MFU (for dynamic-headwise-qkv most of it is
+the filter generator's projection, D -> W * H per conv, which no conv kernel can remove).
 
 Compilation (`--compile`): `blocks` (default) compiles each block and the output head
 (`lm.compile_regions`), so each variant compiles one block instead of every layer and the default
@@ -99,6 +102,7 @@ class Result:
     tokens_per_s: float = 0.0
     mfu: float = 0.0
     slowdown: float | None = None
+    extra_flops: float | None = None  # analytic training FLOPs per token over the baseline's, - 1
     fused_gain: float | None = None  # "on" rows of --fused-ce both: tok/s over the "off" row's, - 1
 
     @property
@@ -304,12 +308,14 @@ def bench_config(bench: BenchConfig, args: argparse.Namespace, device: torch.dev
         print_profiles({r.label: profile_steps(runs[r.label]) for r in timed})
     # Equal step counts: ratios of times are those of rates.
     seconds = {(r.variant, r.fused_ce): sum(r.round_s) for r in timed}
+    baseline_flops = {r.fused_ce: r.train_flops_per_token for r in results if r.variant == BASELINE}
     for result in timed:
         result.tokens_per_s = result.timed_steps * batch_size * seq_len / sum(result.round_s)
         result.mfu = result.train_flops_per_token * result.tokens_per_s / peak_flops
         baseline_s = seconds.get((BASELINE, result.fused_ce))
         if baseline_s is not None:
             result.slowdown = sum(result.round_s) / baseline_s - 1
+            result.extra_flops = result.train_flops_per_token / baseline_flops[result.fused_ce] - 1
         unfused_s = seconds.get((result.variant, "off"))
         if result.fused_ce == "on" and unfused_s is not None:
             result.fused_gain = unfused_s / sum(result.round_s) - 1
@@ -332,7 +338,7 @@ def print_table(results: list[Result]) -> None:
     width = max(22, *(len(r.label) for r in results))
     pairs = any(r.fused_gain is not None for r in results)
     head = (f"{'config':7s} {'variant':{width}s} {'params':>8s} {'tok/s':>10s} {'MFU':>6s} "
-            f"{'peak GiB':>8s} {'slowdown':>9s} {'setup s':>8s}" + ("  fused gain" if pairs else ""))
+            f"{'peak GiB':>8s} {'slowdown':>9s} {'+FLOPs':>7s} {'setup s':>8s}" + ("  fused gain" if pairs else ""))
     print(head)
     print("-" * len(head))
     for r in results:
@@ -341,9 +347,10 @@ def print_table(results: list[Result]) -> None:
             continue
         peak = f"{r.peak_gib:8.1f}" if r.peak_gib is not None else f"{'-':>8s}"
         slow = f"{100 * r.slowdown:+8.1f}%" if r.slowdown is not None else f"{'-':>9s}"
+        flops = f"{100 * r.extra_flops:+6.1f}%" if r.extra_flops is not None else f"{'-':>7s}"
         gain = f"  {fused_gain_cell(r, results)}" if pairs and r.fused_gain is not None else ""
         print(f"{r.config:7s} {r.label:{width}s} {r.params / 1e6:7.1f}M {r.tokens_per_s:10.0f} "
-              f"{100 * r.mfu:5.1f}% {peak} {slow} {r.setup_s:8.1f}{gain}")
+              f"{100 * r.mfu:5.1f}% {peak} {slow} {flops} {r.setup_s:8.1f}{gain}")
 
 
 def write_results(path: Path, results: list[Result], meta: dict) -> None:
@@ -435,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             write_results(args.out, results, meta)
     print(f"\nall done in {time.perf_counter() - started:.0f} s; MFU against the measured matmul "
-          f"peak; slowdown = transformer tok/s / variant tok/s - 1, measured side by side"
+          f"peak; slowdown = transformer tok/s / variant tok/s - 1, measured side by side; "
+          f"+FLOPs = the variant's analytic training FLOPs per token / the transformer's - 1"
           + ("; fused gain = +fused-ce tok/s / without - 1, and its peak memory change"
              if len(args.fused_ce) > 1 else ""))
     if len(configs) > 1:

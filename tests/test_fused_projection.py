@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from isoflop import kernels
 from isoflop.models.attention import apply_rope, rope_angles
-from isoflop.models.counting import count_params
+from isoflop.models.counting import count_params, flops_per_token
 from isoflop.models.lm import LanguageModel, build_model, compile_regions
 from isoflop.models.registry import architecture_names, get_architecture, make_model_config
 from model_checks import trained_like
@@ -231,9 +231,15 @@ def test_throughput_benchmark_runs_every_variant_at_a_cpu_size(tmp_path):
         assert r["timed_steps"] == 2 and len(r["round_s"]) == 2
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
         assert r["slowdown"] == pytest.approx(results[0]["tokens_per_s"] / r["tokens_per_s"] - 1)
-    assert results[0]["slowdown"] == 0
+        flops = flops_per_token(cfg, 64).train / flops_per_token(make_model_config(
+            "transformer", 64, 1, 1, 192, 256, 64), 64).train
+        assert r["extra_flops"] == pytest.approx(flops - 1)
+    assert results[0]["slowdown"] == 0 and results[0]["extra_flops"] == 0
+    by_variant = {r["variant"]: r["extra_flops"] for r in results}
+    # the static taps add arithmetic; a dynamic conv adds its filter generator's on top
+    assert 0 < by_variant["static-qkv"] < min(by_variant["dynamic-qkv"], by_variant["dynamic-headwise-qkv"])
     table = done.stdout.split("slowdown")[1]
-    assert all(v in table for v in variants)
+    assert all(v in table for v in variants) and "+FLOPs" in done.stdout
 
 
 def test_throughput_profile_files_every_conv_kernel_under_conv(monkeypatch):
