@@ -208,8 +208,7 @@ def _pair(dw_ptr, df, q_v, v_in, v, b, T, h, H, k: tl.constexpr, W: tl.constexpr
     written when v is one of the program's rows (zero where x[v-k] lies outside v's sequence), and
     the static filter's gradient accumulated (the carried dy[v] is zero for v outside the
     program's rows: _bwd_row)."""
-    if HAS_POS:
-        df = tl.where(q_v >= k, df, 0.0)
+    df = _in_sequence(q_v, k, df, HAS_POS)
     if HAS_DYN:
         row = (b * T + v).to(tl.int64)
         tl.store(dw_ptr + row * (W * H) + k * H + h, tl.sum(df, axis=1).to(dw_ptr.dtype.element_ty),
