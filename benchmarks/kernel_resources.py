@@ -108,8 +108,8 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
                              "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D},
                           {"num_warps": gluon_lowrank.WARPS}, gluon=True,
                           descriptors={"x_desc": tiles, "dy_desc": tiles}))
-    if gluon_headwise.gluon is not None:  # the head-wise backward's "auto" on Hopper
-        found.append(_gluon_headwise_case(dtype, head_size=16))
+    if gluon_headwise.gluon is not None:  # the head-wise walks' "auto" on Hopper
+        found += _gluon_headwise_cases(dtype, head_size=16)
     # Head-wise and static: the row-walking kernels (up to 4 taps, so the paper's W=4) ...
     rows = triton_headwise.rows
     strides = {"X_STRIDE": VIEW_STRIDE, "W_STRIDE": VIEW_STRIDE} if views else {}
@@ -142,20 +142,25 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
     return found
 
 
-def _gluon_headwise_case(dtype: tl.dtype, head_size: int) -> Case:
-    """gluon_headwise's kernel at the paper's shape, with the descriptors `backward` builds (taken
-    from CPU tensors: only their types matter)."""
-    heads, H = gluon_headwise.CHANNELS // head_size, D_MODEL // head_size
-    x = torch.empty(BATCH, SEQ, H, head_size, dtype=_torch_dtype(dtype))
+def _gluon_headwise_cases(dtype: tl.dtype, head_size: int) -> list[Case]:
+    """gluon_headwise's forward and backward at the paper's shape, with the descriptors they build
+    (taken from CPU tensors: only their types matter)."""
+    gh, H = gluon_headwise, D_MODEL // head_size
+    heads = gh.CHANNELS // head_size
+    x = torch.empty(BATCH, SEQ, D_MODEL, dtype=_torch_dtype(dtype))
     w = torch.empty(BATCH, SEQ, W, H, dtype=_torch_dtype(dtype))
-    tr, w_p = gluon_headwise.TR, triton.next_power_of_2(W)
-    rows = gluon_headwise._descriptor(x, [1, tr, heads, head_size])
-    consts = dict(W=W, W_P=w_p, HS=head_size, HEADS=heads, ROWS=256, TR=tr, STAGES=gluon_headwise.STAGES,
-                  HAS_STATIC=True, RESIDUAL=True, DTYPE=gluon_common.gl_dtype(x), NUM_WARPS=gluon_headwise.WARPS)
-    return Case(f"head-wise hs={head_size} backward (gluon)", gluon_headwise._headwise_gluon_bwd_kernel, consts,
-                {"num_warps": gluon_headwise.WARPS}, {"H": H}, gluon=True,
-                descriptors={"x_desc": rows, "dy_desc": rows,
-                             "w_desc": gluon_headwise._descriptor(w, [1, tr, w_p, heads])})
+    rows, taps = gh._rows_descriptor(x, gh.TR), gh._taps_descriptor(w, gh.TR, heads)
+    consts = dict(W=W, W_P=triton.next_power_of_2(W), HS=head_size, HEADS=heads, TR=gh.TR, HAS_STATIC=True,
+                  RESIDUAL=True, DTYPE=gluon_common.gl_dtype(x), BOX=gh.BOX, NUM_WARPS=gh.WARPS)
+    walk = {"num_warps": gh.WARPS}, {"H": H}
+    return [
+        Case(f"head-wise hs={head_size} forward (gluon)", gh._headwise_gluon_fwd_kernel,
+             consts | {"ROWS": gh.FORWARD_ROWS, "STAGES": gh.FORWARD_STAGES}, *walk, gluon=True,
+             descriptors={"x_desc": rows, "w_desc": taps}),
+        Case(f"head-wise hs={head_size} backward (gluon)", gh._headwise_gluon_bwd_kernel,
+             consts | dict(zip(("ROWS", "STAGES"), gh.BACKWARD_BLOCKS[head_size])), *walk, gluon=True,
+             descriptors={"x_desc": rows, "dy_desc": rows, "w_desc": taps}),
+    ]
 
 
 def compile_case(case: Case, arch: int, dtype_name: str):

@@ -9,7 +9,7 @@ import os
 
 class BackendChoice:
     def __init__(self, env: str, allowed: tuple[str, ...], what: str) -> None:
-        self.allowed, self.what = allowed, what
+        self.env, self.allowed, self.what = env, allowed, what
         self.name = self._validated(os.environ.get(env, "auto"), env)
 
     def _validated(self, name: str, source: str) -> str:

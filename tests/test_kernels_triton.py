@@ -343,16 +343,25 @@ def test_lowrank_gluon_backward_says_why_it_cannot_run_here(gen):
 
 
 @interpreted
-def test_headwise_gluon_backward_says_why_it_cannot_run_here(gen, monkeypatch):
-    """The Gluon head-wise backward needs a Hopper GPU; "auto" falls back to the Triton walk, and a
-    forced "gluon" names what is missing; the variant comes checked from ISOFLOP_HEADWISE_BWD."""
+def test_headwise_gluon_walks_say_why_they_cannot_run_here(gen, monkeypatch):
+    """The Gluon head-wise walks need a Hopper GPU; "auto" falls back to the Triton walks, and a
+    forced "gluon" names what is missing; the variants come checked from ISOFLOP_HEADWISE_FWD and
+    ISOFLOP_HEADWISE_BWD."""
     from isoflop.kernels import triton_headwise
 
     x, dy, w = rand(1, 20, 32, gen=gen), rand(1, 20, 32, gen=gen), rand(1, 20, 4, 2, gen=gen)
-    auto = triton_headwise.headwise_backward(dy, x, w, None, True, None)
+    def both():
+        return (triton_headwise.headwise_forward(x, w, None, True, None),
+                triton_headwise.headwise_backward(dy, x, w, None, True, None))
+
+    auto = both()
+    monkeypatch.setattr(triton_headwise.FORWARD_VARIANT, "name", "triton")
     monkeypatch.setattr(triton_headwise.BACKWARD_VARIANT, "name", "triton")
-    walk = triton_headwise.headwise_backward(dy, x, w, None, True, None)
-    assert all(torch.equal(a, b) for a, b in zip(auto[:2], walk[:2]))
+    walk = both()
+    assert torch.equal(auto[0], walk[0]) and all(torch.equal(a, b) for a, b in zip(auto[1][:2], walk[1][:2]))
+    triton_headwise.FORWARD_VARIANT.set("gluon")
+    with pytest.raises(ValueError, match="ISOFLOP_HEADWISE_FWD=gluon cannot run here: .*(Gluon|Hopper)"):
+        triton_headwise.headwise_forward(x, w, None, True, None)
     triton_headwise.BACKWARD_VARIANT.set("gluon")
     with pytest.raises(ValueError, match="ISOFLOP_HEADWISE_BWD=gluon cannot run here: .*(Gluon|Hopper)"):
         triton_headwise.headwise_backward(dy, x, w, None, True, None)
@@ -738,16 +747,16 @@ def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(B, T, G, Dg, R, W, 
 
 
 @gpu
-@pytest.mark.skipif(not hopper(), reason="the Gluon head-wise backward needs a Hopper GPU")
+@pytest.mark.skipif(not hopper(), reason="the Gluon head-wise walks need a Hopper GPU")
 @pytest.mark.parametrize("B, T, D, hs, W, static, residual, dtype, view", [
     (2, 1000, 1024, 16, 4, True, True, torch.bfloat16, False),  # ragged T: the last program's rows
     (1, 300, 512, 8, 3, False, True, torch.float16, False),
     (2, 517, 1536, 64, 2, True, False, torch.bfloat16, True),  # x and w read in place from a projection
     (3, 64, 512, 32, 1, True, True, torch.bfloat16, False),
 ])
-def test_gpu_gluon_headwise_backward_matches_float64_reference(B, T, D, hs, W, static, residual, dtype, view):
-    """The Gluon head-wise backward against float64 (and the Triton walk's own error), including
-    views whose rows lie apart, as the fused q/k/v projection gives them."""
+def test_gpu_gluon_headwise_walks_match_float64_reference(B, T, D, hs, W, static, residual, dtype, view):
+    """The Gluon head-wise forward and backward against float64 (and the Triton walks' own errors),
+    including views whose rows lie apart, as the fused q/k/v projection gives them."""
     from isoflop.kernels import gluon_headwise, triton_headwise
 
     poison_cuda_memory()
@@ -760,14 +769,18 @@ def test_gpu_gluon_headwise_backward_matches_float64_reference(B, T, D, hs, W, s
     else:
         x, w = rand(B, T, D, **on), rand(B, T, W, H, **on)
     dy, s = rand(B, T, D, **on), rand(W, D, **on) / W**0.5 if static else None
-    assert gluon_headwise.cannot_run(dy, x, w, None) is None
+    assert gluon_headwise.cannot_run(dy, x, w, None) is None and gluon_headwise.cannot_run(None, x, w, None) is None
     got = gluon_headwise.backward(dy, x, w, s, residual)
-    walk = triton_headwise.rows.rows_backward(
-        dy, x, w, s, None, triton_headwise._meta(x, w, s, None, W) | {"RESIDUAL": residual},
-        triton_headwise._row_blocks(T, D, hs, backward=True))
+    meta = triton_headwise._meta(x, w, s, None, W) | {"RESIDUAL": residual}
+    blocks = {way: triton_headwise._row_blocks(T, D, hs, backward=way, dense=meta["DENSE"]) for way in (False, True)}
+    walk = triton_headwise.rows.rows_backward(dy, x, w, s, None, meta, blocks[True])
     exact = [t.detach().double().requires_grad_() for t in (x, w, s if static else x)]
     y = ref.short_conv(exact[0], ref.headwise_filters(exact[1], hs), exact[2] if static else None, residual=residual)
     y.backward(dy.double())
+    y_got = gluon_headwise.forward(x, w, s, residual)
+    y_walk = triton_headwise.rows.rows_forward(x, w, s, None, meta, blocks[False])
+    assert y_got.is_contiguous() and y_got.dtype == dtype
+    assert relative_error(y_got, y) < max(2 * relative_error(y_walk, y), TOLERANCE[dtype] / 4)
     for name, a, b, e in zip(["dx", "dw", "ds"], got, walk, exact):
         if name == "ds" and not static:
             assert a is None

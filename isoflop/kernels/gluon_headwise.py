@@ -1,12 +1,15 @@
-"""The head-wise conv's backward on Hopper, in Gluon (Triton's explicit-layout language), for heads
-of 8 to 64 channels and up to 4 taps, on unpacked sequences.
+"""The head-wise conv's forward and backward on Hopper, in Gluon (Triton's explicit-layout language),
+for heads of 8 to 64 channels and up to 4 taps, on unpacked sequences.
 
-Same algorithm as `triton_headwise_rows._rows_bwd_kernel`: a program owns ROWS rows of 512 channels
-and walks them one row at a time, carrying the few neighbouring rows a tap needs, so each row of x,
-dy and w is read once. What the Triton kernel could not say (ncu on it: issue-bound, 62% of issue
+Same algorithm as `triton_headwise_rows`' walks: a program owns ROWS rows of 512 channels and walks
+them one row at a time, carrying the few neighbouring rows a tap needs, so each row of x, dy and w
+is read once. What the Triton kernels could not say (ncu on the backward: issue-bound, 62% of issue
 slots used, ~43 instructions per element where its arithmetic needs ~17):
 - rows arrive by TMA, TR rows of x, dy and w per copy, STAGES tiles ahead into a ring, so no load
-  needs registers, addresses or masks; rows before 0 and from T on come as zeros;
+  needs registers, addresses or masks; rows before 0 and from T on come as zeros. x's and dy's boxes
+  have 256-channel inner rows (512 bytes): with one head's 16 channels (32 bytes) per inner row, as
+  first written, the walks streamed at ~83% of the copy rate even with their arithmetic stripped
+  out, at ~92% with these (KERNELS.md v26);
 - the walk goes up: dw[u] and the static gradient's pairs dy[u] x[u-k] are complete at row u, and
   dx[u-W+1] completes there; the halo (W-1 rows below and above the program's rows) is a separate
   tile at each end, so the walk over the program's own rows needs no row masks;
@@ -14,7 +17,9 @@ slots used, ~43 instructions per element where its arithmetic needs ~17):
   threads): no trip through shared memory and no barrier per sum, which the Triton kernel's store
   layout forced.
 The loop takes 30 instructions per element instead of 43 (offline, Triton 3.6), and on the H200 the
-paper's hs=16 backward 72.7 us instead of 90.1, with the same error against float64 (KERNELS.md v25).
+paper's hs=16 backward 72.7 us instead of 90.1 (v25); with the wide boxes, halo tiles that copy only
+what the walk reads and 4 stages, ~63 us (v26). The forward is the same walk without dy: ~41.5 us
+against the Triton walk's 43.9. Errors against float64 equal the Triton walks'.
 Heads of 128 channels are 4 per 512-channel tile, too few for w's 16-byte TMA rows; they, packed
 sequences and the static conv take the Triton walk (`cannot_run` says why).
 """
@@ -38,18 +43,23 @@ from isoflop.kernels.gluon_common import (
 from isoflop.kernels.triton_common import processor_count, sum_partials
 
 CHANNELS, WARPS, MAX_WIDTH = 512, 2, 4
-MIN_HEAD, MAX_HEAD = 8, 64  # 16-byte TMA rows of x (8 channels) and of w (512 / 64 = 8 heads)
-# TR rows per copy, STAGES copies in flight (KERNELS.md v25: 4 x 3 best of 4-8 x 3-6)
-TR, STAGES = 4, 3
+MIN_HEAD, MAX_HEAD = 8, 64  # a thread's 8 channels in one head; w's 16-byte TMA rows (512 / 64 = 8 heads)
+BOX = 256  # channels per inner row of x's and dy's TMA boxes: the most a box dimension may hold
+TR = 4  # rows per copy (KERNELS.md v25: 4 best of 4 and 8)
+# Rows per program and copies in flight, the forward's and, by head size, the backward's: the best of
+# 128-256 rows x 2-5 stages on the H200 at the paper's shape (KERNELS.md v26).
+FORWARD_ROWS, FORWARD_STAGES = 128, 2
+BACKWARD_BLOCKS = {8: (256, 3), 16: (256, 4), 32: (128, 2), 64: (128, 2)}
 
 
-def cannot_run(dy: Tensor, x: Tensor, w: Tensor | None, pos: Tensor | None) -> str | None:
-    """Why the Gluon backward cannot take these inputs here, or None if it can."""
+def cannot_run(dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None) -> str | None:
+    """Why the Gluon walks cannot take these inputs here (dy None: the forward's), or None if they can."""
     missing = hopper_missing(x)
     if missing:
         return missing
     if w is None:
         return "it serves head-wise filters (the static conv takes the Triton kernel)"
+    dy = x if dy is None else dy
     if pos is not None:
         return "packed sequences take the Triton kernel"
     B, T, D = x.shape
@@ -73,10 +83,9 @@ def cannot_run(dy: Tensor, x: Tensor, w: Tensor | None, pos: Tensor | None) -> s
     return None
 
 
-def rows_per_program(T: int, D: int, B: int, device: torch.device) -> int:
-    """256 rows per program (fewest halo rows; the paper's shape 77.7 -> 72.7 us against 128) unless
-    the grid would then leave multiprocessors idle: halved down to 32 until it has a program for each."""
-    rows = 256
+def rows_per_program(T: int, D: int, B: int, device: torch.device, rows: int) -> int:
+    """`rows` rows per program unless the grid would then leave multiprocessors idle: halved down to
+    32 until it has a program for each (v25: [3, 1000, 512]'s backward 29.0 -> 12.6 us)."""
     while rows > 32 and triton.cdiv(T, rows) * (D // CHANNELS) * B < processor_count(device):
         rows //= 2
     return rows
@@ -88,33 +97,62 @@ def backward(dy: Tensor, x: Tensor, w: Tensor, static: Tensor | None, residual: 
     (contiguous). x and w may be views (rows evenly strided: `cannot_run`). `blocks` overrides ROWS,
     TR and STAGES (benchmarks)."""
     B, T, D = x.shape
-    blocks = {"ROWS": rows_per_program(T, D, B, x.device), "TR": TR, "STAGES": STAGES} | (blocks or {})
     W, H = w.shape[2], w.shape[3]
     hs = D // H
+    rows, stages = BACKWARD_BLOCKS[hs]
+    blocks = {"ROWS": rows_per_program(T, D, B, x.device, rows), "TR": TR, "STAGES": stages} | (blocks or {})
     heads = CHANNELS // hs
     grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
     dx = x.new_empty(x.shape)  # contiguous whatever x's layout (the kernel writes dense rows)
     dw = w.new_empty(w.shape)
     ds_part = torch.empty(B * grid[0], W * D, device=x.device, dtype=torch.float32) if static is not None else None
     tr = blocks["TR"]
-    w_p = triton.next_power_of_2(W)  # boxes are powers of two: W = 3 copies a zero-filled fourth tap
-    rows_box = [1, tr, heads, hs]
     _headwise_gluon_bwd_kernel[grid](
-        _descriptor(_by_heads(x, hs), rows_box), _descriptor(_by_heads(dy, hs), rows_box),
-        _descriptor(w, [1, tr, w_p, heads]),
+        _rows_descriptor(x, tr), _rows_descriptor(dy, tr), _taps_descriptor(w, tr, heads),
         static if static is not None else x, dx, dw, ds_part if ds_part is not None else dx,
         T, D, H,
-        W=W, W_P=w_p, HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr, STAGES=blocks["STAGES"],
-        HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(x), NUM_WARPS=WARPS, num_warps=WARPS,
+        W=W, W_P=triton.next_power_of_2(W), HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr, STAGES=blocks["STAGES"],
+        HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(x), BOX=BOX, NUM_WARPS=WARPS,
+        num_warps=WARPS,
     )
     ds = sum_partials(ds_part, static.dtype).view(W, D) if static is not None else None
     return dx, dw, ds
 
 
-def _by_heads(t: Tensor, hs: int) -> Tensor:
-    """[B, T, D] (rows evenly strided, channels contiguous) seen as [B, T, D // hs, hs]."""
+def forward(x: Tensor, w: Tensor, static: Tensor | None, residual: bool, blocks: dict | None = None) -> Tensor:
+    """y [B, T, D] (contiguous), as `rows_forward` returns it; x and w may be views (`cannot_run`).
+    `blocks` overrides ROWS, TR and STAGES (benchmarks)."""
+    B, T, D = x.shape
+    blocks = {"ROWS": rows_per_program(T, D, B, x.device, FORWARD_ROWS), "TR": TR, "STAGES": FORWARD_STAGES} | (
+        blocks or {})
+    W, H = w.shape[2], w.shape[3]
+    hs = D // H
+    heads = CHANNELS // hs
+    y = x.new_empty(x.shape)
+    grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
+    tr = blocks["TR"]
+    _headwise_gluon_fwd_kernel[grid](
+        _rows_descriptor(x, tr), _taps_descriptor(w, tr, heads), static if static is not None else x, y,
+        T, D, H,
+        W=W, W_P=triton.next_power_of_2(W), HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr,
+        STAGES=blocks["STAGES"], HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(x), BOX=BOX,
+        NUM_WARPS=WARPS, num_warps=WARPS,
+    )
+    return y
+
+
+def _rows_descriptor(t: Tensor, tr: int) -> TensorDescriptor:
+    """x or dy [B, T, D] (rows evenly strided, channels contiguous) read in boxes of tr rows of a
+    program's 512 channels, seen as [B, T, D // BOX, BOX] so that a box's inner rows are 512 bytes."""
     B, T, D = t.shape
-    return t.as_strided((B, T, D // hs, hs), (t.stride(0), t.stride(1), hs, 1))
+    view = t.as_strided((B, T, D // BOX, BOX), (t.stride(0), t.stride(1), BOX, 1))
+    return _descriptor(view, [1, tr, CHANNELS // BOX, BOX])
+
+
+def _taps_descriptor(w: Tensor, tr: int, heads: int) -> TensorDescriptor:
+    """w [B, T, W, H] read in boxes of tr rows of a program's heads; boxes are powers of two, so with
+    W = 3 a zero-filled fourth tap comes along."""
+    return _descriptor(w, [1, tr, triton.next_power_of_2(w.shape[2]), heads])
 
 
 def _descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
@@ -140,16 +178,53 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
         return tap
 
     @gluon.jit
-    def _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t, b, h0,
+    def _program(s_ptr, D, W: gl.constexpr, ROWS: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr,
+                 HEADS: gl.constexpr, HS: gl.constexpr, L: gl.constexpr):
+        """This program's first row, first head and first channel, its heads and channel offsets
+        ([HEADS, HS] in layout L), and the static taps on its channels."""
+        t_lo = gl.program_id(0) * ROWS
+        h0 = gl.program_id(1) * HEADS
+        c0 = h0 * HS
+        heads = gl.arange(0, HEADS, layout=gl.SliceLayout(1, L))
+        offs = gl.expand_dims(heads, 1) * HS + gl.expand_dims(gl.arange(0, HS, layout=gl.SliceLayout(0, L)), 0)
+        s = ()
+        for k in gl.static_range(W):
+            s = s + (_static_tap(s_ptr, offs, c0, D, k, W, HAS_STATIC, RESIDUAL, HEADS, HS, L),)
+        return t_lo, h0, c0, heads, offs, s
+
+    @gluon.jit
+    def _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t, b, c, h0,
                STAGES: gl.constexpr):
-        """TMA copies of tile j (rows t..): its x, dy and w rows into ring slot j % STAGES."""
+        """TMA copies of the backward's tile j (rows t..) into ring slot j % STAGES, only what the walk
+        reads of it: tile 0 (the rows below the program's) x alone, the last (the rows above) dy and
+        w alone, the tiles between all three; none past the last."""
         s = j % STAGES
         bar = bars.index(s)
-        pred = j < n_tiles
-        mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
-        tma_load(x_desc, [b, t, h0, 0], bar, x_tma.index(s), pred=pred)
-        tma_load(dy_desc, [b, t, h0, 0], bar, dy_tma.index(s), pred=pred)
-        tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s), pred=pred)
+        if j == 0:
+            mbarrier.expect(bar, x_desc.block_type.nbytes)
+            tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
+        elif j < n_tiles - 1:
+            mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
+            tma_load(dy_desc, [b, t, c, 0], bar, dy_tma.index(s))
+            tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s))
+        elif j == n_tiles - 1:
+            mbarrier.expect(bar, dy_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma_load(dy_desc, [b, t, c, 0], bar, dy_tma.index(s))
+            tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s))
+
+    @gluon.jit
+    def _issue_forward(x_tma, w_tma, x_desc, w_desc, bars, j, n_tiles, t, b, c, h0, STAGES: gl.constexpr):
+        """The forward's tile j: tile 0 (the lags below the program's rows) x alone, then x and w."""
+        s = j % STAGES
+        bar = bars.index(s)
+        if j == 0:
+            mbarrier.expect(bar, x_desc.block_type.nbytes)
+            tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
+        elif j < n_tiles:
+            mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
+            tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s))
 
     @gluon.jit
     def _taps(w_ring, row, W: gl.constexpr, W_P: gl.constexpr, head_l: gl.constexpr):
@@ -180,7 +255,7 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
         T, D, H,
         W: gl.constexpr, W_P: gl.constexpr, HS: gl.constexpr, HEADS: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr,
         STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
-        NUM_WARPS: gl.constexpr,
+        BOX: gl.constexpr, NUM_WARPS: gl.constexpr,
     ):
         gl.static_assert(W <= 4)
         gl.static_assert(TR >= W - 1)
@@ -189,29 +264,19 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
         # neighbouring threads, so its sum is a few shuffles and stays in their registers.
         L: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HS, HS // 8], [NUM_WARPS, 1], [1, 0])
         head_l: gl.constexpr = gl.SliceLayout(1, L)
-        lane_l: gl.constexpr = gl.SliceLayout(0, L)
         # (a view's layout may have one dimension less than the view: index() then drops the first)
         rows_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         taps_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
 
-        pid_t = gl.program_id(0)
-        pid_c = gl.program_id(1)
         b = gl.program_id(2)
-        t_lo = pid_t * ROWS
-        h0 = pid_c * HEADS
-        c0 = h0 * HS
-        heads = gl.arange(0, HEADS, layout=head_l)
-        offs = gl.expand_dims(heads, 1) * HS + gl.expand_dims(gl.arange(0, HS, layout=lane_l), 0)
-        s = ()
-        for k in gl.static_range(W):
-            s = s + (_static_tap(s_ptr, offs, c0, D, k, W, HAS_STATIC, RESIDUAL, HEADS, HS, L),)
+        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, HAS_STATIC, RESIDUAL, HEADS, HS, L)
 
         # The ring, plain rows for the walk's reads, seen as TMA boxes for the copies.
         x_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR, HEADS, HS], rows_s)
         dy_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR, HEADS, HS], rows_s)
         w_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR * W_P, HEADS], taps_s)
-        x_tma = x_ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS, HS], x_desc.layout)
-        dy_tma = dy_ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS, HS], dy_desc.layout)
+        x_tma = x_ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS * HS // BOX, BOX], x_desc.layout)
+        dy_tma = dy_ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS * HS // BOX, BOX], dy_desc.layout)
         w_tma = w_ring.reinterpret(DTYPE, [STAGES, 1, TR, W_P, HEADS], w_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -221,7 +286,8 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
         # the TR rows above (dy and taps for its last rows' dx).
         n_tiles = ROWS // TR + 2
         for j in gl.static_range(STAGES):
-            _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t_lo + (j - 1) * TR, b, h0, STAGES)
+            _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t_lo + (j - 1) * TR, b, c0 // BOX,
+                   h0, STAGES)
         mbarrier.wait(bars.index(0), 0)
         lags = ()  # x[u-1], x[u-2], ... for the first row u = t_lo
         for i in gl.static_range(W - 1):
@@ -235,7 +301,7 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
 
         for j in range(1, n_tiles - 1):
             _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j + STAGES - 1, n_tiles,
-                   t_lo + (j + STAGES - 2) * TR, b, h0, STAGES)
+                   t_lo + (j + STAGES - 2) * TR, b, c0 // BOX, h0, STAGES)
             slot = j % STAGES
             mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
             for r in gl.static_range(TR):
@@ -281,6 +347,66 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
         if HAS_STATIC:
-            part = ds_part_ptr + (b * gl.num_programs(0) + pid_t).to(gl.int64) * (W * D) + c0 + offs
+            part = ds_part_ptr + (b * gl.num_programs(0) + gl.program_id(0)).to(gl.int64) * (W * D) + c0 + offs
             for k in gl.static_range(W):
                 gl.store(part + k * D, acc[k])
+
+    @gluon.jit
+    def _headwise_gluon_fwd_kernel(
+        x_desc, w_desc, s_ptr, y_ptr,
+        T, D, H,
+        W: gl.constexpr, W_P: gl.constexpr, HS: gl.constexpr, HEADS: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr,
+        STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
+        BOX: gl.constexpr, NUM_WARPS: gl.constexpr,
+    ):
+        """y[u] = sum_k (w_k[u] + s_k) x[u-k] (s_0 + 1 with the residual), walking up with x[u-1..u-W+1]
+        carried in registers; tile 0 brings the lags of the program's first row."""
+        gl.static_assert(W <= 4)
+        gl.static_assert(TR >= W - 1)
+        gl.static_assert(ROWS % TR == 0)
+        L: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HS, HS // 8], [NUM_WARPS, 1], [1, 0])
+        head_l: gl.constexpr = gl.SliceLayout(1, L)
+        rows_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        taps_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+
+        b = gl.program_id(2)
+        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, HAS_STATIC, RESIDUAL, HEADS, HS, L)
+
+        x_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR, HEADS, HS], rows_s)
+        w_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR * W_P, HEADS], taps_s)
+        x_tma = x_ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS * HS // BOX, BOX], x_desc.layout)
+        w_tma = w_ring.reinterpret(DTYPE, [STAGES, 1, TR, W_P, HEADS], w_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+
+        n_tiles = ROWS // TR + 1  # tile 0: the TR rows below the program's (lags), then its rows
+        for j in gl.static_range(STAGES):
+            _issue_forward(x_tma, w_tma, x_desc, w_desc, bars, j, n_tiles, t_lo + (j - 1) * TR, b, c0 // BOX, h0,
+                           STAGES)
+        mbarrier.wait(bars.index(0), 0)
+        lags = ()  # x[u-1], x[u-2], ... for the first row u = t_lo
+        for i in gl.static_range(W - 1):
+            lags = lags + (x_ring.index(TR - 1 - i).load(L).to(gl.float32),)
+
+        for j in range(1, n_tiles):
+            _issue_forward(x_tma, w_tma, x_desc, w_desc, bars, j + STAGES - 1, n_tiles,
+                           t_lo + (j + STAGES - 2) * TR, b, c0 // BOX, h0, STAGES)
+            slot = j % STAGES
+            mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
+            for r in gl.static_range(TR):
+                u = t_lo + (j - 1) * TR + r
+                row = slot * TR + r
+                xr = x_ring.index(row).load(L).to(gl.float32)
+                taps = _taps(w_ring, row, W, W_P, head_l)
+                y = (taps[0] + s[0]) * xr
+                for k in gl.static_range(1, W):
+                    y += (taps[k] + s[k]) * lags[k - 1]
+                gl.store(y_ptr + (b * T + u).to(gl.int64) * D + c0 + offs, y.to(DTYPE), mask=(offs >= 0) & (u < T))
+                if W > 1:
+                    new_lags = (xr,)
+                    for i in gl.static_range(W - 2):
+                        new_lags = new_lags + (lags[i],)
+                    lags = new_lags
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))

@@ -32,10 +32,25 @@ from isoflop.kernels import gluon_headwise
 from isoflop.kernels import triton_headwise_rows as rows
 from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos, sum_partials, tile_channels
 
-# Which kernel the head-wise backward runs: "triton" (the row walk), "gluon" (the same walk fed by
-# TMA on Hopper, gluon_headwise; an error where it cannot run), or "auto" (gluon wherever it runs).
-# Static convs (no dynamic taps) always take the Triton walk. Read once from ISOFLOP_HEADWISE_BWD.
+# Which kernel the head-wise forward and backward run: "triton" (the row walk), "gluon" (the same walk
+# fed by TMA on Hopper, gluon_headwise; an error where it cannot run), or "auto" (gluon wherever it
+# runs). Static convs (no dynamic taps) always take the Triton walk. Read once each from
+# ISOFLOP_HEADWISE_FWD and ISOFLOP_HEADWISE_BWD.
+FORWARD_VARIANT = BackendChoice("ISOFLOP_HEADWISE_FWD", ("auto", "triton", "gluon"), "head-wise forward variant")
 BACKWARD_VARIANT = BackendChoice("ISOFLOP_HEADWISE_BWD", ("auto", "triton", "gluon"), "head-wise backward variant")
+
+
+def _gluon_walk(variant: BackendChoice, dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None,
+                blocks: dict | None) -> bool:
+    """Whether this call takes gluon_headwise's walk (dy None: the forward): the variant allows it,
+    no blocks are forced on the Triton kernels, and the walk can run here."""
+    chosen = variant.get()
+    if chosen == "triton" or blocks is not None or w is None:
+        return False
+    why_not = gluon_headwise.cannot_run(dy, x, w, pos)
+    if chosen == "gluon" and why_not:
+        raise ValueError(f"{variant.env}=gluon cannot run here: {why_not}")
+    return why_not is None
 
 
 @triton.jit
@@ -259,6 +274,8 @@ def headwise_forward(
     (not both None), pos int32 [T] (packed sequences) or None. `blocks` overrides block sizes
     (benchmarks)."""
     B, T, D = x.shape
+    if _gluon_walk(FORWARD_VARIANT, None, x, w, pos, blocks):
+        return gluon_headwise.forward(x, w, static, residual)
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
@@ -283,13 +300,8 @@ def headwise_backward(
     x and w as in headwise_forward."""
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
-    variant = BACKWARD_VARIANT.get()
-    if variant != "triton" and blocks is None and w is not None:
-        why_not = gluon_headwise.cannot_run(dy, x, w, pos)
-        if variant == "gluon" and why_not:
-            raise ValueError(f"headwise_backward: ISOFLOP_HEADWISE_BWD=gluon cannot run here: {why_not}")
-        if why_not is None:
-            return gluon_headwise.backward(dy, x, w, static, residual)
+    if _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks):
+        return gluon_headwise.backward(dy, x, w, static, residual)
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
         blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=True, dynamic=w is not None)
