@@ -350,6 +350,7 @@ def test_headwise_gluon_walks_say_why_they_cannot_run_here(gen, monkeypatch):
     from isoflop.kernels import triton_headwise
 
     x, dy, w = rand(1, 20, 32, gen=gen), rand(1, 20, 32, gen=gen), rand(1, 20, 4, 2, gen=gen)
+
     def both():
         return (triton_headwise.headwise_forward(x, w, None, True, None),
                 triton_headwise.headwise_backward(dy, x, w, None, True, None))

@@ -9,7 +9,7 @@ slots used, ~43 instructions per element where its arithmetic needs ~17):
   needs registers, addresses or masks; rows before 0 and from T on come as zeros. x's and dy's boxes
   have 256-channel inner rows (512 bytes): with one head's 16 channels (32 bytes) per inner row, as
   first written, the walks streamed at ~83% of the copy rate even with their arithmetic stripped
-  out, at ~92% with these (KERNELS.md v26);
+  out, at 90-96% with these (KERNELS.md v26, point 31);
 - the walk goes up: dw[u] and the static gradient's pairs dy[u] x[u-k] are complete at row u, and
   dx[u-W+1] completes there; the halo (W-1 rows below and above the program's rows) is a separate
   tile at each end, so the walk over the program's own rows needs no row masks;
@@ -18,7 +18,7 @@ slots used, ~43 instructions per element where its arithmetic needs ~17):
   layout forced.
 The loop takes 30 instructions per element instead of 43 (offline, Triton 3.6), and on the H200 the
 paper's hs=16 backward 72.7 us instead of 90.1 (v25); with the wide boxes, halo tiles that copy only
-what the walk reads and 4 stages, ~63 us (v26). The forward is the same walk without dy: ~41.5 us
+what the walk reads and 4 stages, ~65 us (v26). The forward is the same walk without dy: ~41.5 us
 against the Triton walk's 43.9. Errors against float64 equal the Triton walks'.
 Heads of 128 channels are 4 per 512-channel tile, too few for w's 16-byte TMA rows; they, packed
 sequences and the static conv take the Triton walk (`cannot_run` says why).
@@ -162,7 +162,7 @@ def _descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
+if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.jit
     def _static_tap(s_ptr, offs, c0, D, k: gl.constexpr, W: gl.constexpr, HAS_STATIC: gl.constexpr,
