@@ -928,14 +928,18 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 17 and all(0 < row["registers"] <= 255 for row in rows)
+    assert len(rows) == 18 and all(0 < row["registers"] <= 255 for row in rows)
     # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
     # fit two programs per multiprocessor (228 KB of shared memory).
     gluon = [row for row in rows if row["kernel"] == "low-rank filter grads (gluon)"]
     assert len(gluon) == 1 and gluon[0]["shared_bytes"] <= 113 * 1024 and gluon[0]["stack_bytes"] == 0
-    # The Gluon head-wise backward too, in under 192 registers (5 programs of 2 warps per multiprocessor).
-    walk = [row for row in rows if row["kernel"] == "head-wise hs=16 backward (gluon)"]
-    assert len(walk) == 1 and walk[0]["stack_bytes"] == 0 and walk[0]["registers"] <= 192
+    # The Gluon head-wise backward too, in under 192 registers (5 programs of 2 warps per multiprocessor),
+    # and its forward in under 128 (8 programs).
+    walks = {row["kernel"]: row for row in rows if row["kernel"].endswith("(gluon)") and "head-wise" in row["kernel"]}
+    assert sorted(walks) == ["head-wise hs=16 backward (gluon)", "head-wise hs=16 forward (gluon)"]
+    assert all(row["stack_bytes"] == 0 for row in walks.values())
+    assert walks["head-wise hs=16 backward (gluon)"]["registers"] <= 192
+    assert walks["head-wise hs=16 forward (gluon)"]["registers"] <= 128
     assert all(row["dots"] != "none" for row in rows[:5])  # the low-rank filters use the matrix units
     # The split backward's block sizes were chosen so that it does not spill (Triton 3.9, sm_90).
     assert all(row["stack_bytes"] == 0 for row in rows if "split" in row["kernel"]), rows[3:5]
