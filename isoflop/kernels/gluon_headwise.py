@@ -227,6 +227,39 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s))
 
     @gluon.jit
+    def _rows_ring(desc, STAGES: gl.constexpr, TR: gl.constexpr, HEADS: gl.constexpr, HS: gl.constexpr,
+                   BOX: gl.constexpr, DTYPE: gl.constexpr):
+        """A ring of STAGES tiles of TR rows of x or dy: plain rows [STAGES * TR, HEADS, HS] for the
+        walk's reads, and the same bytes seen as the TMA boxes [STAGES, 1, TR, 512 / BOX, BOX]."""
+        ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR, HEADS, HS], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        return ring, ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS * HS // BOX, BOX], desc.layout)
+
+    @gluon.jit
+    def _taps_ring(desc, STAGES: gl.constexpr, TR: gl.constexpr, W_P: gl.constexpr, HEADS: gl.constexpr,
+                   DTYPE: gl.constexpr):
+        """The taps' ring: rows of W_P x HEADS values, seen as the TMA boxes [STAGES, 1, TR, W_P, HEADS]
+        (a view's layout may have one dimension less than the view: index() then drops the first)."""
+        ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR * W_P, HEADS], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        return ring, ring.reinterpret(DTYPE, [STAGES, 1, TR, W_P, HEADS], desc.layout)
+
+    @gluon.jit
+    def _ring_barriers(STAGES: gl.constexpr):
+        """One barrier per ring slot, each waiting for its slot's copies."""
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        return bars
+
+    @gluon.jit
+    def _first_lags(x_ring, bars, TR: gl.constexpr, W: gl.constexpr, L: gl.constexpr):
+        """x[u-1], x[u-2], ... for the program's first row u, from tile 0 (the rows below its own)."""
+        mbarrier.wait(bars.index(0), 0)
+        lags = ()
+        for i in gl.static_range(W - 1):
+            lags = lags + (x_ring.index(TR - 1 - i).load(L).to(gl.float32),)
+        return lags
+
+    @gluon.jit
     def _taps(w_ring, row, W: gl.constexpr, W_P: gl.constexpr, head_l: gl.constexpr):
         """Row `row` of the ring's dynamic taps: W values per head, each [HEADS, 1] float32."""
         taps = ()
@@ -264,23 +297,13 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         # neighbouring threads, so its sum is a few shuffles and stays in their registers.
         L: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HS, HS // 8], [NUM_WARPS, 1], [1, 0])
         head_l: gl.constexpr = gl.SliceLayout(1, L)
-        # (a view's layout may have one dimension less than the view: index() then drops the first)
-        rows_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        taps_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
 
         b = gl.program_id(2)
         t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, HAS_STATIC, RESIDUAL, HEADS, HS, L)
-
-        # The ring, plain rows for the walk's reads, seen as TMA boxes for the copies.
-        x_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR, HEADS, HS], rows_s)
-        dy_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR, HEADS, HS], rows_s)
-        w_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR * W_P, HEADS], taps_s)
-        x_tma = x_ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS * HS // BOX, BOX], x_desc.layout)
-        dy_tma = dy_ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS * HS // BOX, BOX], dy_desc.layout)
-        w_tma = w_ring.reinterpret(DTYPE, [STAGES, 1, TR, W_P, HEADS], w_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
+        x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, BOX, DTYPE)
+        dy_ring, dy_tma = _rows_ring(dy_desc, STAGES, TR, HEADS, HS, BOX, DTYPE)
+        w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, DTYPE)
+        bars = _ring_barriers(STAGES)
 
         # Tiles: 0 holds the TR rows below the program's (x's lags), 1..ROWS/TR its rows, the last
         # the TR rows above (dy and taps for its last rows' dx).
@@ -288,10 +311,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         for j in gl.static_range(STAGES):
             _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t_lo + (j - 1) * TR, b, c0 // BOX,
                    h0, STAGES)
-        mbarrier.wait(bars.index(0), 0)
-        lags = ()  # x[u-1], x[u-2], ... for the first row u = t_lo
-        for i in gl.static_range(W - 1):
-            lags = lags + (x_ring.index(TR - 1 - i).load(L).to(gl.float32),)
+        lags = _first_lags(x_ring, bars, TR, W, L)
         pend = ()
         for i in gl.static_range(W - 1):
             pend = pend + (gl.zeros([HEADS, HS], gl.float32, L),)
@@ -366,28 +386,18 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         gl.static_assert(ROWS % TR == 0)
         L: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HS, HS // 8], [NUM_WARPS, 1], [1, 0])
         head_l: gl.constexpr = gl.SliceLayout(1, L)
-        rows_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        taps_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
 
         b = gl.program_id(2)
         t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, HAS_STATIC, RESIDUAL, HEADS, HS, L)
-
-        x_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR, HEADS, HS], rows_s)
-        w_ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR * W_P, HEADS], taps_s)
-        x_tma = x_ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS * HS // BOX, BOX], x_desc.layout)
-        w_tma = w_ring.reinterpret(DTYPE, [STAGES, 1, TR, W_P, HEADS], w_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
+        x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, BOX, DTYPE)
+        w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, DTYPE)
+        bars = _ring_barriers(STAGES)
 
         n_tiles = ROWS // TR + 1  # tile 0: the TR rows below the program's (lags), then its rows
         for j in gl.static_range(STAGES):
             _issue_forward(x_tma, w_tma, x_desc, w_desc, bars, j, n_tiles, t_lo + (j - 1) * TR, b, c0 // BOX, h0,
                            STAGES)
-        mbarrier.wait(bars.index(0), 0)
-        lags = ()  # x[u-1], x[u-2], ... for the first row u = t_lo
-        for i in gl.static_range(W - 1):
-            lags = lags + (x_ring.index(TR - 1 - i).load(L).to(gl.float32),)
+        lags = _first_lags(x_ring, bars, TR, W, L)
 
         for j in range(1, n_tiles):
             _issue_forward(x_tma, w_tma, x_desc, w_desc, bars, j + STAGES - 1, n_tiles,
