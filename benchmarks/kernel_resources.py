@@ -48,7 +48,14 @@ try:
 except ImportError:  # no Gluon: gluon_lowrank has no kernel to compile either
     GluonASTSource = None
 
-from isoflop.kernels import gluon_common, gluon_headwise, gluon_lowrank, triton_headwise, triton_lowrank
+from isoflop.kernels import (
+    gluon_common,
+    gluon_headwise,
+    gluon_lowrank,
+    gluon_lowrank_forward,
+    triton_headwise,
+    triton_lowrank,
+)
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 BATCH, SEQ, D_MODEL, R, W = 4, 4096, 2048, 16, 4
@@ -108,6 +115,8 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
                              "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D},
                           {"num_warps": gluon_lowrank.WARPS}, gluon=True,
                           descriptors={"x_desc": tiles, "dy_desc": tiles}))
+    if gluon_lowrank_forward.gluon is not None:  # the forward's Gluon kernel (ISOFLOP_LOWRANK_FWD=gluon)
+        found.append(_gluon_lowrank_forward_case(dtype))
     if gluon_headwise.gluon is not None:  # the head-wise walks' "auto" on Hopper
         found += _gluon_headwise_cases(dtype, head_size=16)
     # Head-wise and static: the row-walking kernels (up to 4 taps, so the paper's W=4) ...
@@ -140,6 +149,17 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
             blocks = triton_headwise._blocks(D_MODEL, consts["HS_P"], backward=part == "backward", dynamic=dynamic)
             found.append(Case(f"{name} {part} (tiled, W=8)", kernel, consts, blocks, {"H": heads, **strides}))
     return found
+
+
+def _gluon_lowrank_forward_case(dtype: tl.dtype) -> Case:
+    """gluon_lowrank_forward's kernel at the paper's shape, with the descriptors it builds."""
+    fw = gluon_lowrank_forward
+    x = torch.empty(BATCH, SEQ, D_MODEL, dtype=_torch_dtype(dtype))
+    z = torch.empty(BATCH, SEQ, R, dtype=_torch_dtype(dtype))
+    descriptors = {"x_desc": fw._runs_descriptor(x), "z_desc": fw._z_descriptor(z), "y_desc": fw._runs_descriptor(x)}
+    consts = dict(W=W, CHUNK=fw.CHUNK, STAGES=fw.STAGES, HAS_STATIC=True, RESIDUAL=True, DTYPE=dtype)
+    return Case("low-rank forward (gluon)", fw._lowrank_gluon_fwd_kernel, consts, {"num_warps": fw.WARPS},
+                gluon=True, descriptors=descriptors)
 
 
 def _gluon_headwise_cases(dtype: tl.dtype, head_size: int) -> list[Case]:

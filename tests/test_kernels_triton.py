@@ -291,6 +291,14 @@ def fused_output_views(B: int, T: int, G: int, Dg: int, R: int, dtype, device="c
     return out[..., : G * Dg], out[..., G * Dg: G * (Dg + R)]
 
 
+def lowrank_x_and_z(B: int, T: int, G: int, Dg: int, R: int, dtype, view: bool, gen) -> tuple:
+    """x [B, T, G*Dg] and z [B, T, G*R] on the GPU: views into one fused output, or tensors of their own."""
+    if view:
+        return fused_output_views(B, T, G, Dg, R, dtype, device="cuda", gen=gen)
+    on = dict(dtype=dtype, device="cuda", gen=gen)
+    return rand(B, T, G * Dg, **on), rand(B, T, G * R, **on)
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["fused", "split"])
@@ -340,6 +348,36 @@ def test_lowrank_gluon_backward_says_why_it_cannot_run_here(gen):
     assert all(torch.equal(a, b) for a, b in zip(auto[:3], fused[:3]))
     with pytest.raises(ValueError, match="variant='gluon' cannot run here: .*(Gluon|Hopper)"):
         triton_lowrank.lowrank_backward(dy, x, z, U, None, True, None, variant="gluon")
+
+
+@interpreted
+def test_lowrank_gluon_forward_says_why_it_cannot_run_here(gen, monkeypatch):
+    """The Gluon forward needs a Hopper GPU: "auto" runs the Triton kernel, a forced "gluon"
+    (ISOFLOP_LOWRANK_FWD) names what is missing, and on a Hopper GPU it would name the inputs it
+    does not take."""
+    from isoflop.kernels import gluon_lowrank_forward as fw
+    from isoflop.kernels import triton_lowrank
+
+    x, z, U, s = rand(2, 64, 32, gen=gen), rand(2, 64, 4, gen=gen), rand(4, 3 * 32, gen=gen), rand(3, 32, gen=gen)
+    auto = triton_lowrank.lowrank_forward(x, z, U, s, True, None)
+    monkeypatch.setattr(triton_lowrank.FORWARD_VARIANT, "name", "triton")
+    assert torch.equal(auto, triton_lowrank.lowrank_forward(x, z, U, s, True, None))
+    triton_lowrank.FORWARD_VARIANT.set("gluon")
+    with pytest.raises(ValueError, match="ISOFLOP_LOWRANK_FWD=gluon cannot run here: .*(Gluon|Hopper)"):
+        triton_lowrank.lowrank_forward(x, z, U, s, True, None)
+    with pytest.raises(ValueError, match="allowed: auto, triton, gluon"):
+        triton_lowrank.FORWARD_VARIANT.set("fast")
+    monkeypatch.setattr(fw, "hopper_missing", lambda t: None)  # as on a Hopper GPU: the inputs' reasons
+    half = dict(dtype=torch.bfloat16, gen=gen)
+    xh, zh, Uh = rand(2, 128, 128, **half), rand(2, 128, 16, **half), rand(16, 4 * 128, **half)
+    assert fw.cannot_run(xh, zh, Uh, None, 128) is None
+    assert "float16 or bfloat16" in fw.cannot_run(xh.float(), zh.float(), Uh, None, 128)
+    assert "multiple of 64" in fw.cannot_run(xh[:, :100], zh[:, :100], Uh, None, 128)
+    assert "R <= 16" in fw.cannot_run(xh, rand(2, 128, 17, **half), rand(17, 4 * 128, **half), None, 128)
+    assert "packed" in fw.cannot_run(xh, zh, Uh, torch.zeros(128, dtype=torch.int32), 128)
+    assert "multiples of 64" in fw.cannot_run(xh, zh.repeat(1, 1, 4)[..., :64], rand(16, 4 * 128, **half), None, 32)
+    longer = rand(2, 256, 128, **half)[:, :128]  # a batch's rows do not end where the next one's start
+    assert "batches must follow" in fw.cannot_run(longer, zh, Uh, None, 128)
 
 
 @interpreted
@@ -732,10 +770,7 @@ def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(B, T, G, Dg, R, W, 
     g = torch.Generator().manual_seed(0)
     on = dict(dtype=dtype, device="cuda", gen=g)
     D = G * Dg
-    if view:
-        x, z = fused_output_views(B, T, G, Dg, R, dtype, device="cuda", gen=g)
-    else:
-        x, z = rand(B, T, D, **on), rand(B, T, G * R, **on)
+    x, z = lowrank_x_and_z(B, T, G, Dg, R, dtype, view, g)
     dy, U = rand(B, T, D, **on), rand(R, W * D, **on) / R**0.5
     s = rand(W, D, **on) if static else None
     pos = ops._positions(packed_offsets(lengths).cuda(), T, x.device) if lengths else None
@@ -745,6 +780,42 @@ def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(B, T, G, Dg, R, W, 
     auto = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, pos, variant="auto")
     for name, a, b, c in zip(["dx", "dz", "dU", "ds"], gluon, fused, auto):
         assert (a is None and b is None) or (torch.equal(a, b) and torch.equal(a, c)), name
+
+
+@gpu
+@pytest.mark.skipif(not hopper(), reason="the Gluon forward needs a Hopper GPU")
+@pytest.mark.parametrize("B, T, G, Dg, R, W, dtype, static, residual, view", [
+    (4, 4096, 1, 2048, 16, 4, torch.bfloat16, True, True, False),  # the paper's shape
+    (2, 1024, 1, 520, 16, 4, torch.bfloat16, True, True, False),  # ragged D: TMA's zero fill, clipped stores
+    (1, 192, 1, 384, 8, 3, torch.float16, True, False, False),  # R = 8 (z's rows 16 bytes), 3 tiles, no residual
+    (2, 64, 1, 256, 16, 1, torch.bfloat16, False, True, False),  # one tap, one tile
+    (2, 1024, 3, 512, 16, 4, torch.bfloat16, True, True, True),  # q, k, v groups read in place from a projection
+])
+def test_gpu_gluon_lowrank_forward_matches_float64_and_the_triton_kernel(monkeypatch, B, T, G, Dg, R, W, dtype,
+                                                                         static, residual, view):
+    """The Gluon forward (ISOFLOP_LOWRANK_FWD=gluon) against float64 and the Triton kernel, whose
+    results it repeats bit for bit where both fold the static filter into the same two products
+    (R = 16) or there is none; at any number of tiles per program."""
+    from isoflop.kernels import gluon_lowrank_forward as fw
+    from isoflop.kernels import triton_lowrank
+
+    poison_cuda_memory()
+    g = torch.Generator().manual_seed(0)
+    on = dict(dtype=dtype, device="cuda", gen=g)
+    D = G * Dg
+    x, z = lowrank_x_and_z(B, T, G, Dg, R, dtype, view, g)
+    U, s = rand(R, W * D, **on) / R**0.5, rand(W, D, **on) / W**0.5 if static else None
+    assert fw.cannot_run(x, z, U, None, Dg) is None
+    got = fw.forward(x, z, U, s, residual, Dg)
+    want = triton_lowrank._conv(x, z, U, s, residual, None, lead=False, blocks=None)
+    y = ref.dynamic_conv_lowrank(x.double(), z.double(), U.double(), s.double() if static else None, residual=residual)
+    assert got.is_contiguous() and got.dtype == dtype
+    assert relative_error(got, y) < max(2 * relative_error(want, y), TOLERANCE[dtype] / 4)
+    if R == 16 or not static:
+        assert torch.equal(got, want)
+    assert torch.equal(fw.forward(x, z, U, s, residual, Dg, chunk=1), got)
+    monkeypatch.setattr(triton_lowrank.FORWARD_VARIANT, "name", "gluon")
+    assert torch.equal(triton_lowrank.lowrank_forward(x, z, U, s, residual, None), got)  # what "gluon" selects
 
 
 @gpu
@@ -928,11 +999,15 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 18 and all(0 < row["registers"] <= 255 for row in rows)
+    assert len(rows) == 19 and all(0 < row["registers"] <= 255 for row in rows)
     # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
     # fit two programs per multiprocessor (228 KB of shared memory).
     gluon = [row for row in rows if row["kernel"] == "low-rank filter grads (gluon)"]
     assert len(gluon) == 1 and gluon[0]["shared_bytes"] <= 113 * 1024 and gluon[0]["stack_bytes"] == 0
+    # The Gluon forward fits three programs per multiprocessor: registers and shared memory.
+    forward = [row for row in rows if row["kernel"] == "low-rank forward (gluon)"]
+    assert len(forward) == 1 and forward[0]["stack_bytes"] == 0
+    assert forward[0]["registers"] <= 168 and forward[0]["shared_bytes"] <= 75 * 1024
     # The Gluon head-wise backward too, in under 192 registers (5 programs of 2 warps per multiprocessor),
     # and its forward in under 128 (8 programs).
     walks = {row["kernel"]: row for row in rows if row["kernel"].endswith("(gluon)") and "head-wise" in row["kernel"]}

@@ -4,6 +4,8 @@ that say why a kernel cannot take its inputs here."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,7 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -22,22 +25,31 @@ try:
 
     # async_copy_global_to_shared up to Triton 3.6, async_load since (the old name raises)
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global  # (the same move)
+    cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # thread_barrier up to 3.6, barrier since
     if not hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.6 calls it _reinterpret
         gl.shared_memory_descriptor.reinterpret = gl.shared_memory_descriptor._reinterpret
 except (ImportError, AttributeError):  # a Triton without Gluon's Hopper ops
     gluon = None
 
-__all__ = ["TensorDescriptor", "gl", "gl_dtype", "gluon", "hopper_missing", "mbarrier", "tma_load",
-           "tma_misaligned", "warpgroup_mma", "warpgroup_mma_wait"]
+__all__ = ["TensorDescriptor", "cta_barrier", "fence_async_shared", "gl", "gl_dtype", "gluon", "hopper_missing",
+           "mbarrier", "tma", "tma_load", "tma_misaligned", "tma_store", "warpgroup_mma", "warpgroup_mma_wait"]
 
 
 def hopper_missing(t: Tensor) -> str | None:
     """Why a Gluon Hopper kernel cannot run on t's device with this Triton, or None if it can."""
     if gluon is None:
         return "this Triton has no Gluon Hopper ops"
-    if interpreting() or not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] != 9:
+    if interpreting() or not t.is_cuda or _major(t.device.index) != 9:
         return "it needs a Hopper GPU (sm_90)"
     return None
+
+
+@functools.cache
+def _major(index: int | None) -> int:
+    """The GPU's compute capability major, asked once per device (the question costs host time on
+    every conv call otherwise)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def tma_misaligned(name: str, t: Tensor) -> str | None:

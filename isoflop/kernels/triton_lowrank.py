@@ -61,7 +61,7 @@ import triton.language as tl
 from torch import Tensor
 
 from isoflop.backends import BackendChoice
-from isoflop.kernels import gluon_lowrank
+from isoflop.kernels import gluon_lowrank, gluon_lowrank_forward
 from isoflop.kernels.triton_common import (
     dot_dtype,
     interpreting,
@@ -79,6 +79,14 @@ from isoflop.kernels.triton_common import (
 # runs, sequences unpacked; else fused or split by _auto_variant). Read once from ISOFLOP_LOWRANK_BWD.
 BACKWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_BWD", ("auto", "fused", "gluon", "split"),
                                  "low-rank backward variant")
+# Which kernel the forward runs: "triton" (_lowrank_conv_kernel) or "gluon" (gluon_lowrank_forward, on
+# Hopper: the same results, channels along the product's M, 41.5 against 47.5 us at the paper's shape).
+# "auto" is the Triton kernel for now: in training the 150M all-linear model ran +37.5% and +41.0%
+# over the transformer with the Gluon forward against +30.7% and +27.1% with the Triton one (paired
+# runs on the H200), which the kernels' own times (the Gluon one faster at every shape of that model)
+# do not explain; at 300M it ran +20.4% (v26's table: +22.7%). KERNELS.md, v27. Read once from
+# ISOFLOP_LOWRANK_FWD.
+FORWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_FWD", ("auto", "triton", "gluon"), "low-rank forward variant")
 
 
 @triton.jit
@@ -671,8 +679,24 @@ def lowrank_forward(
     """y [B, T, D] (contiguous) for x [B, T, D], z [B, T, R] or [B, T, G*R] (G channel groups, see
     reference.lowrank_filters), U [R, W*D], static [W, D] or None, pos int32 [T] (packed sequences)
     or None. x and z may be views with evenly strided rows (into one fused projection's output);
-    U, static and pos are contiguous. `blocks` overrides the block sizes (benchmarks)."""
+    U, static and pos are contiguous. `blocks` overrides the Triton kernel's block sizes (benchmarks).
+    FORWARD_VARIANT "gluon" runs gluon_lowrank_forward instead (Hopper; see FORWARD_VARIANT)."""
+    if _gluon_forward(x, z, U, pos, blocks):
+        return gluon_lowrank_forward.forward(x, z, U, static, residual, _group_size(z, U, x.shape[-1]))
     return _conv(x, z, U, static, residual, pos, lead=False, blocks=blocks)
+
+
+def _gluon_forward(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, blocks: dict | None) -> bool:
+    """Whether this forward takes the Gluon kernel: the variant asks for it (not "auto", see
+    FORWARD_VARIANT), no blocks are forced on the Triton kernel, and it can run here (else an error
+    says why not)."""
+    chosen = FORWARD_VARIANT.get()
+    if chosen != "gluon" or blocks is not None:
+        return False
+    why_not = gluon_lowrank_forward.cannot_run(x, z, U, pos, _group_size(z, U, x.shape[-1]))
+    if why_not:
+        raise ValueError(f"{FORWARD_VARIANT.env}=gluon cannot run here: {why_not}")
+    return True
 
 
 def lowrank_backward(

@@ -1,0 +1,346 @@
+"""The low-rank conv's forward on Hopper, in Gluon (Triton's explicit-layout language): what
+ISOFLOP_LOWRANK_FWD=gluon selects (`triton_lowrank.lowrank_forward`; not "auto" yet, see
+triton_lowrank.FORWARD_VARIANT), for half types, R <= 16, W <= 4, T a multiple of 64 and unpacked
+sequences (`cannot_run` says why not).
+
+Same arithmetic as `triton_lowrank._lowrank_conv_kernel`'s forward: f_k = z @ U_k on the matrix units
+with the static filter folded in as its rounded head and the tail the rounding lost, and y[t] = x[t]
++ sum_k (f_k[t] + s_k) x[t-k] in float32. The results are the Triton kernel's bit for bit at R = 16
+and without a static filter; at smaller ranks the static filter's product is a separate one here, so
+the last bit may differ. What is new is the orientation of the product (KERNELS.md, v27):
+- the product runs with channels along M and times along N, f_k^T = U_k^T @ z^T (64 x 64 tiles, one
+  warpgroup). Its rows are channels 16w + 2g + h and its columns times 16c + 2j + s, so each thread
+  holds two adjacent channels (one 32-bit pair) at 16 consecutive times (a run), and the four runs
+  of a tile sit in the four lanes of a quad. A lag x[t-k] is then a register of the same thread,
+  except for a run's first W - 1 times, which come from the lane to its left by shuffle (run 0's from
+  the previous tile's run 3: the shuffle's result of the tile before). The Triton kernel (times
+  along M) copies W + 1 shifted pieces of x through shared memory per tile instead;
+- x's tile arrives by TMA as [16 i, 4 c, 64 channels] (row 4i + c holds time 16c + i) from a
+  strided view of x, so a thread's reads from shared memory are 32-bit pairs, and with the 128-byte
+  swizzle the four runs of a read fall in at most two ways of bank conflict; z's tile arrives by
+  TMA in the product's time order (a 5-D view of z); y goes back through shared memory by TMA store;
+- STAGES tiles of x and z are in flight (4: 74 KB of shared memory, three programs per
+  multiprocessor at 156 registers); loads straight into registers, in the same layout, took 59-88
+  us (each warp's 32-byte rows split every 128-byte line four ways: L1 stalls), and fewer stages
+  lost (2: 59.4 us, 3: 44.7, 4: 41.2, 5: 42.4, 6: 43.6).
+On the H200 at the paper's shape 41.2 us against the Triton kernel's 48.6 (same run), 300M conv
+43.1 against 48.8, and faster at every shape of the 150M and 300M models' convs (-7% to -33%).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from torch import Tensor
+
+from isoflop.kernels.gluon_common import (
+    TensorDescriptor,
+    cta_barrier,
+    fence_async_shared,
+    gl,
+    gl_dtype,
+    gluon,
+    hopper_missing,
+    mbarrier,
+    tma,
+    tma_load,
+    tma_misaligned,
+    tma_store,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from isoflop.kernels.triton_common import processor_count
+
+TILE, WARPS, STAGES, CHUNK = 64, 4, 4, 32  # times and channels per tile; copies in flight; tiles per program
+MAX_RANK, MAX_WIDTH = 16, 4
+
+
+def cannot_run(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, d_group: int) -> str | None:
+    """Why the Gluon forward cannot take these inputs here, or None if it can."""
+    missing = hopper_missing(x)
+    if missing:
+        return missing
+    B, T, D = x.shape
+    R, W = U.shape[0], U.shape[1] // D
+    if pos is not None:
+        return "packed sequences take the Triton kernel"
+    if not (x.dtype == z.dtype and x.dtype in (torch.float16, torch.bfloat16)):
+        return f"it takes float16 or bfloat16 x and z (got {x.dtype}, {z.dtype})"
+    if x.numel() == 0:
+        return "the inputs are empty (a TMA descriptor needs every dimension > 0)"
+    if R > MAX_RANK or W > MAX_WIDTH:
+        return f"it takes R <= {MAX_RANK} and W <= {MAX_WIDTH} (got R={R}, W={W})"
+    if T % TILE:
+        return f"T must be a multiple of {TILE} (got {T})"
+    if d_group < D and d_group % TILE:
+        return f"channel groups must be multiples of {TILE} channels (got {d_group})"
+    for name, t in (("x", x), ("z", z)):
+        if t.stride(0) != T * t.stride(1):
+            return f"{name}'s batches must follow each other (strides {tuple(t.stride())})"
+    return tma_misaligned("x", x) or tma_misaligned("z", z)
+
+
+def tiles_per_program(T: int, D: int, B: int, device: torch.device) -> int:
+    """CHUNK tiles per program, fewer where the sequence's tiles do not divide into them, halved (down to
+    2) while the grid has fewer programs than multiprocessors, as the Triton forward does (v19)."""
+    tiles = T // TILE
+    chunk = CHUNK
+    while tiles % chunk:
+        chunk //= 2
+    while chunk > 2 and tiles // chunk * triton.cdiv(D, TILE) * B < processor_count(device):
+        chunk //= 2
+    return chunk
+
+
+def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, d_group: int,
+            chunk: int | None = None) -> Tensor:
+    """y [B, T, D] (contiguous) for inputs `cannot_run` accepts; U and static in any float type (the
+    kernel rounds U to x's type for the products, as the Triton kernel does). `chunk` overrides the
+    tiles per program (benchmarks)."""
+    B, T, D = x.shape
+    R, W = U.shape[0], U.shape[1] // D
+    chunk = chunk or tiles_per_program(T, D, B, x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grid = (T // TILE // chunk, triton.cdiv(D, TILE), B)
+    _lowrank_gluon_fwd_kernel[grid](
+        _runs_descriptor(x), _z_descriptor(z), _runs_descriptor(y), x, U, static if static is not None else x,
+        T, D, R, x.stride(1), d_group,
+        W=W, CHUNK=chunk, STAGES=STAGES, HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(x),
+        num_warps=WARPS,
+    )
+    return y
+
+
+# Host time per call counts: all-linear models make ~7 of these calls per layer and step (v27's first
+# version cost ~90 us per call more than the Triton kernel's launch; profiled, the descriptors' views,
+# layouts and the device query were half of it). The descriptors take the tensor itself as their
+# base (only its address and type are read), and their layouts are made once.
+
+
+def _runs_descriptor(t: Tensor) -> TensorDescriptor:
+    """x or y [B, T, D] as tiles [B * T / 64, 16 i, 4 c, D]: element (n, i, c, d) is time 16c + i of
+    tile n, so a box [1, 16, 4, 64] lands row 4i + c of shared memory with time 16c + i."""
+    B, T, D = t.shape
+    rs = t.stride(1)
+    return TensorDescriptor(t, [B * T // TILE, 16, 4, D], [TILE * rs, rs, 16 * rs, 1], [1, 16, 4, TILE],
+                            _swizzled(128, t.element_size() * 8, 4))
+
+
+def _z_descriptor(z: Tensor) -> TensorDescriptor:
+    """z [B, T, G*R] as tiles [B * T / 64, 8 j, 4 c, 2 s, G*R]: a box [1, 8, 4, 2, 16] lands row
+    8j + 2c + s (the product's column) with time 16c + 2j + s, as the product's B operand wants it.
+    Columns past this group's R come along; U's rows for them are zeros."""
+    B, T, C = z.shape
+    rs = z.stride(1)
+    return TensorDescriptor(z, [B * T // TILE, 8, 4, 2, C], [TILE * rs, 2 * rs, 16 * rs, rs, 1], [1, 8, 4, 2, MAX_RANK],
+                            _swizzled(32, z.element_size() * 8, 5))
+
+
+@functools.cache
+def _swizzled(swizzle: int, bits: int, rank: int):
+    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=bits, rank=rank)
+
+
+if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
+
+    @gluon.jit
+    def _channel(m):
+        """The product's row m holds channel 16w + 2g + h of the tile (m = 16w + g + 8h): the rows a
+        thread holds (g and g + 8 of its warp's 16) are then two adjacent channels."""
+        return (m // 16) * 16 + (m % 8) * 2 + (m // 8) % 2
+
+    @gluon.jit
+    def _split_times(t, run_l: gl.constexpr):
+        """[64 channels, 4 runs, 2, 2, 2, 2] (the time within a run, its bits from the lowest) as 16
+        tensors [64, 4] (run_l), tensor i holding time i of each run. Only registers are renamed."""
+        parts = (t,)
+        for level in gl.static_range(4):
+            new = ()
+            for p in gl.static_range(len(parts)):
+                lo, hi = gl.split(parts[p])
+                new = new + (lo, hi)
+            parts = new
+        out = ()
+        for i in gl.static_range(16):
+            out = out + (gl.convert_layout(parts[i], run_l, assert_trivial=True),)
+        return out
+
+    @gluon.jit
+    def _product_runs(f, run_l: gl.constexpr):
+        """The product's accumulator [64 rows, 64 columns] as 16 tensors [64 channels, 4 runs] (see
+        _channel and the module's docstring): channel = m5 m4 m2 m1 m0 m3, run = n2 n1, time in the
+        run = n5 n4 n3 n0 in the bits of row m and column n."""
+        f = gl.reshape(f, [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])  # m5 .. m0, n5 .. n0
+        f = gl.permute(f, [0, 1, 3, 4, 5, 2, 9, 10, 11, 8, 7, 6])
+        return _split_times(gl.reshape(f, [64, 4, 2, 2, 2, 2]), run_l)
+
+    @gluon.jit
+    def _tile_runs(t, run_l: gl.constexpr):
+        """A tile [16 i, 4 runs, 64 channels] as 16 tensors [64 channels, 4 runs] (run_l)."""
+        return _split_times(gl.permute(gl.reshape(t, [2, 2, 2, 2, 4, 64]), [5, 4, 3, 2, 1, 0]), run_l)
+
+    @gluon.jit
+    def _runs_tile(parts):
+        """The inverse of _tile_runs."""
+        for level in gl.static_range(4):
+            new = ()
+            for p in gl.static_range(len(parts) // 2):
+                new = new + (gl.join(parts[2 * p], parts[2 * p + 1]),)
+            parts = new
+        return gl.reshape(gl.permute(parts[0], [5, 4, 3, 2, 1, 0]), [16, 4, 64])
+
+    @gluon.jit
+    def _from_left(v):
+        """v [64, 4] (run_l) of the lane to the left in each quad: run c - 1's (run 0 gets run 3's)."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 l, s; mov.u32 l, %laneid; add.u32 s, l, 3; and.b32 s, s, 3; "
+            "and.b32 l, l, 0xfffffffc; or.b32 s, s, l; shfl.sync.idx.b32 $0, $1, s, 0x1f, 0xffffffff; }",
+            "=r,r", [v], dtype=v.dtype, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _tap_products(ut_smem, st_smem, zt, onest, k: gl.constexpr, zero, HAS_STATIC: gl.constexpr):
+        """f_k^T + s_k, issued asynchronously: U_k^T @ z^T, then S_k^T @ ONES^T (the static filter's
+        head and tail, as the Triton forward folds them)."""
+        f = warpgroup_mma(ut_smem.index(k), zt, zero, use_acc=False, is_async=True)
+        if HAS_STATIC:
+            f = warpgroup_mma(st_smem.index(k), onest, f, is_async=True)
+        return f
+
+    @gluon.jit
+    def _issue(x_desc, z_desc, x_ring, z_ring, bars, n, tile, d0, g_col, STAGES: gl.constexpr):
+        """TMA copies of this program's tile `tile` (tile n of the [B * T / 64] view) into its ring slot."""
+        slot = tile % STAGES
+        bar = bars.index(slot)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + z_desc.block_type.nbytes)
+        tma_load(x_desc, [n, 0, 0, d0], bar, x_ring.index(slot))
+        tma_load(z_desc, [n, 0, 0, 0, g_col], bar, z_ring.index(slot))
+
+    @gluon.jit
+    def _lowrank_gluon_fwd_kernel(  # (the _lowrank_ prefix: profiles file it as conv time)
+        x_desc, z_desc, y_desc, x_ptr, u_ptr, s_ptr,
+        T, D, R, X_STRIDE, D_GROUP,
+        W: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr, HAS_STATIC: gl.constexpr,
+        RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
+    ):
+        gl.static_assert(W <= 4)
+        BLOCK: gl.constexpr = 64
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, 64, 16])
+        run_l: gl.constexpr = gl.BlockedLayout([2, 1], [8, 4], [4, 1], [1, 0])  # [64 channels, 4 runs]
+        # x's tile [16 i, 4 runs, 64 channels] as the runs hold it: a thread's channel pair, then i.
+        tile_l: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 1], [1, 0, 0], [2, 0, 0], [4, 0, 0], [8, 0, 0]],
+            lane_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 2], [0, 0, 4], [0, 0, 8]],
+            warp_bases=[[0, 0, 16], [0, 0, 32]], block_bases=[], shape=[16, 4, 64])
+        small_l: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])  # [64, 16] operand tiles
+        a_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, 16], DTYPE)
+        b_s: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
+        runs_s: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+
+        pid_t = gl.program_id(0)
+        d0 = gl.program_id(1) * BLOCK
+        b = gl.program_id(2)
+        g_col = (d0 // D_GROUP) * R  # this channel tile's group's R columns of z
+
+        # A operands for the whole walk: U_k^T [64 rows, 16] (rows in _channel's order) and S_k^T
+        # (columns 0 and 1 the static tap's head and tail), which meet ONES (columns 0 and 1 ones).
+        um = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, small_l))
+        ur = gl.arange(0, 16, layout=gl.SliceLayout(0, small_l))
+        ud = d0 + _channel(um)
+        ut_smem = gl.allocate_shared_memory(DTYPE, [W, BLOCK, 16], a_s)
+        st_smem = gl.allocate_shared_memory(DTYPE, [W, BLOCK, 16], a_s)
+        for k in gl.static_range(W):
+            u = gl.load(u_ptr + ur[None, :] * (W * D) + k * D + ud[:, None],
+                        mask=(ud < D)[:, None] & (ur < R)[None, :], other=0.0)
+            ut_smem.index(k).store(u.to(DTYPE))
+            if HAS_STATIC:
+                s_k = gl.load(s_ptr + k * D + ud, mask=ud < D, other=0.0).to(gl.float32)
+                head = s_k.to(DTYPE)
+                tail = (s_k - head.to(gl.float32)).to(DTYPE)
+                st = gl.where((ur == 0)[None, :], head[:, None], gl.zeros([BLOCK, 16], DTYPE, small_l))
+                st_smem.index(k).store(gl.where((ur == 1)[None, :], tail[:, None], st))
+        ones_smem = gl.allocate_shared_memory(DTYPE, [BLOCK, 16], b_s)
+        ones_smem.store(gl.where((ur < 2)[None, :], 1.0, gl.zeros([BLOCK, 16], gl.float32, small_l)).to(DTYPE))
+        onest = ones_smem.permute((1, 0))
+
+        x_ring = gl.allocate_shared_memory(DTYPE, [STAGES, 1, 16, 4, BLOCK], x_desc.layout)
+        z_ring = gl.allocate_shared_memory(DTYPE, [STAGES, 1, 8, 4, 2, 16], z_desc.layout)
+        y_bufs = gl.allocate_shared_memory(DTYPE, [2, 1, 16, 4, BLOCK], y_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+        cta_barrier()
+
+        tile0 = pid_t * CHUNK  # the program's first tile in its sequence, and in the [B * T / 64] view:
+        n0 = b * (T // BLOCK) + tile0
+        for j in gl.static_range(STAGES - 1):
+            if j < CHUNK:
+                _issue(x_desc, z_desc, x_ring, z_ring, bars, n0 + j, j, d0, g_col, STAGES)
+
+        rc = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, run_l))
+        rq = gl.arange(0, 4, layout=gl.SliceLayout(0, run_l))
+        ch = d0 + rc
+        first_run = (rq == 0)[None, :]
+        # The lags of the program's first time (run 0's, from the previous tile; zeros before t = 0),
+        # as the shuffles below leave them for the tiles after.
+        t_first = tile0 * BLOCK
+        before = ()
+        for j in gl.static_range(W - 1):
+            t = t_first - (W - 1) + j
+            p = x_ptr + (b.to(gl.int64) * T + t) * X_STRIDE + ch
+            before = before + (gl.load(p[:, None] + rq[None, :] * 0,
+                                       mask=(ch < D)[:, None] & (rq >= 0)[None, :] & (t >= 0), other=0.0),)
+        zero = gl.zeros([BLOCK, BLOCK], gl.float32, acc_l)
+
+        for tile in range(CHUNK):
+            slot = tile % STAGES
+            mbarrier.wait(bars.index(slot), (tile // STAGES) & 1)
+            zt = z_ring.index(slot).reshape([BLOCK, 16]).reinterpret(DTYPE, [BLOCK, 16], b_s).permute((1, 0))
+            f = _tap_products(ut_smem, st_smem, zt, onest, 0, zero, HAS_STATIC)
+            xr = _tile_runs(x_ring.index(slot).reinterpret(DTYPE, [16, 4, BLOCK], runs_s).load(tile_l), run_l)
+            # The W - 1 times before each run: run c - 1's last (run 0: the previous tile's run 3's).
+            xs = ()
+            for j in gl.static_range(W - 1):
+                h = _from_left(xr[16 - (W - 1) + j])
+                xs = xs + (gl.where(first_run, before[j], h).to(gl.float32),)
+                before = before[:j] + (h,) + before[j + 1:]
+            for i in gl.static_range(16):
+                xs = xs + (xr[i].to(gl.float32),)  # xs[i + W - 1]: time i of each run
+            ys = ()
+            for i in gl.static_range(16):
+                if RESIDUAL:  # the sum starts as x[t]
+                    ys = ys + (xs[i + W - 1],)
+                else:
+                    ys = ys + (gl.zeros([BLOCK, 4], gl.float32, run_l),)
+            # Tap by tap, tap k + 1's products issued once tap k's are consumed (one accumulator live:
+            # 156 registers, three programs per multiprocessor; two taps in flight timed the same).
+            for k in gl.static_range(W):
+                f = warpgroup_mma_wait(0, deps=(f,))
+                taps = _product_runs(f, run_l)
+                new = ()
+                for i in gl.static_range(16):
+                    new = new + (ys[i] + taps[i] * xs[i + W - 1 - k],)
+                ys = new
+                if k + 1 < W:
+                    f = _tap_products(ut_smem, st_smem, zt, onest, k + 1, zero, HAS_STATIC)
+            # Every warp is done with this slot (x read, products waited for): refill it. And the TMA
+            # store of two tiles back has read its buffer (y's two buffers): write this tile's y there.
+            tma.store_wait(1)
+            cta_barrier()
+            if tile + STAGES - 1 < CHUNK:
+                _issue(x_desc, z_desc, x_ring, z_ring, bars, n0 + tile + STAGES - 1, tile + STAGES - 1, d0, g_col,
+                       STAGES)
+            out = ()
+            for i in gl.static_range(16):
+                out = out + (ys[i].to(DTYPE),)
+            y_buf = y_bufs.index(tile % 2)
+            y_buf.reinterpret(DTYPE, [16, 4, BLOCK], runs_s).store(_runs_tile(out))
+            fence_async_shared()
+            cta_barrier()
+            tma_store(y_desc, [n0 + tile, 0, 0, d0], y_buf)
+        tma.store_wait(0)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
