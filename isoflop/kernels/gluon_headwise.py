@@ -178,10 +178,14 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         return tap
 
     @gluon.jit
-    def _program(s_ptr, D, W: gl.constexpr, ROWS: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr,
-                 HEADS: gl.constexpr, HS: gl.constexpr, L: gl.constexpr):
+    def _program(s_ptr, D, W: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr, HAS_STATIC: gl.constexpr,
+                 RESIDUAL: gl.constexpr, HEADS: gl.constexpr, HS: gl.constexpr, L: gl.constexpr):
         """This program's first row, first head and first channel, its heads and channel offsets
-        ([HEADS, HS] in layout L), and the static taps on its channels."""
+        ([HEADS, HS] in layout L), and the static taps on its channels. Both walks' limits: up to 4
+        taps, the W - 1 lags within one copy of TR rows, whole copies per program."""
+        gl.static_assert(W <= 4)
+        gl.static_assert(TR >= W - 1)
+        gl.static_assert(ROWS % TR == 0)
         t_lo = gl.program_id(0) * ROWS
         h0 = gl.program_id(1) * HEADS
         c0 = h0 * HS
@@ -260,6 +264,16 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         return lags
 
     @gluon.jit
+    def _shifted(xr, lags, W: gl.constexpr):
+        """The lags of the next row: x[u] becomes its x[u-1] and the oldest lag drops out."""
+        if W > 1:
+            new_lags = (xr,)
+            for i in gl.static_range(W - 2):
+                new_lags = new_lags + (lags[i],)
+            lags = new_lags
+        return lags
+
+    @gluon.jit
     def _taps(w_ring, row, W: gl.constexpr, W_P: gl.constexpr, head_l: gl.constexpr):
         """Row `row` of the ring's dynamic taps: W values per head, each [HEADS, 1] float32."""
         taps = ()
@@ -290,16 +304,13 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
         BOX: gl.constexpr, NUM_WARPS: gl.constexpr,
     ):
-        gl.static_assert(W <= 4)
-        gl.static_assert(TR >= W - 1)
-        gl.static_assert(ROWS % TR == 0)
         # [heads, lanes] per row: 8 channels per thread (16 bytes), a head's lanes in HS / 8
         # neighbouring threads, so its sum is a few shuffles and stays in their registers.
         L: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HS, HS // 8], [NUM_WARPS, 1], [1, 0])
         head_l: gl.constexpr = gl.SliceLayout(1, L)
 
         b = gl.program_id(2)
-        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, HAS_STATIC, RESIDUAL, HEADS, HS, L)
+        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, L)
         x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, BOX, DTYPE)
         dy_ring, dy_tma = _rows_ring(dy_desc, STAGES, TR, HEADS, HS, BOX, DTYPE)
         w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, DTYPE)
@@ -342,11 +353,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                     new_acc = new_acc + (acc[k] + df,)
                 if HAS_STATIC:
                     acc = new_acc
-                if W > 1:
-                    new_lags = (xr,)
-                    for i in gl.static_range(W - 2):
-                        new_lags = new_lags + (lags[i],)
-                    lags = new_lags
+                lags = _shifted(xr, lags, W)
                 done, pend = _dx_step(dyr, taps, s, pend, W)
                 v = u - (W - 1)
                 gl.store(dx_ptr + (b * T + v).to(gl.int64) * D + c0 + offs, done.to(DTYPE),
@@ -381,14 +388,11 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
     ):
         """y[u] = sum_k (w_k[u] + s_k) x[u-k] (s_0 + 1 with the residual), walking up with x[u-1..u-W+1]
         carried in registers; tile 0 brings the lags of the program's first row."""
-        gl.static_assert(W <= 4)
-        gl.static_assert(TR >= W - 1)
-        gl.static_assert(ROWS % TR == 0)
         L: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HS, HS // 8], [NUM_WARPS, 1], [1, 0])
         head_l: gl.constexpr = gl.SliceLayout(1, L)
 
         b = gl.program_id(2)
-        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, HAS_STATIC, RESIDUAL, HEADS, HS, L)
+        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, L)
         x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, BOX, DTYPE)
         w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, DTYPE)
         bars = _ring_barriers(STAGES)
@@ -413,10 +417,6 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 for k in gl.static_range(1, W):
                     y += (taps[k] + s[k]) * lags[k - 1]
                 gl.store(y_ptr + (b * T + u).to(gl.int64) * D + c0 + offs, y.to(DTYPE), mask=(offs >= 0) & (u < T))
-                if W > 1:
-                    new_lags = (xr,)
-                    for i in gl.static_range(W - 2):
-                        new_lags = new_lags + (lags[i],)
-                    lags = new_lags
+                lags = _shifted(xr, lags, W)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
