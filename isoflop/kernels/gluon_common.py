@@ -33,7 +33,7 @@ except (ImportError, AttributeError):  # a Triton without Gluon's Hopper ops
     gluon = None
 
 __all__ = ["TensorDescriptor", "cta_barrier", "fence_async_shared", "gl", "gl_dtype", "gluon", "hopper_missing",
-           "mbarrier", "tma", "tma_load", "tma_misaligned", "tma_store", "warpgroup_mma", "warpgroup_mma_wait"]
+           "lowrank_limits_missing", "mbarrier", "tma", "tma_load", "tma_misaligned", "tma_store", "warpgroup_mma", "warpgroup_mma_wait"]
 
 
 def hopper_missing(t: Tensor) -> str | None:
@@ -50,6 +50,22 @@ def _major(index: int | None) -> int:
     """The GPU's compute capability major, asked once per device (the question costs host time on
     every conv call otherwise)."""
     return torch.cuda.get_device_capability(index)[0]
+
+
+def lowrank_limits_missing(x: Tensor, U: Tensor, d_group: int, max_rank: int, max_width: int,
+                           tile: int) -> str | None:
+    """What the Gluon low-rank kernels (gluon_lowrank, gluon_lowrank_forward) cannot take of these
+    shapes: empty inputs, rank or taps beyond their bounds, channel groups that split a tile of
+    `tile` channels; None if none of these."""
+    D = x.shape[-1]
+    R, W = U.shape[0], U.shape[1] // D
+    if x.numel() == 0:
+        return "the inputs are empty (a TMA descriptor needs every dimension > 0)"
+    if R > max_rank or W > max_width:
+        return f"it takes R <= {max_rank} and W <= {max_width} (got R={R}, W={W})"
+    if d_group < D and d_group % tile:
+        return f"channel groups must be multiples of {tile} channels (got {d_group})"
+    return None
 
 
 def tma_misaligned(name: str, t: Tensor) -> str | None:

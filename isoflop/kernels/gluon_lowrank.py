@@ -31,6 +31,7 @@ from isoflop.kernels.gluon_common import (
     gl_dtype,
     gluon,
     hopper_missing,
+    lowrank_limits_missing,
     mbarrier,
     tma_load,
     tma_misaligned,
@@ -44,20 +45,13 @@ MAX_RANK, MAX_WIDTH = 16, 4
 
 def cannot_run(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, d_group: int) -> str | None:
     """Why the Gluon kernel cannot take these inputs here, or None if it can."""
-    D = x.shape[-1]
-    R, W = U.shape[0], U.shape[1] // D
     missing = hopper_missing(x)
     if missing:
         return missing
     if not (x.dtype == dy.dtype == z.dtype and x.dtype in (torch.float16, torch.bfloat16)):
         return f"it takes float16 or bfloat16 x, dy and z (got {x.dtype}, {dy.dtype}, {z.dtype})"
-    if x.numel() == 0:
-        return "the inputs are empty (a TMA descriptor needs every dimension > 0)"
-    if R > MAX_RANK or W > MAX_WIDTH:
-        return f"it takes R <= {MAX_RANK} and W <= {MAX_WIDTH} (got R={R}, W={W})"
-    if d_group < D and d_group % BLOCK_D:
-        return f"channel groups must be multiples of {BLOCK_D} channels (got {d_group})"
-    return tma_misaligned("x", x) or tma_misaligned("dy", dy)
+    return (lowrank_limits_missing(x, U, d_group, MAX_RANK, MAX_WIDTH, BLOCK_D)
+            or tma_misaligned("x", x) or tma_misaligned("dy", dy))
 
 
 def filter_grad_partials(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, meta: dict,

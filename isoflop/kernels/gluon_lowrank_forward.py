@@ -43,6 +43,7 @@ from isoflop.kernels.gluon_common import (
     gl_dtype,
     gluon,
     hopper_missing,
+    lowrank_limits_missing,
     mbarrier,
     tma,
     tma_load,
@@ -62,20 +63,16 @@ def cannot_run(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, d_group: int
     missing = hopper_missing(x)
     if missing:
         return missing
-    B, T, D = x.shape
-    R, W = U.shape[0], U.shape[1] // D
+    T = x.shape[1]
     if pos is not None:
         return "packed sequences take the Triton kernel"
     if not (x.dtype == z.dtype and x.dtype in (torch.float16, torch.bfloat16)):
         return f"it takes float16 or bfloat16 x and z (got {x.dtype}, {z.dtype})"
-    if x.numel() == 0:
-        return "the inputs are empty (a TMA descriptor needs every dimension > 0)"
-    if R > MAX_RANK or W > MAX_WIDTH:
-        return f"it takes R <= {MAX_RANK} and W <= {MAX_WIDTH} (got R={R}, W={W})"
+    limits = lowrank_limits_missing(x, U, d_group, MAX_RANK, MAX_WIDTH, TILE)
+    if limits:
+        return limits
     if T % TILE:
         return f"T must be a multiple of {TILE} (got {T})"
-    if d_group < D and d_group % TILE:
-        return f"channel groups must be multiples of {TILE} channels (got {d_group})"
     for name, t in (("x", x), ("z", z)):
         if t.stride(0) != T * t.stride(1):
             return f"{name}'s batches must follow each other (strides {tuple(t.stride())})"
