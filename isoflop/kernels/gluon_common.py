@@ -5,10 +5,12 @@ that say why a kernel cannot take its inputs here."""
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from isoflop.backends import BackendChoice
 from isoflop.kernels.triton_common import interpreting
 
 try:
@@ -33,7 +35,21 @@ except (ImportError, AttributeError):  # a Triton without Gluon's Hopper ops
     gluon = None
 
 __all__ = ["TensorDescriptor", "cta_barrier", "fence_async_shared", "gl", "gl_dtype", "gluon", "hopper_missing",
-           "lowrank_limits_missing", "mbarrier", "tma", "tma_load", "tma_misaligned", "tma_store", "warpgroup_mma", "warpgroup_mma_wait"]
+           "lowrank_limits_missing", "mbarrier", "takes_gluon", "tma", "tma_load", "tma_misaligned", "tma_store",
+           "warpgroup_mma", "warpgroup_mma_wait"]
+
+
+def takes_gluon(variant: BackendChoice, why_not: Callable[[], str | None], auto: bool = True) -> bool:
+    """Whether a call whose kernel has a Gluon twin runs the twin, by `variant` ("triton", "gluon" or
+    "auto"): never with "triton"; with "auto" where `auto` and it can run; with "gluon" where it can
+    run, and elsewhere a ValueError naming the variable and `why_not()`, the reason it cannot."""
+    chosen = variant.get()
+    if chosen == "triton" or (chosen == "auto" and not auto):
+        return False
+    reason = why_not()
+    if reason and chosen == "gluon":
+        raise ValueError(f"{variant.env}=gluon cannot run here: {reason}")
+    return reason is None
 
 
 def hopper_missing(t: Tensor) -> str | None:

@@ -30,6 +30,7 @@ from torch import Tensor
 from isoflop.backends import BackendChoice
 from isoflop.kernels import gluon_headwise
 from isoflop.kernels import triton_headwise_rows as rows
+from isoflop.kernels.gluon_common import takes_gluon
 from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos, sum_partials, tile_channels
 
 # Which kernel the head-wise forward and backward run: "triton" (the row walk), "gluon" (the same walk
@@ -42,15 +43,11 @@ BACKWARD_VARIANT = BackendChoice("ISOFLOP_HEADWISE_BWD", ("auto", "triton", "glu
 
 def _gluon_walk(variant: BackendChoice, dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None,
                 blocks: dict | None) -> bool:
-    """Whether this call takes gluon_headwise's walk (dy None: the forward): the variant allows it,
-    no blocks are forced on the Triton kernels, and the walk can run here."""
-    chosen = variant.get()
-    if chosen == "triton" or blocks is not None or w is None:
+    """Whether this call takes gluon_headwise's walk (dy None: the forward): dynamic taps, no blocks
+    forced on the Triton kernels, and the variant takes it (gluon_common.takes_gluon)."""
+    if blocks is not None or w is None:
         return False
-    why_not = gluon_headwise.cannot_run(dy, x, w, pos)
-    if chosen == "gluon" and why_not:
-        raise ValueError(f"{variant.env}=gluon cannot run here: {why_not}")
-    return why_not is None
+    return takes_gluon(variant, lambda: gluon_headwise.cannot_run(dy, x, w, pos))
 
 
 @triton.jit

@@ -62,6 +62,7 @@ from torch import Tensor
 
 from isoflop.backends import BackendChoice
 from isoflop.kernels import gluon_lowrank, gluon_lowrank_forward
+from isoflop.kernels.gluon_common import takes_gluon
 from isoflop.kernels.triton_common import (
     dot_dtype,
     interpreting,
@@ -681,22 +682,14 @@ def lowrank_forward(
     or None. x and z may be views with evenly strided rows (into one fused projection's output);
     U, static and pos are contiguous. `blocks` overrides the Triton kernel's block sizes (benchmarks).
     FORWARD_VARIANT "gluon" runs gluon_lowrank_forward instead (Hopper; see FORWARD_VARIANT)."""
-    if _gluon_forward(x, z, U, pos, blocks):
+    if blocks is None and takes_gluon(FORWARD_VARIANT, lambda: _gluon_forward_missing(x, z, U, pos), auto=False):
         return gluon_lowrank_forward.forward(x, z, U, static, residual, _group_size(z, U, x.shape[-1]))
     return _conv(x, z, U, static, residual, pos, lead=False, blocks=blocks)
 
 
-def _gluon_forward(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, blocks: dict | None) -> bool:
-    """Whether this forward takes the Gluon kernel: the variant asks for it (not "auto", see
-    FORWARD_VARIANT), no blocks are forced on the Triton kernel, and it can run here (else an error
-    says why not)."""
-    chosen = FORWARD_VARIANT.get()
-    if chosen != "gluon" or blocks is not None:
-        return False
-    why_not = gluon_lowrank_forward.cannot_run(x, z, U, pos, _group_size(z, U, x.shape[-1]))
-    if why_not:
-        raise ValueError(f"{FORWARD_VARIANT.env}=gluon cannot run here: {why_not}")
-    return True
+def _gluon_forward_missing(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None) -> str | None:
+    """Why gluon_lowrank_forward cannot take this forward ("auto" does not ask: see FORWARD_VARIANT)."""
+    return gluon_lowrank_forward.cannot_run(x, z, U, pos, _group_size(z, U, x.shape[-1]))
 
 
 def lowrank_backward(
