@@ -52,7 +52,7 @@ from isoflop.kernels import (
     gluon_common,
     gluon_headwise,
     gluon_lowrank,
-    gluon_lowrank_forward,
+    gluon_lowrank_conv,
     triton_headwise,
     triton_lowrank,
 )
@@ -115,8 +115,8 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
                              "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D},
                           {"num_warps": gluon_lowrank.WARPS}, gluon=True,
                           descriptors={"x_desc": tiles, "dy_desc": tiles}))
-    if gluon_lowrank_forward.gluon is not None:  # the forward's Gluon kernel (ISOFLOP_LOWRANK_FWD=gluon)
-        found.append(_gluon_lowrank_forward_case(dtype))
+    if gluon_lowrank_conv.gluon is not None:  # the conv pass in Gluon (ISOFLOP_LOWRANK_FWD, ISOFLOP_LOWRANK_DX)
+        found += _gluon_lowrank_conv_cases(dtype)
     if gluon_headwise.gluon is not None:  # the head-wise walks' "auto" on Hopper
         found += _gluon_headwise_cases(dtype, head_size=16)
     # Head-wise and static: the row-walking kernels (up to 4 taps, so the paper's W=4) ...
@@ -151,15 +151,19 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
     return found
 
 
-def _gluon_lowrank_forward_case(dtype: tl.dtype) -> Case:
-    """gluon_lowrank_forward's kernel at the paper's shape, with the descriptors it builds."""
-    fw = gluon_lowrank_forward
+def _gluon_lowrank_conv_cases(dtype: tl.dtype) -> list[Case]:
+    """gluon_lowrank_conv's forward and dx at the paper's shape, with the descriptors they build."""
+    gc = gluon_lowrank_conv
     x = torch.empty(BATCH, SEQ, D_MODEL, dtype=_torch_dtype(dtype))
     z = torch.empty(BATCH, SEQ, R, dtype=_torch_dtype(dtype))
-    descriptors = {"x_desc": fw._runs_descriptor(x), "z_desc": fw._z_descriptor(z), "y_desc": fw._runs_descriptor(x)}
-    consts = dict(W=W, CHUNK=fw.CHUNK, STAGES=fw.STAGES, HAS_STATIC=True, RESIDUAL=True, DTYPE=dtype)
-    return Case("low-rank forward (gluon)", fw._lowrank_gluon_fwd_kernel, consts, {"num_warps": fw.WARPS},
-                gluon=True, descriptors=descriptors)
+    runs, zs = gc._runs_descriptor(x), gc._z_descriptor(z)
+    consts = dict(W=W, CHUNK=gc.CHUNK, STAGES=gc.STAGES, HAS_STATIC=True, RESIDUAL=True, DTYPE=dtype)
+    return [
+        Case("low-rank forward (gluon)", gc._lowrank_gluon_fwd_kernel, consts, {"num_warps": gc.WARPS},
+             gluon=True, descriptors={"x_desc": runs, "z_desc": zs, "y_desc": runs}),
+        Case("low-rank dx (gluon)", gc._lowrank_gluon_dx_kernel, consts, {"num_warps": gc.WARPS},
+             gluon=True, descriptors={"dy_desc": runs, "z_desc": zs, "dx_desc": runs}),
+    ]
 
 
 def _gluon_headwise_cases(dtype: tl.dtype, head_size: int) -> list[Case]:

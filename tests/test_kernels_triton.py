@@ -352,10 +352,10 @@ def test_lowrank_gluon_backward_says_why_it_cannot_run_here(gen):
 
 @interpreted
 def test_lowrank_gluon_forward_says_why_it_cannot_run_here(gen, monkeypatch):
-    """The Gluon forward needs a Hopper GPU: "auto" runs the Triton kernel, a forced "gluon"
+    """The Gluon forward needs a Hopper GPU: elsewhere "auto" runs the Triton kernel, a forced "gluon"
     (ISOFLOP_LOWRANK_FWD) names what is missing, and on a Hopper GPU it would name the inputs it
     does not take."""
-    from isoflop.kernels import gluon_lowrank_forward as fw
+    from isoflop.kernels import gluon_lowrank_conv as fw
     from isoflop.kernels import triton_lowrank
 
     x, z, U, s = rand(2, 64, 32, gen=gen), rand(2, 64, 4, gen=gen), rand(4, 3 * 32, gen=gen), rand(3, 32, gen=gen)
@@ -378,6 +378,21 @@ def test_lowrank_gluon_forward_says_why_it_cannot_run_here(gen, monkeypatch):
     assert "multiples of 64" in fw.cannot_run(xh, zh.repeat(1, 1, 4)[..., :64], rand(16, 4 * 128, **half), None, 32)
     longer = rand(2, 256, 128, **half)[:, :128]  # a batch's rows do not end where the next one's start
     assert "batches must follow" in fw.cannot_run(longer, zh, Uh, None, 128)
+
+
+@interpreted
+def test_lowrank_gluon_dx_says_why_it_cannot_run_here(gen, monkeypatch):
+    """dx's Gluon pass needs a Hopper GPU too: elsewhere "auto" runs the Triton conv with leads, and a
+    forced "gluon" (ISOFLOP_LOWRANK_DX) names what is missing."""
+    from isoflop.kernels import triton_lowrank
+
+    x, z, dy = rand(2, 64, 32, gen=gen), rand(2, 64, 4, gen=gen), rand(2, 64, 32, gen=gen)
+    U, s = rand(4, 3 * 32, gen=gen), rand(3, 32, gen=gen)
+    auto = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, None)
+    assert torch.equal(auto[0], triton_lowrank._conv(dy, z, U, s, True, None, lead=True, blocks=None))
+    monkeypatch.setattr(triton_lowrank.DX_VARIANT, "name", "gluon")
+    with pytest.raises(ValueError, match="ISOFLOP_LOWRANK_DX=gluon cannot run here: .*(Gluon|Hopper)"):
+        triton_lowrank.lowrank_backward(dy, x, z, U, s, True, None)
 
 
 @interpreted
@@ -791,12 +806,12 @@ def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(B, T, G, Dg, R, W, 
     (2, 64, 1, 256, 16, 1, torch.bfloat16, False, True, False),  # one tap, one tile
     (2, 1024, 3, 512, 16, 4, torch.bfloat16, True, True, True),  # q, k, v groups read in place from a projection
 ])
-def test_gpu_gluon_lowrank_forward_matches_float64_and_the_triton_kernel(monkeypatch, B, T, G, Dg, R, W, dtype,
+def test_gpu_gluon_lowrank_conv_matches_float64_and_the_triton_kernel(monkeypatch, B, T, G, Dg, R, W, dtype,
                                                                          static, residual, view):
-    """The Gluon forward (ISOFLOP_LOWRANK_FWD=gluon) against float64 and the Triton kernel, whose
+    """The Gluon forward (ISOFLOP_LOWRANK_FWD; "auto" on Hopper) against float64 and the Triton kernel, whose
     results it repeats bit for bit where both fold the static filter into the same two products
     (R = 16) or there is none; at any number of tiles per program."""
-    from isoflop.kernels import gluon_lowrank_forward as fw
+    from isoflop.kernels import gluon_lowrank_conv as fw
     from isoflop.kernels import triton_lowrank
 
     poison_cuda_memory()
@@ -814,8 +829,48 @@ def test_gpu_gluon_lowrank_forward_matches_float64_and_the_triton_kernel(monkeyp
     if R == 16 or not static:
         assert torch.equal(got, want)
     assert torch.equal(fw.forward(x, z, U, s, residual, Dg, chunk=1), got)
-    monkeypatch.setattr(triton_lowrank.FORWARD_VARIANT, "name", "gluon")
-    assert torch.equal(triton_lowrank.lowrank_forward(x, z, U, s, residual, None), got)  # what "gluon" selects
+    for variant in ("gluon", "auto"):  # what both select
+        monkeypatch.setattr(triton_lowrank.FORWARD_VARIANT, "name", variant)
+        assert torch.equal(triton_lowrank.lowrank_forward(x, z, U, s, residual, None), got)
+
+
+@gpu
+@pytest.mark.skipif(not hopper(), reason="the Gluon dx needs a Hopper GPU")
+@pytest.mark.parametrize("B, T, G, Dg, R, W, dtype, static, residual, chunk", [
+    (4, 4096, 1, 2048, 16, 4, torch.bfloat16, True, True, None),  # the paper's shape
+    (2, 1024, 1, 520, 16, 4, torch.bfloat16, False, True, 4),  # ragged D; chunks that end before their sequence
+    (1, 192, 1, 384, 8, 3, torch.float16, True, False, 1),  # R = 8, one tile per program, no residual
+    (2, 64, 1, 256, 16, 1, torch.bfloat16, False, True, None),  # one tap, one tile
+    (2, 1024, 3, 512, 16, 4, torch.bfloat16, True, True, 2),  # q, k, v groups, z read in place
+])
+def test_gpu_gluon_lowrank_dx_matches_float64_and_the_triton_kernel(monkeypatch, B, T, G, Dg, R, W, dtype,
+                                                                    static, residual, chunk):
+    """The Gluon dx (ISOFLOP_LOWRANK_DX; "auto" on Hopper) against float64 and the Triton dx, whose
+    results it repeats bit for bit without a static filter (with one, the Triton dx adds s in float32
+    and the Gluon one its half-precision head and tail); at any number of tiles per program."""
+    from isoflop.kernels import gluon_lowrank_conv as gc
+    from isoflop.kernels import triton_lowrank
+
+    poison_cuda_memory()
+    g = torch.Generator().manual_seed(0)
+    on = dict(dtype=dtype, device="cuda", gen=g)
+    D = G * Dg
+    x, z = lowrank_x_and_z(B, T, G, Dg, R, dtype, view=G > 1, gen=g)
+    dy, U = rand(B, T, D, **on), rand(R, W * D, **on) / R**0.5
+    s = rand(W, D, **on) / W**0.5 if static else None
+    assert gc.cannot_run(dy, z, U, None, Dg) is None
+    got = gc.dx(dy, z, U, s, residual, Dg, chunk=chunk)
+    want = triton_lowrank._conv(dy, z, U, s, residual, None, lead=True, blocks=None)
+    x64 = x.double().requires_grad_()
+    ref.dynamic_conv_lowrank(x64, z.double(), U.double(), s.double() if static else None,
+                             residual=residual).backward(dy.double())
+    assert got.is_contiguous() and got.dtype == dtype
+    assert relative_error(got, x64.grad) < max(2 * relative_error(want, x64.grad), TOLERANCE[dtype] / 4)
+    if not static:
+        assert torch.equal(got, want)
+    assert torch.equal(gc.dx(dy, z, U, s, residual, Dg), gc.dx(dy, z, U, s, residual, Dg, chunk=1))
+    monkeypatch.setattr(triton_lowrank.DX_VARIANT, "name", "auto")
+    assert torch.equal(triton_lowrank.lowrank_backward(dy, x, z, U, s, residual, None)[0], got)  # what "auto" takes
 
 
 @gpu
@@ -999,7 +1054,7 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 19 and all(0 < row["registers"] <= 255 for row in rows)
+    assert len(rows) == 20 and all(0 < row["registers"] <= 255 for row in rows)
     # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
     # fit two programs per multiprocessor (228 KB of shared memory).
     gluon = [row for row in rows if row["kernel"] == "low-rank filter grads (gluon)"]
@@ -1008,6 +1063,11 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     forward = [row for row in rows if row["kernel"] == "low-rank forward (gluon)"]
     assert len(forward) == 1 and forward[0]["stack_bytes"] == 0
     assert forward[0]["registers"] <= 168 and forward[0]["shared_bytes"] <= 75 * 1024
+    # Its dx, two (its leads keep 15 more registers across tiles: 190 on Triton 3.6; capped at 168, it
+    # spilled and lost, KERNELS.md v28).
+    dx = [row for row in rows if row["kernel"] == "low-rank dx (gluon)"]
+    assert len(dx) == 1 and dx[0]["stack_bytes"] == 0
+    assert dx[0]["registers"] <= 255 and dx[0]["shared_bytes"] <= 113 * 1024
     # The Gluon head-wise backward too, in under 192 registers (5 programs of 2 warps per multiprocessor),
     # and its forward in under 128 (8 programs).
     walks = {row["kernel"]: row for row in rows if row["kernel"].endswith("(gluon)") and "head-wise" in row["kernel"]}

@@ -39,12 +39,12 @@ __all__ = ["TensorDescriptor", "cta_barrier", "fence_async_shared", "gl", "gl_dt
            "warpgroup_mma", "warpgroup_mma_wait"]
 
 
-def takes_gluon(variant: BackendChoice, why_not: Callable[[], str | None], auto: bool = True) -> bool:
+def takes_gluon(variant: BackendChoice, why_not: Callable[[], str | None]) -> bool:
     """Whether a call whose kernel has a Gluon twin runs the twin, by `variant` ("triton", "gluon" or
-    "auto"): never with "triton"; with "auto" where `auto` and it can run; with "gluon" where it can
-    run, and elsewhere a ValueError naming the variable and `why_not()`, the reason it cannot."""
+    "auto"): never with "triton"; with "auto" where it can run; with "gluon" where it can run, and
+    elsewhere a ValueError naming the variable and `why_not()`, the reason it cannot."""
     chosen = variant.get()
-    if chosen == "triton" or (chosen == "auto" and not auto):
+    if chosen == "triton":
         return False
     reason = why_not()
     if reason and chosen == "gluon":
@@ -70,7 +70,7 @@ def _major(index: int | None) -> int:
 
 def lowrank_limits_missing(x: Tensor, U: Tensor, d_group: int, max_rank: int, max_width: int,
                            tile: int) -> str | None:
-    """What the Gluon low-rank kernels (gluon_lowrank, gluon_lowrank_forward) cannot take of these
+    """What the Gluon low-rank kernels (gluon_lowrank, gluon_lowrank_conv) cannot take of these
     shapes: empty inputs, rank or taps beyond their bounds, channel groups that split a tile of
     `tile` channels; None if none of these."""
     D = x.shape[-1]

@@ -42,6 +42,8 @@ paper's shape); the fused version measured slower (registers spilled), see bench
 On Hopper the filter gradients run as the "gluon" variant where it takes the inputs and sequences
 are not packed (`gluon_lowrank`: the same algorithm and bit-identical results, its tiles fed by TMA
 and its products asynchronous, 100 -> 67 us at the paper's shape); "fused" forces the Triton kernel.
+There the forward and dx run in Gluon too, where they take the inputs (`gluon_lowrank_conv`, with
+channels along the product's M: FORWARD_VARIANT, DX_VARIANT).
 
 The "split" variant (what "auto" takes for the widest filters, see _auto_variant; forced by
 ISOFLOP_LOWRANK_BWD=split or variant="split") computes the filter gradients in two kernels with
@@ -61,7 +63,7 @@ import triton.language as tl
 from torch import Tensor
 
 from isoflop.backends import BackendChoice
-from isoflop.kernels import gluon_lowrank, gluon_lowrank_forward
+from isoflop.kernels import gluon_lowrank, gluon_lowrank_conv
 from isoflop.kernels.gluon_common import takes_gluon
 from isoflop.kernels.triton_common import (
     dot_dtype,
@@ -80,14 +82,16 @@ from isoflop.kernels.triton_common import (
 # runs, sequences unpacked; else fused or split by _auto_variant). Read once from ISOFLOP_LOWRANK_BWD.
 BACKWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_BWD", ("auto", "fused", "gluon", "split"),
                                  "low-rank backward variant")
-# Which kernel the forward runs: "triton" (_lowrank_conv_kernel) or "gluon" (gluon_lowrank_forward, on
-# Hopper: the same results, channels along the product's M, 41.5 against 47.5 us at the paper's shape).
-# "auto" is the Triton kernel for now: in training the 150M all-linear model ran +37.5% and +41.0%
-# over the transformer with the Gluon forward against +30.7% and +27.1% with the Triton one (paired
-# runs on the H200), which the kernels' own times (the Gluon one faster at every shape of that model)
-# do not explain; at 300M it ran +20.4% (v26's table: +22.7%). KERNELS.md, v27. Read once from
-# ISOFLOP_LOWRANK_FWD.
+# Which kernels the conv pass runs, forward and dx: "triton" (_lowrank_conv_kernel, dx with leads),
+# "gluon" (gluon_lowrank_conv on Hopper: channels along the product's M, lags and leads in registers;
+# forward 41.5 against 47.5 us, dx 44.1 against 57.3 at the paper's shape, KERNELS.md v27-v28), or
+# "auto": gluon where it runs (Hopper, half types, R <= 16, W <= 4, T a multiple of 64, unpacked),
+# else triton. v27 kept the forward's "auto" on Triton because the 150M all-linear model once trained
+# slower with it; v28 found that slowdown in every kernel combination, Triton's included, when the
+# combinations alternate round by round in one process (that step is sometimes ~20 ms longer), so it
+# was that step's spread, not the kernel. Read once from ISOFLOP_LOWRANK_FWD and ISOFLOP_LOWRANK_DX.
 FORWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_FWD", ("auto", "triton", "gluon"), "low-rank forward variant")
+DX_VARIANT = BackendChoice("ISOFLOP_LOWRANK_DX", ("auto", "triton", "gluon"), "low-rank dx variant")
 
 
 @triton.jit
@@ -681,15 +685,22 @@ def lowrank_forward(
     reference.lowrank_filters), U [R, W*D], static [W, D] or None, pos int32 [T] (packed sequences)
     or None. x and z may be views with evenly strided rows (into one fused projection's output);
     U, static and pos are contiguous. `blocks` overrides the Triton kernel's block sizes (benchmarks).
-    FORWARD_VARIANT "gluon" runs gluon_lowrank_forward instead (Hopper; see FORWARD_VARIANT)."""
-    if blocks is None and takes_gluon(FORWARD_VARIANT, lambda: _gluon_forward_missing(x, z, U, pos), auto=False):
-        return gluon_lowrank_forward.forward(x, z, U, static, residual, _group_size(z, U, x.shape[-1]))
+    FORWARD_VARIANT picks the kernel (see there)."""
+    if blocks is None and takes_gluon(FORWARD_VARIANT, lambda: _gluon_conv_missing(x, z, U, pos)):
+        return gluon_lowrank_conv.forward(x, z, U, static, residual, _group_size(z, U, x.shape[-1]))
     return _conv(x, z, U, static, residual, pos, lead=False, blocks=blocks)
 
 
-def _gluon_forward_missing(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None) -> str | None:
-    """Why gluon_lowrank_forward cannot take this forward ("auto" does not ask: see FORWARD_VARIANT)."""
-    return gluon_lowrank_forward.cannot_run(x, z, U, pos, _group_size(z, U, x.shape[-1]))
+def _gluon_conv_missing(src: Tensor, z: Tensor, U: Tensor, pos: Tensor | None) -> str | None:
+    """Why gluon_lowrank_conv cannot run this forward (src = x) or dx (src = dy)."""
+    return gluon_lowrank_conv.cannot_run(src, z, U, pos, _group_size(z, U, src.shape[-1]))
+
+
+def _dx(dy: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, pos: Tensor | None) -> Tensor:
+    """dx by DX_VARIANT: the Gluon pass where it is chosen and runs, else the Triton conv with leads."""
+    if takes_gluon(DX_VARIANT, lambda: _gluon_conv_missing(dy, z, U, pos)):
+        return gluon_lowrank_conv.dx(dy, z, U, static, residual, _group_size(z, U, dy.shape[-1]))
+    return _conv(dy, z, U, static, residual, pos, lead=True, blocks=None)
 
 
 def lowrank_backward(
@@ -697,14 +708,14 @@ def lowrank_backward(
     pos: Tensor | None, blocks: dict | None = None, variant: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dx, dz, dU, dstatic or None), each contiguous in its input's dtype; inputs as for
-    lowrank_forward, dy contiguous. `variant` picks the filter-gradient kernels: "fused", "gluon",
-    "split" or "auto" (None: BACKWARD_VARIANT; see BACKWARD_VARIANT). `blocks` overrides their block
-    sizes (benchmarks; "auto" then picks among the Triton kernels): one dict for fused, {"dz": ...,
-    "du": ...} for split."""
+    lowrank_forward, dy contiguous. DX_VARIANT picks dx's kernel; `variant` the filter-gradient
+    kernels: "fused", "gluon", "split" or "auto" (None: BACKWARD_VARIANT; see BACKWARD_VARIANT).
+    `blocks` overrides their block sizes (benchmarks; "auto" then picks among the Triton kernels):
+    one dict for fused, {"dz": ..., "du": ...} for split."""
     variant = variant or BACKWARD_VARIANT.get()
     if variant not in BACKWARD_VARIANT.allowed:
         raise ValueError(f"lowrank_backward: variant={variant!r}; allowed: {', '.join(BACKWARD_VARIANT.allowed)}")
-    dx = _conv(dy, z, U, static, residual, pos, lead=True, blocks=None)
+    dx = _dx(dy, z, U, static, residual, pos)
     meta = _meta(z, U, x.shape[-1], static, pos)
     if variant in ("auto", "gluon"):
         why_not = gluon_lowrank.cannot_run(dy, x, z, U, _group_size(z, U, x.shape[-1]))

@@ -1,20 +1,24 @@
-"""The low-rank conv's forward on Hopper, in Gluon (Triton's explicit-layout language): what
-ISOFLOP_LOWRANK_FWD=gluon selects (`triton_lowrank.lowrank_forward`; not "auto" yet, see
-triton_lowrank.FORWARD_VARIANT), for half types, R <= 16, W <= 4, T a multiple of 64 and unpacked
-sequences (`cannot_run` says why not).
+"""The low-rank conv's pass on Hopper, in Gluon (Triton's explicit-layout language): the forward and
+dx, which is the same pass run on dy with leads instead of lags, as in `triton_lowrank`. What
+ISOFLOP_LOWRANK_FWD=gluon and ISOFLOP_LOWRANK_DX select (`triton_lowrank.lowrank_forward` and
+`lowrank_backward`; see FORWARD_VARIANT and DX_VARIANT there), for half types, R <= 16, W <= 4, T a
+multiple of 64 and unpacked sequences (`cannot_run` says why not).
 
 Same arithmetic as `triton_lowrank._lowrank_conv_kernel`'s forward: f_k = z @ U_k on the matrix units
 with the static filter folded in as its rounded head and the tail the rounding lost, and y[t] = x[t]
 + sum_k (f_k[t] + s_k) x[t-k] in float32. The results are the Triton kernel's bit for bit at R = 16
 and without a static filter; at smaller ranks the static filter's product is a separate one here, so
-the last bit may differ. What is new is the orientation of the product (KERNELS.md, v27):
+the last bit may differ. dx[t] = dy[t] + sum_k (f_k[t+k] + s_k) dy[t+k] is the Triton dx's bit for
+bit without a static filter; with one, the Triton dx adds s_k in float32 and this kernel its head
+and tail (~16 bits). What is new is the orientation of the product (KERNELS.md, v27 and v28):
 - the product runs with channels along M and times along N, f_k^T = U_k^T @ z^T (64 x 64 tiles, one
   warpgroup). Its rows are channels 16w + 2g + h and its columns times 16c + 2j + s, so each thread
   holds two adjacent channels (one 32-bit pair) at 16 consecutive times (a run), and the four runs
   of a tile sit in the four lanes of a quad. A lag x[t-k] is then a register of the same thread,
   except for a run's first W - 1 times, which come from the lane to its left by shuffle (run 0's from
   the previous tile's run 3: the shuffle's result of the tile before). The Triton kernel (times
-  along M) copies W + 1 shifted pieces of x through shared memory per tile instead;
+  along M) copies W + 1 shifted pieces of x through shared memory per tile instead. dx walks down
+  in time, and its leads (of dy and of each tap's f) come from the lane to the right;
 - x's tile arrives by TMA as [16 i, 4 c, 64 channels] (row 4i + c holds time 16c + i) from a
   strided view of x, so a thread's reads from shared memory are 32-bit pairs, and with the 128-byte
   swizzle the four runs of a read fall in at most two ways of bank conflict; z's tile arrives by
@@ -24,8 +28,7 @@ the last bit may differ. What is new is the orientation of the product (KERNELS.
   us (each warp's 32-byte rows split every 128-byte line four ways: L1 stalls), and fewer stages
   lost (2: 59.4 us, 3: 44.7, 4: 41.2, 5: 42.4, 6: 43.6).
 On the H200 at the paper's shape 41.2 us against the Triton kernel's 48.6 (same run), 300M conv
-43.1 against 48.8, and faster at every shape of the 150M and 300M models' convs (-7% to -33%).
-"""
+43.1 against 48.8, and faster at every shape of the 150M and 300M models' convs (-7% to -33%)."""
 
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ MAX_RANK, MAX_WIDTH = 16, 4
 
 
 def cannot_run(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, d_group: int) -> str | None:
-    """Why the Gluon forward cannot take these inputs here, or None if it can."""
+    """Why the Gluon pass cannot take these inputs here (x: the forward's x, or dx's dy), or None if
+    it can."""
     missing = hopper_missing(x)
     if missing:
         return missing
@@ -110,6 +114,23 @@ def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
     return y
 
 
+def dx(dy: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, d_group: int,
+       chunk: int | None = None) -> Tensor:
+    """dx [B, T, D] (contiguous) for dy, z, U and static as `forward` takes x, z, U and static."""
+    B, T, D = dy.shape
+    R, W = U.shape[0], U.shape[1] // D
+    chunk = chunk or tiles_per_program(T, D, B, dy.device)
+    out = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+    grid = (T // TILE // chunk, triton.cdiv(D, TILE), B)
+    _lowrank_gluon_dx_kernel[grid](
+        _runs_descriptor(dy), _z_descriptor(z), _runs_descriptor(out), U, static if static is not None else dy,
+        T, D, R, d_group,
+        W=W, CHUNK=chunk, STAGES=STAGES, HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(dy),
+        num_warps=WARPS,
+    )
+    return out
+
+
 # Host time per call counts: all-linear models make ~7 of these calls per layer and step (v27's first
 # version cost ~90 us per call more than the Triton kernel's launch; profiled, the descriptors' views,
 # layouts and the device query were half of it). The descriptors take the tensor itself as their
@@ -117,7 +138,7 @@ def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
 
 
 def _runs_descriptor(t: Tensor) -> TensorDescriptor:
-    """x or y [B, T, D] as tiles [B * T / 64, 16 i, 4 c, D]: element (n, i, c, d) is time 16c + i of
+    """x, y, dy or dx [B, T, D] as tiles [B * T / 64, 16 i, 4 c, D]: element (n, i, c, d) is time 16c + i of
     tile n, so a box [1, 16, 4, 64] lands row 4i + c of shared memory with time 16c + i."""
     B, T, D = t.shape
     rs = t.stride(1)
@@ -140,7 +161,7 @@ def _swizzled(swizzle: int, bits: int, rank: int):
     return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=bits, rank=rank)
 
 
-if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
+if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.jit
     def _channel(m):
@@ -190,59 +211,30 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
 
     @gluon.jit
     def _from_left(v):
-        """v [64, 4] (run_l) of the lane to the left in each quad: run c - 1's (run 0 gets run 3's)."""
+        """v [64, 4] (run_l, 16-bit) of the lane to the left in each quad: run c - 1's (run 0 gets run 3's)."""
         return gl.inline_asm_elementwise(
             "{ .reg .b32 l, s; mov.u32 l, %laneid; add.u32 s, l, 3; and.b32 s, s, 3; "
             "and.b32 l, l, 0xfffffffc; or.b32 s, s, l; shfl.sync.idx.b32 $0, $1, s, 0x1f, 0xffffffff; }",
             "=r,r", [v], dtype=v.dtype, is_pure=True, pack=2)
 
     @gluon.jit
-    def _tap_products(ut_smem, st_smem, zt, onest, k: gl.constexpr, zero, HAS_STATIC: gl.constexpr):
-        """f_k^T + s_k, issued asynchronously: U_k^T @ z^T, then S_k^T @ ONES^T (the static filter's
-        head and tail, as the Triton forward folds them)."""
-        f = warpgroup_mma(ut_smem.index(k), zt, zero, use_acc=False, is_async=True)
-        if HAS_STATIC:
-            f = warpgroup_mma(st_smem.index(k), onest, f, is_async=True)
-        return f
+    def _from_right(v, PACK: gl.constexpr):
+        """v [64, 4] (run_l; PACK 2 for 16-bit values, 1 for 32-bit) of the lane to the right in each
+        quad: run c + 1's (run 3 gets run 0's)."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 l, s; mov.u32 l, %laneid; add.u32 s, l, 1; and.b32 s, s, 3; "
+            "and.b32 l, l, 0xfffffffc; or.b32 s, s, l; shfl.sync.idx.b32 $0, $1, s, 0x1f, 0xffffffff; }",
+            "=r,r", [v], dtype=v.dtype, is_pure=True, pack=PACK)
 
     @gluon.jit
-    def _issue(x_desc, z_desc, x_ring, z_ring, bars, n, tile, d0, g_col, STAGES: gl.constexpr):
-        """TMA copies of this program's tile `tile` (tile n of the [B * T / 64] view) into its ring slot."""
-        slot = tile % STAGES
-        bar = bars.index(slot)
-        mbarrier.expect(bar, x_desc.block_type.nbytes + z_desc.block_type.nbytes)
-        tma_load(x_desc, [n, 0, 0, d0], bar, x_ring.index(slot))
-        tma_load(z_desc, [n, 0, 0, 0, g_col], bar, z_ring.index(slot))
-
-    @gluon.jit
-    def _lowrank_gluon_fwd_kernel(  # (the _lowrank_ prefix: profiles file it as conv time)
-        x_desc, z_desc, y_desc, x_ptr, u_ptr, s_ptr,
-        T, D, R, X_STRIDE, D_GROUP,
-        W: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr, HAS_STATIC: gl.constexpr,
-        RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
-    ):
-        gl.static_assert(W <= 4)
+    def _walk_operands(u_ptr, s_ptr, d0, D, R, W: gl.constexpr, HAS_STATIC: gl.constexpr, DTYPE: gl.constexpr):
+        """The A and B operands every tile of a walk shares, in shared memory: U_k^T [64 rows, 16] per
+        tap (rows in _channel's order), S_k^T (columns 0 and 1 the static tap's head and tail, as the
+        Triton forward folds them) and ONES^T, whose rows 0 and 1 are ones, so S_k^T @ ONES^T is s_k."""
         BLOCK: gl.constexpr = 64
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, 64, 16])
-        run_l: gl.constexpr = gl.BlockedLayout([2, 1], [8, 4], [4, 1], [1, 0])  # [64 channels, 4 runs]
-        # x's tile [16 i, 4 runs, 64 channels] as the runs hold it: a thread's channel pair, then i.
-        tile_l: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 0, 1], [1, 0, 0], [2, 0, 0], [4, 0, 0], [8, 0, 0]],
-            lane_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 2], [0, 0, 4], [0, 0, 8]],
-            warp_bases=[[0, 0, 16], [0, 0, 32]], block_bases=[], shape=[16, 4, 64])
         small_l: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])  # [64, 16] operand tiles
         a_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, 16], DTYPE)
         b_s: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
-        runs_s: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
-
-        pid_t = gl.program_id(0)
-        d0 = gl.program_id(1) * BLOCK
-        b = gl.program_id(2)
-        g_col = (d0 // D_GROUP) * R  # this channel tile's group's R columns of z
-
-        # A operands for the whole walk: U_k^T [64 rows, 16] (rows in _channel's order) and S_k^T
-        # (columns 0 and 1 the static tap's head and tail), which meet ONES (columns 0 and 1 ones).
         um = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, small_l))
         ur = gl.arange(0, 16, layout=gl.SliceLayout(0, small_l))
         ud = d0 + _channel(um)
@@ -260,16 +252,102 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
                 st_smem.index(k).store(gl.where((ur == 1)[None, :], tail[:, None], st))
         ones_smem = gl.allocate_shared_memory(DTYPE, [BLOCK, 16], b_s)
         ones_smem.store(gl.where((ur < 2)[None, :], 1.0, gl.zeros([BLOCK, 16], gl.float32, small_l)).to(DTYPE))
-        onest = ones_smem.permute((1, 0))
+        return ut_smem, st_smem, ones_smem.permute((1, 0))
 
-        x_ring = gl.allocate_shared_memory(DTYPE, [STAGES, 1, 16, 4, BLOCK], x_desc.layout)
+    @gluon.jit
+    def _program(u_ptr, s_ptr, D, R, D_GROUP, W: gl.constexpr, HAS_STATIC: gl.constexpr, DTYPE: gl.constexpr):
+        """This program's place (its chunk, first channel, batch and the R columns of z its channels'
+        group reads), the walk's operands (_walk_operands) and the products' zero accumulator."""
+        gl.static_assert(W <= 4)
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, 64, 16])
+        pid_t = gl.program_id(0)
+        d0 = gl.program_id(1) * 64
+        b = gl.program_id(2)
+        g_col = (d0 // D_GROUP) * R
+        ut_smem, st_smem, onest = _walk_operands(u_ptr, s_ptr, d0, D, R, W, HAS_STATIC, DTYPE)
+        return pid_t, d0, b, g_col, ut_smem, st_smem, onest, gl.zeros([64, 64], gl.float32, acc_l)
+
+    @gluon.jit
+    def _rings(in_desc, z_desc, out_desc, STAGES: gl.constexpr, DTYPE: gl.constexpr):
+        """STAGES slots for the walk's tiles of x (or dy) and z, each with its barrier, and two buffers
+        for the tiles going out by TMA store."""
+        BLOCK: gl.constexpr = 64
+        in_ring = gl.allocate_shared_memory(DTYPE, [STAGES, 1, 16, 4, BLOCK], in_desc.layout)
         z_ring = gl.allocate_shared_memory(DTYPE, [STAGES, 1, 8, 4, 2, 16], z_desc.layout)
-        y_bufs = gl.allocate_shared_memory(DTYPE, [2, 1, 16, 4, BLOCK], y_desc.layout)
+        out_bufs = gl.allocate_shared_memory(DTYPE, [2, 1, 16, 4, BLOCK], out_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         fence_async_shared()
         cta_barrier()
+        return in_ring, z_ring, out_bufs, bars
+
+    @gluon.jit
+    def _tap_products(ut_smem, st_smem, zt, onest, k: gl.constexpr, zero, HAS_STATIC: gl.constexpr):
+        """f_k^T + s_k, issued asynchronously: U_k^T @ z^T, then S_k^T @ ONES^T (the static filter's
+        head and tail, as the Triton forward folds them)."""
+        f = warpgroup_mma(ut_smem.index(k), zt, zero, use_acc=False, is_async=True)
+        if HAS_STATIC:
+            f = warpgroup_mma(st_smem.index(k), onest, f, is_async=True)
+        return f
+
+    @gluon.jit
+    def _issue(x_desc, z_desc, x_ring, z_ring, bars, n, step, d0, g_col, STAGES: gl.constexpr):
+        """TMA copies of tile n of the [B * T / 64] view, the walk's step `step`, into its ring slot."""
+        slot = step % STAGES
+        bar = bars.index(slot)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + z_desc.block_type.nbytes)
+        tma_load(x_desc, [n, 0, 0, d0], bar, x_ring.index(slot))
+        tma_load(z_desc, [n, 0, 0, 0, g_col], bar, z_ring.index(slot))
+
+    @gluon.jit
+    def _slot_z(z_ring, bars, step, STAGES: gl.constexpr, DTYPE: gl.constexpr):
+        """z^T of step `step`, the products' B operand, once the step's copies have landed."""
+        b_s: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
+        slot = step % STAGES
+        mbarrier.wait(bars.index(slot), (step // STAGES) & 1)
+        return z_ring.index(slot).reshape([64, 16]).reinterpret(DTYPE, [64, 16], b_s).permute((1, 0))
+
+    @gluon.jit
+    def _slot_runs(in_ring, step, run_l: gl.constexpr, STAGES: gl.constexpr, DTYPE: gl.constexpr):
+        """Step `step`'s tile of x (or dy) as 16 run tensors (see _tile_runs)."""
+        runs_s: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+        # The tile [16 i, 4 runs, 64 channels] as the runs hold it: a thread's channel pair, then i.
+        tile_l: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 1], [1, 0, 0], [2, 0, 0], [4, 0, 0], [8, 0, 0]],
+            lane_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 2], [0, 0, 4], [0, 0, 8]],
+            warp_bases=[[0, 0, 16], [0, 0, 32]], block_bases=[], shape=[16, 4, 64])
+        tile = in_ring.index(step % STAGES).reinterpret(DTYPE, [16, 4, 64], runs_s)
+        return _tile_runs(tile.load(tile_l), run_l)
+
+    @gluon.jit
+    def _store_runs(out_bufs, out_desc, sums, n, d0, step, DTYPE: gl.constexpr):
+        """The tile's 16 run tensors of float32 sums out to tile n by TMA store, through buffer step % 2
+        (the caller has waited for the store two steps back, which read it)."""
+        runs_s: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+        out = ()
+        for i in gl.static_range(16):
+            out = out + (sums[i].to(DTYPE),)
+        buf = out_bufs.index(step % 2)
+        buf.reinterpret(DTYPE, [16, 4, 64], runs_s).store(_runs_tile(out))
+        fence_async_shared()
+        cta_barrier()
+        tma_store(out_desc, [n, 0, 0, d0], buf)
+
+    @gluon.jit
+    def _lowrank_gluon_fwd_kernel(  # (the _lowrank_ prefix: profiles file it as conv time)
+        x_desc, z_desc, y_desc, x_ptr, u_ptr, s_ptr,
+        T, D, R, X_STRIDE, D_GROUP,
+        W: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr, HAS_STATIC: gl.constexpr,
+        RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
+    ):
+        """y[t] = x[t] + sum_k (f_k[t] + s_k) x[t-k], walking CHUNK tiles up in time."""
+        BLOCK: gl.constexpr = 64
+        run_l: gl.constexpr = gl.BlockedLayout([2, 1], [8, 4], [4, 1], [1, 0])  # [64 channels, 4 runs]
+        pid_t, d0, b, g_col, ut_smem, st_smem, onest, zero = _program(u_ptr, s_ptr, D, R, D_GROUP, W, HAS_STATIC,
+                                                                      DTYPE)
+        x_ring, z_ring, y_bufs, bars = _rings(x_desc, z_desc, y_desc, STAGES, DTYPE)
 
         tile0 = pid_t * CHUNK  # the program's first tile in its sequence, and in the [B * T / 64] view:
         n0 = b * (T // BLOCK) + tile0
@@ -290,14 +368,11 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
             p = x_ptr + (b.to(gl.int64) * T + t) * X_STRIDE + ch
             before = before + (gl.load(p[:, None] + rq[None, :] * 0,
                                        mask=(ch < D)[:, None] & (rq >= 0)[None, :] & (t >= 0), other=0.0),)
-        zero = gl.zeros([BLOCK, BLOCK], gl.float32, acc_l)
 
         for tile in range(CHUNK):
-            slot = tile % STAGES
-            mbarrier.wait(bars.index(slot), (tile // STAGES) & 1)
-            zt = z_ring.index(slot).reshape([BLOCK, 16]).reinterpret(DTYPE, [BLOCK, 16], b_s).permute((1, 0))
+            zt = _slot_z(z_ring, bars, tile, STAGES, DTYPE)
             f = _tap_products(ut_smem, st_smem, zt, onest, 0, zero, HAS_STATIC)
-            xr = _tile_runs(x_ring.index(slot).reinterpret(DTYPE, [16, 4, BLOCK], runs_s).load(tile_l), run_l)
+            xr = _slot_runs(x_ring, tile, run_l, STAGES, DTYPE)
             # The W - 1 times before each run: run c - 1's last (run 0: the previous tile's run 3's).
             xs = ()
             for j in gl.static_range(W - 1):
@@ -330,14 +405,88 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
             if tile + STAGES - 1 < CHUNK:
                 _issue(x_desc, z_desc, x_ring, z_ring, bars, n0 + tile + STAGES - 1, tile + STAGES - 1, d0, g_col,
                        STAGES)
-            out = ()
+            _store_runs(y_bufs, y_desc, ys, n0 + tile, d0, tile, DTYPE)
+        tma.store_wait(0)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+    @gluon.jit
+    def _lowrank_gluon_dx_kernel(  # (the _lowrank_ prefix: profiles file it as conv time)
+        dy_desc, z_desc, dx_desc, u_ptr, s_ptr,
+        T, D, R, D_GROUP,
+        W: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr, HAS_STATIC: gl.constexpr,
+        RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
+    ):
+        """dx[t] = dy[t] + sum_k (f_k[t+k] + s_k) dy[t+k], walking CHUNK tiles down in time.
+
+        Each tap's products give f_k at the run's own times; the leads of the run's last k times are
+        the run to the right's first (by shuffle), and run 3's the next tile's run 0's: the walk goes
+        down, so that tile came one step earlier, and the same shuffle left them in run 3's lanes
+        then. A chunk that ends before its sequence does starts one tile later, a step that only
+        leaves those values (leads past the sequence's end are zeros)."""
+        BLOCK: gl.constexpr = 64
+        run_l: gl.constexpr = gl.BlockedLayout([2, 1], [8, 4], [4, 1], [1, 0])  # [64 channels, 4 runs]
+        pid_t, d0, b, g_col, ut_smem, st_smem, onest, zero = _program(u_ptr, s_ptr, D, R, D_GROUP, W, HAS_STATIC,
+                                                                      DTYPE)
+        dy_ring, z_ring, dx_bufs, bars = _rings(dy_desc, z_desc, dx_desc, STAGES, DTYPE)
+
+        tiles = T // BLOCK
+        tile0 = pid_t * CHUNK
+        extra = (tile0 + CHUNK < tiles).to(gl.int32)  # 1: the walk starts at the tile after the chunk
+        steps = CHUNK + extra
+        n_top = b * tiles + tile0 + CHUNK - 1 + extra  # step w's tile is n_top - w in the [B * T / 64] view
+        for j in gl.static_range(STAGES - 1):
+            if j < steps:
+                _issue(dy_desc, z_desc, dy_ring, z_ring, bars, n_top - j, j, d0, g_col, STAGES)
+
+        rq = gl.arange(0, 4, layout=gl.SliceLayout(0, run_l))
+        last_run = (rq == 3)[None, :]
+        # What run 3 takes from the tile after: dy at its first W - 1 times, and tap k's f at its
+        # first k (tap k's at after_f[k (k - 1) / 2 + j]); zeros past the sequence's end.
+        after_dy = ()
+        for j in gl.static_range(W - 1):
+            after_dy = after_dy + (gl.zeros([BLOCK, 4], DTYPE, run_l),)
+        after_f = ()
+        for j in gl.static_range(W * (W - 1) // 2):
+            after_f = after_f + (gl.zeros([BLOCK, 4], gl.float32, run_l),)
+
+        for step in range(steps):
+            zt = _slot_z(z_ring, bars, step, STAGES, DTYPE)
+            f = _tap_products(ut_smem, st_smem, zt, onest, 0, zero, HAS_STATIC)
+            dyr = _slot_runs(dy_ring, step, run_l, STAGES, DTYPE)
+            ds = ()
             for i in gl.static_range(16):
-                out = out + (ys[i].to(DTYPE),)
-            y_buf = y_bufs.index(tile % 2)
-            y_buf.reinterpret(DTYPE, [16, 4, BLOCK], runs_s).store(_runs_tile(out))
-            fence_async_shared()
+                ds = ds + (dyr[i].to(gl.float32),)  # ds[i]: time i of each run
+            for j in gl.static_range(W - 1):  # ds[16 + j]: the W - 1 times after each run
+                h = _from_right(dyr[j], 2)
+                ds = ds + (gl.where(last_run, after_dy[j], h).to(gl.float32),)
+                after_dy = after_dy[:j] + (h,) + after_dy[j + 1:]
+            sums = ()
+            for i in gl.static_range(16):
+                if RESIDUAL:  # the sum starts as dy[t]
+                    sums = sums + (ds[i],)
+                else:
+                    sums = sums + (gl.zeros([BLOCK, 4], gl.float32, run_l),)
+            for k in gl.static_range(W):
+                f = warpgroup_mma_wait(0, deps=(f,))
+                taps = _product_runs(f, run_l)
+                for j in gl.static_range(k):  # taps[16 + j]: f_k at the k times after each run
+                    h = _from_right(taps[j], 1)
+                    taps = taps + (gl.where(last_run, after_f[k * (k - 1) // 2 + j], h),)
+                    after_f = after_f[:k * (k - 1) // 2 + j] + (h,) + after_f[k * (k - 1) // 2 + j + 1:]
+                new = ()
+                for i in gl.static_range(16):
+                    new = new + (sums[i] + taps[i + k] * ds[i + k],)
+                sums = new
+                if k + 1 < W:
+                    f = _tap_products(ut_smem, st_smem, zt, onest, k + 1, zero, HAS_STATIC)
+            tma.store_wait(1)
             cta_barrier()
-            tma_store(y_desc, [n0 + tile, 0, 0, d0], y_buf)
+            if step + STAGES - 1 < steps:
+                _issue(dy_desc, z_desc, dy_ring, z_ring, bars, n_top - step - (STAGES - 1), step + STAGES - 1, d0,
+                       g_col, STAGES)
+            if step >= extra:  # (the extra step's tile is the next chunk's)
+                _store_runs(dx_bufs, dx_desc, sums, n_top - step, d0, step, DTYPE)
         tma.store_wait(0)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
