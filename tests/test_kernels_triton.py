@@ -806,11 +806,11 @@ def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(B, T, G, Dg, R, W, 
     (2, 64, 1, 256, 16, 1, torch.bfloat16, False, True, False),  # one tap, one tile
     (2, 1024, 3, 512, 16, 4, torch.bfloat16, True, True, True),  # q, k, v groups read in place from a projection
 ])
-def test_gpu_gluon_lowrank_conv_matches_float64_and_the_triton_kernel(monkeypatch, B, T, G, Dg, R, W, dtype,
+def test_gpu_gluon_lowrank_forward_matches_float64_and_the_triton_kernel(monkeypatch, B, T, G, Dg, R, W, dtype,
                                                                          static, residual, view):
-    """The Gluon forward (ISOFLOP_LOWRANK_FWD; "auto" on Hopper) against float64 and the Triton kernel, whose
-    results it repeats bit for bit where both fold the static filter into the same two products
-    (R = 16) or there is none; at any number of tiles per program."""
+    """The Gluon forward (ISOFLOP_LOWRANK_FWD; "auto" on Hopper) against float64 and the Triton
+    kernel, whose results it repeats bit for bit where both fold the static filter into the same two
+    products (R = 16) or there is none; at any number of tiles per program."""
     from isoflop.kernels import gluon_lowrank_conv as fw
     from isoflop.kernels import triton_lowrank
 

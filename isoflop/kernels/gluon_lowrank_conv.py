@@ -454,17 +454,17 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             zt = _slot_z(z_ring, bars, step, STAGES, DTYPE)
             f = _tap_products(ut_smem, st_smem, zt, onest, 0, zero, HAS_STATIC)
             dyr = _slot_runs(dy_ring, step, run_l, STAGES, DTYPE)
-            ds = ()
+            dyf = ()
             for i in gl.static_range(16):
-                ds = ds + (dyr[i].to(gl.float32),)  # ds[i]: time i of each run
-            for j in gl.static_range(W - 1):  # ds[16 + j]: the W - 1 times after each run
+                dyf = dyf + (dyr[i].to(gl.float32),)  # dyf[i]: dy at time i of each run
+            for j in gl.static_range(W - 1):  # dyf[16 + j]: the W - 1 times after each run
                 h = _from_right(dyr[j], 2)
-                ds = ds + (gl.where(last_run, after_dy[j], h).to(gl.float32),)
+                dyf = dyf + (gl.where(last_run, after_dy[j], h).to(gl.float32),)
                 after_dy = after_dy[:j] + (h,) + after_dy[j + 1:]
             sums = ()
             for i in gl.static_range(16):
                 if RESIDUAL:  # the sum starts as dy[t]
-                    sums = sums + (ds[i],)
+                    sums = sums + (dyf[i],)
                 else:
                     sums = sums + (gl.zeros([BLOCK, 4], gl.float32, run_l),)
             for k in gl.static_range(W):
@@ -476,7 +476,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                     after_f = after_f[:k * (k - 1) // 2 + j] + (h,) + after_f[k * (k - 1) // 2 + j + 1:]
                 new = ()
                 for i in gl.static_range(16):
-                    new = new + (sums[i] + taps[i + k] * ds[i + k],)
+                    new = new + (sums[i] + taps[i + k] * dyf[i + k],)
                 sums = new
                 if k + 1 < W:
                     f = _tap_products(ut_smem, st_smem, zt, onest, k + 1, zero, HAS_STATIC)
