@@ -59,7 +59,14 @@ def time_chunks(T: int, batch: int, tiles_across: int, block_t: int, device: tor
     waves, half the chip idle in the second; 2 chunks (768 programs, 2.9 waves) took 355 us
     against 431 (H200, benchmarks/KERNELS.md). chunk_t is a multiple of block_t.
     """
-    slots = programs_per_processor * processor_count(device)
+    return _time_chunks(T, batch, tiles_across, block_t, programs_per_processor * processor_count(device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _time_chunks(T: int, batch: int, tiles_across: int, block_t: int, slots: int) -> tuple[int, int]:
+    """time_chunks for `slots` programs at a time, computed once per shape: every backward call asks,
+    and host time per conv call is what small models' steps are made of (KERNELS.md, training
+    point 22)."""
     across = max(1, batch * tiles_across)
     most = triton.cdiv(T, block_t)
     chunks = max(1, min(most, slots // across))
@@ -152,22 +159,34 @@ def sum_partials_together(jobs: list[tuple[torch.Tensor, torch.dtype, int]]) -> 
     ds sums, which took a launch each (KERNELS.md, v21)."""
     if not 1 <= len(jobs) <= 3:
         raise ValueError(f"sum_partials_together: {len(jobs)} jobs; allowed: 1 to 3")
-    outs, args, ends, blocks = [], [], [], {}
-    for j, (part, dtype, groups) in enumerate(jobs):
-        n = part.shape[0] // groups
-        m = part[0].numel()
-        out = torch.empty(groups, m, dtype=dtype, device=part.device)
-        # up to 64 rows per step and 64 values per thread: few steps, so little waiting on loads
-        block_n = min(64, next_pow2(n))
-        block_m = 16 if interpreting() else min(1024, max(128, 8192 // block_n))
-        m_blocks = triton.cdiv(m, block_m)
-        outs.append(out)
-        args += [part, out, n, m, m_blocks]
-        ends.append((ends[-1] if ends else 0) + m_blocks * groups)  # this job's programs end here
-        blocks |= {f"BLOCK_N{j}": block_n, f"BLOCK_M{j}": block_m}
+    shapes, ends, blocks = _sums_plan(tuple((part.shape[0], part.numel(), groups) for part, _, groups in jobs),
+                                      interpreting())
+    outs, args = [], []
+    for (part, dtype, groups), (n, m, m_blocks) in zip(jobs, shapes):
+        outs.append(torch.empty(groups, m, dtype=dtype, device=part.device))
+        args += [part, outs[-1], n, m, m_blocks]
     for j in range(len(jobs), 3):  # unused slots: job 0's arguments, never reached (JOBS)
         args += args[:5]
-        ends.append(ends[-1])
-        blocks |= {f"BLOCK_N{j}": blocks["BLOCK_N0"], f"BLOCK_M{j}": blocks["BLOCK_M0"]}
     _sum_partials_kernel[(ends[-1],)](*args, ends[0], ends[1], JOBS=len(jobs), **blocks, num_warps=4)
     return outs
+
+
+@functools.lru_cache(maxsize=1024)
+def _sums_plan(jobs: tuple[tuple[int, int, int], ...], interpret: bool) -> tuple[list, list, dict]:
+    """sum_partials_together's launch for jobs of (leading size, numel, groups), worked out once per
+    shape (host time per backward call counts, KERNELS.md training point 22): each job's (n, m,
+    m_blocks), the programs' ends and the block sizes. Callers must not mutate what it returns."""
+    shapes, ends, blocks = [], [], {}
+    for j, (rows, numel, groups) in enumerate(jobs):
+        n, m = rows // groups, numel // rows
+        # up to 64 rows per step and 64 values per thread: few steps, so little waiting on loads
+        block_n = min(64, next_pow2(n))
+        block_m = 16 if interpret else min(1024, max(128, 8192 // block_n))
+        m_blocks = triton.cdiv(m, block_m)
+        shapes.append((n, m, m_blocks))
+        ends.append((ends[-1] if ends else 0) + m_blocks * groups)  # this job's programs end here
+        blocks |= {f"BLOCK_N{j}": block_n, f"BLOCK_M{j}": block_m}
+    for j in range(len(jobs), 3):  # unused slots end where the last job does (JOBS)
+        ends.append(ends[-1])
+        blocks |= {f"BLOCK_N{j}": blocks["BLOCK_N0"], f"BLOCK_M{j}": blocks["BLOCK_M0"]}
+    return shapes, ends, blocks
