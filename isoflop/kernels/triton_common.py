@@ -165,17 +165,17 @@ def sum_partials_together(jobs: list[tuple[torch.Tensor, torch.dtype, int]]) -> 
     for (part, dtype, groups), (n, m, m_blocks) in zip(jobs, shapes):
         outs.append(torch.empty(groups, m, dtype=dtype, device=part.device))
         args += [part, outs[-1], n, m, m_blocks]
-    for j in range(len(jobs), 3):  # unused slots: job 0's arguments, never reached (JOBS)
+    for _ in range(len(jobs), 3):  # unused slots: job 0's arguments, never reached (JOBS)
         args += args[:5]
     _sum_partials_kernel[(ends[-1],)](*args, ends[0], ends[1], JOBS=len(jobs), **blocks, num_warps=4)
     return outs
 
 
 @functools.lru_cache(maxsize=1024)
-def _sums_plan(jobs: tuple[tuple[int, int, int], ...], interpret: bool) -> tuple[list, list, dict]:
+def _sums_plan(jobs: tuple[tuple[int, int, int], ...], interpret: bool) -> tuple[tuple, tuple, dict]:
     """sum_partials_together's launch for jobs of (leading size, numel, groups), worked out once per
     shape (host time per backward call counts, KERNELS.md training point 22): each job's (n, m,
-    m_blocks), the programs' ends and the block sizes. Callers must not mutate what it returns."""
+    m_blocks), the programs' ends and the block sizes (a dict: callers must not change it)."""
     shapes, ends, blocks = [], [], {}
     for j, (rows, numel, groups) in enumerate(jobs):
         n, m = rows // groups, numel // rows
@@ -189,4 +189,4 @@ def _sums_plan(jobs: tuple[tuple[int, int, int], ...], interpret: bool) -> tuple
     for j in range(len(jobs), 3):  # unused slots end where the last job does (JOBS)
         ends.append(ends[-1])
         blocks |= {f"BLOCK_N{j}": blocks["BLOCK_N0"], f"BLOCK_M{j}": blocks["BLOCK_M0"]}
-    return shapes, ends, blocks
+    return tuple(shapes), tuple(ends), blocks
