@@ -75,16 +75,17 @@ def filter_grad_partials(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, pos: Tenso
 def tile_descriptor(t: Tensor) -> TensorDescriptor:
     """The TMA descriptor the kernel reads t [B, T, D] (x or dy) through: [1, BLOCK_T, BLOCK_D] boxes,
     zeros outside t."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), _BLOCK, _tile_layout(t.dtype))
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), _BLOCK, _tile_layout(gl_dtype(t)))
 
 
 _BLOCK = [1, BLOCK_T, BLOCK_D]
 
 
 @functools.cache
-def _tile_layout(dtype: torch.dtype):
-    """The tiles' shared-memory layout, made once per type (~6 us of host time per descriptor)."""
-    return gl.NVMMASharedLayout.get_default_for(_BLOCK, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+def _tile_layout(dtype):
+    """The tiles' shared-memory layout for Gluon type `dtype`, made once per type (~6 us of host time
+    per descriptor)."""
+    return gl.NVMMASharedLayout.get_default_for(_BLOCK, dtype)
 
 
 if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
