@@ -164,6 +164,19 @@ def test_backward_chunks_fill_the_last_wave(monkeypatch):
     assert triton_common.time_chunks(100, 1, 1, 64, cpu, 2) == (64, 2)  # never more chunks than tiles
 
 
+def test_gluon_forward_chunks_keep_the_multiprocessors_busy():
+    """Tiles per program of the Gluon low-rank forward on a 132-multiprocessor GPU: where the H200
+    timed each best (KERNELS.md, point 39), and never more than a sequence has."""
+    from isoflop.kernels.gluon_lowrank_conv import _forward_chunk
+
+    assert _forward_chunk(64, 128, 132) == 32  # the paper's shape: 256 programs, two per multiprocessor
+    assert _forward_chunk(64, 96, 132) == 16  # [8, 4096, 768]: 384 programs, not 192 over 132
+    assert _forward_chunk(64, 256, 132) == 22  # [8, 4096, 2048]: 768 programs in two full waves of 396
+    assert _forward_chunk(64, 32, 132) == 8  # [1, 4096, 2048]
+    assert _forward_chunk(8, 384, 132) == 8  # a d384 model's [64, 512, 384]: short chunks only cost
+    assert _forward_chunk(1, 12, 132) == 1 and _forward_chunk(3, 1, 132) == 2
+
+
 def test_auto_backward_splits_the_filter_gradients_only_for_the_widest_filters():
     from isoflop.kernels.triton_lowrank import _auto_variant
 
@@ -828,7 +841,8 @@ def test_gpu_gluon_lowrank_forward_matches_float64_and_the_triton_kernel(monkeyp
     assert relative_error(got, y) < max(2 * relative_error(want, y), TOLERANCE[dtype] / 4)
     if R == 16 or not static:
         assert torch.equal(got, want)
-    assert torch.equal(fw.forward(x, z, U, s, residual, Dg, chunk=1), got)
+    for chunk in (1, 2, 3):  # 3: a shorter last chunk where the tiles do not divide into chunks of 3
+        assert torch.equal(fw.forward(x, z, U, s, residual, Dg, chunk=chunk), got), chunk
     for variant in ("gluon", "auto"):  # what both select
         monkeypatch.setattr(triton_lowrank.FORWARD_VARIANT, "name", variant)
         assert torch.equal(triton_lowrank.lowrank_forward(x, z, U, s, residual, None), got)

@@ -55,7 +55,7 @@ from isoflop.kernels.gluon_common import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from isoflop.kernels.triton_common import processor_count
+from isoflop.kernels.triton_common import processor_count, wave_fill
 
 TILE, WARPS, STAGES, CHUNK = 64, 4, 4, 32  # times and channels per tile; copies in flight; tiles per program
 MAX_RANK, MAX_WIDTH = 16, 4
@@ -83,9 +83,10 @@ def cannot_run(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, d_group: int
     return tma_misaligned("x", x) or tma_misaligned("z", z)
 
 
-def tiles_per_program(T: int, D: int, B: int, device: torch.device) -> int:
-    """CHUNK tiles per program, fewer where the sequence's tiles do not divide into them, halved (down to
-    2) while the grid has fewer programs than multiprocessors, as the Triton forward does (v19)."""
+def dx_tiles_per_program(T: int, D: int, B: int, device: torch.device) -> int:
+    """dx's tiles per program: CHUNK, fewer where the sequence's tiles do not divide into them, halved
+    (down to 2) while the grid has fewer programs than multiprocessors, as the Triton forward does
+    (v19)."""
     tiles = T // TILE
     chunk = CHUNK
     while tiles % chunk:
@@ -95,6 +96,36 @@ def tiles_per_program(T: int, D: int, B: int, device: torch.device) -> int:
     return chunk
 
 
+def forward_tiles_per_program(T: int, D: int, B: int, device: torch.device) -> int:
+    """The forward's tiles per program (the sequence's last chunk may be shorter): of the even splits of
+    a sequence's tiles into chunks of 2 to CHUNK tiles, the longest whose grid keeps the
+    multiprocessors nearly as busy over its waves as the best one (KERNELS.md, point 39)."""
+    return _forward_chunk(T // TILE, triton.cdiv(D, TILE) * B, processor_count(device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_chunk(tiles: int, across: int, processors: int) -> int:
+    """forward_tiles_per_program for `tiles` per sequence and `across` (channel tiles x sequences),
+    once per shape, by a small model of H200 timings (KERNELS.md, point 39). A grid of up to two
+    programs per multiprocessor runs as one wave at two each; a larger one runs three at a time (156
+    registers and 74 KB allow three), each ~10% slower than at two (paper shape: 22 tiles per program,
+    three per multiprocessor, 46.7 us against 32 tiles, two, 41.1). A wave's fill is what its last
+    wave leaves idle, and each program pays about 1.5 tiles' time to start (its copies in flight, U
+    and the first lags loaded), so short chunks lose."""
+    def speed(chunk: int) -> float:
+        programs = triton.cdiv(tiles, chunk) * across
+        if programs <= 2 * processors:
+            fill = wave_fill(programs, 2 * processors)
+        else:
+            fill = 0.9 * wave_fill(programs, 3 * processors)
+        return fill * chunk / (chunk + 1.5)
+
+    splits = {triton.cdiv(tiles, n) for n in range(1, tiles + 1)}
+    chunks = sorted((c for c in splits if 2 <= c <= CHUNK), reverse=True) or [min(tiles, 2)]
+    best = max(speed(c) for c in chunks)
+    return next(c for c in chunks if speed(c) >= 0.97 * best)  # the longest within the model's error
+
+
 def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, d_group: int,
             chunk: int | None = None) -> Tensor:
     """y [B, T, D] (contiguous) for inputs `cannot_run` accepts; U and static in any float type (the
@@ -102,9 +133,9 @@ def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
     tiles per program (benchmarks)."""
     B, T, D = x.shape
     R, W = U.shape[0], U.shape[1] // D
-    chunk = chunk or tiles_per_program(T, D, B, x.device)
+    chunk = chunk or forward_tiles_per_program(T, D, B, x.device)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    grid = (T // TILE // chunk, triton.cdiv(D, TILE), B)
+    grid = (triton.cdiv(T // TILE, chunk), triton.cdiv(D, TILE), B)
     _lowrank_gluon_fwd_kernel[grid](
         _runs_descriptor(x), _z_descriptor(z), _runs_descriptor(y), x, U, static if static is not None else x,
         T, D, R, x.stride(1), d_group,
@@ -119,7 +150,7 @@ def dx(dy: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, 
     """dx [B, T, D] (contiguous) for dy, z, U and static as `forward` takes x, z, U and static."""
     B, T, D = dy.shape
     R, W = U.shape[0], U.shape[1] // D
-    chunk = chunk or tiles_per_program(T, D, B, dy.device)
+    chunk = chunk or dx_tiles_per_program(T, D, B, dy.device)
     out = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
     grid = (T // TILE // chunk, triton.cdiv(D, TILE), B)
     _lowrank_gluon_dx_kernel[grid](
@@ -351,8 +382,9 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
         tile0 = pid_t * CHUNK  # the program's first tile in its sequence, and in the [B * T / 64] view:
         n0 = b * (T // BLOCK) + tile0
+        n_tiles = gl.minimum(CHUNK, T // BLOCK - tile0)  # (the sequence's last chunk may be shorter)
         for j in gl.static_range(STAGES - 1):
-            if j < CHUNK:
+            if j < n_tiles:
                 _issue(x_desc, z_desc, x_ring, z_ring, bars, n0 + j, j, d0, g_col, STAGES)
 
         rc = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, run_l))
@@ -369,7 +401,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             before = before + (gl.load(p[:, None] + rq[None, :] * 0,
                                        mask=(ch < D)[:, None] & (rq >= 0)[None, :] & (t >= 0), other=0.0),)
 
-        for tile in range(CHUNK):
+        for tile in range(n_tiles):
             zt = _slot_z(z_ring, bars, tile, STAGES, DTYPE)
             f = _tap_products(ut_smem, st_smem, zt, onest, 0, zero, HAS_STATIC)
             xr = _slot_runs(x_ring, tile, run_l, STAGES, DTYPE)
@@ -402,7 +434,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             # store of two tiles back has read its buffer (y's two buffers): write this tile's y there.
             tma.store_wait(1)
             cta_barrier()
-            if tile + STAGES - 1 < CHUNK:
+            if tile + STAGES - 1 < n_tiles:
                 _issue(x_desc, z_desc, x_ring, z_ring, bars, n0 + tile + STAGES - 1, tile + STAGES - 1, d0, g_col,
                        STAGES)
             _store_runs(y_bufs, y_desc, ys, n0 + tile, d0, tile, DTYPE)
