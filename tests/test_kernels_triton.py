@@ -164,17 +164,24 @@ def test_backward_chunks_fill_the_last_wave(monkeypatch):
     assert triton_common.time_chunks(100, 1, 1, 64, cpu, 2) == (64, 2)  # never more chunks than tiles
 
 
-def test_gluon_forward_chunks_keep_the_multiprocessors_busy():
-    """Tiles per program of the Gluon low-rank forward on a 132-multiprocessor GPU: where the H200
-    timed each best (KERNELS.md, point 39), and never more than a sequence has."""
-    from isoflop.kernels.gluon_lowrank_conv import _forward_chunk
+def test_gluon_conv_chunks_keep_the_multiprocessors_busy():
+    """Tiles per program of the Gluon low-rank forward and dx on a 132-multiprocessor GPU: where the
+    H200 timed each best (KERNELS.md, point 39), and never more than a sequence has."""
+    from isoflop.kernels.gluon_lowrank_conv import _chunk
 
-    assert _forward_chunk(64, 128, 132) == 32  # the paper's shape: 256 programs, two per multiprocessor
-    assert _forward_chunk(64, 96, 132) == 16  # [8, 4096, 768]: 384 programs, not 192 over 132
-    assert _forward_chunk(64, 256, 132) == 22  # [8, 4096, 2048]: 768 programs in two full waves of 396
-    assert _forward_chunk(64, 32, 132) == 8  # [1, 4096, 2048]
-    assert _forward_chunk(8, 384, 132) == 8  # a d384 model's [64, 512, 384]: short chunks only cost
-    assert _forward_chunk(1, 12, 132) == 1 and _forward_chunk(3, 1, 132) == 2
+    def forward(tiles, across):
+        return _chunk(tiles, across, 132, three_fit=True, extra_step=False)
+
+    def dx(tiles, across):
+        return _chunk(tiles, across, 132, three_fit=False, extra_step=True)
+
+    assert forward(64, 128) == dx(64, 128) == 32  # the paper's shape: 256 programs, two per multiprocessor
+    assert forward(64, 96) == 16 and dx(64, 96) == 13  # [8, 4096, 768]: not 192 programs over 132
+    assert forward(64, 256) == 22 and dx(64, 256) == 32  # [8, 4096, 2048]: three fit for the forward only
+    assert forward(64, 344) == 32 and dx(64, 344) == 22  # [8, 4096, 2752]
+    assert forward(64, 32) == dx(64, 32) == 8  # [1, 4096, 2048]
+    assert forward(8, 384) == dx(8, 384) == 8  # a d384 model's [64, 512, 384]: short chunks only cost
+    assert forward(1, 12) == dx(1, 12) == 1 and forward(3, 1) == dx(3, 1) == 2
 
 
 def test_auto_backward_splits_the_filter_gradients_only_for_the_widest_filters():
@@ -882,7 +889,8 @@ def test_gpu_gluon_lowrank_dx_matches_float64_and_the_triton_kernel(monkeypatch,
     assert relative_error(got, x64.grad) < max(2 * relative_error(want, x64.grad), TOLERANCE[dtype] / 4)
     if not static:
         assert torch.equal(got, want)
-    assert torch.equal(gc.dx(dy, z, U, s, residual, Dg), gc.dx(dy, z, U, s, residual, Dg, chunk=1))
+    for chunk in (1, 3):  # 3: a shorter last chunk where the tiles do not divide into chunks of 3
+        assert torch.equal(gc.dx(dy, z, U, s, residual, Dg), gc.dx(dy, z, U, s, residual, Dg, chunk=chunk)), chunk
     monkeypatch.setattr(triton_lowrank.DX_VARIANT, "name", "auto")
     assert torch.equal(triton_lowrank.lowrank_backward(dy, x, z, U, s, residual, None)[0], got)  # what "auto" takes
 

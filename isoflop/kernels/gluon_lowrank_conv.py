@@ -83,47 +83,43 @@ def cannot_run(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, d_group: int
     return tma_misaligned("x", x) or tma_misaligned("z", z)
 
 
-def dx_tiles_per_program(T: int, D: int, B: int, device: torch.device) -> int:
-    """dx's tiles per program: CHUNK, fewer where the sequence's tiles do not divide into them, halved
-    (down to 2) while the grid has fewer programs than multiprocessors, as the Triton forward does
-    (v19)."""
-    tiles = T // TILE
-    chunk = CHUNK
-    while tiles % chunk:
-        chunk //= 2
-    while chunk > 2 and tiles // chunk * triton.cdiv(D, TILE) * B < processor_count(device):
-        chunk //= 2
-    return chunk
-
-
 def forward_tiles_per_program(T: int, D: int, B: int, device: torch.device) -> int:
-    """The forward's tiles per program (the sequence's last chunk may be shorter): of the even splits of
-    a sequence's tiles into chunks of 2 to CHUNK tiles, the longest whose grid keeps the
-    multiprocessors nearly as busy over its waves as the best one (KERNELS.md, point 39)."""
-    return _forward_chunk(T // TILE, triton.cdiv(D, TILE) * B, processor_count(device))
+    """The forward's tiles per program (the sequence's last chunk may be shorter; KERNELS.md, point 39):
+    up to three programs share a multiprocessor (156 registers, 74 KB)."""
+    return _chunk(T // TILE, triton.cdiv(D, TILE) * B, processor_count(device), three_fit=True, extra_step=False)
+
+
+def dx_tiles_per_program(T: int, D: int, B: int, device: torch.device) -> int:
+    """dx's tiles per program, as the forward's, but at most two programs share a multiprocessor (190
+    registers), and a chunk that ends before its sequence walks one more tile (its leads)."""
+    return _chunk(T // TILE, triton.cdiv(D, TILE) * B, processor_count(device), three_fit=False, extra_step=True)
 
 
 @functools.lru_cache(maxsize=1024)
-def _forward_chunk(tiles: int, across: int, processors: int) -> int:
-    """forward_tiles_per_program for `tiles` per sequence and `across` (channel tiles x sequences),
-    once per shape, by a small model of H200 timings (KERNELS.md, point 39). A grid of up to two
-    programs per multiprocessor runs as one wave at two each; a larger one runs three at a time (156
-    registers and 74 KB allow three), each ~10% slower than at two (paper shape: 22 tiles per program,
-    three per multiprocessor, 46.7 us against 32 tiles, two, 41.1). A wave's fill is what its last
-    wave leaves idle, and each program pays about 1.5 tiles' time to start (its copies in flight, U
-    and the first lags loaded), so short chunks lose."""
-    def speed(chunk: int) -> float:
+def _chunk(tiles: int, across: int, processors: int, three_fit: bool, extra_step: bool) -> int:
+    """Tiles per program for `tiles` per sequence and `across` (channel tiles x sequences), once per
+    shape: of the even splits of a sequence into chunks of 2 to CHUNK tiles, the longest whose score
+    is within 3% of the best, by a small model of H200 timings (KERNELS.md, point 39; it ranks the
+    timed chunks of the paper's shape in their measured order, for both kernels). A grid of up to two
+    programs per multiprocessor runs as one wave at two each; where three fit, a larger one runs three
+    at a time, each ~10% slower than at two (the forward at the paper's shape: 22 tiles per program,
+    three per multiprocessor, 46.7 us against 32 tiles, two, 41.1). A grid scores what its last wave
+    leaves busy, times the share of a program's time spent on its own tiles: each program pays ~1.5
+    tiles' time to start (copies in flight, U and its first lags or leads loaded), and dx's extra
+    step where its chunk ends before the sequence does."""
+    def score(chunk: int) -> float:
         programs = triton.cdiv(tiles, chunk) * across
-        if programs <= 2 * processors:
+        if programs <= 2 * processors or not three_fit:
             fill = wave_fill(programs, 2 * processors)
         else:
             fill = 0.9 * wave_fill(programs, 3 * processors)
-        return fill * chunk / (chunk + 1.5)
+        overhead = 1.5 + (1 if extra_step and chunk < tiles else 0)
+        return fill * chunk / (chunk + overhead)
 
     splits = {triton.cdiv(tiles, n) for n in range(1, tiles + 1)}
     chunks = sorted((c for c in splits if 2 <= c <= CHUNK), reverse=True) or [min(tiles, 2)]
-    best = max(speed(c) for c in chunks)
-    return next(c for c in chunks if speed(c) >= 0.97 * best)  # the longest within the model's error
+    best = max(score(c) for c in chunks)
+    return next(c for c in chunks if score(c) >= 0.97 * best)
 
 
 def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, d_group: int,
@@ -152,7 +148,7 @@ def dx(dy: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, 
     R, W = U.shape[0], U.shape[1] // D
     chunk = chunk or dx_tiles_per_program(T, D, B, dy.device)
     out = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
-    grid = (T // TILE // chunk, triton.cdiv(D, TILE), B)
+    grid = (triton.cdiv(T // TILE, chunk), triton.cdiv(D, TILE), B)
     _lowrank_gluon_dx_kernel[grid](
         _runs_descriptor(dy), _z_descriptor(z), _runs_descriptor(out), U, static if static is not None else dy,
         T, D, R, d_group,
@@ -464,9 +460,10 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
         tiles = T // BLOCK
         tile0 = pid_t * CHUNK
-        extra = (tile0 + CHUNK < tiles).to(gl.int32)  # 1: the walk starts at the tile after the chunk
-        steps = CHUNK + extra
-        n_top = b * tiles + tile0 + CHUNK - 1 + extra  # step w's tile is n_top - w in the [B * T / 64] view
+        n_tiles = gl.minimum(CHUNK, tiles - tile0)  # (the sequence's last chunk may be shorter)
+        extra = (tile0 + n_tiles < tiles).to(gl.int32)  # 1: the walk starts at the tile after the chunk
+        steps = n_tiles + extra
+        n_top = b * tiles + tile0 + n_tiles - 1 + extra  # step w's tile is n_top - w in the [B * T / 64] view
         for j in gl.static_range(STAGES - 1):
             if j < steps:
                 _issue(dy_desc, z_desc, dy_ring, z_ring, bars, n_top - j, j, d0, g_col, STAGES)
