@@ -4,7 +4,8 @@ For each case: forward, backward and forward+backward medians of GPU time (trito
 do_bench_cudagraph, so Python dispatch and launch overhead stay out of the numbers), achieved
 GB/s over the fewest bytes the pass must move (each input read once, each output written once), that
 as a percentage of the device-to-device copy bandwidth measured in the same run, and the speed-up
-over the eager PyTorch reference and over torch.compile of it (forward+backward).
+over the eager PyTorch reference and over torch.compile of it (forward+backward). The last lines
+check issue 4's targets at the paper's shape against these figures (benchmarks/targets.py).
 
     PYTHONPATH=. python benchmarks/kernels.py [--quick] [--paper] [--sweep] [--no-compile] [--json FILE]
 
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from isoflop.kernels import reference
+
+from targets import Check, print_checks  # benchmarks/targets.py: the script's directory is on the path
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,21 @@ def fwd_bwd(fn, inputs: dict, dy: torch.Tensor):
         return torch.autograd.grad(fn(**leaves, **others), grads, dy)
 
     return run
+
+# Issue 4's targets at the paper's shape: forward + backward in us, and every forward within
+# FORWARD_FLOOR_RATIO of its memory floor.
+FB_TARGETS_US = {"lowrank R=16 (paper)": 100.0, "headwise hs=16 (paper)": 110.0, "headwise hs=1 (paper)": 320.0}
+FORWARD_FLOOR_RATIO = 1.3
+
+
+def target_checks(rows: list[dict]) -> list[Check]:
+    """Issue 4's targets against this run's rows (those it timed: --paper leaves out nothing here)."""
+    checks = [Check(f"{r['case']} forward + backward", r["fb_us"], FB_TARGETS_US[r["case"]], "us")
+              for r in rows if r["case"] in FB_TARGETS_US]
+    checks += [Check(f"{r['case']} forward against its memory floor", r["fwd_us"] / r["fwd_floor_us"],
+                     FORWARD_FLOOR_RATIO, "x its floor")
+               for r in rows if "(paper)" in r["case"]]
+    return checks
 
 
 def run_case(case: Case, bw: float, quick: bool, compile_ref: bool) -> dict:
@@ -411,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     print_table(rows, bw)
+    print_checks(target_checks(rows), torch.cuda.get_device_name())
     return 0
 
 
