@@ -110,10 +110,11 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
     if gluon_lowrank.gluon is not None:  # its Hopper twin (the backward's "auto" there)
         tiles = gluon_lowrank.tile_descriptor(torch.empty(BATCH, SEQ, D_MODEL, dtype=_torch_dtype(dtype)))
         found.append(Case("low-rank filter grads (gluon)", gluon_lowrank._lowrank_gluon_filter_grad_kernel,
-                          {k: v for k, v in lowrank.items() if k != "FP32_DOT"}
-                          | {"R_P": grad_r_p, "RZ_P": lowrank["R_P"], "STAGES": gluon_lowrank.STAGES,
-                             "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D},
-                          {"num_warps": gluon_lowrank.WARPS}, gluon=True,
+                          {k: v for k, v in lowrank.items() if k not in ("FP32_DOT", "R_P")}
+                          | {"RZ_P": lowrank["R_P"], "STAGES": gluon_lowrank.STAGES,
+                             "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D,
+                             "DZ_REGS": gluon_lowrank.DZ_REGS, "LOADER_REGS": gluon_lowrank.LOADER_REGS},
+                          {"num_warps": gluon_lowrank.WARPS, "maxnreg": gluon_lowrank.LAUNCH_REGS}, gluon=True,
                           descriptors={"x_desc": tiles, "dy_desc": tiles}))
     if gluon_lowrank_conv.gluon is not None:  # the conv pass in Gluon (ISOFLOP_LOWRANK_FWD, ISOFLOP_LOWRANK_DX)
         found += _gluon_lowrank_conv_cases(dtype)

@@ -161,7 +161,7 @@ def target_checks(rows: list[dict]) -> list[Check]:
     checks = [Check(f"{r['case']} forward + backward", r["fb_us"], FB_TARGETS_US[r["case"]], "us")
               for r in rows if r["case"] in FB_TARGETS_US]
     checks += [Check(f"{r['case']} forward against its memory floor", r["fwd_us"] / r["fwd_floor_us"],
-                     FORWARD_FLOOR_RATIO, "x its floor")
+                     FORWARD_FLOOR_RATIO, "x its floor", digits=2)
                for r in rows if "(paper)" in r["case"]]
     return checks
 

@@ -19,6 +19,7 @@ class Check:
     limit: float
     unit: str  # printed after both numbers: "us", "%", "x its floor"
     at_least: bool = False  # the value must reach the limit (MFU) rather than stay under it
+    digits: int = 1  # decimals printed (ratios near their limit need two)
 
     @property
     def met(self) -> bool:
@@ -26,7 +27,7 @@ class Check:
 
     def line(self) -> str:
         bound = ">=" if self.at_least else "<="
-        return (f"  {'met   ' if self.met else 'MISSED'} {self.what}: {self.value:.1f} {self.unit} "
+        return (f"  {'met   ' if self.met else 'MISSED'} {self.what}: {self.value:.{self.digits}f} {self.unit} "
                 f"(target {bound} {self.limit:g})")
 
 

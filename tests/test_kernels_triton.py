@@ -1078,9 +1078,12 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     assert [row["kernel"] for row in rows][:5] == lowrank
     assert len(rows) == 20 and all(0 < row["registers"] <= 255 for row in rows)
     # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
-    # fit two programs per multiprocessor (228 KB of shared memory).
+    # fit two programs per multiprocessor (228 KB of shared memory; 80 registers per thread at launch,
+    # which its warp-specialised partitions share out). Triton 3.9 keeps one value on the stack across
+    # the partitions (8 bytes, a few loads per tile), 3.6 none.
     gluon = [row for row in rows if row["kernel"] == "low-rank filter grads (gluon)"]
-    assert len(gluon) == 1 and gluon[0]["shared_bytes"] <= 113 * 1024 and gluon[0]["stack_bytes"] == 0
+    assert len(gluon) == 1 and gluon[0]["shared_bytes"] <= 113 * 1024 and gluon[0]["stack_bytes"] <= 8
+    assert gluon[0]["registers"] * gluon[0]["num_warps"] * 3 * 2 <= 2048  # 12 warps, two programs
     # The Gluon forward fits three programs per multiprocessor: registers and shared memory.
     forward = [row for row in rows if row["kernel"] == "low-rank forward (gluon)"]
     assert len(forward) == 1 and forward[0]["stack_bytes"] == 0
