@@ -150,6 +150,7 @@ def fwd_bwd(fn, inputs: dict, dy: torch.Tensor):
 
     return run
 
+
 # Issue 4's targets at the paper's shape: forward + backward in us, and every forward within
 # FORWARD_FLOOR_RATIO of its memory floor.
 FB_TARGETS_US = {"lowrank R=16 (paper)": 100.0, "headwise hs=16 (paper)": 110.0, "headwise hs=1 (paper)": 320.0}
