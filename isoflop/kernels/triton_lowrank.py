@@ -724,7 +724,8 @@ def lowrank_backward(
         if variant == "auto":
             # Not with packed sequences: there the Gluon kernel lost (H200, 8 documents in [1, 16384,
             # 2048]: backward 214.8 -> 221.0 us; [1, 3000, 256]: 8.9 -> 10.3), its position loads
-            # and masks in both operand layouts costing more than the TMA saves.
+            # and masks in both operand layouts costing more than the TMA saves; warp-specialised
+            # (v29) it still does (196.4 -> 201.1; 3 documents in [1, 3000, 256]: 14.5 -> 16.1).
             takes_gluon = why_not is None and blocks is None and pos is None
             variant = "gluon" if takes_gluon else _auto_variant(U.shape[0], meta["W"], static is not None)
     if variant == "split":
