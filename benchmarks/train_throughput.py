@@ -471,7 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(configs) > 1:
         print()
         print_table(results)
-    print_checks(target_checks(results), meta["device_name"])
+    checks = target_checks(results)
+    if checks:
+        print_checks(checks, meta["device_name"])
+    else:
+        print(f"\ntargets: set for the {TARGET_CONFIG} config, which this run did not measure")
     return 1 if any(r.error for r in results) else 0
 
 

@@ -240,6 +240,7 @@ def test_throughput_benchmark_runs_every_variant_at_a_cpu_size(tmp_path):
     assert 0 < by_variant["static-qkv"] < min(by_variant["dynamic-qkv"], by_variant["dynamic-headwise-qkv"])
     table = done.stdout.split("slowdown")[1]
     assert all(v in table for v in variants) and "+FLOPs" in done.stdout
+    assert "targets: set for the 300M config, which this run did not measure" in done.stdout
 
 
 def test_throughput_profile_files_every_conv_kernel_under_conv(monkeypatch):
