@@ -116,8 +116,8 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
     @gluon.jit
     def _loader(x_desc, dy_desc, ring, ready, empty, b, d0, t_start, n_tiles,
                 W: gl.constexpr, STAGES: gl.constexpr, BLOCK_T: gl.constexpr):
-        """The loader warp: tile it's dy and x[t-k] for each tap k by TMA into ring slot it % STAGES,
-        once both partitions have released the slot."""
+        """The loader warp: for tile number `it`, dy and x[t-k] for each tap k by TMA into ring slot
+        it % STAGES, once both partitions have released that slot."""
         for it in range(n_tiles):
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # (a fresh slot passes at once)
