@@ -164,6 +164,23 @@ def test_backward_chunks_fill_the_last_wave(monkeypatch):
     assert triton_common.time_chunks(100, 1, 1, 64, cpu, 2) == (64, 2)  # never more chunks than tiles
 
 
+def test_overlapped_backward_plans_one_program_of_each_kernel_per_multiprocessor():
+    """The overlapped backward's (channel tiles, chunk_t, chunks) on a 132-multiprocessor GPU: at
+    most one filter-gradient program (and one dx program) per multiprocessor; only grids that fit
+    are overlapped."""
+    from isoflop.kernels import triton_lowrank
+
+    plan = triton_lowrank._overlap_plan
+    assert plan(4, 4096, 2048, 132) == (32, 4096, 1)  # the paper's: 128 programs, whole sequences
+    assert plan(8, 512, 384, 132) == (6, 256, 2)  # a small model's: 48 tiles across, 96 programs
+    assert plan(1, 4096, 1024, 132) == (16, 512, 8)  # 128 programs
+    assert plan(1, 100, 512, 132) == (8, 64, 2)  # never more chunks than tiles
+    for B, T, D in ((4, 4096, 2048), (8, 512, 384), (1, 4096, 1024), (2, 1000, 4000)):
+        d_tiles, _, chunks = plan(B, T, D, 132)
+        assert B * d_tiles * chunks <= 132 or chunks == 1
+    assert triton_lowrank.OVERLAP.allowed == ("auto", "off")
+
+
 def test_gluon_conv_chunks_keep_the_multiprocessors_busy():
     """Tiles per program of the Gluon low-rank forward and dx on a 132-multiprocessor GPU: where the
     H200 timed each best (KERNELS.md, point 39), and never more than a sequence has."""
@@ -779,6 +796,17 @@ def test_gpu_split_backward_matches_float64_reference(triton_backend, split_back
     check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
 
 
+def lowrank_backward_inputs(B: int, T: int, G: int, Dg: int, R: int, W: int, dtype, static: bool, view: bool):
+    """(dy, x, z, U, static or None) on the GPU for the low-rank backward, memory poisoned first."""
+    poison_cuda_memory()
+    g = torch.Generator().manual_seed(0)
+    on = dict(dtype=dtype, device="cuda", gen=g)
+    D = G * Dg
+    x, z = lowrank_x_and_z(B, T, G, Dg, R, dtype, view, g)
+    dy, U = rand(B, T, D, **on), rand(R, W * D, **on) / R**0.5
+    return dy, x, z, U, rand(W, D, **on) if static else None
+
+
 def hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
@@ -795,19 +823,16 @@ def hopper() -> bool:
      (1, 3106, 1, 512, 16, 4, torch.bfloat16, True, [1, 700, 3, 1500, 2, 900], False),  # packed
      (2, 1031, 3, 512, 16, 4, torch.bfloat16, True, None, True)],  # q, k, v groups on views
 )
-def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(B, T, G, Dg, R, W, dtype, static, lengths, view):
+def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(monkeypatch, B, T, G, Dg, R, W, dtype, static, lengths,
+                                                             view):
     """The Gluon kernel ("auto" on Hopper, unless sequences are packed) computes what the Triton
     kernel does, bit for bit: the same df values, products and partial sums, so the Triton kernel's
-    float64 tests cover both."""
+    float64 tests cover both. (One after the other: side by side with dx, the kernel walks other
+    time chunks; the next test.)"""
     from isoflop.kernels import ops, triton_lowrank
 
-    poison_cuda_memory()
-    g = torch.Generator().manual_seed(0)
-    on = dict(dtype=dtype, device="cuda", gen=g)
-    D = G * Dg
-    x, z = lowrank_x_and_z(B, T, G, Dg, R, dtype, view, g)
-    dy, U = rand(B, T, D, **on), rand(R, W * D, **on) / R**0.5
-    s = rand(W, D, **on) if static else None
+    monkeypatch.setattr(triton_lowrank.OVERLAP, "name", "off")
+    dy, x, z, U, s = lowrank_backward_inputs(B, T, G, Dg, R, W, dtype, static, view)
     pos = ops._positions(packed_offsets(lengths).cuda(), T, x.device) if lengths else None
     assert triton_lowrank.gluon_lowrank.cannot_run(dy, x, z, U, Dg) is None
     gluon = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, pos, variant="gluon")
@@ -815,6 +840,39 @@ def test_gpu_gluon_filter_gradients_equal_the_triton_kernels(B, T, G, Dg, R, W, 
     auto = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, pos, variant="auto")
     for name, a, b, c in zip(["dx", "dz", "dU", "ds"], gluon, fused, auto):
         assert (a is None and b is None) or (torch.equal(a, b) and torch.equal(a, c)), name
+
+
+@gpu
+@pytest.mark.skipif(not hopper(), reason="the Gluon kernels need a Hopper GPU")
+@pytest.mark.parametrize("B, T, G, Dg, R, W, dtype, static, view", [
+    (4, 4096, 1, 2048, 16, 4, torch.bfloat16, True, False),  # the paper's shape: one program per channel tile
+    (8, 512, 1, 384, 16, 4, torch.bfloat16, True, True),  # a small model's: two per channel tile, on views
+    (2, 1024, 3, 512, 8, 3, torch.float16, False, True),  # q, k, v groups, R = 8, no static filter
+])
+def test_gpu_overlapped_backward_is_the_same_launches_one_after_the_other(monkeypatch, B, T, G, Dg, R, W, dtype,
+                                                                         static, view):
+    """Where "auto" runs dx and the filter gradients side by side (OVERLAP), the results are those of
+    the same launches one after the other, bit for bit (memory poisoned first: a buffer freed to the
+    side stream too early would show); dx and dz are also the sequential backward's, and dU and ds
+    differ from it only in the order their time chunks are summed."""
+    from isoflop.kernels import triton_lowrank
+
+    dy, x, z, U, s = lowrank_backward_inputs(B, T, G, Dg, R, W, dtype, static, view)
+    assert triton_lowrank._overlaps(x)
+    meta = triton_lowrank._meta(z, U, G * Dg, s, None)
+    together = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, None)
+    apart = triton_lowrank._overlapped_backward(dy, x, z, U, s, True, meta, beside=False)
+    monkeypatch.setattr(triton_lowrank.OVERLAP, "name", "off")
+    sequential = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, None)
+    for name, a, b, c in zip(["dx", "dz", "dU", "ds"], together, apart, sequential):
+        if a is None:
+            assert b is None and c is None, name
+            continue
+        assert torch.equal(a, b), name
+        if name in ("dx", "dz"):
+            assert torch.equal(a, c), name
+        else:
+            assert relative_error(a, c) < TOLERANCE[dtype] / 4, name
 
 
 @gpu

@@ -52,6 +52,9 @@ MAX_RANK, MAX_WIDTH = 16, 4
 # group gives most of its share back, so the dU partition (the default, 4 warps) runs with
 # 3 * LAUNCH_REGS - DZ_REGS - LOADER_REGS = 128: two programs of 12 warps fill the register file.
 LAUNCH_REGS, DZ_REGS, LOADER_REGS = 80, 88, 24
+# Ring slots when the kernel shares each multiprocessor with a dx program instead of a second
+# program of its own (triton_lowrank._overlapped_backward): 139 KB beside dx's 76 KB.
+OVERLAP_STAGES = 3
 
 
 def cannot_run(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, d_group: int) -> str | None:
@@ -67,16 +70,16 @@ def cannot_run(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, d_group: int) -> str
 
 def filter_grad_partials(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, meta: dict,
                          d_group: int, chunk_t: int, chunks: int, dz_part: Tensor, du_part: Tensor,
-                         ds_part: Tensor) -> None:
+                         ds_part: Tensor, stages: int = STAGES) -> None:
     """Fill the partial buffers as `triton_lowrank._fused_filter_grads` allocates them (`meta` there:
-    RZ_P, W, HAS_STATIC, HAS_POS, DOT_DTYPE)."""
+    RZ_P, W, HAS_STATIC, HAS_POS, DOT_DTYPE), with `stages` ring slots."""
     B, T, D = x.shape
     _lowrank_gluon_filter_grad_kernel[(triton.cdiv(D, BLOCK_D), B * chunks)](
         tile_descriptor(x), tile_descriptor(dy), z, U, pos if pos is not None else x,
         dz_part, du_part, ds_part,
         B, T, D, U.shape[0], z.stride(1), d_group, chunks, chunk_t,
         W=meta["W"], RZ_P=meta["RZ_P"], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-        HAS_STATIC=meta["HAS_STATIC"], HAS_POS=meta["HAS_POS"], DOT_DTYPE=gl_dtype(x), STAGES=STAGES,
+        HAS_STATIC=meta["HAS_STATIC"], HAS_POS=meta["HAS_POS"], DOT_DTYPE=gl_dtype(x), STAGES=stages,
         DZ_REGS=DZ_REGS, LOADER_REGS=LOADER_REGS, num_warps=WARPS, maxnreg=LAUNCH_REGS,
     )
 
@@ -274,7 +277,8 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
             e_smem.index(k).store(gl.where((er == k)[None, :] & (ei >= 0)[:, None], 1.0, 0.0).to(DOT_DTYPE))
         z_smem = gl.allocate_shared_memory(DOT_DTYPE, [BLOCK_T, _R_P], z_s)
         # The ring: per slot dy and W lagged x tiles; 2 slots, U^T, E and z: 98 KB at W = 4, so two
-        # programs share a multiprocessor (3 slots leave one: slower).
+        # programs share a multiprocessor (3 slots leave one: slower alone, but the overlapped
+        # backward takes 3 beside a dx program, OVERLAP_STAGES).
         ring = gl.allocate_shared_memory(DOT_DTYPE, [STAGES * (W + 1), 1, BLOCK_T, BLOCK_D], dy_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

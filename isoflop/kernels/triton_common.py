@@ -81,6 +81,51 @@ def wave_fill(programs: int, slots: int) -> float:
     return programs / (triton.cdiv(programs, slots) * slots)
 
 
+class SideStream:
+    """A second stream on one device, for a kernel that runs beside the current stream's: `fork()`
+    makes it wait for the current stream's work so far and current (returning the stream to go back
+    to), `back(main)` makes `main` current again, `join(main)` makes `main` wait for the side's work.
+
+    Its events are made once, and the current stream is read by its raw id (torch.cuda.current_stream
+    builds a Stream object per call: ~12 us of host time, where the whole fork and join costs ~5),
+    because host time per call is what small models' steps are made of (KERNELS.md, training point
+    22). Buffers the side's kernel uses must be allocated before `fork()` (on the main stream, which
+    frees them only after `join`)."""
+
+    def __init__(self, device_index: int) -> None:
+        self.device_index = device_index
+        self.stream = torch.cuda.Stream(device=device_index)
+        self.forked, self.done = torch.cuda.Event(), torch.cuda.Event()
+        self._streams: dict[tuple, torch.cuda.Stream] = {}  # current streams seen, by raw id
+
+    def _current(self) -> torch.cuda.Stream:
+        key = torch._C._cuda_getCurrentStream(self.device_index)  # (stream_id, device_index, device_type)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+        return stream
+
+    def fork(self) -> torch.cuda.Stream:
+        main = self._current()
+        self.forked.record(main)
+        self.stream.wait_event(self.forked)
+        torch.cuda.set_stream(self.stream)
+        return main
+
+    def back(self, main: torch.cuda.Stream) -> None:
+        torch.cuda.set_stream(main)
+
+    def join(self, main: torch.cuda.Stream) -> None:
+        self.done.record(self.stream)
+        main.wait_event(self.done)
+
+
+@functools.cache
+def side_stream(device_index: int) -> SideStream:
+    """The SideStream of a device, made once."""
+    return SideStream(device_index)
+
+
 @triton.jit
 def seq_pos(pos_ptr, t, t_ok, HAS_POS: tl.constexpr):
     """Index of positions t inside their own sequence (t itself when sequences are not packed)."""

@@ -43,7 +43,9 @@ On Hopper the filter gradients run as the "gluon" variant where it takes the inp
 are not packed (`gluon_lowrank`: the same algorithm and bit-identical results, its tiles fed by TMA
 and its products asynchronous, 100 -> 67 us at the paper's shape); "fused" forces the Triton kernel.
 There the forward and dx run in Gluon too, where they take the inputs (`gluon_lowrank_conv`, with
-channels along the product's M: FORWARD_VARIANT, DX_VARIANT).
+channels along the product's M: FORWARD_VARIANT, DX_VARIANT), and where both Gluon kernels of the
+backward run and their grids fit, they run side by side on two streams (OVERLAP,
+_overlapped_backward).
 
 The "split" variant (what "auto" takes for the widest filters, see _auto_variant; forced by
 ISOFLOP_LOWRANK_BWD=split or variant="split") computes the filter gradients in two kernels with
@@ -56,6 +58,8 @@ one accumulator each, so neither spills:
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -72,6 +76,7 @@ from isoflop.kernels.triton_common import (
     next_pow2,
     processor_count,
     seq_pos,
+    side_stream,
     sum_partials_together,
     time_chunks,
     wave_fill,
@@ -92,6 +97,10 @@ BACKWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_BWD", ("auto", "fused", "gluon
 # was that step's spread, not the kernel. Read once from ISOFLOP_LOWRANK_FWD and ISOFLOP_LOWRANK_DX.
 FORWARD_VARIANT = BackendChoice("ISOFLOP_LOWRANK_FWD", ("auto", "triton", "gluon"), "low-rank forward variant")
 DX_VARIANT = BackendChoice("ISOFLOP_LOWRANK_DX", ("auto", "triton", "gluon"), "low-rank dx variant")
+# Whether the backward may run dx and the filter gradients side by side ("auto"; "off": one after the
+# other), where both run in Gluon and each fits one program per multiprocessor (_overlapped_backward).
+# Read once from ISOFLOP_LOWRANK_OVERLAP.
+OVERLAP = BackendChoice("ISOFLOP_LOWRANK_OVERLAP", ("auto", "off"), "low-rank backward overlap setting")
 
 
 @triton.jit
@@ -696,9 +705,10 @@ def _gluon_conv_missing(src: Tensor, z: Tensor, U: Tensor, pos: Tensor | None) -
     return gluon_lowrank_conv.cannot_run(src, z, U, pos, _group_size(z, U, src.shape[-1]))
 
 
-def _dx(dy: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, pos: Tensor | None) -> Tensor:
-    """dx by DX_VARIANT: the Gluon pass where it is chosen and runs, else the Triton conv with leads."""
-    if takes_gluon(DX_VARIANT, lambda: _gluon_conv_missing(dy, z, U, pos)):
+def _dx(dy: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, pos: Tensor | None,
+        gluon: bool) -> Tensor:
+    """dx by the Gluon pass if `gluon` (takes_gluon has said it runs), else the Triton conv with leads."""
+    if gluon:
         return gluon_lowrank_conv.dx(dy, z, U, static, residual, _group_size(z, U, dy.shape[-1]))
     return _conv(dy, z, U, static, residual, pos, lead=True, blocks=None)
 
@@ -711,11 +721,12 @@ def lowrank_backward(
     lowrank_forward, dy contiguous. DX_VARIANT picks dx's kernel; `variant` the filter-gradient
     kernels: "fused", "gluon", "split" or "auto" (None: BACKWARD_VARIANT; see BACKWARD_VARIANT).
     `blocks` overrides their block sizes (benchmarks; "auto" then picks among the Triton kernels):
-    one dict for fused, {"dz": ..., "du": ...} for split."""
+    one dict for fused, {"dz": ..., "du": ...} for split. Where both run in Gluon, OVERLAP may run
+    them side by side (_overlapped_backward)."""
     variant = variant or BACKWARD_VARIANT.get()
     if variant not in BACKWARD_VARIANT.allowed:
         raise ValueError(f"lowrank_backward: variant={variant!r}; allowed: {', '.join(BACKWARD_VARIANT.allowed)}")
-    dx = _dx(dy, z, U, static, residual, pos)
+    dx_gluon = takes_gluon(DX_VARIANT, lambda: _gluon_conv_missing(dy, z, U, pos))
     meta = _meta(z, U, x.shape[-1], static, pos)
     if variant in ("auto", "gluon"):
         why_not = gluon_lowrank.cannot_run(dy, x, z, U, _group_size(z, U, x.shape[-1]))
@@ -726,13 +737,67 @@ def lowrank_backward(
             # 2048]: backward 214.8 -> 221.0 us; [1, 3000, 256]: 8.9 -> 10.3), its position loads
             # and masks in both operand layouts costing more than the TMA saves; warp-specialised
             # (v29) it still does (196.4 -> 201.1; 3 documents in [1, 3000, 256]: 14.5 -> 16.1).
-            takes_gluon = why_not is None and blocks is None and pos is None
-            variant = "gluon" if takes_gluon else _auto_variant(U.shape[0], meta["W"], static is not None)
+            takes_gluon_grads = why_not is None and blocks is None and pos is None
+            variant = "gluon" if takes_gluon_grads else _auto_variant(U.shape[0], meta["W"], static is not None)
+    if variant == "gluon" and dx_gluon and _overlaps(x):
+        return _overlapped_backward(dy, x, z, U, static, residual, meta)
+    dx = _dx(dy, z, U, static, residual, pos, dx_gluon)
     if variant == "split":
         dz, dU, ds = _split_filter_grads(dy, x, z, U, static, pos, meta, blocks)
     else:
         dz, dU, ds = _fused_filter_grads(dy, x, z, U, static, pos, meta, blocks, gluon=variant == "gluon")
     return dx, dz, dU, ds
+
+
+def _overlaps(x: Tensor) -> bool:
+    """Whether OVERLAP runs this backward's Gluon dx and filter gradients side by side: where one
+    program of each per (64 channels, sequence) fits the multiprocessors."""
+    B, _, D = x.shape
+    return OVERLAP.get() == "auto" and B * triton.cdiv(D, gluon_lowrank.BLOCK_D) <= processor_count(x.device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _overlap_plan(B: int, T: int, D: int, processors: int) -> tuple[int, int, int]:
+    """(channel tiles, chunk_t, chunks) of the overlapped backward, once per shape: about one program
+    of each kernel per multiprocessor, a sequence split into as many time chunks as there are
+    multiprocessors per (channel tile, sequence)."""
+    d_tiles = triton.cdiv(D, gluon_lowrank.BLOCK_D)
+    per_sequence = max(1, processors // (B * d_tiles))
+    chunk_t = triton.cdiv(triton.cdiv(T, per_sequence), gluon_lowrank.BLOCK_T) * gluon_lowrank.BLOCK_T
+    return d_tiles, chunk_t, triton.cdiv(T, chunk_t)
+
+
+def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
+                         meta: dict, beside: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """lowrank_backward with the Gluon dx on the current stream and the Gluon filter gradients on a
+    side stream at once, each with about one program per multiprocessor: a filter-gradient program
+    (30 K registers, 139 KB at 3 ring slots) and a dx program (24 K, 76 KB) share each one.
+
+    Each kernel alone is latency-bound and runs two programs per multiprocessor; side by side, one
+    of each, they finish sooner than one after the other (H200, KERNELS.md point 43: paper shape
+    106.9 -> 100 us, the 300M q conv on views 112.2 -> 101). Grids of more (channel tiles x
+    sequences) than multiprocessors would run two of one kernel per multiprocessor and leave no
+    room for the other, so they run one after the other (_overlaps). Every buffer is allocated on
+    the current stream before the side stream starts, and the current stream waits for it before
+    the sums, so no memory is freed while the side stream still uses it. `beside=False` runs the same
+    launches one after the other on the current stream (tests: the results are the same bits)."""
+    B, T, D = x.shape
+    d_group = _group_size(z, U, D)
+    d_tiles, chunk_t, chunks = _overlap_plan(B, T, D, processor_count(x.device))
+    meta = meta | {"RZ_P": meta["R_P"], "R_P": _grad_rank(U.shape[0], static is not None)}
+    parts = _filter_grad_buffers(x, U, static, d_tiles, chunks)
+    side = side_stream(x.device.index)
+    main = side.fork() if beside else None
+    try:
+        gluon_lowrank.filter_grad_partials(dy, x, z, U, None, meta, d_group, chunk_t, chunks, *parts,
+                                           stages=gluon_lowrank.OVERLAP_STAGES)
+    finally:
+        if beside:
+            side.back(main)
+    dx = gluon_lowrank_conv.dx(dy, z, U, static, residual, d_group, chunk=chunk_t // gluon_lowrank_conv.TILE)
+    if beside:
+        side.join(main)
+    return dx, *sum_filter_grads(*parts, z, U, static, D // d_group)
 
 
 def _grad_rank(R: int, has_static: bool) -> int:
@@ -767,10 +832,7 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
     # dz partials cost d_tiles floats per (row, r) and dU partials R*W*D floats per chunk: about
     # two programs per multiprocessor balances both against keeping the chip busy.
     chunk_t, chunks = time_chunks(T, B, d_tiles, blocks["BLOCK_T"], x.device, programs_per_processor=2)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dz_part = torch.empty(d_tiles, B * T, R, **f32)
-    du_part = torch.empty(B * chunks, R, W * D, **f32)
-    ds_part = torch.empty(B * chunks, W * D, **f32) if static is not None else du_part
+    dz_part, du_part, ds_part = _filter_grad_buffers(x, U, static, d_tiles, chunks)
     if gluon:
         gluon_lowrank.filter_grad_partials(dy, x, z, U, pos, meta, d_group, chunk_t, chunks, dz_part, du_part, ds_part)
     else:
@@ -781,6 +843,17 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
             **meta, **blocks,
         )
     return sum_filter_grads(dz_part, du_part, ds_part, z, U, static, D // d_group)
+
+
+def _filter_grad_buffers(x: Tensor, U: Tensor, static: Tensor | None, d_tiles: int, chunks: int):
+    """The fused filter-gradient kernels' float32 partials (dz_part, du_part, ds_part): dz per channel
+    tile, dU and ds per time chunk (ds_part is du_part itself without a static filter)."""
+    B, T, D = x.shape
+    R, W = U.shape[0], U.shape[1] // D
+    f32 = dict(device=x.device, dtype=torch.float32)
+    du_part = torch.empty(B * chunks, R, W * D, **f32)
+    return (torch.empty(d_tiles, B * T, R, **f32), du_part,
+            torch.empty(B * chunks, W * D, **f32) if static is not None else du_part)
 
 
 def sum_filter_grads(dz_part: Tensor, du_part: Tensor, ds_part: Tensor, z: Tensor, U: Tensor,
