@@ -15,7 +15,9 @@ picked). Its plans for wider low-rank filters (W=8, R=32 W=8, R=64, R=128) only 
 blocks were picked), and its "lowrank ... bwd split" plans time the split low-rank backward
 against the fused one's result. The cases below run the backward's "auto" variant, which on Hopper
 takes the Gluon filter gradients where they run (gluon_lowrank); ISOFLOP_LOWRANK_BWD=fused times
-the Triton kernel instead, =split the split backward. Likewise the head-wise forward and backward
+the Triton kernel instead, =split the split backward; where the Gluon dx and filter gradients both
+run and their grids fit, "auto" runs them side by side on two streams (ISOFLOP_LOWRANK_OVERLAP=off
+times them one after the other). Likewise the head-wise forward and backward
 take the Gluon walks where they run (gluon_headwise); ISOFLOP_HEADWISE_FWD=triton and
 ISOFLOP_HEADWISE_BWD=triton time the Triton walks.
 Without CUDA it says so and exits cleanly.
