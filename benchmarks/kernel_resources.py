@@ -109,13 +109,17 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
     ]
     if gluon_lowrank.gluon is not None:  # its Hopper twin (the backward's "auto" there)
         tiles = gluon_lowrank.tile_descriptor(torch.empty(BATCH, SEQ, D_MODEL, dtype=_torch_dtype(dtype)))
-        found.append(Case("low-rank filter grads (gluon)", gluon_lowrank._lowrank_gluon_filter_grad_kernel,
-                          {k: v for k, v in lowrank.items() if k not in ("FP32_DOT", "R_P")}
-                          | {"RZ_P": lowrank["R_P"], "STAGES": gluon_lowrank.STAGES,
-                             "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D,
-                             "DZ_REGS": gluon_lowrank.DZ_REGS, "LOADER_REGS": gluon_lowrank.LOADER_REGS},
-                          {"num_warps": gluon_lowrank.WARPS, "maxnreg": gluon_lowrank.LAUNCH_REGS}, gluon=True,
-                          descriptors={"x_desc": tiles, "dy_desc": tiles}))
+        # Alone (two programs per multiprocessor), and with the ring the overlapped backward gives it
+        # beside a dx program (triton_lowrank._overlapped_backward).
+        for name, stages in (("low-rank filter grads (gluon)", gluon_lowrank.STAGES),
+                             ("low-rank filter grads (gluon, beside dx)", gluon_lowrank.OVERLAP_STAGES)):
+            found.append(Case(name, gluon_lowrank._lowrank_gluon_filter_grad_kernel,
+                              {k: v for k, v in lowrank.items() if k not in ("FP32_DOT", "R_P")}
+                              | {"RZ_P": lowrank["R_P"], "STAGES": stages,
+                                 "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D,
+                                 "DZ_REGS": gluon_lowrank.DZ_REGS, "LOADER_REGS": gluon_lowrank.LOADER_REGS},
+                              {"num_warps": gluon_lowrank.WARPS, "maxnreg": gluon_lowrank.LAUNCH_REGS}, gluon=True,
+                              descriptors={"x_desc": tiles, "dy_desc": tiles}))
     if gluon_lowrank_conv.gluon is not None:  # the conv pass in Gluon (ISOFLOP_LOWRANK_FWD, ISOFLOP_LOWRANK_DX)
         found += _gluon_lowrank_conv_cases(dtype)
     if gluon_headwise.gluon is not None:  # the head-wise walks' "auto" on Hopper
