@@ -68,7 +68,8 @@ INT_ARGS = {"B": BATCH, "T": SEQ, "D": D_MODEL, "R": R, "chunk_t": 16,
 VIEW_STRIDE = 3 * D_MODEL + 3 * W * (D_MODEL // 16)
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 # Pointer arguments that are not activations: their element types.
-POINTER_TYPES = {"pos_ptr": "*i32", "dz_part_ptr": "*fp32", "du_part_ptr": "*fp32", "ds_part_ptr": "*fp32"}
+POINTER_TYPES = {"pos_ptr": "*i32", "dz_part_ptr": "*fp32", "du_part_ptr": "*fp32", "ds_part_ptr": "*fp32",
+                 "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
 
 
 @dataclass(frozen=True)
@@ -163,9 +164,11 @@ def _gluon_lowrank_conv_cases(dtype: tl.dtype) -> list[Case]:
     z = torch.empty(BATCH, SEQ, R, dtype=_torch_dtype(dtype))
     runs, zs = gc._runs_descriptor(x), gc._z_descriptor(z)
     consts = dict(W=W, CHUNK=gc.CHUNK, STAGES=gc.STAGES, HAS_STATIC=True, RESIDUAL=True, DTYPE=dtype)
+    forward = functools.partial(Case, kernel=gc._lowrank_gluon_fwd_kernel, options={"num_warps": gc.WARPS},
+                                gluon=True, descriptors={"x_desc": runs, "z_desc": zs, "y_desc": runs})
     return [
-        Case("low-rank forward (gluon)", gc._lowrank_gluon_fwd_kernel, consts, {"num_warps": gc.WARPS},
-             gluon=True, descriptors={"x_desc": runs, "z_desc": zs, "y_desc": runs}),
+        forward("low-rank forward (gluon)", constexprs=consts | {"ROPE": False}),
+        forward("low-rank forward (gluon, rope)", constexprs=consts | {"ROPE": True}),  # y rotated (RoPE)
         Case("low-rank dx (gluon)", gc._lowrank_gluon_dx_kernel, consts, {"num_warps": gc.WARPS},
              gluon=True, descriptors={"dy_desc": runs, "z_desc": zs, "dx_desc": runs}),
     ]

@@ -109,6 +109,34 @@ def test_lowrank_convs_of_one_projection_run_as_one_call(monkeypatch, arch, widt
     assert seen == widths
 
 
+@pytest.mark.parametrize("arch, rotate", [
+    ("dynamic-qkv", True), ("dynamic-all-linear", True), ("moe-dynamic-qkv", True),
+    ("dynamic-qkv-qknorm", False),  # QK-norm sits between the conv and RoPE
+    ("dynamic-headwise-qkv", False), ("static-qkv", False), ("transformer", False),
+])
+def test_lowrank_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch, rotate):
+    """Where q and k have low-rank convs and nothing sits between conv and RoPE, the convs rotate
+    their outputs (the kernels can do it in their own passes): one call per block rotates q's and
+    k's 2D channels. The logits are those of RoPE as its own op after the convs."""
+    from isoflop import kernels
+
+    model = trained_like(tiny_config(arch))
+    assert [block.mixer.convs_rotate for block in model.blocks] == [rotate] * LAYERS
+    idx = torch.randint(0, VOCAB, (2, 12))
+    rotated, original = [], kernels.dynamic_conv_lowrank
+
+    def recording(*args, **kwargs):
+        rotated.append(kwargs.get("rope_channels") if kwargs.get("rope") is not None else 0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "dynamic_conv_lowrank", recording)
+    logits, _ = model(idx)
+    assert rotated.count(2 * D) == (LAYERS if rotate else 0) and set(rotated) <= {0, 2 * D}
+    for block in model.blocks:
+        block.mixer.convs_rotate = False
+    torch.testing.assert_close(logits, model(idx)[0])
+
+
 @pytest.mark.parametrize("any_layout", [True, False])
 @pytest.mark.parametrize("arch, function, filters", [
     ("dynamic-qkv", "dynamic_conv_lowrank", (16,)),  # z [B, T, R]

@@ -188,3 +188,27 @@ def test_clear_errors(gen):
         ref.static_conv(x, rand(3, 5, gen=gen))
     with pytest.raises(ValueError, match="must divide D"):
         ref.dynamic_conv_headwise(x, rand(2, 5, 3, 3, gen=gen))
+
+
+def test_rope_rotates_whole_heads_of_the_first_channels_and_back(gen):
+    """rotate_channels turns each pair (i, i + hd/2) of the first channels' heads by its row's angle
+    (norms kept, other channels untouched); inverse=True undoes it; bad tables say what they need."""
+    from isoflop.models.attention import rope_angles
+
+    B, T, D, hd = 2, 6, 48, 16
+    y = rand(B, T, D, dtype=torch.float64, gen=gen)
+    rope = rope_angles(torch.arange(T), hd, 10000.0)
+    rotated = ref.rotate_channels(y, rope, 32)
+    assert torch.equal(rotated[..., 32:], y[..., 32:])
+    pairs = lambda t: t[..., :32].unflatten(-1, (2, 2, hd // 2))  # [B, T, head, half, i]
+    torch.testing.assert_close(pairs(rotated).norm(dim=-2), pairs(y).norm(dim=-2))
+    angle = torch.atan2(pairs(y)[..., 1, :], pairs(y)[..., 0, :])
+    turned = torch.atan2(pairs(rotated)[..., 1, :], pairs(rotated)[..., 0, :])
+    expected = rope_angles(torch.arange(T), hd, 10000.0)[1].double().asin()  # small angles: asin(sin) is the angle
+    delta = torch.remainder(turned - angle + torch.pi, 2 * torch.pi) - torch.pi
+    torch.testing.assert_close(delta[:, :, :, -1], expected[:, -1].expand(B, 2, T).transpose(1, 2))
+    torch.testing.assert_close(ref.rotate_channels(rotated, rope, 32, inverse=True), y)
+    with pytest.raises(ValueError, match="whole heads"):
+        ref.rotate_channels(y, rope, 40)
+    with pytest.raises(ValueError, match=r"\[T=6, head_dim/2\]"):
+        ref.rotate_channels(y, (rope[0][:5], rope[1][:5]))

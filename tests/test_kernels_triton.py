@@ -355,6 +355,36 @@ def test_lowrank_channel_groups_on_views_of_a_fused_output(gen, triton_backend, 
         check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
 
 
+def rope_tables(T: int, head_dim: int = 64, device="cpu") -> tuple[Tensor, Tensor]:
+    """cos and sin [T, head_dim/2] as the model makes them (angles up to ~T radians)."""
+    from isoflop.models.attention import rope_angles
+
+    return rope_angles(torch.arange(T, device=device), head_dim, 10000.0)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_op", [False, True])
+@pytest.mark.parametrize("B, T, G, Dg, R, W, rotated_groups, lengths", [
+    (2, 13, 1, 128, 3, 4, 1, None),  # two heads, all rotated
+    (1, 19, 3, 64, 5, 3, 2, [3, 1, 9, 6]),  # q, k, v groups on views, q and k rotated; packed
+])
+def test_lowrank_rope_matches_reference(monkeypatch, gen, triton_backend, dtype, in_op, B, T, G, Dg, R, W,
+                                        rotated_groups, lengths):
+    """With rope, the output's first channels come out rotated (attention's RoPE) and the gradients
+    are those of the rotation after the conv, against float64: rotated after the op (where the
+    forward kernel cannot rotate, as here), or with the tables handed to the op as where it can
+    (its forward rotates after the Triton kernel, its autograd formula un-rotates dy)."""
+    from isoflop.kernels import ops
+
+    monkeypatch.setattr(ops, "rope_fuses", lambda *args: in_op)
+    x, z = fused_output_views(B, T, G, Dg, R, dtype, gen=gen)
+    inputs = dict(x=x, z=z, U=rand(R, W * G * Dg, dtype=dtype, gen=gen) / R**0.5,
+                  static=rand(W, G * Dg, dtype=dtype, gen=gen), cu_seqlens=packed_offsets(lengths) if lengths else None,
+                  rope=rope_tables(T), rope_channels=rotated_groups * Dg)
+    check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
+
+
 @interpreted
 def test_lowrank_split_and_fused_backward_agree(gen):
     """Same gradients from both variants (dx is shared; the filter gradients only differ by the
@@ -545,7 +575,9 @@ def test_custom_ops_pass_opcheck(gen):
     B, T, D, R, W = 1, 9, 16, 3, 3
     x, z, U, s = (rand(*sh, gen=gen).requires_grad_() for sh in [(B, T, D), (B, T, R), (R, W * D), (W, D)])
     cu = torch.tensor([0, 4, 9])
-    torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu))
+    cos, sin = rope_tables(T, head_dim=D)
+    torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu, None, None, 0))
+    torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu, cos, sin, D))
     torch.library.opcheck(ops.headwise_conv, (x, rand(B, T, W, 4, gen=gen).requires_grad_(), None, False, None))
     torch.library.opcheck(ops.conv_step, (x[:, 0].detach(), rand(B, W - 1, D, gen=gen), z[:, 0].detach(), U.detach(), None, s.detach(), True))
 
@@ -571,9 +603,11 @@ def test_lowrank_ops_take_inputs_in_any_layout(gen):
     U, s = rand(R, W * D, gen=gen), rand(W, D, gen=gen)
     z_padded = torch.zeros(B, T, R + 13)[..., 2:2 + R].copy_(z)
     dy_transposed = torch.zeros(B, D, T).transpose(1, 2).copy_(dy)
-    plain = [ops.lowrank_conv(x, z, U, s, True, None), *ops.lowrank_conv_backward(dy, x, z, U, s, True, None)]
+    no_rope = (None, None, 0)
+    plain = [ops.lowrank_conv(x, z, U, s, True, None, *no_rope),
+             *ops.lowrank_conv_backward(dy, x, z, U, s, True, None)]
     for x_odd in odd_layouts(x):
-        odd = [ops.lowrank_conv(x_odd, z_padded, U, s, True, None),
+        odd = [ops.lowrank_conv(x_odd, z_padded, U, s, True, None, *no_rope),
                *ops.lowrank_conv_backward(dy_transposed, x_odd, z_padded, U, s, True, None)]
         assert all(torch.equal(a, b) for a, b in zip(odd, plain))
     if "tags" in inspect.signature(torch.library.custom_op).parameters:  # torch >= 2.8
@@ -638,7 +672,7 @@ def test_compiled_code_calls_the_custom_ops_and_matches_eager(triton_backend, ki
 
 def outputs_and_input_grads(fn, inputs: dict, names: tuple[str, ...]) -> list[Tensor]:
     """fn's output and the gradients of `names` for a fixed random cotangent."""
-    leaves = {k: (v.detach().requires_grad_(k in names) if v is not None else None) for k, v in inputs.items()}
+    leaves = {k: (v.detach().requires_grad_(k in names) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
     y = fn(**leaves)
     cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
     return [y, *torch.autograd.grad(y, [leaves[k] for k in names], cotangent)]
@@ -873,6 +907,41 @@ def test_gpu_overlapped_backward_is_the_same_launches_one_after_the_other(monkey
             assert torch.equal(a, c), name
         else:
             assert relative_error(a, c) < TOLERANCE[dtype] / 4, name
+
+
+@gpu
+@pytest.mark.skipif(not hopper(), reason="the Gluon kernels need a Hopper GPU")
+@pytest.mark.parametrize("B, T, G, Dg, R, W, dtype, static, rotated_groups, overlap", [
+    (2, 4096, 1, 1024, 16, 4, torch.bfloat16, True, 1, "auto"),  # the 300M model's q conv, side by side
+    (2, 1024, 1, 1024, 16, 4, torch.bfloat16, True, 1, "off"),  # one after the other
+    (8, 512, 3, 384, 16, 4, torch.bfloat16, True, 2, "auto"),  # q, k, v groups on views, q and k rotated
+    (4, 512, 3, 384, 8, 3, torch.float16, False, 2, "off"),
+])
+def test_gpu_lowrank_rope_inside_the_kernel_equals_the_rotation_after_it(monkeypatch, triton_backend, B, T, G, Dg,
+                                                                            R, W, dtype, static, rotated_groups,
+                                                                            overlap):
+    """The Gluon forward's own rotation (ISOFLOP_LOWRANK_ROPE=auto) against the same rotation as
+    separate ops (off): both round y before rotating, so they differ only where one rounds a fused
+    multiply-add, and so do the gradients (the inverse rotation of dy is PyTorch ops in both); and
+    the fused one against float64."""
+    from isoflop.kernels import triton_lowrank
+
+    monkeypatch.setattr(triton_lowrank.OVERLAP, "name", overlap)
+    poison_cuda_memory()
+    g = torch.Generator().manual_seed(0)
+    x, z = lowrank_x_and_z(B, T, G, Dg, R, dtype, view=G > 1, gen=g)
+    on = dict(dtype=dtype, device="cuda", gen=g)
+    inputs = dict(x=x, z=z, U=rand(R, W * G * Dg, **on) / R**0.5, static=rand(W, G * Dg, **on) if static else None,
+                  rope=rope_tables(T, device="cuda"), rope_channels=rotated_groups * Dg)
+    assert triton_lowrank.rope_fuses(x, z, inputs["U"], head_dim=64, packed=False)
+    results = {}
+    for fusion in ("auto", "off"):
+        monkeypatch.setattr(triton_lowrank.ROPE, "name", fusion)
+        results[fusion] = outputs_and_input_grads(kernels.dynamic_conv_lowrank, inputs, ("x", "z", "U"))
+    for name, fused, apart in zip(["y", "dx", "dz", "dU"], results["auto"], results["off"]):
+        assert relative_error(fused, apart.double()) < TOLERANCE[dtype] / 20, name
+    monkeypatch.setattr(triton_lowrank.ROPE, "name", "auto")
+    check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
 
 
 @gpu
@@ -1134,7 +1203,7 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 21 and all(0 < row["registers"] <= 255 for row in rows)
+    assert len(rows) == 22 and all(0 < row["registers"] <= 255 for row in rows)
     # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
     # fit two programs per multiprocessor (228 KB of shared memory; 80 registers per thread at launch,
     # which its warp-specialised partitions share out). Triton 3.9 keeps one value on the stack across
@@ -1146,6 +1215,10 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     forward = [row for row in rows if row["kernel"] == "low-rank forward (gluon)"]
     assert len(forward) == 1 and forward[0]["stack_bytes"] == 0
     assert forward[0]["registers"] <= 168 and forward[0]["shared_bytes"] <= 75 * 1024
+    # Rotating y (RoPE), two, without spills: the next tile's angles stay in registers through a tile.
+    rotating = [row for row in rows if row["kernel"] == "low-rank forward (gluon, rope)"]
+    assert len(rotating) == 1 and rotating[0]["stack_bytes"] == 0 and rotating[0]["registers"] <= 255
+    assert rotating[0]["shared_bytes"] <= 113 * 1024
     # Its dx, two (its leads keep 15 more registers across tiles: 190 on Triton 3.6; capped at 168, it
     # spilled and lost, KERNELS.md v28).
     dx = [row for row in rows if row["kernel"] == "low-rank dx (gluon)"]

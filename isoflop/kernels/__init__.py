@@ -82,15 +82,20 @@ def _heads(x: Tensor, w: Tensor) -> int:
 def dynamic_conv_lowrank(
     x: Tensor, z: Tensor, U: Tensor, static: Tensor | None = None, *,
     residual: bool = True, cu_seqlens: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None, rope_channels: int | None = None,
 ) -> Tensor:
     """Low-rank dynamic conv: x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None. With z
     [B, T, G*R], each of G runs of D/G channels takes its own R columns of z (several convs of one
-    fused projection as one call; see reference.dynamic_conv_lowrank)."""
+    fused projection as one call; see reference.dynamic_conv_lowrank). With rope = (cos, sin), the
+    output's first `rope_channels` channels (all if None) come out rotated as attention rotates q
+    and k (reference.rotate_channels), by the forward kernel itself where it can."""
     groups = z.shape[-1] // max(1, U.shape[0])
     channel_group = x.shape[-1] // groups if groups > 1 else GROUP_MULTIPLE
     if _use_triton(x, z, U, static, width=U.shape[-1] // max(1, x.shape[-1]), channel_group=channel_group):
-        return _ops().dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)
-    return reference.dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)
+        return _ops().dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens, rope=rope,
+                                           rope_channels=rope_channels)
+    return reference.dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens, rope=rope,
+                                          rope_channels=rope_channels)
 
 
 def dynamic_conv_headwise(

@@ -61,6 +61,12 @@ def hopper_missing(t: Tensor) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # (asked while torch.compile traces the dispatch)
+def gluon_hopper(index: int | None) -> bool:
+    """Whether device `index` is a Hopper GPU that this Triton's Gluon kernels can run on."""
+    return gluon is not None and not interpreting() and _major(index) == 9
+
+
 @functools.cache
 def _major(index: int | None) -> int:
     """The GPU's compute capability major, asked once per device (the question costs host time on

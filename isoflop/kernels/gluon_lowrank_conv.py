@@ -28,7 +28,13 @@ and tail (~16 bits). What is new is the orientation of the product (KERNELS.md, 
   us (each warp's 32-byte rows split every 128-byte line four ways: L1 stalls), and fewer stages
   lost (2: 59.4 us, 3: 44.7, 4: 41.2, 5: 42.4, 6: 43.6).
 On the H200 at the paper's shape 41.2 us against the Triton kernel's 48.6 (same run), 300M conv
-43.1 against 48.8, and faster at every shape of the 150M and 300M models' convs (-7% to -33%)."""
+43.1 against 48.8, and faster at every shape of the 150M and 300M models' convs (-7% to -33%).
+
+The forward can also rotate y as attention's RoPE does (`rope`, ROPE; v31): each tile goes through
+shared memory anyway, so before its TMA store the warps read it back with both halves of a 64-channel
+head in one thread, rotate them by the tile's angles (cos and sin from float32 tables, loaded one
+tile ahead in 64-byte rows) and write it again. At the 300M q conv 67 us against 41 without,
+where the model's own compiled RoPE takes 40 more (benchmarks/rope_fusion.py)."""
 
 from __future__ import annotations
 
@@ -83,10 +89,12 @@ def cannot_run(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, d_group: int
     return tma_misaligned("x", x) or tma_misaligned("z", z)
 
 
-def forward_tiles_per_program(T: int, D: int, B: int, device: torch.device) -> int:
+def forward_tiles_per_program(T: int, D: int, B: int, device: torch.device, rotates: bool = False) -> int:
     """The forward's tiles per program (the sequence's last chunk may be shorter; KERNELS.md, point 39):
-    up to three programs share a multiprocessor (156 registers, 74 KB)."""
-    return _chunk(T // TILE, triton.cdiv(D, TILE) * B, processor_count(device), three_fit=True, extra_step=False)
+    up to three programs share a multiprocessor (156 registers, 74 KB), two where it rotates y (196
+    registers: the angles of the next rotation are held through a tile's products)."""
+    return _chunk(T // TILE, triton.cdiv(D, TILE) * B, processor_count(device), three_fit=not rotates,
+                  extra_step=False)
 
 
 def dx_tiles_per_program(T: int, D: int, B: int, device: torch.device) -> int:
@@ -123,20 +131,22 @@ def _chunk(tiles: int, across: int, processors: int, three_fit: bool, extra_step
 
 
 def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, d_group: int,
-            chunk: int | None = None) -> Tensor:
+            chunk: int | None = None, rope: tuple | None = None) -> Tensor:
     """y [B, T, D] (contiguous) for inputs `cannot_run` accepts; U and static in any float type (the
     kernel rounds U to x's type for the products, as the Triton kernel does). `chunk` overrides the
-    tiles per program (benchmarks)."""
+    tiles per program (benchmarks). rope: (cos, sin, channels), float32 contiguous [T, 32]: the first
+    `channels` channels (whole 64-channel heads) come out rotated (reference.rotate_channels), each
+    tile in shared memory before its TMA store."""
     B, T, D = x.shape
     R, W = U.shape[0], U.shape[1] // D
-    chunk = chunk or forward_tiles_per_program(T, D, B, x.device)
+    chunk = chunk or forward_tiles_per_program(T, D, B, x.device, rotates=rope is not None)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(T // TILE, chunk), triton.cdiv(D, TILE), B)
     _lowrank_gluon_fwd_kernel[grid](
         _runs_descriptor(x), _z_descriptor(z), _runs_descriptor(y), x, U, static if static is not None else x,
-        T, D, R, x.stride(1), d_group,
+        *(rope if rope is not None else (x, x, 0)), T, D, R, x.stride(1), d_group,
         W=W, CHUNK=chunk, STAGES=STAGES, HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(x),
-        num_warps=WARPS,
+        ROPE=rope is not None, num_warps=WARPS,
     )
     return y
 
@@ -349,27 +359,70 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         return _tile_runs(tile.load(tile_l), run_l)
 
     @gluon.jit
-    def _store_runs(out_bufs, out_desc, sums, n, d0, step, DTYPE: gl.constexpr):
+    def _angles(t_first, cos_ptr, sin_ptr, rotate):
+        """cos and sin [T, 32] (float32) at the times of a tile [16 i, 4 c, 64 channels] (t_first +
+        16c + i), as _rotate_tile takes them; nothing is read unless `rotate`. Loaded a tile ahead:
+        from L2 (shared memory leaves L1 little room), they cost a latency the tile's products hide."""
+        # A thread's 16 angles of a time are 64 contiguous bytes of a table row (vector loads); this is
+        # the layout _halves leaves each half of _rotate_tile's tile in.
+        half_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 2, 2], [2, 2, 1], [2, 1, 0])
+        i = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, half_l)))
+        c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, half_l)))
+        j = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, half_l)))
+        at = (t_first + 16 * c[None, :, None] + i[:, None, None]) * 32 + j[None, None, :]
+        ok = rotate & (at >= 0)
+        return gl.load(cos_ptr + at, mask=ok, other=0.0), gl.load(sin_ptr + at, mask=ok, other=0.0)
+
+    @gluon.jit
+    def _rotate_tile(tile, angles, DTYPE: gl.constexpr):
+        """Rotate a tile [16 i, 4 c, 64 channels] of one head in shared memory in place by its
+        `angles` (_angles): pairs (j, j + 32), from the values in DTYPE, as reference.rotate_heads
+        does. A thread holds 16 channels of each half."""
+        pair_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 2, 2], [2, 2, 1], [2, 1, 0])
+        lo, hi = _halves(tile.load(pair_l).to(gl.float32))
+        cos = gl.convert_layout(angles[0], lo.type.layout, assert_trivial=True)
+        sin = gl.convert_layout(angles[1], lo.type.layout, assert_trivial=True)
+        tile.store(_joined(lo * cos - hi * sin, lo * sin + hi * cos).to(DTYPE))
+
+    @gluon.jit
+    def _halves(v):
+        """v [16, 4, 64] as its channels 0-31 and 32-63, each [16, 4, 32] (registers renamed)."""
+        return gl.split(gl.permute(gl.reshape(v, [16, 4, 2, 32]), [0, 1, 3, 2]))
+
+    @gluon.jit
+    def _joined(lo, hi):
+        """The inverse of _halves."""
+        return gl.reshape(gl.permute(gl.join(lo, hi), [0, 1, 3, 2]), [16, 4, 64])
+
+    @gluon.jit
+    def _store_runs(out_bufs, out_desc, sums, n, d0, step, DTYPE: gl.constexpr, rotate, angles, ROPE: gl.constexpr):
         """The tile's 16 run tensors of float32 sums out to tile n by TMA store, through buffer step % 2
-        (the caller has waited for the store two steps back, which read it)."""
+        (the caller has waited for the store two steps back, which read it); with ROPE and `rotate`,
+        rotated first by `angles` (_rotate_tile)."""
         runs_s: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
         out = ()
         for i in gl.static_range(16):
             out = out + (sums[i].to(DTYPE),)
         buf = out_bufs.index(step % 2)
-        buf.reinterpret(DTYPE, [16, 4, 64], runs_s).store(_runs_tile(out))
+        tile = buf.reinterpret(DTYPE, [16, 4, 64], runs_s)
+        tile.store(_runs_tile(out))
+        if ROPE:
+            if rotate:
+                cta_barrier()  # (every warp's part of the tile written)
+                _rotate_tile(tile, angles, DTYPE)
         fence_async_shared()
         cta_barrier()
         tma_store(out_desc, [n, 0, 0, d0], buf)
 
     @gluon.jit
     def _lowrank_gluon_fwd_kernel(  # (the _lowrank_ prefix: profiles file it as conv time)
-        x_desc, z_desc, y_desc, x_ptr, u_ptr, s_ptr,
+        x_desc, z_desc, y_desc, x_ptr, u_ptr, s_ptr, cos_ptr, sin_ptr, ROPE_CHANNELS,
         T, D, R, X_STRIDE, D_GROUP,
         W: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr, HAS_STATIC: gl.constexpr,
-        RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
+        RESIDUAL: gl.constexpr, DTYPE: gl.constexpr, ROPE: gl.constexpr,
     ):
-        """y[t] = x[t] + sum_k (f_k[t] + s_k) x[t-k], walking CHUNK tiles up in time."""
+        """y[t] = x[t] + sum_k (f_k[t] + s_k) x[t-k], walking CHUNK tiles up in time; with ROPE,
+        channels below ROPE_CHANNELS rotated by cos and sin [T, 32]."""
         BLOCK: gl.constexpr = 64
         run_l: gl.constexpr = gl.BlockedLayout([2, 1], [8, 4], [4, 1], [1, 0])  # [64 channels, 4 runs]
         pid_t, d0, b, g_col, ut_smem, st_smem, onest, zero = _program(u_ptr, s_ptr, D, R, D_GROUP, W, HAS_STATIC,
@@ -397,7 +450,12 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             before = before + (gl.load(p[:, None] + rq[None, :] * 0,
                                        mask=(ch < D)[:, None] & (rq >= 0)[None, :] & (t >= 0), other=0.0),)
 
+        rotate = d0 < ROPE_CHANNELS
         for tile in range(n_tiles):
+            if ROPE:
+                angles = _angles((tile0 + tile) * BLOCK, cos_ptr, sin_ptr, rotate)
+            else:
+                angles = 0
             zt = _slot_z(z_ring, bars, tile, STAGES, DTYPE)
             f = _tap_products(ut_smem, st_smem, zt, onest, 0, zero, HAS_STATIC)
             xr = _slot_runs(x_ring, tile, run_l, STAGES, DTYPE)
@@ -433,7 +491,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             if tile + STAGES - 1 < n_tiles:
                 _issue(x_desc, z_desc, x_ring, z_ring, bars, n0 + tile + STAGES - 1, tile + STAGES - 1, d0, g_col,
                        STAGES)
-            _store_runs(y_bufs, y_desc, ys, n0 + tile, d0, tile, DTYPE)
+            _store_runs(y_bufs, y_desc, ys, n0 + tile, d0, tile, DTYPE, rotate, angles, ROPE)
         tma.store_wait(0)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
@@ -515,7 +573,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 _issue(dy_desc, z_desc, dy_ring, z_ring, bars, n_top - step - (STAGES - 1), step + STAGES - 1, d0,
                        g_col, STAGES)
             if step >= extra:  # (the extra step's tile is the next chunk's)
-                _store_runs(dx_bufs, dx_desc, sums, n_top - step, d0, step, DTYPE)
+                _store_runs(dx_bufs, dx_desc, sums, n_top - step, d0, step, DTYPE, False, 0, False)
         tma.store_wait(0)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))

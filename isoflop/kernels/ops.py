@@ -2,7 +2,12 @@
 argument checks, so eager code, autograd and torch.compile(fullgraph=True) all see one opaque op.
 
 Ops (namespace `isoflop`):
-- lowrank_conv(x, z, U, static?, residual, cu_seqlens?) and lowrank_conv_backward -> (dx, dz, dU, ds)
+- lowrank_conv(x, z, U, static?, residual, cu_seqlens?, cos?, sin?, rope_channels) and
+  lowrank_conv_backward -> (dx, dz, dU, ds); with cos and sin, the output's first rope_channels
+  channels come out rotated (reference.rotate_channels; dynamic_conv_lowrank passes them only
+  where the forward kernel rotates, triton_lowrank.rope_fuses). The rotation's gradient is PyTorch
+  ops in the autograd formula, before the backward op, which torch.compile fuses into one kernel
+  (un-rotating dy inside the backward kernels cost more than it saved: KERNELS.md, v31)
 - headwise_conv(x, w?, static?, residual, cu_seqlens?) and headwise_conv_backward -> (dx, dw, ds);
   w [B, T, W, H] with H | D (H = D is reference.short_conv's explicit filters; no w is the static conv)
 - conv_step(x_t, state, z_t?, U?, w_t?, static?, residual) -> (y_t, new_state); no autograd.
@@ -28,11 +33,11 @@ from torch import Tensor
 # Low-rank channel groups: a channel tile (>= 16 for the matrix units) fits in one; defined beside
 # the dispatch, which must not import Triton.
 from isoflop.kernels import GROUP_MULTIPLE, CONV_OPS_TAKE_ANY_LAYOUT
-from isoflop.kernels.reference import check_cu_seqlens, lowrank_groups
+from isoflop.kernels.reference import check_cu_seqlens, lowrank_groups, rotate_channels, rotated_channels
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
 from isoflop.kernels.triton_headwise import headwise_backward, headwise_forward
-from isoflop.kernels.triton_lowrank import lowrank_backward, lowrank_forward
+from isoflop.kernels.triton_lowrank import lowrank_backward, lowrank_forward, rope_fuses
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 8  # taps are unrolled at compile time, with one accumulator each in the backward
@@ -74,12 +79,20 @@ def _rows(t: Tensor | None) -> Tensor | None:
 # Low-rank
 
 
+def _rope(cos: Optional[Tensor], sin: Optional[Tensor], channels: int) -> tuple | None:
+    """(cos, sin, channels) as the kernels take them (float32 tables), or None without rotation."""
+    if cos is None or channels == 0:
+        return None
+    return cos.float().contiguous(), sin.float().contiguous(), channels
+
+
 def _lowrank_conv(
-    x: Tensor, z: Tensor, U: Tensor, static: Optional[Tensor], residual: bool, cu_seqlens: Optional[Tensor]
+    x: Tensor, z: Tensor, U: Tensor, static: Optional[Tensor], residual: bool, cu_seqlens: Optional[Tensor],
+    cos: Optional[Tensor], sin: Optional[Tensor], rope_channels: int,
 ) -> Tensor:
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
-    return lowrank_forward(_rows(x), _rows(z), U.contiguous(), static, residual, pos)
+    return lowrank_forward(_rows(x), _rows(z), U.contiguous(), static, residual, pos, rope=_rope(cos, sin, rope_channels))
 
 
 def _takes_any_layout(name: str, fn: Callable):
@@ -103,7 +116,7 @@ lowrank_conv = _takes_any_layout("isoflop::lowrank_conv", _lowrank_conv)
 
 
 @lowrank_conv.register_fake
-def _(x, z, U, static, residual, cu_seqlens):
+def _(x, z, U, static, residual, cu_seqlens, cos, sin, rope_channels):
     return x.new_empty(x.shape)  # contiguous, like the kernel's output, whatever x's strides
 
 
@@ -127,15 +140,17 @@ def _(dy, x, z, U, static, residual, cu_seqlens):
 
 
 def _lowrank_setup(ctx, inputs, output):
-    x, z, U, static, residual, cu_seqlens = inputs
-    ctx.save_for_backward(x, z, U, static, cu_seqlens)
-    ctx.residual = residual
+    x, z, U, static, residual, cu_seqlens, cos, sin, rope_channels = inputs
+    ctx.save_for_backward(x, z, U, static, cu_seqlens, cos, sin)
+    ctx.residual, ctx.rope_channels = residual, rope_channels
 
 
 def _lowrank_grad(ctx, dy, backward=lowrank_conv_backward):
-    x, z, U, static, cu_seqlens = ctx.saved_tensors
+    x, z, U, static, cu_seqlens, cos, sin = ctx.saved_tensors
+    if cos is not None:  # the rotation's gradient: the inverse rotation
+        dy = rotate_channels(dy, (cos, sin), ctx.rope_channels, inverse=True)
     dx, dz, dU, ds = backward(dy, x, z, U, static, ctx.residual, cu_seqlens)
-    return dx, dz, dU, ds if static is not None else None, None, None
+    return dx, dz, dU, ds if static is not None else None, None, None, None, None, None
 
 
 lowrank_conv.register_autograd(_lowrank_grad, setup_context=_lowrank_setup)
@@ -288,6 +303,7 @@ def _check(x: Tensor, width: int, static: Tensor | None, cu_seqlens: Tensor | No
 def dynamic_conv_lowrank(
     x: Tensor, z: Tensor, U: Tensor, static: Tensor | None = None, *,
     residual: bool = True, cu_seqlens: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None, rope_channels: int | None = None,
 ) -> Tensor:
     """Low-rank dynamic conv (see reference.dynamic_conv_lowrank) on the Triton kernels."""
     B, T, D = _check_x(x)
@@ -299,8 +315,16 @@ def dynamic_conv_lowrank(
     if groups > 1 and (D // groups) % GROUP_MULTIPLE:
         raise ValueError(f"{groups} channel groups of {D // groups} channels: the Triton kernels need groups of a "
                          f"multiple of {GROUP_MULTIPLE} channels (use kernels.set_backend('reference') for others)")
-    _check(x, U.shape[1] // D, static, cu_seqlens, z=z, U=U)
-    return _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens)
+    cos, sin = rope if rope is not None else (None, None)
+    _check(x, U.shape[1] // D, static, cu_seqlens, z=z, U=U, cos=cos, sin=sin)
+    if rope is None:
+        return _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens, None, None, 0)
+    rope_channels = rotated_channels(x.shape, rope, rope_channels)
+    if not rope_fuses(x, z, U, 2 * cos.shape[-1], cu_seqlens is not None):  # rotated by ops of its own
+        y = _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens, None, None, 0)
+        return rotate_channels(y, rope, rope_channels)
+    return _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens, cos, sin,
+                     rope_channels)
 
 
 def dynamic_conv_headwise(

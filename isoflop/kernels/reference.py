@@ -18,6 +18,13 @@ Filters come in two parameterisations, matching the paper:
 Packed variable-length batches: B == 1 and cu_seqlens [N+1] (int, starting at 0, ending at T) marks
 document boundaries; no filter reaches across one.
 
+Rotary position embedding (RoPE) fused into the low-rank conv: with rope = (cos, sin) [T, hd/2]
+(float32, the angles of each row), the first `rope_channels` output channels (all by default), in
+heads of hd channels, are rotated as attention rotates q and k: pairs (i, i + hd/2) (Llama's
+layout), in float32 from the output rounded to x's dtype. On Hopper the conv's forward kernel then
+rotates each tile before it stores it, instead of a separate kernel reading and writing q and k
+again (benchmarks/KERNELS.md, v31).
+
 Decode: `*_step` functions take one token x_t [B, D] and a rolling state [B, W-1, D] holding the
 previous W-1 inputs, oldest first (state[:, -1] is x[t-1]); they return (y_t, new_state).
 """
@@ -116,6 +123,42 @@ def headwise_filters(w: Tensor, head_size: int) -> Tensor:
     return w.to(accumulation_dtype(w.dtype)).repeat_interleave(head_size, dim=-1)
 
 
+def rotate_heads(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """x [..., T, H, hd] rotated by the angles of its rows, cos and sin [T, hd/2] (pairs (i, i +
+    hd/2)), in float32 (float64 for float64 x), in x's dtype; `inverse` rotates back (what the
+    rotation's gradient does)."""
+    acc = accumulation_dtype(x.dtype)
+    cos, sin = cos.to(acc)[:, None, :], (-sin if inverse else sin).to(acc)[:, None, :]  # the same for every head
+    x1, x2 = x.to(acc).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def rotated_channels(shape: tuple[int, ...], rope: tuple[Tensor, Tensor], channels: int | None) -> int:
+    """How many leading channels of a [B, T, D] output `rope` rotates (D if `channels` is None),
+    after checking that its tables fit: a ValueError says what they must be."""
+    cos, sin = rope
+    T, D = shape[1], shape[2]
+    channels = D if channels is None else channels
+    ok = cos.ndim == 2 and cos.shape == sin.shape and cos.shape[0] == T and cos.shape[1] > 0
+    if not ok or channels % (2 * cos.shape[-1]) or not 0 <= channels <= D:
+        raise ValueError(f"rope (cos, sin) must be [T={T}, head_dim/2] each and rotate whole heads of the first "
+                         f"{channels} of D={D} channels; got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    return channels
+
+
+def rotate_channels(y: Tensor, rope: tuple[Tensor, Tensor], channels: int | None = None,
+                    inverse: bool = False) -> Tensor:
+    """y [B, T, D] with its first `channels` channels (all if None) rotated in heads of hd = 2 *
+    cos.shape[-1] channels (rotate_heads); the others unchanged."""
+    cos, sin = rope
+    channels = rotated_channels(y.shape, rope, channels)
+    head_dim = 2 * cos.shape[-1]
+    if channels == 0:
+        return y
+    rotated = rotate_heads(y[..., :channels].unflatten(-1, (channels // head_dim, head_dim)), cos, sin, inverse)
+    return torch.cat([rotated.flatten(-2), y[..., channels:]], dim=-1) if channels < y.shape[-1] else rotated.flatten(-2)
+
+
 def lowrank_groups(z: Tensor, U: Tensor, D: int) -> int:
     """G for z [B, T, G*R] and U [R, W*D]: G groups of D/G channels, each with its own R columns of
     z. ValueError unless U has R >= 1 rows, z holds G >= 1 whole R-column slices and G divides D."""
@@ -135,12 +178,18 @@ def dynamic_conv_lowrank(
     *,
     residual: bool = True,
     cu_seqlens: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None,
+    rope_channels: int | None = None,
 ) -> Tensor:
-    """Low-rank dynamic conv: x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None.
+    """Low-rank dynamic conv: x [B, T, D], z [B, T, R], U [R, W*D], static [W, D] or None; with
+    `rope`, then rotated (rotate_channels; see the module's docstring).
 
     With z [B, T, G*R], the channels form G groups of D/G consecutive channels, and group g is the
     low-rank conv of its channels with z[..., g*R:(g+1)*R] and its slice of U and static (U's
     taps stay tap-major over all D channels: U[:, k*D + d])."""
+    if rope is not None:
+        y = dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)
+        return rotate_channels(y, rope, rope_channels)
     D = x.shape[-1]
     width = U.shape[1] // D
     groups, R = lowrank_groups(z, U, D), U.shape[0]

@@ -68,7 +68,8 @@ from torch import Tensor
 
 from isoflop.backends import BackendChoice
 from isoflop.kernels import gluon_lowrank, gluon_lowrank_conv
-from isoflop.kernels.gluon_common import takes_gluon
+from isoflop.kernels.gluon_common import gluon_hopper, lowrank_limits_missing, takes_gluon
+from isoflop.kernels.reference import rotate_channels
 from isoflop.kernels.triton_common import (
     dot_dtype,
     interpreting,
@@ -101,6 +102,10 @@ DX_VARIANT = BackendChoice("ISOFLOP_LOWRANK_DX", ("auto", "triton", "gluon"), "l
 # other), where both run in Gluon and each fits one program per multiprocessor (_overlapped_backward).
 # Read once from ISOFLOP_LOWRANK_OVERLAP.
 OVERLAP = BackendChoice("ISOFLOP_LOWRANK_OVERLAP", ("auto", "off"), "low-rank backward overlap setting")
+# Whether a conv that rotates its output (rope) does so in the Gluon forward's epilogue ("auto", where
+# that kernel runs and heads are its 64-channel tiles: rope_fuses) or in ops of its own after the
+# kernel ("off", what the model's own RoPE costs). Read once from ISOFLOP_LOWRANK_ROPE.
+ROPE = BackendChoice("ISOFLOP_LOWRANK_ROPE", ("auto", "off"), "low-rank conv's RoPE fusion setting")
 
 
 @triton.jit
@@ -688,16 +693,38 @@ def _fold_static(R: int, meta: dict, lead: bool) -> bool:
 
 def lowrank_forward(
     x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, pos: Tensor | None,
-    blocks: dict | None = None,
+    blocks: dict | None = None, rope: tuple | None = None,
 ) -> Tensor:
     """y [B, T, D] (contiguous) for x [B, T, D], z [B, T, R] or [B, T, G*R] (G channel groups, see
     reference.lowrank_filters), U [R, W*D], static [W, D] or None, pos int32 [T] (packed sequences)
     or None. x and z may be views with evenly strided rows (into one fused projection's output);
     U, static and pos are contiguous. `blocks` overrides the Triton kernel's block sizes (benchmarks).
-    FORWARD_VARIANT picks the kernel (see there)."""
+    FORWARD_VARIANT picks the kernel (see there). rope: (cos, sin, channels), float32 contiguous
+    tables [T, head_dim/2]: y's first `channels` channels come out rotated (reference.rotate_channels),
+    by the Gluon kernel itself where it runs with 64-channel heads (callers ask rope_fuses first:
+    elsewhere the rotation is PyTorch ops after the kernel)."""
     if blocks is None and takes_gluon(FORWARD_VARIANT, lambda: _gluon_conv_missing(x, z, U, pos)):
-        return gluon_lowrank_conv.forward(x, z, U, static, residual, _group_size(z, U, x.shape[-1]))
-    return _conv(x, z, U, static, residual, pos, lead=False, blocks=blocks)
+        fused = rope if rope is not None and 2 * rope[0].shape[-1] == gluon_lowrank_conv.TILE else None
+        y = gluon_lowrank_conv.forward(x, z, U, static, residual, _group_size(z, U, x.shape[-1]), rope=fused)
+        return y if fused is not None or rope is None else rotate_channels(y, rope[:2], rope[2])
+    y = _conv(x, z, U, static, residual, pos, lead=False, blocks=blocks)
+    return y if rope is None else rotate_channels(y, rope[:2], rope[2])
+
+
+def rope_fuses(x: Tensor, z: Tensor, U: Tensor, head_dim: int, packed: bool) -> bool:
+    """Whether lowrank_forward would rotate by a rope of `head_dim` in its Gluon kernel: ROPE and
+    FORWARD_VARIANT allow it, heads are the kernel's 64-channel tiles, and the kernel takes these
+    shapes and types (gluon_lowrank_conv.cannot_run, but for addresses and strides, which torch.compile
+    cannot see while it traces this: where those turn out misaligned, lowrank_forward rotates after
+    the Triton kernel instead, the same result)."""
+    tile = gluon_lowrank_conv.TILE
+    if ROPE.get() != "auto" or FORWARD_VARIANT.get() == "triton" or packed or head_dim != tile:
+        return False
+    if not (x.is_cuda and x.dtype == z.dtype and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    limits = lowrank_limits_missing(x, U, _group_size(z, U, x.shape[-1]), gluon_lowrank_conv.MAX_RANK,
+                                    gluon_lowrank_conv.MAX_WIDTH, tile)
+    return limits is None and x.shape[1] % tile == 0 and gluon_hopper(x.device.index)
 
 
 def _gluon_conv_missing(src: Tensor, z: Tensor, U: Tensor, pos: Tensor | None) -> str | None:

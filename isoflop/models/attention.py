@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from isoflop.kernels.reference import rotate_heads
 from isoflop.models.config import ModelConfig
 from isoflop.models.conv import LinearConvs
 from isoflop.models.norm import RMSNorm
@@ -35,9 +36,7 @@ def rope_angles(positions: Tensor, head_dim: int, theta: float) -> Rope:
 
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
     """Rotate x [B, T, H, head_dim] by position; pairs are (i, i + head_dim/2) (Llama's layout)."""
-    cos, sin = (angle[:, None, :] for angle in rope)  # [T, 1, head_dim/2]: the same for every head
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    return rotate_heads(x, *rope)
 
 
 def causal_document_mask(cu_seqlens: Tensor, T: int, device: torch.device) -> Tensor:
@@ -85,15 +84,19 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         shapes = {name: (d, d) for name in ("q", "k", "v", "o")}
         self.convs = LinearConvs(cfg.conv, shapes, cfg.init_std)
+        # q and k with low-rank convs and nothing (QK-norm) between conv and rotation: the convs
+        # rotate their own outputs, in the forward kernel where it can (one read and write of q
+        # and k fewer; the backward's inverse rotation stays a compiled op; KERNELS.md, v31).
+        self.convs_rotate = self.q_norm is None and self.convs.rotates(("q", "k"))
 
     @property
     def qkv(self) -> dict[str, nn.Linear]:
         """The linears that read the normed input, in the order forward unpacks them."""
         return {"q": self.q, "k": self.k, "v": self.v}
 
-    def _to_heads(self, q: Tensor, k: Tensor, v: Tensor, rope: Rope) -> tuple[Tensor, ...]:
+    def _to_heads(self, q: Tensor, k: Tensor, v: Tensor, rope: Rope | None) -> tuple[Tensor, ...]:
         """[B, T, d] each -> [B, H, T, head_dim] (views of [B, T, H, head_dim] tensors); QK-norm (if
-        any) before RoPE.
+        any) before RoPE; rope None: q and k come rotated already.
 
         QK-norm and RoPE run before the heads are transposed, so their outputs, and the gradients
         the attention's backward hands back for them, keep the [B, T, d] order. Rotated after the
@@ -106,7 +109,9 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return tuple(t.transpose(1, 2) for t in (apply_rope(q, rope), apply_rope(k, rope), v))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return tuple(t.transpose(1, 2) for t in (q, k, v))
 
     def forward(
         self, h: Tensor, rope: Rope, cu_seqlens: Tensor | None = None,
@@ -115,8 +120,9 @@ class Attention(nn.Module):
         """h [B, T, d] is the block's normed input. document_mask: see causal_document_mask;
         None means plain causal attention over the whole row."""
         B, T, d = h.shape
-        q, k, v = self.convs.project_and_run(h, self.qkv, cu_seqlens)
-        q, k, v = self._to_heads(q, k, v, rope)
+        rotated = ("q", "k") if self.convs_rotate else ()
+        q, k, v = self.convs.project_and_run(h, self.qkv, cu_seqlens, rope, rotated)
+        q, k, v = self._to_heads(q, k, v, None if rotated else rope)
         if document_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:

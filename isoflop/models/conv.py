@@ -141,16 +141,20 @@ class DynamicShortConv(nn.Module):
 
     def forward(
         self, x: Tensor, h: Tensor | None, cu_seqlens: Tensor | None = None, *,
-        z: Tensor | None = None,
+        z: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """x [B, T, channels] is filtered; h [B, T, in_features] generates the filters, or
-        z = generator_input(h) [B, T, rank or W*H] when the caller has computed it already."""
+        z = generator_input(h) [B, T, rank or W*H] when the caller has computed it already. With
+        rope = (cos, sin) (low-rank only), the output comes out rotated as attention rotates q and k
+        (kernels.dynamic_conv_lowrank)."""
         z = self.generator_input(h) if z is None else z
         x, z = _as_kernels_take(x, z)
         if self.kind == "lowrank":
             return kernels.dynamic_conv_lowrank(
-                x, z, self.up, self.bias, residual=self.residual, cu_seqlens=cu_seqlens
+                x, z, self.up, self.bias, residual=self.residual, cu_seqlens=cu_seqlens, rope=rope
             )
+        if rope is not None:
+            raise ValueError("only low-rank dynamic convs rotate their output (rope)")
         return kernels.dynamic_conv_headwise(
             x, self._taps(z), self.bias, residual=self.residual, cu_seqlens=cu_seqlens
         )
@@ -244,16 +248,22 @@ class LinearConvs(nn.ModuleDict):
 
     def run(
         self, name: str, y: Tensor, h: Tensor | None, cu_seqlens: Tensor | None = None, *,
-        z: Tensor | None = None,
+        z: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """The conv of linear `name` on its output y; a dynamic conv's filters come from z when
-        given (see `project`), otherwise from h."""
+        given (see `project`), otherwise from h. With `rope`, the output comes out rotated (only
+        for the low-rank convs of `rotates`)."""
         if name not in self:
             return y
         conv = self[name]
         if isinstance(conv, DynamicShortConv):
-            return conv(y, h, cu_seqlens, z=z)
+            return conv(y, h, cu_seqlens, z=z, rope=rope)
         return conv(y, cu_seqlens)
+
+    def rotates(self, names: tuple[str, ...]) -> bool:
+        """Whether every linear of `names` has a low-rank dynamic conv, which can rotate its output
+        (RoPE) in the conv's forward kernel instead of a separate pass over it."""
+        return all(n in self and isinstance(self[n], DynamicShortConv) and self[n].kind == "lowrank" for n in names)
 
     def step(
         self, name: str, y_t: Tensor, h_t: Tensor | None, states: dict[str, Tensor], *,
@@ -270,9 +280,12 @@ class LinearConvs(nn.ModuleDict):
         return y_t
 
     def project_and_run(
-        self, h: Tensor, linears: dict[str, nn.Linear], cu_seqlens: Tensor | None = None
+        self, h: Tensor, linears: dict[str, nn.Linear], cu_seqlens: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None, rotated: tuple[str, ...] = (),
     ) -> list[Tensor]:
-        """The outputs of `linears` (all reading h), each through its conv, from one matmul.
+        """The outputs of `linears` (all reading h), each through its conv, from one matmul; those
+        named in `rotated` (the first of `linears`, each with a low-rank conv: `rotates`) come out
+        rotated by `rope`.
 
         When every one of them has a static conv (one width, one residual), the convs run as one
         conv over the matmul's whole output: a depthwise conv over concatenated channels with
@@ -290,26 +303,31 @@ class LinearConvs(nn.ModuleDict):
         # step from x1.60 to x1.36 the transformer's. Compiled, one call per conv was faster at
         # 300M (+10.3% vs +10.9% for one call, on copies) and keeps 2 GiB less (attention keeps
         # v, a view of the one call's whole output); each call reads its views in place.
+        if rotated and (list(linears)[:len(rotated)] != list(rotated) or not self.rotates(rotated)):
+            raise ValueError(f"rotated={rotated}: must be the first of {list(linears)}, each with a low-rank conv")
         lowrank = None if torch.compiler.is_compiling() else self._lowrank_group(list(linears))
         if lowrank is not None:
-            return self._run_lowrank_group(h, linears, lowrank, cu_seqlens)
+            return self._run_lowrank_group(h, linears, lowrank, cu_seqlens, rope, len(rotated))
         projected = self.project(h, linears)
-        return [self.run(name, y, h, cu_seqlens, z=z) for name, (y, z) in projected.items()]
+        return [self.run(name, y, h, cu_seqlens, z=z, rope=rope if name in rotated else None)
+                for name, (y, z) in projected.items()]
 
     def _run_lowrank_group(
         self, h: Tensor, linears: dict[str, nn.Linear], convs: list[DynamicShortConv],
-        cu_seqlens: Tensor | None,
+        cu_seqlens: Tensor | None, rope: tuple[Tensor, Tensor] | None, n_rotated: int,
     ) -> list[Tensor]:
         """One matmul for the linears and their generators' D->R maps, then one conv whose channel
         group g (linear g's outputs) takes its filters from z's g-th R columns; x and z are read
-        in place from the matmul's output."""
+        in place from the matmul's output. The first `n_rotated` groups come out rotated by rope."""
         rank, width = convs[0].rank, convs[0].width
         channels = sum(conv.channels for conv in convs)
         x, z = F.linear(h, torch.cat(self._stacked_weights(linears))).split([channels, len(convs) * rank], dim=-1)
         # U[:, k*D + d] over the concatenated channels: each conv's [R, W, C] taps side by side.
         up = torch.cat([conv.up.view(rank, width, conv.channels) for conv in convs], dim=2).flatten(1)
         bias = torch.cat([conv.bias for conv in convs], dim=1)
-        y = kernels.dynamic_conv_lowrank(x, z, up, bias, residual=convs[0].residual, cu_seqlens=cu_seqlens)
+        y = kernels.dynamic_conv_lowrank(x, z, up, bias, residual=convs[0].residual, cu_seqlens=cu_seqlens,
+                                         rope=rope if n_rotated else None,
+                                         rope_channels=sum(conv.channels for conv in convs[:n_rotated]))
         return list(y.split([conv.channels for conv in convs], dim=-1))
 
     def _group(
