@@ -70,23 +70,28 @@ MAX_RANK, MAX_WIDTH = 16, 4
 def cannot_run(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, d_group: int) -> str | None:
     """Why the Gluon pass cannot take these inputs here (x: the forward's x, or dx's dy), or None if
     it can."""
-    missing = hopper_missing(x)
+    missing = hopper_missing(x) or shapes_missing(x, z, U, pos is not None, d_group)
     if missing:
         return missing
     T = x.shape[1]
-    if pos is not None:
+    for name, t in (("x", x), ("z", z)):
+        if t.stride(0) != T * t.stride(1):
+            return f"{name}'s batches must follow each other (strides {tuple(t.stride())})"
+    return tma_misaligned("x", x) or tma_misaligned("z", z)
+
+
+def shapes_missing(x: Tensor, z: Tensor, U: Tensor, packed: bool, d_group: int) -> str | None:
+    """What `cannot_run` says of the inputs' shapes and types alone (no device, address or stride:
+    what torch.compile can see while it traces a call, triton_lowrank.rope_fuses), or None."""
+    if packed:
         return "packed sequences take the Triton kernel"
     if not (x.dtype == z.dtype and x.dtype in (torch.float16, torch.bfloat16)):
         return f"it takes float16 or bfloat16 x and z (got {x.dtype}, {z.dtype})"
     limits = lowrank_limits_missing(x, U, d_group, MAX_RANK, MAX_WIDTH, TILE)
     if limits:
         return limits
-    if T % TILE:
-        return f"T must be a multiple of {TILE} (got {T})"
-    for name, t in (("x", x), ("z", z)):
-        if t.stride(0) != T * t.stride(1):
-            return f"{name}'s batches must follow each other (strides {tuple(t.stride())})"
-    return tma_misaligned("x", x) or tma_misaligned("z", z)
+    T = x.shape[1]
+    return f"T must be a multiple of {TILE} (got {T})" if T % TILE else None
 
 
 def forward_tiles_per_program(T: int, D: int, B: int, device: torch.device, rotates: bool = False) -> int:

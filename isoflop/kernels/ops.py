@@ -317,14 +317,12 @@ def dynamic_conv_lowrank(
                          f"multiple of {GROUP_MULTIPLE} channels (use kernels.set_backend('reference') for others)")
     cos, sin = rope if rope is not None else (None, None)
     _check(x, U.shape[1] // D, static, cu_seqlens, z=z, U=U, cos=cos, sin=sin)
-    if rope is None:
-        return _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens, None, None, 0)
-    rope_channels = rotated_channels(x.shape, rope, rope_channels)
-    if not rope_fuses(x, z, U, 2 * cos.shape[-1], cu_seqlens is not None):  # rotated by ops of its own
-        y = _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens, None, None, 0)
-        return rotate_channels(y, rope, rope_channels)
-    return _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens, cos, sin,
-                     rope_channels)
+    rope_channels = rotated_channels(x.shape, rope, rope_channels) if rope is not None else 0
+    # The tables go to the op where its forward kernel rotates; elsewhere ops of their own rotate after it.
+    inside = rope is not None and rope_fuses(x, z, U, 2 * cos.shape[-1], cu_seqlens is not None)
+    y = _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens,
+                  *((cos, sin, rope_channels) if inside else (None, None, 0)))
+    return y if inside or rope is None else rotate_channels(y, rope, rope_channels)
 
 
 def dynamic_conv_headwise(

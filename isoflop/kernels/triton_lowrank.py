@@ -68,7 +68,7 @@ from torch import Tensor
 
 from isoflop.backends import BackendChoice
 from isoflop.kernels import gluon_lowrank, gluon_lowrank_conv
-from isoflop.kernels.gluon_common import gluon_hopper, lowrank_limits_missing, takes_gluon
+from isoflop.kernels.gluon_common import gluon_hopper, takes_gluon
 from isoflop.kernels.reference import rotate_channels
 from isoflop.kernels.triton_common import (
     dot_dtype,
@@ -706,25 +706,24 @@ def lowrank_forward(
     if blocks is None and takes_gluon(FORWARD_VARIANT, lambda: _gluon_conv_missing(x, z, U, pos)):
         fused = rope if rope is not None and 2 * rope[0].shape[-1] == gluon_lowrank_conv.TILE else None
         y = gluon_lowrank_conv.forward(x, z, U, static, residual, _group_size(z, U, x.shape[-1]), rope=fused)
-        return y if fused is not None or rope is None else rotate_channels(y, rope[:2], rope[2])
-    y = _conv(x, z, U, static, residual, pos, lead=False, blocks=blocks)
+        if fused is not None:
+            return y
+    else:
+        y = _conv(x, z, U, static, residual, pos, lead=False, blocks=blocks)
     return y if rope is None else rotate_channels(y, rope[:2], rope[2])
 
 
 def rope_fuses(x: Tensor, z: Tensor, U: Tensor, head_dim: int, packed: bool) -> bool:
     """Whether lowrank_forward would rotate by a rope of `head_dim` in its Gluon kernel: ROPE and
     FORWARD_VARIANT allow it, heads are the kernel's 64-channel tiles, and the kernel takes these
-    shapes and types (gluon_lowrank_conv.cannot_run, but for addresses and strides, which torch.compile
-    cannot see while it traces this: where those turn out misaligned, lowrank_forward rotates after
-    the Triton kernel instead, the same result)."""
-    tile = gluon_lowrank_conv.TILE
-    if ROPE.get() != "auto" or FORWARD_VARIANT.get() == "triton" or packed or head_dim != tile:
+    shapes and types (gluon_lowrank_conv.shapes_missing: cannot_run but for addresses and strides,
+    which torch.compile cannot see while it traces this; where those turn out misaligned,
+    lowrank_forward rotates after the Triton kernel instead, the same result)."""
+    if ROPE.get() != "auto" or FORWARD_VARIANT.get() == "triton" or head_dim != gluon_lowrank_conv.TILE:
         return False
-    if not (x.is_cuda and x.dtype == z.dtype and x.dtype in (torch.float16, torch.bfloat16)):
+    if not x.is_cuda or gluon_lowrank_conv.shapes_missing(x, z, U, packed, _group_size(z, U, x.shape[-1])):
         return False
-    limits = lowrank_limits_missing(x, U, _group_size(z, U, x.shape[-1]), gluon_lowrank_conv.MAX_RANK,
-                                    gluon_lowrank_conv.MAX_WIDTH, tile)
-    return limits is None and x.shape[1] % tile == 0 and gluon_hopper(x.device.index)
+    return gluon_hopper(x.device.index)
 
 
 def _gluon_conv_missing(src: Tensor, z: Tensor, U: Tensor, pos: Tensor | None) -> str | None:
@@ -811,7 +810,7 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
     B, T, D = x.shape
     d_group = _group_size(z, U, D)
     d_tiles, chunk_t, chunks = _overlap_plan(B, T, D, processor_count(x.device))
-    meta = meta | {"RZ_P": meta["R_P"], "R_P": _grad_rank(U.shape[0], static is not None)}
+    meta = _grad_meta(meta, U, static)
     parts = _filter_grad_buffers(x, U, static, d_tiles, chunks)
     side = side_stream(x.device.index)
     main = side.fork() if beside else None
@@ -833,6 +832,12 @@ def _grad_rank(R: int, has_static: bool) -> int:
     return max(16, next_pow2(R + 1 if has_static else R))
 
 
+def _grad_meta(meta: dict, U: Tensor, static: Tensor | None) -> dict:
+    """`meta` as the fused filter-gradient kernels take it: the dz products keep R's own padding
+    (RZ_P, v15); the dU products make room for the ones column (R_P, _grad_rank)."""
+    return meta | {"RZ_P": meta["R_P"], "R_P": _grad_rank(U.shape[0], static is not None)}
+
+
 def _auto_variant(R: int, W: int, has_static: bool) -> str:
     """The filter-gradient kernels "auto" picks: fused, except where its W accumulators of
     [BLOCK_D, R_P] floats leave it 32 x 32 tiles with R floats of dz partials per row and tile, and
@@ -849,8 +854,7 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
     (gluon_lowrank: the same tiles, partials and results)."""
     B, T, D = x.shape
     R, W, d_group = U.shape[0], meta["W"], _group_size(z, U, D)
-    # The dz products keep R's own padding (v15); the dU products make room for the ones column.
-    meta = meta | {"RZ_P": meta["R_P"], "R_P": _grad_rank(R, static is not None)}
+    meta = _grad_meta(meta, U, static)
     if gluon:  # its tiles are fixed (cannot_run has checked that groups take them)
         blocks = {"BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D}
     else:
