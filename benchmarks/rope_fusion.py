@@ -1,7 +1,7 @@
 """RoPE in the low-rank conv's forward kernel against RoPE as a kernel of its own, kernel time only.
 
 A dynamic-qkv model whose q and k convs are low-rank rotates their outputs inside the conv's Gluon
-forward (triton_lowrank.ROPE, KERNELS.md v31); without that, the model's compiled RoPE reads q and k
+forward (triton_lowrank.ROPE, KERNELS.md v31 and v32); without that, the model's compiled RoPE reads q and k
 again and writes them rotated. For the q (or k) conv of the 300M and 150M models (B=8, T=4096, 64-
 channel heads) this prints, as medians of CUDA-graph replays (no host time): the conv forward, the
 same forward rotating its output, the model's compiled RoPE alone, and what the fusion saves per

@@ -132,9 +132,43 @@ def test_lowrank_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch, rotat
     monkeypatch.setattr(kernels, "dynamic_conv_lowrank", recording)
     logits, _ = model(idx)
     assert rotated.count(2 * D) == (LAYERS if rotate else 0) and set(rotated) <= {0, 2 * D}
+    # Packed documents restart their positions, so RoPE runs after the convs (RopeFromZero).
+    rotated.clear()
+    model(idx[:1], cu_seqlens=torch.tensor([0, 5, 12]))
+    assert set(rotated) <= {0} and (rotated or not rotate)
     for block in model.blocks:
         block.mixer.convs_rotate = False
     torch.testing.assert_close(logits, model(idx)[0])
+
+
+def test_only_tables_of_positions_from_zero_rotate_inside_the_convs(monkeypatch):
+    """Attention called with tables of other positions (a plain tuple) rotates after its convs: the
+    conv's kernel forms a time's angles from two table rows, which positions 0 to T-1 allow; the
+    conv itself refuses other tables where checking is free (CPU)."""
+    from isoflop.models.attention import RopeFromZero
+
+    attention = trained_like(tiny_config("dynamic-qkv")).blocks[0].mixer
+    h = torch.randn(2, 12, D)
+    calls, original = [], kernels.dynamic_conv_lowrank
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("rope") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "dynamic_conv_lowrank", recording)
+    with torch.no_grad():
+        shifted = attention(h, rope_angles(torch.arange(12) + 7, D // HEADS, 10000.0))
+        assert calls == [False] and not isinstance(rope_angles(torch.arange(3), 8, 1e4), RopeFromZero)
+        from_zero = attention(h, rope_angles(torch.arange(12), D // HEADS, 10000.0, from_zero=True))
+        assert calls == [False, True]
+        torch.testing.assert_close(from_zero, attention(h, rope_angles(torch.arange(12), D // HEADS, 10000.0)))
+    torch.testing.assert_close(shifted, from_zero, rtol=1e-5, atol=1e-6)  # (relative positions only)
+    x, z, U = torch.randn(1, 128, 64), torch.randn(1, 128, 4), torch.randn(4, 3 * 64)
+    with pytest.raises(ValueError, match=r"positions 0, 1, \.\.\., T-1"):
+        original(x, z, U, rope=rope_angles(torch.arange(128) + 100, 64, 10000.0))
+    packed = original(x, z, U, rope=rope_angles(torch.arange(128) % 64, 64, 10000.0),
+                                          cu_seqlens=torch.tensor([0, 64, 128]))
+    assert packed.shape == x.shape
 
 
 @pytest.mark.parametrize("any_layout", [True, False])

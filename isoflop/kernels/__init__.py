@@ -88,7 +88,8 @@ def dynamic_conv_lowrank(
     [B, T, G*R], each of G runs of D/G channels takes its own R columns of z (several convs of one
     fused projection as one call; see reference.dynamic_conv_lowrank). With rope = (cos, sin), the
     output's first `rope_channels` channels (all if None) come out rotated as attention rotates q
-    and k (reference.rotate_channels), by the forward kernel itself where it can."""
+    and k (reference.rotate_channels), by the forward kernel itself where it can; without
+    cu_seqlens, the tables must be those of positions 0 to T-1 (reference.check_rope_from_zero)."""
     groups = z.shape[-1] // max(1, U.shape[0])
     channel_group = x.shape[-1] // groups if groups > 1 else GROUP_MULTIPLE
     if _use_triton(x, z, U, static, width=U.shape[-1] // max(1, x.shape[-1]), channel_group=channel_group):

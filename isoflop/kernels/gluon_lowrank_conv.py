@@ -32,9 +32,11 @@ On the H200 at the paper's shape 41.2 us against the Triton kernel's 48.6 (same 
 
 The forward can also rotate y as attention's RoPE does (`rope`, ROPE; v31): each tile goes through
 shared memory anyway, so before its TMA store the warps read it back with both halves of a 64-channel
-head in one thread, rotate them by the tile's angles (cos and sin from float32 tables, loaded one
-tile ahead in 64-byte rows) and write it again. At the 300M q conv 67 us against 41 without,
-where the model's own compiled RoPE takes 40 more (benchmarks/rope_fusion.py)."""
+head in one thread, rotate them by the tile's angles and write it again. The angles of time 64n + i
+are the sum of the tables' rows 64n and i (v32; hence tables of positions 0 to T-1): cos and sin of
+rows 0-63 stay in registers, and a tile reads 256 bytes of table instead of its 16 KB of rows, which
+had bounded the kernel (v31: 67 us at the 300M q conv; v32: 53 against 44 without the rotation,
+where the model's own compiled RoPE takes 40 more: benchmarks/rope_fusion.py)."""
 
 from __future__ import annotations
 
@@ -96,8 +98,8 @@ def shapes_missing(x: Tensor, z: Tensor, U: Tensor, packed: bool, d_group: int) 
 
 def forward_tiles_per_program(T: int, D: int, B: int, device: torch.device, rotates: bool = False) -> int:
     """The forward's tiles per program (the sequence's last chunk may be shorter; KERNELS.md, point 39):
-    up to three programs share a multiprocessor (156 registers, 74 KB), two where it rotates y (196
-    registers: the angles of the next rotation are held through a tile's products)."""
+    up to three programs share a multiprocessor (156 registers, 74 KB), two where it rotates y (245
+    registers: the angles of rows 0-63, and those of the next rotation through a tile's products)."""
     return _chunk(T // TILE, triton.cdiv(D, TILE) * B, processor_count(device), three_fit=not rotates,
                   extra_step=False)
 
@@ -139,9 +141,10 @@ def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
             chunk: int | None = None, rope: tuple | None = None) -> Tensor:
     """y [B, T, D] (contiguous) for inputs `cannot_run` accepts; U and static in any float type (the
     kernel rounds U to x's type for the products, as the Triton kernel does). `chunk` overrides the
-    tiles per program (benchmarks). rope: (cos, sin, channels), float32 contiguous [T, 32]: the first
-    `channels` channels (whole 64-channel heads) come out rotated (reference.rotate_channels), each
-    tile in shared memory before its TMA store."""
+    tiles per program (benchmarks). rope: (cos, sin, channels), float32 contiguous [T, 32] of
+    positions 0 to T-1 (reference.check_rope_from_zero): the first `channels` channels (whole
+    64-channel heads) come out rotated (reference.rotate_channels), each tile in shared memory before
+    its TMA store."""
     B, T, D = x.shape
     R, W = U.shape[0], U.shape[1] // D
     chunk = chunk or forward_tiles_per_program(T, D, B, x.device, rotates=rope is not None)
@@ -364,19 +367,29 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         return _tile_runs(tile.load(tile_l), run_l)
 
     @gluon.jit
-    def _angles(t_first, cos_ptr, sin_ptr, rotate):
-        """cos and sin [T, 32] (float32) at the times of a tile [16 i, 4 c, 64 channels] (t_first +
-        16c + i), as _rotate_tile takes them; nothing is read unless `rotate`. Loaded a tile ahead:
-        from L2 (shared memory leaves L1 little room), they cost a latency the tile's products hide."""
+    def _angle_offsets(cos_ptr, sin_ptr, rotate):
+        """cos and sin [T, 32] (float32) at times 0-63, laid out as a tile [16 i, 4 c, 64 channels]
+        holds them (16c + i), the halves _rotate_tile takes; nothing is read unless `rotate`."""
         # A thread's 16 angles of a time are 64 contiguous bytes of a table row (vector loads); this is
         # the layout _halves leaves each half of _rotate_tile's tile in.
         half_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 2, 2], [2, 2, 1], [2, 1, 0])
         i = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, half_l)))
         c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, half_l)))
         j = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, half_l)))
-        at = (t_first + 16 * c[None, :, None] + i[:, None, None]) * 32 + j[None, None, :]
-        ok = rotate & (at >= 0)
-        return gl.load(cos_ptr + at, mask=ok, other=0.0), gl.load(sin_ptr + at, mask=ok, other=0.0)
+        at = (16 * c[None, :, None] + i[:, None, None]) * 32 + j[None, None, :]
+        return gl.load(cos_ptr + at, mask=rotate, other=0.0), gl.load(sin_ptr + at, mask=rotate, other=0.0)
+
+    @gluon.jit
+    def _angles(t_first, cos_ptr, sin_ptr, rotate, offsets):
+        """cos and sin at the times of the tile from t_first on, by the angles' sum from the tables'
+        row t_first and `offsets` (_angle_offsets, times 0-63): 256 bytes a tile instead of its 16 KB
+        of table rows, which bounded the forward (67 against 47 us without them at the 300M q conv)."""
+        half_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 2, 2], [2, 2, 1], [2, 1, 0])
+        j = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, half_l)))
+        cos0 = gl.load(cos_ptr + t_first * 32 + j, mask=rotate, other=0.0)[None, None, :]
+        sin0 = gl.load(sin_ptr + t_first * 32 + j, mask=rotate, other=0.0)[None, None, :]
+        cos_i, sin_i = offsets
+        return cos0 * cos_i - sin0 * sin_i, sin0 * cos_i + cos0 * sin_i
 
     @gluon.jit
     def _rotate_tile(tile, angles, DTYPE: gl.constexpr):
@@ -456,9 +469,11 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                                        mask=(ch < D)[:, None] & (rq >= 0)[None, :] & (t >= 0), other=0.0),)
 
         rotate = d0 < ROPE_CHANNELS
+        if ROPE:
+            offsets = _angle_offsets(cos_ptr, sin_ptr, rotate)
         for tile in range(n_tiles):
             if ROPE:
-                angles = _angles((tile0 + tile) * BLOCK, cos_ptr, sin_ptr, rotate)
+                angles = _angles((tile0 + tile) * BLOCK, cos_ptr, sin_ptr, rotate, offsets)
             else:
                 angles = 0
             zt = _slot_z(z_ring, bars, tile, STAGES, DTYPE)

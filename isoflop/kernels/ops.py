@@ -33,7 +33,13 @@ from torch import Tensor
 # Low-rank channel groups: a channel tile (>= 16 for the matrix units) fits in one; defined beside
 # the dispatch, which must not import Triton.
 from isoflop.kernels import GROUP_MULTIPLE, CONV_OPS_TAKE_ANY_LAYOUT
-from isoflop.kernels.reference import check_cu_seqlens, lowrank_groups, rotate_channels, rotated_channels
+from isoflop.kernels.reference import (
+    check_cu_seqlens,
+    check_rope_from_zero,
+    lowrank_groups,
+    rotate_channels,
+    rotated_channels,
+)
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
 from isoflop.kernels.triton_headwise import headwise_backward, headwise_forward
@@ -318,6 +324,8 @@ def dynamic_conv_lowrank(
     cos, sin = rope if rope is not None else (None, None)
     _check(x, U.shape[1] // D, static, cu_seqlens, z=z, U=U, cos=cos, sin=sin)
     rope_channels = rotated_channels(x.shape, rope, rope_channels) if rope is not None else 0
+    if rope is not None and cu_seqlens is None:
+        check_rope_from_zero(cos, sin)  # (free only on the CPU: tables on the GPU are trusted)
     # The tables go to the op where its forward kernel rotates; elsewhere ops of their own rotate after it.
     inside = rope is not None and rope_fuses(x, z, U, 2 * cos.shape[-1], cu_seqlens is not None)
     y = _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens,

@@ -23,7 +23,9 @@ Rotary position embedding (RoPE) fused into the low-rank conv: with rope = (cos,
 heads of hd channels, are rotated as attention rotates q and k: pairs (i, i + hd/2) (Llama's
 layout), in float32 from the output rounded to x's dtype. On Hopper the conv's forward kernel then
 rotates each tile before it stores it, instead of a separate kernel reading and writing q and k
-again (benchmarks/KERNELS.md, v31).
+again (benchmarks/KERNELS.md, v31). Without cu_seqlens the rows must be positions 0 to T-1
+(check_rope_from_zero): that kernel forms a time's angles as the sum of two rows' (v32), so its
+cos and sin differ from the tables' by the rounding of float32 angles (~t * 2^-24 radians).
 
 Decode: `*_step` functions take one token x_t [B, D] and a rolling state [B, W-1, D] holding the
 previous W-1 inputs, oldest first (state[:, -1] is x[t-1]); they return (y_t, new_state).
@@ -146,6 +148,31 @@ def rotated_channels(shape: tuple[int, ...], rope: tuple[Tensor, Tensor], channe
     return channels
 
 
+ROPE_BLOCK = 64  # what the Gluon forward composes a time's angles from: its block's first time and its offset
+
+
+def check_rope_from_zero(cos: Tensor, sin: Tensor) -> None:
+    """ValueError unless cos and sin [T, hd/2] are the angles of positions 0, 1, ..., T-1 (linear
+    in t, as attention's rope_angles(arange(T)) makes them), what an unpacked conv's rope must be.
+    The Gluon forward that rotates its output takes row t = 64n + i as the sum of rows 64n and i
+    (1 KB of tables read per 64 times instead of 16 KB), which only such tables allow. Checked
+    where it is free (tables on the CPU, not while torch.compile traces); on a GPU it would cost a
+    host sync, so there the caller's tables are trusted."""
+    if cos.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    T = cos.shape[0]
+    t = torch.arange(T, device=cos.device)
+    base, offset = t - t % ROPE_BLOCK, t % ROPE_BLOCK
+    c, s = cos.double(), sin.double()
+    composed = (c[base] * c[offset] - s[base] * s[offset], s[base] * c[offset] + c[base] * s[offset])
+    # The sum's angle differs from the table's by the rounding of float32 angles (up to ~t * 2^-24 each).
+    tolerance = 4 * T * 2.0**-23 + 1e-6
+    error = max((composed[0] - c).abs().max().item(), (composed[1] - s).abs().max().item()) if T else 0.0
+    if error > tolerance:
+        raise ValueError(f"rope (cos, sin) must be the angles of positions 0, 1, ..., T-1 (as rope_angles(arange(T)) "
+                         f"makes them): row 64n + i must be rows 64n and i summed, but differs by {error:.3g}")
+
+
 def rotate_channels(y: Tensor, rope: tuple[Tensor, Tensor], channels: int | None = None,
                     inverse: bool = False) -> Tensor:
     """y [B, T, D] with its first `channels` channels (all if None) rotated in heads of hd = 2 *
@@ -188,8 +215,11 @@ def dynamic_conv_lowrank(
     low-rank conv of its channels with z[..., g*R:(g+1)*R] and its slice of U and static (U's
     taps stay tap-major over all D channels: U[:, k*D + d])."""
     if rope is not None:
+        channels = rotated_channels(x.shape, rope, rope_channels)
+        if cu_seqlens is None:
+            check_rope_from_zero(*rope)
         y = dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)
-        return rotate_channels(y, rope, rope_channels)
+        return rotate_channels(y, rope, channels)
     D = x.shape[-1]
     width = U.shape[1] // D
     groups, R = lowrank_groups(z, U, D), U.shape[0]

@@ -700,7 +700,8 @@ def lowrank_forward(
     or None. x and z may be views with evenly strided rows (into one fused projection's output);
     U, static and pos are contiguous. `blocks` overrides the Triton kernel's block sizes (benchmarks).
     FORWARD_VARIANT picks the kernel (see there). rope: (cos, sin, channels), float32 contiguous
-    tables [T, head_dim/2]: y's first `channels` channels come out rotated (reference.rotate_channels),
+    tables [T, head_dim/2] (of positions 0 to T-1 unless packed: reference.check_rope_from_zero):
+    y's first `channels` channels come out rotated (reference.rotate_channels),
     by the Gluon kernel itself where it runs with 64-channel heads (callers ask rope_fuses first:
     elsewhere the rotation is PyTorch ops after the kernel)."""
     if blocks is None and takes_gluon(FORWARD_VARIANT, lambda: _gluon_conv_missing(x, z, U, pos)):

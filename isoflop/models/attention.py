@@ -12,6 +12,7 @@ read the attention output and make a second one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +26,24 @@ from isoflop.models.norm import RMSNorm
 Rope = tuple[Tensor, Tensor]  # cos, sin [T, head_dim/2], float32
 
 
-def rope_angles(positions: Tensor, head_dim: int, theta: float) -> Rope:
+class RopeFromZero(NamedTuple):
+    """cos and sin of positions 0, 1, ..., T-1 (an unpacked batch's; rope_angles(..., from_zero=True)).
+    Only these may rotate q and k inside their low-rank convs: the forward kernel forms a time's
+    angles from two rows of the tables (reference.check_rope_from_zero)."""
+
+    cos: Tensor
+    sin: Tensor
+
+
+def rope_angles(positions: Tensor, head_dim: int, theta: float, from_zero: bool = False) -> Rope:
     """cos and sin of the rotary angles at `positions` [T] (computed in float32 on the fly, so no
-    buffer can be cast to bf16 along with the model)."""
+    buffer can be cast to bf16 along with the model); from_zero=True says that positions are 0 to
+    T-1 and returns them as a RopeFromZero."""
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = theta ** (-exponents / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return RopeFromZero(cos, sin) if from_zero else (cos, sin)
 
 
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
@@ -86,7 +98,8 @@ class Attention(nn.Module):
         self.convs = LinearConvs(cfg.conv, shapes, cfg.init_std)
         # q and k with low-rank convs and nothing (QK-norm) between conv and rotation: the convs
         # rotate their own outputs, in the forward kernel where it can (one read and write of q
-        # and k fewer; the backward's inverse rotation stays a compiled op; KERNELS.md, v31).
+        # and k fewer; the backward's inverse rotation stays a compiled op; KERNELS.md, v31), when
+        # the tables are of positions 0 to T-1 (RopeFromZero).
         self.convs_rotate = self.q_norm is None and self.convs.rotates(("q", "k"))
 
     @property
@@ -120,7 +133,7 @@ class Attention(nn.Module):
         """h [B, T, d] is the block's normed input. document_mask: see causal_document_mask;
         None means plain causal attention over the whole row."""
         B, T, d = h.shape
-        rotated = ("q", "k") if self.convs_rotate else ()
+        rotated = ("q", "k") if self.convs_rotate and isinstance(rope, RopeFromZero) else ()
         q, k, v = self.convs.project_and_run(h, self.qkv, cu_seqlens, rope, rotated)
         q, k, v = self._to_heads(q, k, v, None if rotated else rope)
         if document_mask is None:

@@ -174,7 +174,7 @@ class LanguageModel(nn.Module):
             if B != 1:
                 raise ValueError(f"packed sequences (cu_seqlens) need batch size 1; got B={B}")
             document_mask = causal_document_mask(cu_seqlens, T, idx.device)
-        rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta, from_zero=cu_seqlens is None)
 
         x = self.tok_emb(idx)
         for block in self.blocks:
