@@ -155,7 +155,7 @@ def check_rope_from_zero(cos: Tensor, sin: Tensor) -> None:
     """ValueError unless cos and sin [T, hd/2] are the angles of positions 0, 1, ..., T-1 (linear
     in t, as attention's rope_angles(arange(T)) makes them), what an unpacked conv's rope must be.
     The Gluon forward that rotates its output takes row t = 64n + i as the sum of rows 64n and i
-    (1 KB of tables read per 64 times instead of 16 KB), which only such tables allow. Checked
+    (256 bytes of tables read per 64 times instead of 16 KB), which only such tables allow. Checked
     where it is free (tables on the CPU, not while torch.compile traces); on a GPU it would cost a
     host sync, so there the caller's tables are trusted."""
     if cos.device.type != "cpu" or torch.compiler.is_compiling():
