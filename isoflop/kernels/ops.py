@@ -35,10 +35,9 @@ from torch import Tensor
 from isoflop.kernels import GROUP_MULTIPLE, CONV_OPS_TAKE_ANY_LAYOUT
 from isoflop.kernels.reference import (
     check_cu_seqlens,
-    check_rope_from_zero,
+    checked_rope_channels,
     lowrank_groups,
     rotate_channels,
-    rotated_channels,
 )
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
@@ -323,9 +322,8 @@ def dynamic_conv_lowrank(
                          f"multiple of {GROUP_MULTIPLE} channels (use kernels.set_backend('reference') for others)")
     cos, sin = rope if rope is not None else (None, None)
     _check(x, U.shape[1] // D, static, cu_seqlens, z=z, U=U, cos=cos, sin=sin)
-    rope_channels = rotated_channels(x.shape, rope, rope_channels) if rope is not None else 0
-    if rope is not None and cu_seqlens is None:
-        check_rope_from_zero(cos, sin)  # (free only on the CPU: tables on the GPU are trusted)
+    if rope is not None:  # (the tables' positions are checked only on the CPU, where it is free)
+        rope_channels = checked_rope_channels(x.shape, rope, rope_channels, packed=cu_seqlens is not None)
     # The tables go to the op where its forward kernel rotates; elsewhere ops of their own rotate after it.
     inside = rope is not None and rope_fuses(x, z, U, 2 * cos.shape[-1], cu_seqlens is not None)
     y = _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens,

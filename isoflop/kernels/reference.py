@@ -148,6 +148,16 @@ def rotated_channels(shape: tuple[int, ...], rope: tuple[Tensor, Tensor], channe
     return channels
 
 
+def checked_rope_channels(shape: tuple[int, ...], rope: tuple[Tensor, Tensor], channels: int | None,
+                          packed: bool) -> int:
+    """rotated_channels for a conv's rope argument, whose tables must also be of positions 0 to T-1
+    unless the sequences are packed (check_rope_from_zero): what both dynamic_conv_lowrank check."""
+    channels = rotated_channels(shape, rope, channels)
+    if not packed:
+        check_rope_from_zero(*rope)
+    return channels
+
+
 ROPE_BLOCK = 64  # what the Gluon forward composes a time's angles from: its block's first time and its offset
 
 
@@ -215,9 +225,7 @@ def dynamic_conv_lowrank(
     low-rank conv of its channels with z[..., g*R:(g+1)*R] and its slice of U and static (U's
     taps stay tap-major over all D channels: U[:, k*D + d])."""
     if rope is not None:
-        channels = rotated_channels(x.shape, rope, rope_channels)
-        if cu_seqlens is None:
-            check_rope_from_zero(*rope)
+        channels = checked_rope_channels(x.shape, rope, rope_channels, packed=cu_seqlens is not None)
         y = dynamic_conv_lowrank(x, z, U, static, residual=residual, cu_seqlens=cu_seqlens)
         return rotate_channels(y, rope, channels)
     D = x.shape[-1]
