@@ -112,14 +112,18 @@ def cases(dtype: tl.dtype, views: bool = False) -> list[Case]:
         tiles = gluon_lowrank.tile_descriptor(torch.empty(BATCH, SEQ, D_MODEL, dtype=_torch_dtype(dtype)))
         # Alone (two programs per multiprocessor), and with the ring the overlapped backward gives it
         # beside a dx program (triton_lowrank._overlapped_backward).
-        for name, stages in (("low-rank filter grads (gluon)", gluon_lowrank.STAGES),
-                             ("low-rank filter grads (gluon, beside dx)", gluon_lowrank.OVERLAP_STAGES)):
+        # And beside dx turning dy back (RoPE's gradient) as it reads it.
+        for name, stages, rope in (("low-rank filter grads (gluon)", gluon_lowrank.STAGES, False),
+                                   ("low-rank filter grads (gluon, beside dx)", gluon_lowrank.OVERLAP_STAGES, False),
+                                   ("low-rank filter grads (gluon, rope)", gluon_lowrank.OVERLAP_STAGES, True)):
+            launch_regs, dz_regs = gluon_lowrank.ROPE_REGS if rope else (gluon_lowrank.LAUNCH_REGS,
+                                                                         gluon_lowrank.DZ_REGS)
             found.append(Case(name, gluon_lowrank._lowrank_gluon_filter_grad_kernel,
                               {k: v for k, v in lowrank.items() if k not in ("FP32_DOT", "R_P")}
-                              | {"RZ_P": lowrank["R_P"], "STAGES": stages,
+                              | {"RZ_P": lowrank["R_P"], "STAGES": stages, "ROPE": rope,
                                  "BLOCK_T": gluon_lowrank.BLOCK_T, "BLOCK_D": gluon_lowrank.BLOCK_D,
-                                 "DZ_REGS": gluon_lowrank.DZ_REGS, "LOADER_REGS": gluon_lowrank.LOADER_REGS},
-                              {"num_warps": gluon_lowrank.WARPS, "maxnreg": gluon_lowrank.LAUNCH_REGS}, gluon=True,
+                                 "DZ_REGS": dz_regs, "LOADER_REGS": gluon_lowrank.LOADER_REGS},
+                              {"num_warps": gluon_lowrank.WARPS, "maxnreg": launch_regs}, gluon=True,
                               descriptors={"x_desc": tiles, "dy_desc": tiles}))
     if gluon_lowrank_conv.gluon is not None:  # the conv pass in Gluon (ISOFLOP_LOWRANK_FWD, ISOFLOP_LOWRANK_DX)
         found += _gluon_lowrank_conv_cases(dtype)
@@ -163,14 +167,18 @@ def _gluon_lowrank_conv_cases(dtype: tl.dtype) -> list[Case]:
     x = torch.empty(BATCH, SEQ, D_MODEL, dtype=_torch_dtype(dtype))
     z = torch.empty(BATCH, SEQ, R, dtype=_torch_dtype(dtype))
     runs, zs = gc._runs_descriptor(x), gc._z_descriptor(z)
+    rows = gc._row_descriptor(torch.empty(SEQ, 32))  # a rope table's
+    dx_descriptors = {"dy_desc": runs, "z_desc": zs, "dx_desc": runs}
     consts = dict(W=W, CHUNK=gc.CHUNK, STAGES=gc.STAGES, HAS_STATIC=True, RESIDUAL=True, DTYPE=dtype)
     forward = functools.partial(Case, kernel=gc._lowrank_gluon_fwd_kernel, options={"num_warps": gc.WARPS},
                                 gluon=True, descriptors={"x_desc": runs, "z_desc": zs, "y_desc": runs})
     return [
         forward("low-rank forward (gluon)", constexprs=consts | {"ROPE": False}),
         forward("low-rank forward (gluon, rope)", constexprs=consts | {"ROPE": True}),  # y rotated (RoPE)
-        Case("low-rank dx (gluon)", gc._lowrank_gluon_dx_kernel, consts, {"num_warps": gc.WARPS},
-             gluon=True, descriptors={"dy_desc": runs, "z_desc": zs, "dx_desc": runs}),
+        Case("low-rank dx (gluon)", gc._lowrank_gluon_dx_kernel, consts | {"ROPE": False}, {"num_warps": gc.WARPS},
+             gluon=True, descriptors=dx_descriptors | {"cos_desc": runs, "sin_desc": runs}),
+        Case("low-rank dx (gluon, rope)", gc._lowrank_gluon_dx_kernel, consts | {"ROPE": True},  # dy turned back
+             {"num_warps": gc.WARPS, "maxnreg": gc.DX_ROPE_REGS}, gluon=True, descriptors=dx_descriptors | {"cos_desc": rows, "sin_desc": rows}),
     ]
 
 

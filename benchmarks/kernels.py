@@ -114,7 +114,8 @@ def functions(case: Case):
         res = case.kind != "static"
         cu = inputs.get("cu_seqlens")
         if case.kind == "lowrank":
-            return ops.lowrank_conv_backward(dy, inputs["x"], inputs["z"], inputs["U"], inputs["static"], res, cu)
+            return ops.lowrank_conv_backward(dy, inputs["x"], inputs["z"], inputs["U"], inputs["static"], res, cu,
+                                             None, None, 0)
         return ops.headwise_conv_backward(dy, inputs["x"], inputs.get("w"), inputs["static"], res, cu)
 
     return fast, slow, backward_only

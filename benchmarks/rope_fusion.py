@@ -1,12 +1,13 @@
-"""RoPE in the low-rank conv's forward kernel against RoPE as a kernel of its own, kernel time only.
+"""RoPE in the low-rank conv's kernels against RoPE as a kernel of its own, kernel time only.
 
 A dynamic-qkv model whose q and k convs are low-rank rotates their outputs inside the conv's Gluon
-forward (triton_lowrank.ROPE, KERNELS.md v31 and v32); without that, the model's compiled RoPE reads q and k
-again and writes them rotated. For the q (or k) conv of the 300M and 150M models (B=8, T=4096, 64-
-channel heads) this prints, as medians of CUDA-graph replays (no host time): the conv forward, the
-same forward rotating its output, the model's compiled RoPE alone, and what the fusion saves per
-call. Training steps are what counts: benchmarks/train_throughput.py, and KERNELS.md v31 for a
-paired A/B of the two in one process.
+forward (triton_lowrank.ROPE, KERNELS.md v31 and v32), and its backward kernels turn dy back as they
+read it (v33); without that, the model's compiled RoPE reads q and k again and writes them rotated,
+and its gradient does the same with dy. For the q (or k) conv of the 300M and 150M models (B=8,
+T=4096, 64-channel heads) this prints, as medians of CUDA-graph replays (no host time): the conv
+forward and backward, the same rotating (turning back), the model's compiled RoPE (its inverse)
+alone, and what the fusion saves per call. Training steps are what counts:
+benchmarks/train_throughput.py, and KERNELS.md v31-v33 for paired A/Bs in one process.
 
     PYTHONPATH=. python benchmarks/rope_fusion.py
 
@@ -31,26 +32,36 @@ def main() -> int:
     from triton.testing import do_bench_cudagraph
 
     from isoflop.kernels import triton_lowrank
-    from isoflop.models.attention import apply_rope, rope_angles
+    from isoflop.kernels.reference import rotate_heads
+    from isoflop.models.attention import rope_angles
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, R={R}, W={W}, heads of {HEAD_DIM}")
-    print(f"{'shape':14s} {'conv us':>8s} {'rotating':>9s} {'RoPE alone':>11s} {'saved/call':>11s}")
+    print(f"{'shape':14s} {'pass':9s} {'conv us':>8s} {'rotating':>9s} {'RoPE alone':>11s} {'saved/call':>11s}")
     for name, (B, T, D) in SHAPES.items():
         g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(B, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+        x, dy = (torch.randn(B, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
         z = torch.randn(B, T, R, device="cuda", generator=g, dtype=torch.bfloat16)
         U, s = torch.randn(R, W * D, device="cuda", generator=g) / 4, torch.randn(W, D, device="cuda", generator=g)
         cos, sin = rope_angles(torch.arange(T, device="cuda"), HEAD_DIM, 10000.0)
+        rope = (cos, sin, D)
+        assert triton_lowrank.backward_rotates(x, z, U, rope), "the backward would turn dy back by ops here"
         heads = x.view(B, T, D // HEAD_DIM, HEAD_DIM)
-        rope = torch.compile(lambda t: apply_rope(t, (cos, sin)))
-        rope(heads)  # compiled before the graph capture
-        times = [do_bench_cudagraph(fn, rep=300) * 1e3 for fn in (
-            lambda: triton_lowrank.lowrank_forward(x, z, U, s, True, None),
-            lambda: triton_lowrank.lowrank_forward(x, z, U, s, True, None, rope=(cos, sin, D)),
-            lambda: rope(heads),
-        )]
-        conv, rotating, alone = times
-        print(f"{name:14s} {conv:8.1f} {rotating:9.1f} {alone:11.1f} {conv + alone - rotating:11.1f}", flush=True)
+        turns = {inverse: torch.compile(lambda t, inverse=inverse: rotate_heads(t, cos, sin, inverse))
+                 for inverse in (False, True)}  # the model's RoPE, and its gradient
+        for turn in turns.values():
+            turn(heads)  # compiled before the graph capture
+        cases = {
+            "forward": (lambda: triton_lowrank.lowrank_forward(x, z, U, s, True, None),
+                        lambda: triton_lowrank.lowrank_forward(x, z, U, s, True, None, rope=rope),
+                        lambda: turns[False](heads)),
+            "backward": (lambda: triton_lowrank.lowrank_backward(dy, x, z, U, s, True, None),
+                         lambda: triton_lowrank.lowrank_backward(dy, x, z, U, s, True, None, rope=rope),
+                         lambda: turns[True](heads)),
+        }
+        for part, fns in cases.items():
+            conv, rotating, alone = (do_bench_cudagraph(fn, rep=300) * 1e3 for fn in fns)
+            print(f"{name:14s} {part:9s} {conv:8.1f} {rotating:9.1f} {alone:11.1f} {conv + alone - rotating:11.1f}",
+                  flush=True)
     return 0
 
 

@@ -576,8 +576,9 @@ def test_custom_ops_pass_opcheck(gen):
     x, z, U, s = (rand(*sh, gen=gen).requires_grad_() for sh in [(B, T, D), (B, T, R), (R, W * D), (W, D)])
     cu = torch.tensor([0, 4, 9])
     cos, sin = rope_tables(T, head_dim=D)
-    torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu, None, None, 0))
-    torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu, cos, sin, D))
+    torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu, None, None, 0, False))
+    for rope_backward in (False, True):  # True: the backward op turns dy back (by ops where no kernel does)
+        torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu, cos, sin, D, rope_backward))
     torch.library.opcheck(ops.headwise_conv, (x, rand(B, T, W, 4, gen=gen).requires_grad_(), None, False, None))
     torch.library.opcheck(ops.conv_step, (x[:, 0].detach(), rand(B, W - 1, D, gen=gen), z[:, 0].detach(), U.detach(), None, s.detach(), True))
 
@@ -604,11 +605,11 @@ def test_lowrank_ops_take_inputs_in_any_layout(gen):
     z_padded = torch.zeros(B, T, R + 13)[..., 2:2 + R].copy_(z)
     dy_transposed = torch.zeros(B, D, T).transpose(1, 2).copy_(dy)
     no_rope = (None, None, 0)
-    plain = [ops.lowrank_conv(x, z, U, s, True, None, *no_rope),
-             *ops.lowrank_conv_backward(dy, x, z, U, s, True, None)]
+    plain = [ops.lowrank_conv(x, z, U, s, True, None, *no_rope, False),
+             *ops.lowrank_conv_backward(dy, x, z, U, s, True, None, *no_rope)]
     for x_odd in odd_layouts(x):
-        odd = [ops.lowrank_conv(x_odd, z_padded, U, s, True, None, *no_rope),
-               *ops.lowrank_conv_backward(dy_transposed, x_odd, z_padded, U, s, True, None)]
+        odd = [ops.lowrank_conv(x_odd, z_padded, U, s, True, None, *no_rope, False),
+               *ops.lowrank_conv_backward(dy_transposed, x_odd, z_padded, U, s, True, None, *no_rope)]
         assert all(torch.equal(a, b) for a, b in zip(odd, plain))
     if "tags" in inspect.signature(torch.library.custom_op).parameters:  # torch >= 2.8
         for op in (torch.ops.isoflop.lowrank_conv, torch.ops.isoflop.lowrank_conv_backward):
@@ -915,15 +916,19 @@ def test_gpu_overlapped_backward_is_the_same_launches_one_after_the_other(monkey
     (2, 4096, 1, 1024, 16, 4, torch.bfloat16, True, 1, "auto"),  # the 300M model's q conv, side by side
     (2, 1024, 1, 1024, 16, 4, torch.bfloat16, True, 1, "off"),  # one after the other
     (8, 512, 3, 384, 16, 4, torch.bfloat16, True, 2, "auto"),  # q, k, v groups on views, q and k rotated
+    (4, 512, 3, 384, 16, 4, torch.bfloat16, True, 2, "auto"),  # the same, side by side
+    (2, 512, 3, 384, 8, 3, torch.float16, False, 2, "auto"),  # R = 8, 3 taps, no static filter, side by side
     (4, 512, 3, 384, 8, 3, torch.float16, False, 2, "off"),
 ])
 def test_gpu_lowrank_rope_inside_the_kernel_equals_the_rotation_after_it(monkeypatch, triton_backend, B, T, G, Dg,
                                                                             R, W, dtype, static, rotated_groups,
                                                                             overlap):
-    """The Gluon forward's own rotation (ISOFLOP_LOWRANK_ROPE=auto) against the same rotation as
-    separate ops (off): both round y before rotating, so they differ only where one rounds a fused
-    multiply-add, and so do the gradients (the inverse rotation of dy is PyTorch ops in both); and
-    the fused one against float64."""
+    """The Gluon kernels' own rotation (ISOFLOP_LOWRANK_ROPE=auto: the forward's, and the backward's
+    inverse rotation of dy where it runs side by side) against the forward's alone (forward: the
+    same y bit for bit, dy turned back by ops) and against the rotation as separate ops (off). All
+    round y, and dy turned back, to the inputs' type before going on, so they differ where the
+    kernels' angles (sums of two table rows) round the last bit differently; and the fused one
+    against float64."""
     from isoflop.kernels import triton_lowrank
 
     monkeypatch.setattr(triton_lowrank.OVERLAP, "name", overlap)
@@ -934,12 +939,15 @@ def test_gpu_lowrank_rope_inside_the_kernel_equals_the_rotation_after_it(monkeyp
     inputs = dict(x=x, z=z, U=rand(R, W * G * Dg, **on) / R**0.5, static=rand(W, G * Dg, **on) if static else None,
                   rope=rope_tables(T, device="cuda"), rope_channels=rotated_groups * Dg)
     assert triton_lowrank.rope_fuses(x, z, inputs["U"], head_dim=64, packed=False)
-    results = {}
-    for fusion in ("auto", "off"):
+    assert triton_lowrank.backward_rotates(x, z, inputs["U"], inputs["rope"]) == triton_lowrank._overlaps(x)
+    results, grads = {}, ("x", "z", "U", "static") if static else ("x", "z", "U")
+    for fusion in ("auto", "forward", "off"):
         monkeypatch.setattr(triton_lowrank.ROPE, "name", fusion)
-        results[fusion] = outputs_and_input_grads(kernels.dynamic_conv_lowrank, inputs, ("x", "z", "U"))
-    for name, fused, apart in zip(["y", "dx", "dz", "dU"], results["auto"], results["off"]):
-        assert relative_error(fused, apart.double()) < TOLERANCE[dtype] / 20, name
+        results[fusion] = outputs_and_input_grads(kernels.dynamic_conv_lowrank, inputs, grads)
+    assert torch.equal(results["auto"][0], results["forward"][0])
+    for other in ("forward", "off"):
+        for name, fused, apart in zip(["y", "dx", "dz", "dU", "ds"], results["auto"], results[other]):
+            assert relative_error(fused, apart.double()) < TOLERANCE[dtype] / 20, (other, name)
     monkeypatch.setattr(triton_lowrank.ROPE, "name", "auto")
     check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
 
@@ -1203,7 +1211,7 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 22 and all(0 < row["registers"] <= 255 for row in rows)
+    assert len(rows) == 24 and all(0 < row["registers"] <= 255 for row in rows)
     # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
     # fit two programs per multiprocessor (228 KB of shared memory; 80 registers per thread at launch,
     # which its warp-specialised partitions share out). Triton 3.9 keeps one value on the stack across
@@ -1231,6 +1239,14 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     assert beside[0]["shared_bytes"] + dx[0]["shared_bytes"] <= 226 * 1024
     per_thread = 8 * -(-dx[0]["registers"] // 8)  # registers are allocated in steps of 8
     assert beside[0]["registers"] * beside[0]["num_warps"] * 3 * 32 + per_thread * dx[0]["num_warps"] * 32 <= 65536
+    # So do the two when they turn dy back (RoPE's gradient, v33): dx capped at 224 registers, the
+    # filter gradients at 96 per thread at launch (Triton 3.9 keeps 16 bytes on the stack, 3.6 8).
+    by_name = {row["kernel"]: row for row in rows}
+    dx_rope, beside_rope = by_name["low-rank dx (gluon, rope)"], by_name["low-rank filter grads (gluon, rope)"]
+    assert dx_rope["stack_bytes"] == 0 and beside_rope["stack_bytes"] <= 16
+    assert beside_rope["shared_bytes"] + dx_rope["shared_bytes"] <= 226 * 1024
+    assert (beside_rope["registers"] * beside_rope["num_warps"] * 3 * 32
+            + 8 * -(-dx_rope["registers"] // 8) * dx_rope["num_warps"] * 32) <= 65536
     # The Gluon head-wise backward too, in under 192 registers (5 programs of 2 warps per multiprocessor),
     # and its forward in under 128 (8 programs).
     walks = {row["kernel"]: row for row in rows if row["kernel"].endswith("(gluon)") and "head-wise" in row["kernel"]}

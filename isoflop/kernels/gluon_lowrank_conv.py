@@ -36,7 +36,10 @@ head in one thread, rotate them by the tile's angles and write it again. The ang
 are the sum of the tables' rows 64n and i (v32; hence tables of positions 0 to T-1): cos and sin of
 rows 0-63 stay in registers, and a tile reads 256 bytes of table instead of its 16 KB of rows, which
 had bounded the kernel (v31: 67 us at the 300M q conv; v32: 53 against 44 without the rotation,
-where the model's own compiled RoPE takes 40 more: benchmarks/rope_fusion.py)."""
+where the model's own compiled RoPE takes 40 more: benchmarks/rope_fusion.py). dx turns dy back the
+same way (v33): each dy tile is rotated back in its ring slot before the walk reads it, by the
+angles of the tile's first time (its table row, copied by TMA with the tile: loaded at use, its
+latency made the pass cost 50 us a call instead of 20) and rows 0-63."""
 
 from __future__ import annotations
 
@@ -66,6 +69,9 @@ from isoflop.kernels.gluon_common import (
 from isoflop.kernels.triton_common import processor_count, wave_fill
 
 TILE, WARPS, STAGES, CHUNK = 64, 4, 4, 32  # times and channels per tile; copies in flight; tiles per program
+# dx's registers where it turns dy back: with the filter gradients' 96 per thread at launch
+# (gluon_lowrank.ROPE_REGS), one program of each fills a multiprocessor's 65,536.
+DX_ROPE_REGS = 224
 MAX_RANK, MAX_WIDTH = 16, 4
 
 
@@ -160,18 +166,22 @@ def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
 
 
 def dx(dy: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, d_group: int,
-       chunk: int | None = None) -> Tensor:
-    """dx [B, T, D] (contiguous) for dy, z, U and static as `forward` takes x, z, U and static."""
+       chunk: int | None = None, rope: tuple | None = None) -> Tensor:
+    """dx [B, T, D] (contiguous) for dy, z, U and static as `forward` takes x, z, U and static. rope:
+    as `forward` takes it; dy is then the gradient of the rotated output, and each of its tiles is
+    turned back (the rotation's gradient) in shared memory before the walk reads it."""
     B, T, D = dy.shape
     R, W = U.shape[0], U.shape[1] // D
     chunk = chunk or dx_tiles_per_program(T, D, B, dy.device)
     out = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
     grid = (triton.cdiv(T // TILE, chunk), triton.cdiv(D, TILE), B)
+    dy_tiles = _runs_descriptor(dy)
+    rows = (_row_descriptor(rope[0]), _row_descriptor(rope[1])) if rope is not None else (dy_tiles, dy_tiles)
     _lowrank_gluon_dx_kernel[grid](
-        _runs_descriptor(dy), _z_descriptor(z), _runs_descriptor(out), U, static if static is not None else dy,
-        T, D, R, d_group,
+        dy_tiles, _z_descriptor(z), _runs_descriptor(out), *rows, U, static if static is not None else dy,
+        *(rope if rope is not None else (dy, dy, 0)), T, D, R, d_group,
         W=W, CHUNK=chunk, STAGES=STAGES, HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(dy),
-        num_warps=WARPS,
+        ROPE=rope is not None, num_warps=WARPS, **({"maxnreg": DX_ROPE_REGS} if rope is not None else {}),
     )
     return out
 
@@ -189,6 +199,12 @@ def _runs_descriptor(t: Tensor) -> TensorDescriptor:
     rs = t.stride(1)
     return TensorDescriptor(t, [B * T // TILE, 16, 4, D], [TILE * rs, rs, 16 * rs, 1], [1, 16, 4, TILE],
                             _swizzled(128, t.element_size() * 8, 4))
+
+
+def _row_descriptor(table: Tensor) -> TensorDescriptor:
+    """A rope table (cos or sin [T, 32], float32) as rows, one per box: dx copies each tile's first row
+    along with the tile."""
+    return TensorDescriptor(table, list(table.shape), list(table.stride()), [1, 32], _swizzled(0, 32, 2))
 
 
 def _z_descriptor(z: Tensor) -> TensorDescriptor:
@@ -338,13 +354,36 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         return f
 
     @gluon.jit
-    def _issue(x_desc, z_desc, x_ring, z_ring, bars, n, step, d0, g_col, STAGES: gl.constexpr):
-        """TMA copies of tile n of the [B * T / 64] view, the walk's step `step`, into its ring slot."""
+    def _issue(x_desc, z_desc, x_ring, z_ring, bars, n, step, d0, g_col, STAGES: gl.constexpr, EXTRA: gl.constexpr = 0):
+        """TMA copies of tile n of the [B * T / 64] view, the walk's step `step`, into its ring slot (and
+        the caller's EXTRA bytes more, which it copies with the slot's barrier next)."""
         slot = step % STAGES
         bar = bars.index(slot)
-        mbarrier.expect(bar, x_desc.block_type.nbytes + z_desc.block_type.nbytes)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + z_desc.block_type.nbytes + EXTRA)
         tma_load(x_desc, [n, 0, 0, d0], bar, x_ring.index(slot))
         tma_load(z_desc, [n, 0, 0, 0, g_col], bar, z_ring.index(slot))
+
+    @gluon.jit
+    def _issue_dx(dy_desc, z_desc, cos_desc, sin_desc, dy_ring, z_ring, rows, bars, n, step, d0, g_col, t_first,
+                  STAGES: gl.constexpr, ROPE: gl.constexpr):
+        """_issue for dx; with ROPE also the tables' row t_first (the tile's first time) into `rows`."""
+        if ROPE:
+            _issue(dy_desc, z_desc, dy_ring, z_ring, bars, n, step, d0, g_col, STAGES,
+                   EXTRA=cos_desc.block_type.nbytes + sin_desc.block_type.nbytes)
+            slot = step % STAGES
+            tma_load(cos_desc, [t_first, 0], bars.index(slot), rows.index(2 * slot))
+            tma_load(sin_desc, [t_first, 0], bars.index(slot), rows.index(2 * slot + 1))
+        else:
+            _issue(dy_desc, z_desc, dy_ring, z_ring, bars, n, step, d0, g_col, STAGES)
+
+    @gluon.jit
+    def _slot_row(rows, step, STAGES: gl.constexpr):
+        """The tables' row that _issue_dx copied for step `step` (its slot's copies landed), as
+        _summed takes it."""
+        half_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 2, 2], [2, 2, 1], [2, 1, 0])
+        j_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, half_l))
+        slot = step % STAGES
+        return (rows.index(2 * slot).reshape([32]).load(j_l), rows.index(2 * slot + 1).reshape([32]).load(j_l))
 
     @gluon.jit
     def _slot_z(z_ring, bars, step, STAGES: gl.constexpr, DTYPE: gl.constexpr):
@@ -384,22 +423,35 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         """cos and sin at the times of the tile from t_first on, by the angles' sum from the tables'
         row t_first and `offsets` (_angle_offsets, times 0-63): 256 bytes a tile instead of its 16 KB
         of table rows, which bounded the forward (67 against 47 us without them at the 300M q conv)."""
+        return _summed(_first_row(t_first, cos_ptr, sin_ptr, rotate), offsets)
+
+    @gluon.jit
+    def _first_row(t_first, cos_ptr, sin_ptr, rotate):
+        """cos and sin of the tables' row t_first, as _summed takes them (a walk loads them a step
+        ahead: at use, their latency would be the step's)."""
         half_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 2, 2], [2, 2, 1], [2, 1, 0])
         j = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, half_l)))
-        cos0 = gl.load(cos_ptr + t_first * 32 + j, mask=rotate, other=0.0)[None, None, :]
-        sin0 = gl.load(sin_ptr + t_first * 32 + j, mask=rotate, other=0.0)[None, None, :]
+        return (gl.load(cos_ptr + t_first * 32 + j, mask=rotate, other=0.0),
+                gl.load(sin_ptr + t_first * 32 + j, mask=rotate, other=0.0))
+
+    @gluon.jit
+    def _summed(row, offsets):
+        """cos and sin of the angles' sums of a tile's first time (`row`, _first_row) and its offsets."""
+        cos0, sin0 = row[0][None, None, :], row[1][None, None, :]
         cos_i, sin_i = offsets
         return cos0 * cos_i - sin0 * sin_i, sin0 * cos_i + cos0 * sin_i
 
     @gluon.jit
-    def _rotate_tile(tile, angles, DTYPE: gl.constexpr):
+    def _rotate_tile(tile, angles, DTYPE: gl.constexpr, INVERSE: gl.constexpr = False):
         """Rotate a tile [16 i, 4 c, 64 channels] of one head in shared memory in place by its
         `angles` (_angles): pairs (j, j + 32), from the values in DTYPE, as reference.rotate_heads
-        does. A thread holds 16 channels of each half."""
+        does (INVERSE: back, by the negated angles). A thread holds 16 channels of each half."""
         pair_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 2, 2], [2, 2, 1], [2, 1, 0])
         lo, hi = _halves(tile.load(pair_l).to(gl.float32))
         cos = gl.convert_layout(angles[0], lo.type.layout, assert_trivial=True)
         sin = gl.convert_layout(angles[1], lo.type.layout, assert_trivial=True)
+        if INVERSE:
+            sin = -sin
         tile.store(_joined(lo * cos - hi * sin, lo * sin + hi * cos).to(DTYPE))
 
     @gluon.jit
@@ -518,10 +570,10 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.jit
     def _lowrank_gluon_dx_kernel(  # (the _lowrank_ prefix: profiles file it as conv time)
-        dy_desc, z_desc, dx_desc, u_ptr, s_ptr,
+        dy_desc, z_desc, dx_desc, cos_desc, sin_desc, u_ptr, s_ptr, cos_ptr, sin_ptr, ROPE_CHANNELS,
         T, D, R, D_GROUP,
         W: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr, HAS_STATIC: gl.constexpr,
-        RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
+        RESIDUAL: gl.constexpr, DTYPE: gl.constexpr, ROPE: gl.constexpr,
     ):
         """dx[t] = dy[t] + sum_k (f_k[t+k] + s_k) dy[t+k], walking CHUNK tiles down in time.
 
@@ -529,7 +581,8 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         the run to the right's first (by shuffle), and run 3's the next tile's run 0's: the walk goes
         down, so that tile came one step earlier, and the same shuffle left them in run 3's lanes
         then. A chunk that ends before its sequence does starts one tile later, a step that only
-        leaves those values (leads past the sequence's end are zeros)."""
+        leaves those values (leads past the sequence's end are zeros). With ROPE, channels below
+        ROPE_CHANNELS of dy are turned back by cos and sin [T, 32] in each tile's ring slot first."""
         BLOCK: gl.constexpr = 64
         run_l: gl.constexpr = gl.BlockedLayout([2, 1], [8, 4], [4, 1], [1, 0])  # [64 channels, 4 runs]
         pid_t, d0, b, g_col, ut_smem, st_smem, onest, zero = _program(u_ptr, s_ptr, D, R, D_GROUP, W, HAS_STATIC,
@@ -542,9 +595,14 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         extra = (tile0 + n_tiles < tiles).to(gl.int32)  # 1: the walk starts at the tile after the chunk
         steps = n_tiles + extra
         n_top = b * tiles + tile0 + n_tiles - 1 + extra  # step w's tile is n_top - w in the [B * T / 64] view
+        if ROPE:  # the tables' first row of each tile in flight
+            rows = gl.allocate_shared_memory(gl.float32, [2 * STAGES, 1, 32], cos_desc.layout)
+        else:
+            rows = 0
         for j in gl.static_range(STAGES - 1):
             if j < steps:
-                _issue(dy_desc, z_desc, dy_ring, z_ring, bars, n_top - j, j, d0, g_col, STAGES)
+                _issue_dx(dy_desc, z_desc, cos_desc, sin_desc, dy_ring, z_ring, rows, bars, n_top - j, j, d0, g_col,
+                          (n_top - j - b * tiles) * BLOCK, STAGES, ROPE)
 
         rq = gl.arange(0, 4, layout=gl.SliceLayout(0, run_l))
         last_run = (rq == 3)[None, :]
@@ -557,9 +615,18 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         for j in gl.static_range(W * (W - 1) // 2):
             after_f = after_f + (gl.zeros([BLOCK, 4], gl.float32, run_l),)
 
+        rotate = d0 < ROPE_CHANNELS
+        if ROPE:
+            offsets = _angle_offsets(cos_ptr, sin_ptr, rotate)
         for step in range(steps):
             zt = _slot_z(z_ring, bars, step, STAGES, DTYPE)
             f = _tap_products(ut_smem, st_smem, zt, onest, 0, zero, HAS_STATIC)
+            if ROPE:
+                if rotate:  # dy turned back in its slot (while tap 0's products run)
+                    runs_s: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+                    _rotate_tile(dy_ring.index(step % STAGES).reinterpret(DTYPE, [16, 4, 64], runs_s),
+                                 _summed(_slot_row(rows, step, STAGES), offsets), DTYPE, INVERSE=True)
+                    cta_barrier()  # (every warp's part of the tile turned)
             dyr = _slot_runs(dy_ring, step, run_l, STAGES, DTYPE)
             dyf = ()
             for i in gl.static_range(16):
@@ -588,10 +655,13 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 if k + 1 < W:
                     f = _tap_products(ut_smem, st_smem, zt, onest, k + 1, zero, HAS_STATIC)
             tma.store_wait(1)
+            if ROPE:  # (the slot refilled next was written by the warps: order that before the copy)
+                fence_async_shared()
             cta_barrier()
             if step + STAGES - 1 < steps:
-                _issue(dy_desc, z_desc, dy_ring, z_ring, bars, n_top - step - (STAGES - 1), step + STAGES - 1, d0,
-                       g_col, STAGES)
+                n = n_top - step - (STAGES - 1)
+                _issue_dx(dy_desc, z_desc, cos_desc, sin_desc, dy_ring, z_ring, rows, bars, n, step + STAGES - 1, d0,
+                          g_col, (n - b * tiles) * BLOCK, STAGES, ROPE)
             if step >= extra:  # (the extra step's tile is the next chunk's)
                 _store_runs(dx_bufs, dx_desc, sums, n_top - step, d0, step, DTYPE, False, 0, False)
         tma.store_wait(0)

@@ -2,12 +2,14 @@
 argument checks, so eager code, autograd and torch.compile(fullgraph=True) all see one opaque op.
 
 Ops (namespace `isoflop`):
-- lowrank_conv(x, z, U, static?, residual, cu_seqlens?, cos?, sin?, rope_channels) and
+- lowrank_conv(x, z, U, static?, residual, cu_seqlens?, cos?, sin?, rope_channels, rope_backward) and
   lowrank_conv_backward -> (dx, dz, dU, ds); with cos and sin, the output's first rope_channels
   channels come out rotated (reference.rotate_channels; dynamic_conv_lowrank passes them only
-  where the forward kernel rotates, triton_lowrank.rope_fuses). The rotation's gradient is PyTorch
-  ops in the autograd formula, before the backward op, which torch.compile fuses into one kernel
-  (un-rotating dy inside the backward kernels cost more than it saved: KERNELS.md, v31)
+  where the forward kernel rotates, triton_lowrank.rope_fuses). The rotation's gradient goes to the
+  backward op with cos and sin where rope_backward says its kernels turn dy back as they read it
+  (side by side on Hopper: triton_lowrank.backward_rotates, v33), else it is PyTorch ops in the
+  autograd formula, before the backward op, which torch.compile fuses into one kernel. The choice is
+  an argument of the forward op, so a compiled graph (and its caches' keys) records it
 - headwise_conv(x, w?, static?, residual, cu_seqlens?) and headwise_conv_backward -> (dx, dw, ds);
   w [B, T, W, H] with H | D (H = D is reference.short_conv's explicit filters; no w is the static conv)
 - conv_step(x_t, state, z_t?, U?, w_t?, static?, residual) -> (y_t, new_state); no autograd.
@@ -42,7 +44,7 @@ from isoflop.kernels.reference import (
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
 from isoflop.kernels.triton_headwise import headwise_backward, headwise_forward
-from isoflop.kernels.triton_lowrank import lowrank_backward, lowrank_forward, rope_fuses
+from isoflop.kernels.triton_lowrank import backward_rotates, lowrank_backward, lowrank_forward, rope_fuses
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 8  # taps are unrolled at compile time, with one accumulator each in the backward
@@ -93,7 +95,7 @@ def _rope(cos: Optional[Tensor], sin: Optional[Tensor], channels: int) -> tuple 
 
 def _lowrank_conv(
     x: Tensor, z: Tensor, U: Tensor, static: Optional[Tensor], residual: bool, cu_seqlens: Optional[Tensor],
-    cos: Optional[Tensor], sin: Optional[Tensor], rope_channels: int,
+    cos: Optional[Tensor], sin: Optional[Tensor], rope_channels: int, rope_backward: bool,
 ) -> Tensor:
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
@@ -121,17 +123,18 @@ lowrank_conv = _takes_any_layout("isoflop::lowrank_conv", _lowrank_conv)
 
 
 @lowrank_conv.register_fake
-def _(x, z, U, static, residual, cu_seqlens, cos, sin, rope_channels):
+def _(x, z, U, static, residual, cu_seqlens, cos, sin, rope_channels, rope_backward):
     return x.new_empty(x.shape)  # contiguous, like the kernel's output, whatever x's strides
 
 
 def _lowrank_conv_backward(
     dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Optional[Tensor], residual: bool,
-    cu_seqlens: Optional[Tensor],
+    cu_seqlens: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], rope_channels: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
-    dx, dz, dU, ds = lowrank_backward(dy.contiguous(), _rows(x), _rows(z), U.contiguous(), static, residual, pos)
+    dx, dz, dU, ds = lowrank_backward(dy.contiguous(), _rows(x), _rows(z), U.contiguous(), static, residual, pos,
+                                      rope=_rope(cos, sin, rope_channels))
     return dx, dz, dU, ds if ds is not None else _empty(x)
 
 
@@ -139,23 +142,27 @@ lowrank_conv_backward = _takes_any_layout("isoflop::lowrank_conv_backward", _low
 
 
 @lowrank_conv_backward.register_fake
-def _(dy, x, z, U, static, residual, cu_seqlens):
+def _(dy, x, z, U, static, residual, cu_seqlens, cos, sin, rope_channels):
     ds = static.new_empty(static.shape) if static is not None else _empty(x)
     return x.new_empty(x.shape), z.new_empty(z.shape), U.new_empty(U.shape), ds
 
 
 def _lowrank_setup(ctx, inputs, output):
-    x, z, U, static, residual, cu_seqlens, cos, sin, rope_channels = inputs
+    x, z, U, static, residual, cu_seqlens, cos, sin, rope_channels, rope_backward = inputs
     ctx.save_for_backward(x, z, U, static, cu_seqlens, cos, sin)
-    ctx.residual, ctx.rope_channels = residual, rope_channels
+    ctx.residual, ctx.rope_channels, ctx.rope_backward = residual, rope_channels, rope_backward
 
 
 def _lowrank_grad(ctx, dy, backward=lowrank_conv_backward):
     x, z, U, static, cu_seqlens, cos, sin = ctx.saved_tensors
-    if cos is not None:  # the rotation's gradient: the inverse rotation
+    # The rotation's gradient (the inverse rotation) is the backward op's where its kernels take it
+    # (lowrank_backward), else ops here, which torch.compile fuses into one kernel.
+    inside = cos is not None and ctx.rope_backward
+    if cos is not None and not inside:
         dy = rotate_channels(dy, (cos, sin), ctx.rope_channels, inverse=True)
-    dx, dz, dU, ds = backward(dy, x, z, U, static, ctx.residual, cu_seqlens)
-    return dx, dz, dU, ds if static is not None else None, None, None, None, None, None
+    dx, dz, dU, ds = backward(dy, x, z, U, static, ctx.residual, cu_seqlens,
+                              *((cos, sin, ctx.rope_channels) if inside else (None, None, 0)))
+    return dx, dz, dU, ds if static is not None else None, None, None, None, None, None, None
 
 
 lowrank_conv.register_autograd(_lowrank_grad, setup_context=_lowrank_setup)
@@ -326,8 +333,9 @@ def dynamic_conv_lowrank(
         rope_channels = checked_rope_channels(x.shape, rope, rope_channels, packed=cu_seqlens is not None)
     # The tables go to the op where its forward kernel rotates; elsewhere ops of their own rotate after it.
     inside = rope is not None and rope_fuses(x, z, U, 2 * cos.shape[-1], cu_seqlens is not None)
+    back_inside = inside and backward_rotates(x, z, U, rope)
     y = _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens,
-                  *((cos, sin, rope_channels) if inside else (None, None, 0)))
+                  *((cos, sin, rope_channels, back_inside) if inside else (None, None, 0, False)))
     return y if inside or rope is None else rotate_channels(y, rope, rope_channels)
 
 

@@ -31,6 +31,7 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+@torch.compiler.assume_constant_result  # (asked while torch.compile traces: triton_lowrank.backward_rotates)
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -104,8 +104,11 @@ DX_VARIANT = BackendChoice("ISOFLOP_LOWRANK_DX", ("auto", "triton", "gluon"), "l
 OVERLAP = BackendChoice("ISOFLOP_LOWRANK_OVERLAP", ("auto", "off"), "low-rank backward overlap setting")
 # Whether a conv that rotates its output (rope) does so in the Gluon forward's epilogue ("auto", where
 # that kernel runs and heads are its 64-channel tiles: rope_fuses) or in ops of its own after the
-# kernel ("off", what the model's own RoPE costs). Read once from ISOFLOP_LOWRANK_ROPE.
-ROPE = BackendChoice("ISOFLOP_LOWRANK_ROPE", ("auto", "off"), "low-rank conv's RoPE fusion setting")
+# kernel ("off", what the model's own RoPE costs). With "auto" the backward turns dy back inside its
+# kernels too, where it runs them side by side (_overlapped_backward); "forward" fuses the forward's
+# rotation only, and the backward's is ops before the kernels (v31-v32). Read once from
+# ISOFLOP_LOWRANK_ROPE.
+ROPE = BackendChoice("ISOFLOP_LOWRANK_ROPE", ("auto", "forward", "off"), "low-rank conv's RoPE fusion setting")
 
 
 @triton.jit
@@ -720,11 +723,22 @@ def rope_fuses(x: Tensor, z: Tensor, U: Tensor, head_dim: int, packed: bool) -> 
     shapes and types (gluon_lowrank_conv.shapes_missing: cannot_run but for addresses and strides,
     which torch.compile cannot see while it traces this; where those turn out misaligned,
     lowrank_forward rotates after the Triton kernel instead, the same result)."""
-    if ROPE.get() != "auto" or FORWARD_VARIANT.get() == "triton" or head_dim != gluon_lowrank_conv.TILE:
+    if ROPE.get() == "off" or FORWARD_VARIANT.get() == "triton" or head_dim != gluon_lowrank_conv.TILE:
         return False
     if not x.is_cuda or gluon_lowrank_conv.shapes_missing(x, z, U, packed, _group_size(z, U, x.shape[-1])):
         return False
     return gluon_hopper(x.device.index)
+
+
+def backward_rotates(x: Tensor, z: Tensor, U: Tensor, rope: tuple) -> bool:
+    """Whether lowrank_backward would turn dy back by `rope` (cos, sin) inside its kernels, for a conv
+    whose forward rotated inside its kernel (rope_fuses): ROPE is "auto" and the backward runs its
+    Gluon kernels side by side. Asked while torch.compile traces (shapes and types only, as
+    rope_fuses); where the kernels then cannot take the inputs, lowrank_backward turns dy back by
+    ops instead, the same result."""
+    if not _kernels_turn_back(rope) or BACKWARD_VARIANT.get() not in ("auto", "gluon") or DX_VARIANT.get() == "triton":
+        return False
+    return rope_fuses(x, z, U, 2 * rope[0].shape[-1], packed=False) and _overlaps(x)
 
 
 def _gluon_conv_missing(src: Tensor, z: Tensor, U: Tensor, pos: Tensor | None) -> str | None:
@@ -742,14 +756,16 @@ def _dx(dy: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
 
 def lowrank_backward(
     dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
-    pos: Tensor | None, blocks: dict | None = None, variant: str | None = None,
+    pos: Tensor | None, blocks: dict | None = None, variant: str | None = None, rope: tuple | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dx, dz, dU, dstatic or None), each contiguous in its input's dtype; inputs as for
     lowrank_forward, dy contiguous. DX_VARIANT picks dx's kernel; `variant` the filter-gradient
     kernels: "fused", "gluon", "split" or "auto" (None: BACKWARD_VARIANT; see BACKWARD_VARIANT).
     `blocks` overrides their block sizes (benchmarks; "auto" then picks among the Triton kernels):
     one dict for fused, {"dz": ..., "du": ...} for split. Where both run in Gluon, OVERLAP may run
-    them side by side (_overlapped_backward)."""
+    them side by side (_overlapped_backward). rope: as lowrank_forward takes it, when dy is the
+    gradient of the rotated output: dy is turned back first (the rotation's gradient), by both
+    kernels as they read it where they run side by side and ROPE is "auto", else by ops."""
     variant = variant or BACKWARD_VARIANT.get()
     if variant not in BACKWARD_VARIANT.allowed:
         raise ValueError(f"lowrank_backward: variant={variant!r}; allowed: {', '.join(BACKWARD_VARIANT.allowed)}")
@@ -766,14 +782,22 @@ def lowrank_backward(
             # (v29) it still does (196.4 -> 201.1; 3 documents in [1, 3000, 256]: 14.5 -> 16.1).
             takes_gluon_grads = why_not is None and blocks is None and pos is None
             variant = "gluon" if takes_gluon_grads else _auto_variant(U.shape[0], meta["W"], static is not None)
-    if variant == "gluon" and dx_gluon and _overlaps(x):
-        return _overlapped_backward(dy, x, z, U, static, residual, meta)
+    side_by_side = variant == "gluon" and dx_gluon and _overlaps(x)
+    if rope is not None and not (side_by_side and _kernels_turn_back(rope)):
+        dy, rope = rotate_channels(dy, rope[:2], rope[2], inverse=True), None
+    if side_by_side:
+        return _overlapped_backward(dy, x, z, U, static, residual, meta, rope=rope)
     dx = _dx(dy, z, U, static, residual, pos, dx_gluon)
     if variant == "split":
         dz, dU, ds = _split_filter_grads(dy, x, z, U, static, pos, meta, blocks)
     else:
         dz, dU, ds = _fused_filter_grads(dy, x, z, U, static, pos, meta, blocks, gluon=variant == "gluon")
     return dx, dz, dU, ds
+
+
+def _kernels_turn_back(rope: tuple) -> bool:
+    """Whether the side-by-side kernels turn dy back themselves (ROPE "auto", 64-channel heads)."""
+    return ROPE.get() == "auto" and 2 * rope[0].shape[-1] == gluon_lowrank_conv.TILE
 
 
 def _overlaps(x: Tensor) -> bool:
@@ -795,7 +819,8 @@ def _overlap_plan(B: int, T: int, D: int, processors: int) -> tuple[int, int, in
 
 
 def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
-                         meta: dict, beside: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                         meta: dict, beside: bool = True, rope: tuple | None = None,
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """lowrank_backward with the Gluon dx on the current stream and the Gluon filter gradients on a
     side stream at once, each with about one program per multiprocessor: a filter-gradient program
     (30 K registers, 139 KB at 3 ring slots) and a dx program (24 K, 76 KB) share each one.
@@ -807,7 +832,11 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
     room for the other, so they run one after the other (_overlaps). Every buffer is allocated on
     the current stream before the side stream starts, and the current stream waits for it before
     the sums, so no memory is freed while the side stream still uses it. `beside=False` runs the same
-    launches one after the other on the current stream (tests: the results are the same bits)."""
+    launches one after the other on the current stream (tests: the results are the same bits).
+    With `rope` both kernels turn dy back as they read it: dx in its ring slots (224 registers), the
+    filter gradients in each consumer's registers (96 per thread at launch), which still fit one
+    program of each per multiprocessor (65,536 registers in all), and save the separate inverse
+    rotation's read and write of dy."""
     B, T, D = x.shape
     d_group = _group_size(z, U, D)
     d_tiles, chunk_t, chunks = _overlap_plan(B, T, D, processor_count(x.device))
@@ -817,11 +846,12 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
     main = side.fork() if beside else None
     try:
         gluon_lowrank.filter_grad_partials(dy, x, z, U, None, meta, d_group, chunk_t, chunks, *parts,
-                                           stages=gluon_lowrank.OVERLAP_STAGES)
+                                           stages=gluon_lowrank.OVERLAP_STAGES, rope=rope)
     finally:
         if beside:
             side.back(main)
-    dx = gluon_lowrank_conv.dx(dy, z, U, static, residual, d_group, chunk=chunk_t // gluon_lowrank_conv.TILE)
+    dx = gluon_lowrank_conv.dx(dy, z, U, static, residual, d_group, chunk=chunk_t // gluon_lowrank_conv.TILE,
+                               rope=rope)
     if beside:
         side.join(main)
     return dx, *sum_filter_grads(*parts, z, U, static, D // d_group)
