@@ -61,7 +61,8 @@ LAUNCH_REGS, DZ_REGS, LOADER_REGS = 80, 88, 24
 # program of its own (triton_lowrank._overlapped_backward): 139 KB beside dx's 76 KB.
 OVERLAP_STAGES = 3
 # (launch, dz partition) registers where the kernel turns dy back (rope): each consumer partition
-# holds the angles of times 0-63 at its own elements for the program's life.
+# holds the angles of times 0-63 at its own elements for the program's life, so the dU partition
+# gets 3 * 96 - 112 - LOADER_REGS = 152 (at 80 per thread at launch both spilled; KERNELS.md v33).
 ROPE_REGS = (96, 112)
 
 

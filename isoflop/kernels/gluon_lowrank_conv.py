@@ -427,8 +427,8 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.jit
     def _first_row(t_first, cos_ptr, sin_ptr, rotate):
-        """cos and sin of the tables' row t_first, as _summed takes them (a walk loads them a step
-        ahead: at use, their latency would be the step's)."""
+        """cos and sin of the tables' row t_first, as _summed takes them (the forward loads them at the
+        top of a tile, before its products; dx has them copied with its tiles, _slot_row)."""
         half_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 2, 2], [2, 2, 1], [2, 1, 0])
         j = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, half_l)))
         return (gl.load(cos_ptr + t_first * 32 + j, mask=rotate, other=0.0),
