@@ -44,7 +44,8 @@ def main() -> int:
         U, s = torch.randn(R, W * D, device="cuda", generator=g) / 4, torch.randn(W, D, device="cuda", generator=g)
         cos, sin = rope_angles(torch.arange(T, device="cuda"), HEAD_DIM, 10000.0)
         rope = (cos, sin, D)
-        assert triton_lowrank.backward_rotates(x, z, U, rope), "the backward would turn dy back by ops here"
+        assert triton_lowrank.rope_fuses(x, z, U, HEAD_DIM, packed=False) and triton_lowrank.backward_rotates(x, rope), \
+            "the backward would turn dy back by ops here"
         heads = x.view(B, T, D // HEAD_DIM, HEAD_DIM)
         turns = {inverse: torch.compile(lambda t, inverse=inverse: rotate_heads(t, cos, sin, inverse))
                  for inverse in (False, True)}  # the model's RoPE, and its gradient

@@ -34,7 +34,8 @@ try:
 except (ImportError, AttributeError):  # a Triton without Gluon's Hopper ops
     gluon = None
 
-__all__ = ["TensorDescriptor", "cta_barrier", "fence_async_shared", "gl", "gl_dtype", "gluon", "hopper_missing",
+__all__ = ["TensorDescriptor", "angle_sum", "cta_barrier", "fence_async_shared", "gl", "gl_dtype", "gluon",
+           "hopper_missing",
            "lowrank_limits_missing", "mbarrier", "takes_gluon", "tma", "tma_load", "tma_misaligned", "tma_store",
            "warpgroup_mma", "warpgroup_mma_wait"]
 
@@ -100,3 +101,13 @@ def tma_misaligned(name: str, t: Tensor) -> str | None:
 def gl_dtype(t: Tensor):
     """Gluon's type for a half-precision tensor."""
     return gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def angle_sum(cos0, sin0, cos_i, sin_i):
+        """cos and sin of a + b from those of a (a tile's first time: a rope table's row) and b (the
+        offset within the tile: rows 0-63), so one table row serves a tile (KERNELS.md v32). Every
+        kernel that rotates by RoPE forms its angles here, so all round them alike."""
+        return cos0 * cos_i - sin0 * sin_i, sin0 * cos_i + cos0 * sin_i

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from isoflop.kernels.gluon_common import (
     TensorDescriptor,
+    angle_sum,
     cta_barrier,
     fence_async_shared,
     gl,
@@ -166,11 +167,10 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
     def _turned_back(lo, hi, row, offsets):
         """The inverse rotation of the halves lo and hi (channels j and j + 32) of a tile, whose time
         t0 + i angles are the sum of the tables' row t0 (`row`, _first_row) and row i (`offsets`, as
-        in gluon_lowrank_conv._angles): the pairs (lo cos + hi sin, hi cos - lo sin)."""
-        cos0, sin0 = row
-        cos_i, sin_i = offsets
-        cos = gl.convert_layout(cos0 * cos_i - sin0 * sin_i, lo.type.layout, assert_trivial=True)
-        sin = gl.convert_layout(sin0 * cos_i + cos0 * sin_i, lo.type.layout, assert_trivial=True)
+        in gluon_lowrank_conv._angles: angle_sum): the pairs (lo cos + hi sin, hi cos - lo sin)."""
+        cos, sin = angle_sum(*row, *offsets)
+        cos = gl.convert_layout(cos, lo.type.layout, assert_trivial=True)
+        sin = gl.convert_layout(sin, lo.type.layout, assert_trivial=True)
         return lo * cos + hi * sin, hi * cos - lo * sin
 
     @gluon.jit

@@ -51,6 +51,7 @@ from torch import Tensor
 
 from isoflop.kernels.gluon_common import (
     TensorDescriptor,
+    angle_sum,
     cta_barrier,
     fence_async_shared,
     gl,
@@ -437,9 +438,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
     @gluon.jit
     def _summed(row, offsets):
         """cos and sin of the angles' sums of a tile's first time (`row`, _first_row) and its offsets."""
-        cos0, sin0 = row[0][None, None, :], row[1][None, None, :]
-        cos_i, sin_i = offsets
-        return cos0 * cos_i - sin0 * sin_i, sin0 * cos_i + cos0 * sin_i
+        return angle_sum(row[0][None, None, :], row[1][None, None, :], *offsets)
 
     @gluon.jit
     def _rotate_tile(tile, angles, DTYPE: gl.constexpr, INVERSE: gl.constexpr = False):

@@ -333,7 +333,7 @@ def dynamic_conv_lowrank(
         rope_channels = checked_rope_channels(x.shape, rope, rope_channels, packed=cu_seqlens is not None)
     # The tables go to the op where its forward kernel rotates; elsewhere ops of their own rotate after it.
     inside = rope is not None and rope_fuses(x, z, U, 2 * cos.shape[-1], cu_seqlens is not None)
-    back_inside = inside and backward_rotates(x, z, U, rope)
+    back_inside = inside and backward_rotates(x, rope)
     y = _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens,
                   *((cos, sin, rope_channels, back_inside) if inside else (None, None, 0, False)))
     return y if inside or rope is None else rotate_channels(y, rope, rope_channels)

@@ -730,15 +730,15 @@ def rope_fuses(x: Tensor, z: Tensor, U: Tensor, head_dim: int, packed: bool) -> 
     return gluon_hopper(x.device.index)
 
 
-def backward_rotates(x: Tensor, z: Tensor, U: Tensor, rope: tuple) -> bool:
+def backward_rotates(x: Tensor, rope: tuple) -> bool:
     """Whether lowrank_backward would turn dy back by `rope` (cos, sin) inside its kernels, for a conv
-    whose forward rotated inside its kernel (rope_fuses): ROPE is "auto" and the backward runs its
-    Gluon kernels side by side. Asked while torch.compile traces (shapes and types only, as
-    rope_fuses); where the kernels then cannot take the inputs, lowrank_backward turns dy back by
-    ops instead, the same result."""
+    whose forward rotates inside its kernel (the caller has asked rope_fuses): ROPE is "auto" and the
+    backward runs its Gluon kernels side by side. Asked while torch.compile traces (shapes and types
+    only, as rope_fuses); where the kernels then cannot take the inputs, lowrank_backward turns dy
+    back by ops instead, the same result."""
     if not _kernels_turn_back(rope) or BACKWARD_VARIANT.get() not in ("auto", "gluon") or DX_VARIANT.get() == "triton":
         return False
-    return rope_fuses(x, z, U, 2 * rope[0].shape[-1], packed=False) and _overlaps(x)
+    return _overlaps(x)
 
 
 def _gluon_conv_missing(src: Tensor, z: Tensor, U: Tensor, pos: Tensor | None) -> str | None:

@@ -98,8 +98,8 @@ class Attention(nn.Module):
         self.convs = LinearConvs(cfg.conv, shapes, cfg.init_std)
         # q and k with low-rank convs and nothing (QK-norm) between conv and rotation: the convs
         # rotate their own outputs, in the forward kernel where it can (one read and write of q
-        # and k fewer; the backward's inverse rotation stays a compiled op; KERNELS.md, v31), when
-        # the tables are of positions 0 to T-1 (RopeFromZero).
+        # and k fewer; KERNELS.md, v31), and their backward kernels turn the gradient back where
+        # they run side by side (v33), when the tables are of positions 0 to T-1 (RopeFromZero).
         self.convs_rotate = self.q_norm is None and self.convs.rotates(("q", "k"))
 
     @property
