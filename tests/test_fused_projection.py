@@ -180,15 +180,50 @@ def test_compiled_code_runs_dynamic_convs_one_by_one_on_views(monkeypatch, any_l
     """Under torch.compile (measured faster at 300M, and less memory) each dynamic conv runs alone,
     reading its x and filter input as views of the fused projection, as eager code does (no
     copies: the ops take any layout, KERNELS.md training points 13 and 14); eager code groups the
-    low-rank ones (the test above). Where torch cannot tag the ops (before 2.8), the model copies
-    each view once instead."""
+    low-rank ones (the test above); with ISOFLOP_PROJECTED_CONVS=auto (the next test) the low-rank
+    ones run inside one op. Where torch cannot tag the ops (before 2.8), the model copies each view
+    once instead."""
+    from isoflop.models import conv
+
     model = build_model(tiny_config(arch))
     seen = record_calls(monkeypatch, function,
                         lambda x, z, *_: (x.shape[-1], z.shape[2:], x.is_contiguous() and z.is_contiguous()))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(kernels, "CONV_OPS_TAKE_ANY_LAYOUT", any_layout)
+    monkeypatch.setattr(conv.PROJECTED, "name", "off")
     model(torch.randint(0, VOCAB, (2, 12)))
     assert seen == [(D, filters, not any_layout)] * 3 * LAYERS
+
+
+@pytest.mark.parametrize("arch, groups", [
+    ("dynamic-qkv", [(D, D, D)]),
+    ("dynamic-all-linear", [(D, D, D), (D,), (D_FF, D_FF), (D,)]),
+    ("dynamic-headwise-qkv", []),
+])
+def test_compiled_code_runs_the_low_rank_convs_of_a_projection_as_one_op(monkeypatch, arch, groups):
+    """Under torch.compile the low-rank convs of one fused projection run as one op
+    (kernels.dynamic_convs_lowrank) on the whole matmul output, whose backward writes that output's
+    gradient in place instead of a compiled kernel concatenating each conv's dx and dz; values and
+    gradients equal the per-conv path's (ISOFLOP_PROJECTED_CONVS=off)."""
+    from isoflop.models import conv
+
+    torch.manual_seed(0)
+    model = trained_like(tiny_config(arch))
+    seen = record_calls(monkeypatch, "dynamic_convs_lowrank",
+                        lambda projection, ups, *_: (projection.shape[-1], len(ups)))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    idx = torch.randint(0, VOCAB, (2, 12))
+
+    def loss_and_grads():
+        loss = model(idx)[0].square().mean()
+        return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
+
+    projected = loss_and_grads()
+    widths = [(sum(g) + 16 * len(g), len(g)) for g in groups]
+    assert seen == widths * LAYERS
+    monkeypatch.setattr(conv.PROJECTED, "name", "off")
+    for got, expected in zip(projected, loss_and_grads()):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 class MatmulShapes(TorchDispatchMode):

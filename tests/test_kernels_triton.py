@@ -385,6 +385,78 @@ def test_lowrank_rope_matches_reference(monkeypatch, gen, triton_backend, dtype,
     check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
 
 
+def projected_convs(B: int, T: int, channels: list[int], R: int, W: int, static: bool, rotated: int, dtype,
+                    device="cpu", gen=None) -> dict:
+    """kernels.dynamic_convs_lowrank's inputs: a fused projection [B, T, sum(channels) + G*R] with rows
+    padded (a matmul output Inductor padded), each conv's U and static filter, rope for `rotated`."""
+    on = dict(dtype=dtype, device=device, gen=gen)
+    width = sum(channels) + len(channels) * R
+    projection = rand(B, T, width + 8, **on)[..., :width]
+    return dict(projection=projection, ups=[rand(R, W * c, **on) / R**0.5 for c in channels],
+                statics=[rand(W, c, **on) for c in channels] if static else None, width=W,
+                rope=rope_tables(T, device=device) if rotated else None, rotated=rotated)
+
+
+def projected_and_one_by_one(inputs: dict, seed: int = 1) -> tuple[list[Tensor], list[Tensor]]:
+    """Outputs and input gradients (projection, ups, statics) of dynamic_convs_lowrank, and of one
+    dynamic_conv_lowrank per conv on the projection's split views (the same cotangents)."""
+    leaves = {k: ([t.detach().requires_grad_() for t in v] if isinstance(v, list) else
+                  v.detach().requires_grad_() if k == "projection" else v) for k, v in inputs.items()}
+    flat = [leaves["projection"], *leaves["ups"], *(leaves["statics"] or [])]
+    channels = [U.shape[1] // inputs["width"] for U in inputs["ups"]]
+    total, R = sum(channels), inputs["ups"][0].shape[0]
+    g = torch.Generator().manual_seed(seed)
+    cotangents = [torch.randn(*inputs["projection"].shape[:2], c, generator=g).to(inputs["projection"]) for c in channels]
+    results = []
+    for one_by_one in (False, True):
+        if one_by_one:
+            xs = leaves["projection"][..., :total].split(channels, dim=-1)
+            zs = leaves["projection"][..., total:].split(R, dim=-1)
+            ys = [kernels.dynamic_conv_lowrank(x, z, U, leaves["statics"][i] if leaves["statics"] else None,
+                                               rope=leaves["rope"] if i < leaves["rotated"] else None)
+                  for i, (x, z, U) in enumerate(zip(xs, zs, leaves["ups"]))]
+        else:
+            ys = kernels.dynamic_convs_lowrank(**leaves)
+        loss = sum((y * c).sum() for y, c in zip(ys, cotangents))
+        results.append([*ys, *torch.autograd.grad(loss, flat)])
+    return results[0], results[1]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels, R, W, static, rotated", [
+    ([64, 64, 64], 3, 4, True, 2),  # q, k, v, q and k rotated
+    ([32, 48], 5, 3, False, 0),  # gate and up of other widths, no static filter
+    ([40], 4, 2, True, 0),  # one conv (o, down)
+])
+def test_lowrank_convs_of_a_projection_equal_the_convs_one_by_one(gen, triton_backend, dtype, channels, R, W,
+                                                                   static, rotated):
+    """kernels.dynamic_convs_lowrank (one op; its backward writes the projection's gradient in place)
+    gives the results of one dynamic_conv_lowrank per conv on the projection's split views, bit for
+    bit (the same kernels on the same views), and the reference's."""
+    inputs = projected_convs(2, 13, channels, R, W, static, rotated, dtype, gen=gen)
+    projected, one_by_one = projected_and_one_by_one(inputs)
+    assert all(torch.equal(a, b) for a, b in zip(projected, one_by_one))
+    ys = kernels.dynamic_convs_lowrank(**inputs)
+    kernels.set_backend("reference")
+    exact = kernels.dynamic_convs_lowrank(**{k: ([t.double() for t in v] if isinstance(v, list) else
+                                                 v.double() if k == "projection" else v) for k, v in inputs.items()})
+    for y, y_exact in zip(ys, exact):
+        assert relative_error(y, y_exact) < TOLERANCE[dtype]
+
+
+@interpreted
+def test_lowrank_convs_of_a_projection_name_bad_inputs(gen):
+    """Wrong widths name what the projection's columns must hold."""
+    inputs = projected_convs(1, 8, [32, 32], 4, 3, True, 0, torch.float32, gen=gen)
+    with pytest.raises(ValueError, match="take 72 .*their inputs, then each one's z"):
+        kernels.dynamic_convs_lowrank(**inputs | {"projection": inputs["projection"][..., :-1]})
+    with pytest.raises(ValueError, match="one filter per conv"):
+        kernels.dynamic_convs_lowrank(**inputs | {"statics": inputs["statics"][:1]})
+    with pytest.raises(ValueError, match="rotated=3"):
+        kernels.dynamic_convs_lowrank(**inputs | {"rope": rope_tables(8, head_dim=32), "rotated": 3})
+
+
 @interpreted
 def test_lowrank_split_and_fused_backward_agree(gen):
     """Same gradients from both variants (dx is shared; the filter gradients only differ by the
@@ -579,6 +651,9 @@ def test_custom_ops_pass_opcheck(gen):
     torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu, None, None, 0, False))
     for rope_backward in (False, True):  # True: the backward op turns dy back (by ops where no kernel does)
         torch.library.opcheck(ops.lowrank_conv, (x, z, U, s, True, cu, cos, sin, D, rope_backward))
+    projection = rand(B, T, 2 * D + 2 * R, gen=gen).requires_grad_()
+    for statics, rope in (([s, s], (cos, sin)), ([], (None, None))):
+        torch.library.opcheck(ops.lowrank_projected, (projection, [U, U], statics, W, True, None, *rope, 1))
     torch.library.opcheck(ops.headwise_conv, (x, rand(B, T, W, 4, gen=gen).requires_grad_(), None, False, None))
     torch.library.opcheck(ops.conv_step, (x[:, 0].detach(), rand(B, W - 1, D, gen=gen), z[:, 0].detach(), U.detach(), None, s.detach(), True))
 
@@ -950,6 +1025,25 @@ def test_gpu_lowrank_rope_inside_the_kernel_equals_the_rotation_after_it(monkeyp
             assert relative_error(fused, apart.double()) < TOLERANCE[dtype] / 20, (other, name)
     monkeypatch.setattr(triton_lowrank.ROPE, "name", "auto")
     check_against_float64(kernels.dynamic_conv_lowrank, inputs, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("B, T, channels, R, W, dtype, static, rotated", [
+    (8, 4096, [1024] * 3, 16, 4, torch.bfloat16, True, 2),  # the 300M model's q, k, v (side by side on Hopper)
+    (2, 4096, [2752] * 2, 16, 4, torch.bfloat16, True, 0),  # its gate and up (one after the other)
+    (4, 512, [384], 8, 3, torch.float16, False, 0),  # one conv, R = 8, 3 taps, no static filter
+])
+def test_gpu_lowrank_convs_of_a_projection_equal_the_convs_one_by_one(triton_backend, B, T, channels, R, W, dtype,
+                                                                       static, rotated):
+    """On the GPU too the one op repeats the convs one by one bit for bit, with dx stored by TMA into
+    the projection's gradient where the overlapped backward runs (poisoned memory: every column of
+    the gradient must be written)."""
+    poison_cuda_memory()
+    inputs = projected_convs(B, T, channels, R, W, static, rotated, dtype, device="cuda",
+                             gen=torch.Generator().manual_seed(0))
+    projected, one_by_one = projected_and_one_by_one(inputs)
+    for a, b in zip(projected, one_by_one):
+        assert torch.equal(a, b)
 
 
 @gpu

@@ -99,6 +99,31 @@ def dynamic_conv_lowrank(
                                           rope_channels=rope_channels)
 
 
+def dynamic_convs_lowrank(
+    projection: Tensor, ups: list[Tensor], statics: list[Tensor] | None = None, *, width: int,
+    residual: bool = True, cu_seqlens: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None, rotated: int = 0,
+) -> list[Tensor]:
+    """G low-rank dynamic convs whose inputs are columns of one fused projection [B, T, C_1 + ... +
+    C_G + G*R]: conv g filters its C_g columns (in order) with U_g = ups[g] [R, W*C_g], static filter
+    statics[g] [W, C_g] (none if statics is None), and z = the projection's g-th R columns after all
+    the convs' channels. With rope = (cos, sin), the first `rotated` outputs come out rotated (as
+    dynamic_conv_lowrank's rope). The same values as dynamic_conv_lowrank on each conv's views; on the
+    kernels one op, whose backward writes each conv's dx and dz into the projection's gradient, where
+    split views' gradients would be concatenated by a kernel of their own."""
+    reference.check_projected(projection, ups, statics, width, rope, rotated)
+    channels = [U.shape[-1] // width for U in ups]
+    if _use_triton(projection, *ups, *(statics or []), width=width):
+        return _ops().dynamic_convs_lowrank(projection, ups, statics, width=width, residual=residual,
+                                            cu_seqlens=cu_seqlens, rope=rope, rotated=rotated)
+    rank, total = ups[0].shape[0], sum(channels)
+    xs = projection[..., :total].split(channels, dim=-1)
+    zs = projection[..., total:].split(rank, dim=-1)
+    return [reference.dynamic_conv_lowrank(x, z, U, statics[g] if statics else None, residual=residual,
+                                           cu_seqlens=cu_seqlens, rope=rope if g < rotated else None)
+            for g, (x, z, U) in enumerate(zip(xs, zs, ups))]
+
+
 def dynamic_conv_headwise(
     x: Tensor, w: Tensor, static: Tensor | None = None, *,
     residual: bool = True, cu_seqlens: Tensor | None = None,

@@ -89,6 +89,15 @@ def cannot_run(x: Tensor, z: Tensor, U: Tensor, pos: Tensor | None, d_group: int
     return tma_misaligned("x", x) or tma_misaligned("z", z)
 
 
+def stores_into(out: Tensor, like: Tensor) -> bool:
+    """Whether dx of dy = `like` can be stored by TMA into `out` in place: a view of like's shape and
+    type into a wider buffer (a fused projection's gradient) with 16-byte aligned rows and sequences
+    one after another."""
+    B, T = out.shape[:2]
+    return (out.shape == like.shape and out.dtype == like.dtype and (B == 1 or out.stride(0) == T * out.stride(1))
+            and tma_misaligned("out", out) is None)
+
+
 def shapes_missing(x: Tensor, z: Tensor, U: Tensor, packed: bool, d_group: int) -> str | None:
     """What `cannot_run` says of the inputs' shapes and types alone (no device, address or stride:
     what torch.compile can see while it traces a call, triton_lowrank.rope_fuses), or None."""
@@ -167,14 +176,15 @@ def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
 
 
 def dx(dy: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, d_group: int,
-       chunk: int | None = None, rope: tuple | None = None) -> Tensor:
+       chunk: int | None = None, rope: tuple | None = None, out: Tensor | None = None) -> Tensor:
     """dx [B, T, D] (contiguous) for dy, z, U and static as `forward` takes x, z, U and static. rope:
     as `forward` takes it; dy is then the gradient of the rotated output, and each of its tiles is
-    turned back (the rotation's gradient) in shared memory before the walk reads it."""
+    turned back (the rotation's gradient) in shared memory before the walk reads it. out: a view of
+    dx's shape that the kernel stores into instead (`stores_into(out, dy)` must hold)."""
     B, T, D = dy.shape
     R, W = U.shape[0], U.shape[1] // D
     chunk = chunk or dx_tiles_per_program(T, D, B, dy.device)
-    out = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+    out = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device) if out is None else out
     grid = (triton.cdiv(T // TILE, chunk), triton.cdiv(D, TILE), B)
     dy_tiles = _runs_descriptor(dy)
     rows = (_row_descriptor(rope[0]), _row_descriptor(rope[1])) if rope is not None else (dy_tiles, dy_tiles)

@@ -10,6 +10,11 @@ Ops (namespace `isoflop`):
   (side by side on Hopper: triton_lowrank.backward_rotates, v33), else it is PyTorch ops in the
   autograd formula, before the backward op, which torch.compile fuses into one kernel. The choice is
   an argument of the forward op, so a compiled graph (and its caches' keys) records it
+- lowrank_projected(projection, ups, statics, width, residual, cu_seqlens?, cos?, sin?, rotated) -> the
+  outputs of G convs whose x and z are columns of one fused projection, and lowrank_projected_backward
+  -> (the projection's gradient, dUs, dstatics): each conv's dx and dz written into their columns, so
+  no kernel concatenates them (what split views' gradients cost a compiled model: ~1.7 ms of a 300M
+  dynamic-qkv step). The first `rotated` outputs come out rotated by cos and sin
 - headwise_conv(x, w?, static?, residual, cu_seqlens?) and headwise_conv_backward -> (dx, dw, ds);
   w [B, T, W, H] with H | D (H = D is reference.short_conv's explicit filters; no w is the static conv)
 - conv_step(x_t, state, z_t?, U?, w_t?, static?, residual) -> (y_t, new_state); no autograd.
@@ -37,6 +42,7 @@ from torch import Tensor
 from isoflop.kernels import GROUP_MULTIPLE, CONV_OPS_TAKE_ANY_LAYOUT
 from isoflop.kernels.reference import (
     check_cu_seqlens,
+    check_projected,
     checked_rope_channels,
     lowrank_groups,
     rotate_channels,
@@ -166,6 +172,89 @@ def _lowrank_grad(ctx, dy, backward=lowrank_conv_backward):
 
 
 lowrank_conv.register_autograd(_lowrank_grad, setup_context=_lowrank_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Low-rank convs of one fused projection
+
+
+def _projected(projection: Tensor, ups: list[Tensor], width: int) -> list[tuple[Tensor, Tensor]]:
+    """(x, z) of each conv, as views of the projection [B, T, C_1 + ... + C_G + G*R]: conv g's x is
+    its C_g columns (C_g from its U [R, W*C_g]), its z the g-th R columns after all of them."""
+    rank, total = ups[0].shape[0], sum(U.shape[1] // width for U in ups)
+    views, start = [], 0
+    for g, U in enumerate(ups):
+        channels, z_start = U.shape[1] // width, total + g * rank
+        views.append((projection[..., start:start + channels], projection[..., z_start:z_start + rank]))
+        start += channels
+    return views
+
+
+def _projected_rope(cos: Optional[Tensor], sin: Optional[Tensor], g: int, rotated: int, channels: int):
+    return _rope(cos, sin, channels) if g < rotated else None
+
+
+def _lowrank_projected(
+    projection: Tensor, ups: list[Tensor], statics: list[Tensor], width: int, residual: bool,
+    cu_seqlens: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], rotated: int,
+) -> list[Tensor]:
+    pos = _positions(cu_seqlens, projection.shape[1], projection.device)
+    return [lowrank_forward(_rows(x), _rows(z), U.contiguous(), statics[g].contiguous() if statics else None,
+                            residual, pos, rope=_projected_rope(cos, sin, g, rotated, x.shape[-1]))
+            for g, ((x, z), U) in enumerate(zip(_projected(projection, ups, width), ups))]
+
+
+lowrank_projected = _takes_any_layout("isoflop::lowrank_projected", _lowrank_projected)
+
+
+@lowrank_projected.register_fake
+def _(projection, ups, statics, width, residual, cu_seqlens, cos, sin, rotated):
+    return [projection.new_empty(*projection.shape[:2], U.shape[1] // width) for U in ups]
+
+
+def _lowrank_projected_backward(
+    dys: list[Tensor], projection: Tensor, ups: list[Tensor], statics: list[Tensor], width: int, residual: bool,
+    cu_seqlens: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], rotated: int,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """(the projection's gradient, dU of each conv, dstatic of each conv or none). Each conv's dx and
+    dz are written into their columns of the gradient (the overlapped Gluon backward stores dx there
+    in place), so no kernel concatenates the pieces afterwards."""
+    pos = _positions(cu_seqlens, projection.shape[1], projection.device)
+    grad = torch.empty(projection.shape, dtype=projection.dtype, device=projection.device)
+    dUs, dss = [], []
+    views = zip(_projected(projection, ups, width), _projected(grad, ups, width))
+    for g, (((x, z), out), dy, U) in enumerate(zip(views, dys, ups)):
+        _, _, dU, ds = lowrank_backward(dy.contiguous(), _rows(x), _rows(z), U.contiguous(),
+                                        statics[g].contiguous() if statics else None, residual, pos,
+                                        rope=_projected_rope(cos, sin, g, rotated, x.shape[-1]), out=out)
+        dUs.append(dU)
+        dss.extend([ds] if statics else [])
+    return grad, dUs, dss
+
+
+lowrank_projected_backward = _takes_any_layout("isoflop::lowrank_projected_backward", _lowrank_projected_backward)
+
+
+@lowrank_projected_backward.register_fake
+def _(dys, projection, ups, statics, width, residual, cu_seqlens, cos, sin, rotated):
+    return projection.new_empty(projection.shape), [U.new_empty(U.shape) for U in ups], [s.new_empty(s.shape) for s in statics]
+
+
+def _projected_setup(ctx, inputs, output):
+    projection, ups, statics, width, residual, cu_seqlens, cos, sin, rotated = inputs
+    ctx.save_for_backward(projection, cu_seqlens, cos, sin, *ups, *statics)
+    ctx.groups, ctx.width, ctx.residual, ctx.rotated = len(ups), width, residual, rotated
+
+
+def _projected_grad(ctx, dys):
+    projection, cu_seqlens, cos, sin, *params = ctx.saved_tensors
+    ups, statics = params[:ctx.groups], params[ctx.groups:]
+    grad, dUs, dss = lowrank_projected_backward(list(dys), projection, ups, statics, ctx.width, ctx.residual,
+                                                cu_seqlens, cos, sin, ctx.rotated)
+    return grad, dUs, dss, None, None, None, None, None, None
+
+
+lowrank_projected.register_autograd(_projected_grad, setup_context=_projected_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +426,24 @@ def dynamic_conv_lowrank(
     y = _dispatch(lowrank_conv, _eager_lowrank_conv, x, z, U, static, residual, cu_seqlens,
                   *((cos, sin, rope_channels, back_inside) if inside else (None, None, 0, False)))
     return y if inside or rope is None else rotate_channels(y, rope, rope_channels)
+
+
+def dynamic_convs_lowrank(
+    projection: Tensor, ups: list[Tensor], statics: list[Tensor] | None = None, *, width: int,
+    residual: bool = True, cu_seqlens: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None, rotated: int = 0,
+) -> list[Tensor]:
+    """Low-rank dynamic convs of one fused projection (see kernels.dynamic_convs_lowrank) on the
+    Triton kernels: one op, whose backward writes the projection's gradient in place."""
+    check_projected(projection, ups, statics, width, rope, rotated)
+    statics = list(statics or [])
+    cos, sin = rope if rope is not None else (None, None)
+    for g, ((x, z), U) in enumerate(zip(_projected(projection, ups, width), ups)):
+        _check(x, width, statics[g] if statics else None, cu_seqlens, z=z, U=U, cos=cos, sin=sin)
+        if g < rotated and rope is not None:
+            checked_rope_channels(x.shape, rope, None, packed=cu_seqlens is not None)
+    return lowrank_projected(projection, list(ups), statics, width, residual, cu_seqlens, cos, sin,
+                             rotated if rope is not None else 0)
 
 
 def dynamic_conv_headwise(

@@ -158,6 +158,30 @@ def checked_rope_channels(shape: tuple[int, ...], rope: tuple[Tensor, Tensor], c
     return channels
 
 
+def check_projected(projection: Tensor, ups: list[Tensor], statics: list[Tensor] | None, width: int,
+                    rope: tuple[Tensor, Tensor] | None, rotated: int) -> None:
+    """ValueError unless the arguments of dynamic_convs_lowrank fit each other: one R and W for all
+    convs, the projection's columns each conv's channels then each one's R columns of z, one static
+    filter per conv (or none), and with rope 1 to G rotated convs."""
+    if projection.ndim != 3:
+        raise ValueError(f"the projection must be [B, T, C]; got shape {tuple(projection.shape)}")
+    if width < 1:
+        raise ValueError(f"width={width}: a conv has at least one tap")
+    if not ups or any(U.ndim != 2 or U.shape[0] != ups[0].shape[0] or U.shape[1] % width or U.shape[1] == 0
+                      for U in ups):
+        raise ValueError(f"ups must be one or more [R, W*C_g] with one R and W={width}; got "
+                         f"{[tuple(U.shape) for U in ups]}")
+    rank, channels = ups[0].shape[0], [U.shape[1] // width for U in ups]
+    if projection.shape[-1] != sum(channels) + len(ups) * rank:
+        raise ValueError(f"the projection has {projection.shape[-1]} columns; {len(ups)} convs of {channels} "
+                         f"channels with R={rank} take {sum(channels) + len(ups) * rank} (their inputs, then "
+                         "each one's z)")
+    if statics and len(statics) != len(ups):
+        raise ValueError(f"statics: one filter per conv or none; got {len(statics)} for {len(ups)} convs")
+    if rope is not None and not 0 < rotated <= len(ups):
+        raise ValueError(f"rotated={rotated}: with rope, the first 1 to {len(ups)} convs come out rotated")
+
+
 ROPE_BLOCK = 64  # what the Gluon forward composes a time's angles from: its block's first time and its offset
 
 

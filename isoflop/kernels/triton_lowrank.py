@@ -747,19 +747,30 @@ def _gluon_conv_missing(src: Tensor, z: Tensor, U: Tensor, pos: Tensor | None) -
 
 
 def _dx(dy: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, pos: Tensor | None,
-        gluon: bool) -> Tensor:
-    """dx by the Gluon pass if `gluon` (takes_gluon has said it runs), else the Triton conv with leads."""
+        gluon: bool, out: Tensor | None = None) -> Tensor:
+    """dx by the Gluon pass if `gluon` (takes_gluon has said it runs), else the Triton conv with leads.
+    The Gluon pass stores dx into `out` in place where it can (_gluon_out); otherwise dx comes back
+    in a tensor of its own."""
     if gluon:
-        return gluon_lowrank_conv.dx(dy, z, U, static, residual, _group_size(z, U, dy.shape[-1]))
+        return gluon_lowrank_conv.dx(dy, z, U, static, residual, _group_size(z, U, dy.shape[-1]),
+                                     out=_gluon_out(out, dy))
     return _conv(dy, z, U, static, residual, pos, lead=True, blocks=None)
+
+
+def _gluon_out(out: Tensor | None, dy: Tensor) -> Tensor | None:
+    """`out` where the Gluon dx can store into it by TMA (gluon_lowrank_conv.stores_into), else None."""
+    return out if out is not None and gluon_lowrank_conv.stores_into(out, dy) else None
 
 
 def lowrank_backward(
     dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
     pos: Tensor | None, blocks: dict | None = None, variant: str | None = None, rope: tuple | None = None,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dx, dz, dU, dstatic or None), each contiguous in its input's dtype; inputs as for
-    lowrank_forward, dy contiguous. DX_VARIANT picks dx's kernel; `variant` the filter-gradient
+    lowrank_forward, dy contiguous. out: (dx, dz) views to write them into instead (columns of one
+    fused projection's gradient, lowrank_projected_backward); the Gluon dx stores into its view in
+    place, the Triton dx and dz are copied into theirs. DX_VARIANT picks dx's kernel; `variant` the filter-gradient
     kernels: "fused", "gluon", "split" or "auto" (None: BACKWARD_VARIANT; see BACKWARD_VARIANT).
     `blocks` overrides their block sizes (benchmarks; "auto" then picks among the Triton kernels):
     one dict for fused, {"dz": ..., "du": ...} for split. Where both run in Gluon, OVERLAP may run
@@ -786,12 +797,16 @@ def lowrank_backward(
     if rope is not None and not (side_by_side and _kernels_turn_back(rope)):
         dy, rope = rotate_channels(dy, rope[:2], rope[2], inverse=True), None
     if side_by_side:
-        return _overlapped_backward(dy, x, z, U, static, residual, meta, rope=rope)
-    dx = _dx(dy, z, U, static, residual, pos, dx_gluon)
-    if variant == "split":
-        dz, dU, ds = _split_filter_grads(dy, x, z, U, static, pos, meta, blocks)
+        dx, dz, dU, ds = _overlapped_backward(dy, x, z, U, static, residual, meta, rope=rope,
+                                              dx_out=out[0] if out is not None else None)
     else:
-        dz, dU, ds = _fused_filter_grads(dy, x, z, U, static, pos, meta, blocks, gluon=variant == "gluon")
+        dx = _dx(dy, z, U, static, residual, pos, dx_gluon, out=out[0] if out is not None else None)
+        if variant == "split":
+            dz, dU, ds = _split_filter_grads(dy, x, z, U, static, pos, meta, blocks)
+        else:
+            dz, dU, ds = _fused_filter_grads(dy, x, z, U, static, pos, meta, blocks, gluon=variant == "gluon")
+    if out is not None:
+        dx, dz = (target if got is target else target.copy_(got) for target, got in zip(out, (dx, dz)))
     return dx, dz, dU, ds
 
 
@@ -820,7 +835,7 @@ def _overlap_plan(B: int, T: int, D: int, processors: int) -> tuple[int, int, in
 
 def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
                          meta: dict, beside: bool = True, rope: tuple | None = None,
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                         dx_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """lowrank_backward with the Gluon dx on the current stream and the Gluon filter gradients on a
     side stream at once, each with about one program per multiprocessor: a filter-gradient program
     (30 K registers, 139 KB at 3 ring slots) and a dx program (24 K, 76 KB) share each one.
@@ -836,7 +851,8 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
     With `rope` both kernels turn dy back as they read it: dx in its ring slots (224 registers), the
     filter gradients in each consumer's registers (96 per thread at launch), which still fit one
     program of each per multiprocessor (65,536 registers in all), and save the separate inverse
-    rotation's read and write of dy."""
+    rotation's read and write of dy. dx_out: a view that dx is stored into by TMA where its rows
+    allow (_gluon_out), else dx comes back in a tensor of its own."""
     B, T, D = x.shape
     d_group = _group_size(z, U, D)
     d_tiles, chunk_t, chunks = _overlap_plan(B, T, D, processor_count(x.device))
@@ -851,7 +867,7 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
         if beside:
             side.back(main)
     dx = gluon_lowrank_conv.dx(dy, z, U, static, residual, d_group, chunk=chunk_t // gluon_lowrank_conv.TILE,
-                               rope=rope)
+                               rope=rope, out=_gluon_out(dx_out, dy))
     if beside:
         side.join(main)
     return dx, *sum_filter_grads(*parts, z, U, static, D // d_group)

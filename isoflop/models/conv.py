@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from isoflop import kernels
+from isoflop.backends import BackendChoice
 from isoflop.models.config import ConvSpec
+
+# Whether compiled blocks run the low-rank convs of one fused projection as one op that writes the
+# projection's gradient in place ("auto", LinearConvs._run_lowrank_projected) or one op per conv on
+# the projection's split views ("off"), whose gradients a compiled kernel then concatenates.
+PROJECTED = BackendChoice("ISOFLOP_PROJECTED_CONVS", ("auto", "off"), "fused projection's low-rank conv setting")
 
 
 def _uniform_filter(width: int, channels: int) -> nn.Parameter:
@@ -300,14 +306,20 @@ class LinearConvs(nn.ModuleDict):
             y = kernels.static_conv(y, weight, residual=static[0].residual, cu_seqlens=cu_seqlens)
             return list(y.split([conv.channels for conv in static], dim=-1))
         # Eager small models are bound by host time per call: q/k/v as one call took a d128-l3
-        # step from x1.60 to x1.36 the transformer's. Compiled, one call per conv was faster at
-        # 300M (+10.3% vs +10.9% for one call, on copies) and keeps 2 GiB less (attention keeps
-        # v, a view of the one call's whole output); each call reads its views in place.
+        # step from x1.60 to x1.36 the transformer's. Compiled, one launch per conv was faster at
+        # 300M (+10.3% vs +10.9% for one launch, on copies) and keeps 2 GiB less (attention keeps
+        # v, a view of the one launch's whole output); they run inside one op, each launch reading
+        # its views in place, so that the backward writes the projection's gradient in place.
         if rotated and (list(linears)[:len(rotated)] != list(rotated) or not self.rotates(rotated)):
             raise ValueError(f"rotated={rotated}: must be the first of {list(linears)}, each with a low-rank conv")
-        lowrank = None if torch.compiler.is_compiling() else self._lowrank_group(list(linears))
-        if lowrank is not None:
-            return self._run_lowrank_group(h, linears, lowrank, cu_seqlens, rope, len(rotated))
+        if torch.compiler.is_compiling():
+            group = self._projected_group(list(linears))
+            if group is not None:
+                return self._run_lowrank_projected(h, linears, group, cu_seqlens, rope, len(rotated))
+        else:
+            lowrank = self._lowrank_group(list(linears))
+            if lowrank is not None:
+                return self._run_lowrank_group(h, linears, lowrank, cu_seqlens, rope, len(rotated))
         projected = self.project(h, linears)
         return [self.run(name, y, h, cu_seqlens, z=z, rope=rope if name in rotated else None)
                 for name, (y, z) in projected.items()]
@@ -330,13 +342,31 @@ class LinearConvs(nn.ModuleDict):
                                          rope_channels=sum(conv.channels for conv in convs[:n_rotated]))
         return list(y.split([conv.channels for conv in convs], dim=-1))
 
+    def _run_lowrank_projected(
+        self, h: Tensor, linears: dict[str, nn.Linear], convs: list[DynamicShortConv],
+        cu_seqlens: Tensor | None, rope: tuple[Tensor, Tensor] | None, n_rotated: int,
+    ) -> list[Tensor]:
+        """One matmul for the linears and their generators' D->R maps, then one op for their convs
+        (kernels.dynamic_convs_lowrank), which reads each conv's x and z in place and whose backward
+        writes the matmul output's gradient in place. Compiled, one op per conv on the split views
+        left a kernel concatenating their gradients (dx of each conv, then dz): 1.74 ms of a 300M
+        dynamic-qkv step on the H200 (torch.profiler), 1% of it; the transformer's q, k and v pay
+        1.48 ms for theirs, which come from attention's backward. The first `n_rotated` outputs come
+        out rotated by rope."""
+        projection = F.linear(h, torch.cat(self._stacked_weights(linears)))
+        return kernels.dynamic_convs_lowrank(
+            projection, [conv.up for conv in convs], [conv.bias for conv in convs], width=convs[0].width,
+            residual=convs[0].residual, cu_seqlens=cu_seqlens, rope=rope if n_rotated else None, rotated=n_rotated,
+        )
+
     def _group(
-        self, names: list[str], accepts: Callable[[ShortConv], bool], shape: Callable[[ShortConv], tuple]
+        self, names: list[str], accepts: Callable[[ShortConv], bool], shape: Callable[[ShortConv], tuple],
+        least: int = 2,
     ) -> list[ShortConv] | None:
-        """The convs of two or more linears `names` when each has one, `accepts` each, and they
+        """The convs of `least` or more linears `names` when each has one, `accepts` each, and they
         all have one `shape`; None otherwise."""
         convs = [self[name] for name in names if name in self]
-        if len(names) < 2 or len(convs) < len(names) or not all(accepts(conv) for conv in convs):
+        if len(names) < least or len(convs) < len(names) or not all(accepts(conv) for conv in convs):
             return None
         return convs if len({shape(conv) for conv in convs}) == 1 else None
 
@@ -351,6 +381,14 @@ class LinearConvs(nn.ModuleDict):
         convs = self._group(names, lambda conv: isinstance(conv, DynamicShortConv) and conv.kind == "lowrank",
                             lambda conv: (conv.width, conv.rank, conv.residual, conv.channels))
         return convs if convs and convs[0].channels % kernels.GROUP_MULTIPLE == 0 else None
+
+    def _projected_group(self, names: list[str]) -> list[DynamicShortConv] | None:
+        """The low-rank dynamic convs of one or more linears `names` (see _group) when they share
+        width, rank and residual, for _run_lowrank_projected (PROJECTED "auto")."""
+        if PROJECTED.get() == "off":
+            return None
+        return self._group(names, lambda conv: isinstance(conv, DynamicShortConv) and conv.kind == "lowrank",
+                           lambda conv: (conv.width, conv.rank, conv.residual), least=1)
 
     def project_and_step(
         self, h_t: Tensor, linears: dict[str, nn.Linear], states: dict[str, Tensor]
