@@ -195,22 +195,22 @@ def test_compiled_code_runs_dynamic_convs_one_by_one_on_views(monkeypatch, any_l
     assert seen == [(D, filters, not any_layout)] * 3 * LAYERS
 
 
-@pytest.mark.parametrize("arch, groups", [
-    ("dynamic-qkv", [(D, D, D)]),
-    ("dynamic-all-linear", [(D, D, D), (D,), (D_FF, D_FF), (D,)]),
-    ("dynamic-headwise-qkv", []),
+@pytest.mark.parametrize("arch, function, groups", [
+    ("dynamic-qkv", "dynamic_convs_lowrank", [(D, D, D)]),
+    ("dynamic-all-linear", "dynamic_convs_lowrank", [(D, D, D), (D,), (D_FF, D_FF), (D,)]),
+    ("dynamic-headwise-qkv", "dynamic_convs_headwise", [(D, D, D)]),
 ])
-def test_compiled_code_runs_the_low_rank_convs_of_a_projection_as_one_op(monkeypatch, arch, groups):
-    """Under torch.compile the low-rank convs of one fused projection run as one op
-    (kernels.dynamic_convs_lowrank) on the whole matmul output, whose backward writes that output's
-    gradient in place instead of a compiled kernel concatenating each conv's dx and dz; values and
-    gradients equal the per-conv path's (ISOFLOP_PROJECTED_CONVS=off)."""
+def test_compiled_code_runs_the_dynamic_convs_of_a_projection_as_one_op(monkeypatch, arch, function, groups):
+    """Under torch.compile the dynamic convs of one fused projection run as one op
+    (kernels.dynamic_convs_lowrank or _headwise) on the whole matmul output, whose backward writes
+    that output's gradient in place instead of a compiled kernel concatenating each conv's dx and
+    generator gradient; values and gradients equal the per-conv path's (ISOFLOP_PROJECTED_CONVS=off)."""
     from isoflop.models import conv
 
     torch.manual_seed(0)
     model = trained_like(tiny_config(arch))
-    seen = record_calls(monkeypatch, "dynamic_convs_lowrank",
-                        lambda projection, ups, *_: (projection.shape[-1], len(ups)))
+    generated = 16 if function == "dynamic_convs_lowrank" else 4 * D // 16  # R, or W * H at heads of 16
+    seen = record_calls(monkeypatch, function, lambda projection, *_: projection.shape[-1])
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     idx = torch.randint(0, VOCAB, (2, 12))
 
@@ -219,7 +219,7 @@ def test_compiled_code_runs_the_low_rank_convs_of_a_projection_as_one_op(monkeyp
         return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
 
     projected = loss_and_grads()
-    widths = [(sum(g) + 16 * len(g), len(g)) for g in groups]
+    widths = [sum(g) + generated * len(g) for g in groups]
     assert seen == widths * LAYERS
     monkeypatch.setattr(conv.PROJECTED, "name", "off")
     for got, expected in zip(projected, loss_and_grads()):

@@ -386,75 +386,97 @@ def test_lowrank_rope_matches_reference(monkeypatch, gen, triton_backend, dtype,
 
 
 def projected_convs(B: int, T: int, channels: list[int], R: int, W: int, static: bool, rotated: int, dtype,
-                    device="cpu", gen=None) -> dict:
-    """kernels.dynamic_convs_lowrank's inputs: a fused projection [B, T, sum(channels) + G*R] with rows
-    padded (a matmul output Inductor padded), each conv's U and static filter, rope for `rotated`."""
+                    device="cpu", gen=None, heads: list[int] | None = None) -> dict:
+    """dynamic_convs_lowrank's inputs (or with `heads`, dynamic_convs_headwise's): a fused projection
+    [B, T, sum(channels) + G*R (or W * sum(heads))] with rows padded (a matmul output Inductor
+    padded), each conv's U and static filter, rope for `rotated`."""
     on = dict(dtype=dtype, device=device, gen=gen)
-    width = sum(channels) + len(channels) * R
+    width = sum(channels) + (W * sum(heads) if heads else len(channels) * R)
     projection = rand(B, T, width + 8, **on)[..., :width]
+    statics = [rand(W, c, **on) for c in channels] if static else None
+    if heads:
+        return dict(projection=projection, statics=statics, channels=channels, heads=heads, width=W)
     return dict(projection=projection, ups=[rand(R, W * c, **on) / R**0.5 for c in channels],
-                statics=[rand(W, c, **on) for c in channels] if static else None, width=W,
-                rope=rope_tables(T, device=device) if rotated else None, rotated=rotated)
+                statics=statics, width=W, rope=rope_tables(T, device=device) if rotated else None, rotated=rotated)
+
+
+def convs_one_by_one(projection: Tensor, inputs: dict) -> list[Tensor]:
+    """The convs of `inputs` (projected_convs) as one dynamic_conv_lowrank or _headwise per conv on
+    the projection's split views."""
+    statics, W = inputs["statics"], inputs["width"]
+    if "heads" in inputs:
+        channels, heads = inputs["channels"], inputs["heads"]
+        xs = projection[..., :sum(channels)].split(channels, dim=-1)
+        ws = projection[..., sum(channels):].split([W * h for h in heads], dim=-1)
+        return [kernels.dynamic_conv_headwise(x, w.unflatten(-1, (W, h)), statics[i] if statics else None)
+                for i, (x, w, h) in enumerate(zip(xs, ws, heads))]
+    channels, R = [U.shape[1] // W for U in inputs["ups"]], inputs["ups"][0].shape[0]
+    xs = projection[..., :sum(channels)].split(channels, dim=-1)
+    zs = projection[..., sum(channels):].split(R, dim=-1)
+    return [kernels.dynamic_conv_lowrank(x, z, U, statics[i] if statics else None,
+                                         rope=inputs["rope"] if i < inputs["rotated"] else None)
+            for i, (x, z, U) in enumerate(zip(xs, zs, inputs["ups"]))]
 
 
 def projected_and_one_by_one(inputs: dict, seed: int = 1) -> tuple[list[Tensor], list[Tensor]]:
-    """Outputs and input gradients (projection, ups, statics) of dynamic_convs_lowrank, and of one
-    dynamic_conv_lowrank per conv on the projection's split views (the same cotangents)."""
-    leaves = {k: ([t.detach().requires_grad_() for t in v] if isinstance(v, list) else
+    """Outputs and input gradients (projection, ups, statics) of dynamic_convs_lowrank (or _headwise),
+    and of the convs one by one (the same cotangents)."""
+    leaves = {k: ([t.detach().requires_grad_() for t in v] if k in ("ups", "statics") and v else
                   v.detach().requires_grad_() if k == "projection" else v) for k, v in inputs.items()}
-    flat = [leaves["projection"], *leaves["ups"], *(leaves["statics"] or [])]
-    channels = [U.shape[1] // inputs["width"] for U in inputs["ups"]]
-    total, R = sum(channels), inputs["ups"][0].shape[0]
+    flat = [leaves["projection"], *leaves.get("ups", []), *(leaves["statics"] or [])]
+    projected = kernels.dynamic_convs_headwise if "heads" in inputs else kernels.dynamic_convs_lowrank
+    outputs = [projected(**leaves), convs_one_by_one(leaves["projection"], leaves)]
     g = torch.Generator().manual_seed(seed)
-    cotangents = [torch.randn(*inputs["projection"].shape[:2], c, generator=g).to(inputs["projection"]) for c in channels]
-    results = []
-    for one_by_one in (False, True):
-        if one_by_one:
-            xs = leaves["projection"][..., :total].split(channels, dim=-1)
-            zs = leaves["projection"][..., total:].split(R, dim=-1)
-            ys = [kernels.dynamic_conv_lowrank(x, z, U, leaves["statics"][i] if leaves["statics"] else None,
-                                               rope=leaves["rope"] if i < leaves["rotated"] else None)
-                  for i, (x, z, U) in enumerate(zip(xs, zs, leaves["ups"]))]
-        else:
-            ys = kernels.dynamic_convs_lowrank(**leaves)
-        loss = sum((y * c).sum() for y, c in zip(ys, cotangents))
-        results.append([*ys, *torch.autograd.grad(loss, flat)])
+    cotangents = [torch.randn(y.shape, generator=g).to(y) for y in outputs[0]]
+    results = [[*ys, *torch.autograd.grad(sum((y * c).sum() for y, c in zip(ys, cotangents)), flat)] for ys in outputs]
     return results[0], results[1]
 
 
+def in_double(inputs: dict) -> dict:
+    return {k: ([t.double() for t in v] if isinstance(v, list) and v and isinstance(v[0], Tensor) else
+                v.double() if k == "projection" else v) for k, v in inputs.items()}
+
+
 @interpreted
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("channels, R, W, static, rotated", [
-    ([64, 64, 64], 3, 4, True, 2),  # q, k, v, q and k rotated
-    ([32, 48], 5, 3, False, 0),  # gate and up of other widths, no static filter
-    ([40], 4, 2, True, 0),  # one conv (o, down)
+@pytest.mark.parametrize("channels, R, W, static, rotated, heads, dtype", [
+    ([64, 64, 64], 3, 4, True, 2, None, torch.float16),  # q, k, v, q and k rotated
+    ([32, 48], 5, 3, False, 0, None, torch.float32),  # gate and up of other widths, no static filter
+    ([40], 4, 2, True, 0, None, torch.float32),  # one conv (o, down)
+    ([16, 16, 16], 0, 4, True, 0, [1, 1, 1], torch.float16),  # head-wise q, k, v, heads of 16
+    ([8, 6], 0, 3, False, 0, [1, 2], torch.float32),  # head-wise of other head sizes (8 and 3), no static filter
 ])
-def test_lowrank_convs_of_a_projection_equal_the_convs_one_by_one(gen, triton_backend, dtype, channels, R, W,
-                                                                   static, rotated):
-    """kernels.dynamic_convs_lowrank (one op; its backward writes the projection's gradient in place)
-    gives the results of one dynamic_conv_lowrank per conv on the projection's split views, bit for
-    bit (the same kernels on the same views), and the reference's."""
-    inputs = projected_convs(2, 13, channels, R, W, static, rotated, dtype, gen=gen)
+def test_convs_of_a_projection_equal_the_convs_one_by_one(gen, triton_backend, channels, R, W, static, rotated,
+                                                          heads, dtype):
+    """kernels.dynamic_convs_lowrank and _headwise (one op; its backward writes the projection's
+    gradient in place) give the results of one conv per linear on the projection's split views, bit
+    for bit (the same kernels on the same views), and the reference's."""
+    inputs = projected_convs(2, 13, channels, R, W, static, rotated, dtype, gen=gen, heads=heads)
     projected, one_by_one = projected_and_one_by_one(inputs)
     assert all(torch.equal(a, b) for a, b in zip(projected, one_by_one))
-    ys = kernels.dynamic_convs_lowrank(**inputs)
+    fn = kernels.dynamic_convs_headwise if heads else kernels.dynamic_convs_lowrank
+    ys = fn(**inputs)
     kernels.set_backend("reference")
-    exact = kernels.dynamic_convs_lowrank(**{k: ([t.double() for t in v] if isinstance(v, list) else
-                                                 v.double() if k == "projection" else v) for k, v in inputs.items()})
-    for y, y_exact in zip(ys, exact):
+    for y, y_exact in zip(ys, fn(**in_double(inputs))):
         assert relative_error(y, y_exact) < TOLERANCE[dtype]
 
 
 @interpreted
-def test_lowrank_convs_of_a_projection_name_bad_inputs(gen):
+def test_convs_of_a_projection_name_bad_inputs(gen):
     """Wrong widths name what the projection's columns must hold."""
     inputs = projected_convs(1, 8, [32, 32], 4, 3, True, 0, torch.float32, gen=gen)
-    with pytest.raises(ValueError, match="take 72 .*their inputs, then each one's z"):
+    with pytest.raises(ValueError, match="take 72 .*their inputs, then each one's generator output"):
         kernels.dynamic_convs_lowrank(**inputs | {"projection": inputs["projection"][..., :-1]})
-    with pytest.raises(ValueError, match="one filter per conv"):
+    with pytest.raises(ValueError, match="one .W, C_g. filter per conv"):
         kernels.dynamic_convs_lowrank(**inputs | {"statics": inputs["statics"][:1]})
     with pytest.raises(ValueError, match="rotated=3"):
         kernels.dynamic_convs_lowrank(**inputs | {"rope": rope_tables(8, head_dim=32), "rotated": 3})
+    headwise = projected_convs(1, 8, [32, 32], 0, 3, True, 0, torch.float32, gen=gen, heads=[3, 2])
+    kernels.set_backend("triton")
+    try:
+        with pytest.raises(ValueError, match=r"heads \[3, 2\] must divide channels \[32, 32\]"):
+            kernels.dynamic_convs_headwise(**headwise)
+    finally:
+        kernels.set_backend("auto")
 
 
 @interpreted
@@ -654,6 +676,8 @@ def test_custom_ops_pass_opcheck(gen):
     projection = rand(B, T, 2 * D + 2 * R, gen=gen).requires_grad_()
     for statics, rope in (([s, s], (cos, sin)), ([], (None, None))):
         torch.library.opcheck(ops.lowrank_projected, (projection, [U, U], statics, W, True, None, *rope, 1))
+        heads = rand(B, T, 2 * D + 2 * W * 4, gen=gen).requires_grad_()
+        torch.library.opcheck(ops.headwise_projected, (heads, statics, [D, D], [4, 4], W, True, cu))
     torch.library.opcheck(ops.headwise_conv, (x, rand(B, T, W, 4, gen=gen).requires_grad_(), None, False, None))
     torch.library.opcheck(ops.conv_step, (x[:, 0].detach(), rand(B, W - 1, D, gen=gen), z[:, 0].detach(), U.detach(), None, s.detach(), True))
 
@@ -1028,19 +1052,22 @@ def test_gpu_lowrank_rope_inside_the_kernel_equals_the_rotation_after_it(monkeyp
 
 
 @gpu
-@pytest.mark.parametrize("B, T, channels, R, W, dtype, static, rotated", [
-    (8, 4096, [1024] * 3, 16, 4, torch.bfloat16, True, 2),  # the 300M model's q, k, v (side by side on Hopper)
-    (2, 4096, [2752] * 2, 16, 4, torch.bfloat16, True, 0),  # its gate and up (one after the other)
-    (4, 512, [384], 8, 3, torch.float16, False, 0),  # one conv, R = 8, 3 taps, no static filter
+@pytest.mark.parametrize("B, T, channels, R, W, dtype, static, rotated, heads", [
+    (8, 4096, [1024] * 3, 16, 4, torch.bfloat16, True, 2, None),  # the 300M model's q, k, v (side by side on Hopper)
+    (2, 4096, [2752] * 2, 16, 4, torch.bfloat16, True, 0, None),  # its gate and up (one after the other)
+    (4, 512, [384], 8, 3, torch.float16, False, 0, None),  # one conv, R = 8, 3 taps, no static filter
+    (8, 1024, [1024] * 3, 0, 4, torch.bfloat16, True, 0, [64] * 3),  # head-wise q, k, v, heads of 16 (Gluon walk)
+    (2, 512, [768, 384], 0, 3, torch.float16, False, 0, [96, 12]),  # heads of 8 and 32, no static filter
+    (2, 512, [256], 0, 6, torch.bfloat16, True, 0, [16]),  # 6 taps: the tiled Triton kernel, copied into place
 ])
-def test_gpu_lowrank_convs_of_a_projection_equal_the_convs_one_by_one(triton_backend, B, T, channels, R, W, dtype,
-                                                                       static, rotated):
-    """On the GPU too the one op repeats the convs one by one bit for bit, with dx stored by TMA into
-    the projection's gradient where the overlapped backward runs (poisoned memory: every column of
-    the gradient must be written)."""
+def test_gpu_convs_of_a_projection_equal_the_convs_one_by_one(triton_backend, B, T, channels, R, W, dtype, static,
+                                                              rotated, heads):
+    """On the GPU too the one op repeats the convs one by one bit for bit, with dx (and dw) stored
+    into the projection's gradient in place where the Gluon kernels run (poisoned memory: every
+    column of the gradient must be written)."""
     poison_cuda_memory()
     inputs = projected_convs(B, T, channels, R, W, static, rotated, dtype, device="cuda",
-                             gen=torch.Generator().manual_seed(0))
+                             gen=torch.Generator().manual_seed(0), heads=heads)
     projected, one_by_one = projected_and_one_by_one(inputs)
     for a, b in zip(projected, one_by_one):
         assert torch.equal(a, b)

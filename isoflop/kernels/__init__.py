@@ -111,7 +111,7 @@ def dynamic_convs_lowrank(
     dynamic_conv_lowrank's rope). The same values as dynamic_conv_lowrank on each conv's views; on the
     kernels one op, whose backward writes each conv's dx and dz into the projection's gradient, where
     split views' gradients would be concatenated by a kernel of their own."""
-    reference.check_projected(projection, ups, statics, width, rope, rotated)
+    reference.check_lowrank_projected(projection, ups, statics, width, rope, rotated)
     channels = [U.shape[-1] // width for U in ups]
     if _use_triton(projection, *ups, *(statics or []), width=width):
         return _ops().dynamic_convs_lowrank(projection, ups, statics, width=width, residual=residual,
@@ -132,6 +132,28 @@ def dynamic_conv_headwise(
     if _use_triton(x, w, static, width=w.shape[2] if w.ndim == 4 else 1, head_size=_heads(x, w)):
         return _ops().dynamic_conv_headwise(x, w, static, residual=residual, cu_seqlens=cu_seqlens)
     return reference.dynamic_conv_headwise(x, w, static, residual=residual, cu_seqlens=cu_seqlens)
+
+
+def dynamic_convs_headwise(
+    projection: Tensor, statics: list[Tensor] | None = None, *, channels: list[int], heads: list[int], width: int,
+    residual: bool = True, cu_seqlens: Tensor | None = None,
+) -> list[Tensor]:
+    """G head-wise dynamic convs whose inputs are columns of one fused projection [B, T, C_1 + ... +
+    C_G + W*(H_1 + ... + H_G)]: conv g filters its C_g = channels[g] columns (in order) in heads[g]
+    heads, with taps w_g = its W*H_g columns after all the convs' channels (tap-major, as
+    dynamic_conv_headwise's w [B, T, W, H_g] flattened) and static filter statics[g] [W, C_g]. The
+    same values as dynamic_conv_headwise on each conv's views; on the kernels one op, whose backward
+    writes each conv's dx and dw into the projection's gradient."""
+    reference.check_projected(projection, channels, [width * h for h in heads], statics, width)
+    head_size = max(c // max(1, h) for c, h in zip(channels, heads))
+    if _use_triton(projection, *(statics or []), width=width, head_size=head_size):
+        return _ops().dynamic_convs_headwise(projection, statics, channels=channels, heads=heads, width=width,
+                                             residual=residual, cu_seqlens=cu_seqlens)
+    xs = projection[..., :sum(channels)].split(channels, dim=-1)
+    ws = projection[..., sum(channels):].split([width * h for h in heads], dim=-1)
+    return [reference.dynamic_conv_headwise(x, w.unflatten(-1, (width, h)), statics[g] if statics else None,
+                                            residual=residual, cu_seqlens=cu_seqlens)
+            for g, (x, w, h) in enumerate(zip(xs, ws, heads))]
 
 
 def short_conv(

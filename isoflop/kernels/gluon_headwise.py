@@ -92,10 +92,11 @@ def rows_per_program(T: int, D: int, B: int, device: torch.device, rows: int) ->
 
 
 def backward(dy: Tensor, x: Tensor, w: Tensor, static: Tensor | None, residual: bool,
-             blocks: dict | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+             blocks: dict | None = None, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """dx, dw and the static filter's gradient (None without one), as `rows_backward` returns them
     (contiguous). x and w may be views (rows evenly strided: `cannot_run`). `blocks` overrides ROWS,
-    TR and STAGES (benchmarks)."""
+    TR and STAGES (benchmarks). out: views (dx [B, T, D], dw [B, T, W, H]) to store dx and dw into
+    instead (columns of a fused projection's gradient; `stores_into` must accept them)."""
     B, T, D = x.shape
     W, H = w.shape[2], w.shape[3]
     hs = D // H
@@ -103,20 +104,32 @@ def backward(dy: Tensor, x: Tensor, w: Tensor, static: Tensor | None, residual: 
     blocks = {"ROWS": rows_per_program(T, D, B, x.device, rows), "TR": TR, "STAGES": stages} | (blocks or {})
     heads = CHANNELS // hs
     grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
-    dx = x.new_empty(x.shape)  # contiguous whatever x's layout (the kernel writes dense rows)
-    dw = w.new_empty(w.shape)
+    # contiguous whatever x's layout (the kernel writes rows of a row stride)
+    dx, dw = out if out is not None else (x.new_empty(x.shape), w.new_empty(w.shape))
     ds_part = torch.empty(B * grid[0], W * D, device=x.device, dtype=torch.float32) if static is not None else None
     tr = blocks["TR"]
     _headwise_gluon_bwd_kernel[grid](
         _rows_descriptor(x, tr), _rows_descriptor(dy, tr), _taps_descriptor(w, tr, heads),
         static if static is not None else x, dx, dw, ds_part if ds_part is not None else dx,
-        T, D, H,
+        T, D, H, dx.stride(1), dw.stride(1),
         W=W, W_P=triton.next_power_of_2(W), HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr, STAGES=blocks["STAGES"],
         HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(x), BOX=BOX, NUM_WARPS=WARPS,
         num_warps=WARPS,
     )
     ds = sum_partials(ds_part, static.dtype).view(W, D) if static is not None else None
     return dx, dw, ds
+
+
+def stores_into(out: tuple[Tensor, Tensor], x: Tensor, w: Tensor) -> bool:
+    """Whether `backward` can store dx and dw into the views `out` (x's and w's shapes and types):
+    rows evenly strided, each row's channels (taps by heads) contiguous."""
+    def rows_of(view: Tensor, like: Tensor) -> bool:
+        B, T = view.shape[:2]
+        inner = view.stride()[2:] == like.new_empty(like.shape[2:]).stride()
+        return (view.shape == like.shape and view.dtype == like.dtype and inner
+                and (B == 1 or view.stride(0) == T * view.stride(1)))
+
+    return rows_of(out[0], x) and rows_of(out[1], w)
 
 
 def forward(x: Tensor, w: Tensor, static: Tensor | None, residual: bool, blocks: dict | None = None) -> Tensor:
@@ -299,7 +312,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
     @gluon.jit
     def _headwise_gluon_bwd_kernel(
         x_desc, dy_desc, w_desc, s_ptr, dx_ptr, dw_ptr, ds_part_ptr,
-        T, D, H,
+        T, D, H, DX_STRIDE, DW_STRIDE,
         W: gl.constexpr, W_P: gl.constexpr, HS: gl.constexpr, HEADS: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr,
         STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
         BOX: gl.constexpr, NUM_WARPS: gl.constexpr,
@@ -342,7 +355,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 dyr = dy_ring.index(row).load(L).to(gl.float32)
                 taps = _taps(w_ring, row, W, W_P, head_l)
                 # pairs dy[u] x[u-k]: dw[u, k] (a head's sum) and the static filter's gradient
-                dw_row = dw_ptr + (b * T + u).to(gl.int64) * (W * H) + h0
+                dw_row = dw_ptr + (b * T + u).to(gl.int64) * DW_STRIDE + h0
                 new_acc = ()
                 for k in gl.static_range(W):
                     if k == 0:
@@ -356,7 +369,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 lags = _shifted(xr, lags, W)
                 done, pend = _dx_step(dyr, taps, s, pend, W)
                 v = u - (W - 1)
-                gl.store(dx_ptr + (b * T + v).to(gl.int64) * D + c0 + offs, done.to(DTYPE),
+                gl.store(dx_ptr + (b * T + v).to(gl.int64) * DX_STRIDE + c0 + offs, done.to(DTYPE),
                          mask=(offs >= 0) & (v >= t_lo) & (v < T))
 
         # The rows above: their taps complete dx of the program's last W - 1 rows.
@@ -369,7 +382,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             dyr = dy_ring.index(row).load(L).to(gl.float32)
             done, pend = _dx_step(dyr, _taps(w_ring, row, W, W_P, head_l), s, pend, W)
             v = u - (W - 1)
-            gl.store(dx_ptr + (b * T + v).to(gl.int64) * D + c0 + offs, done.to(DTYPE),
+            gl.store(dx_ptr + (b * T + v).to(gl.int64) * DX_STRIDE + c0 + offs, done.to(DTYPE),
                      mask=(offs >= 0) & (v < T))
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))

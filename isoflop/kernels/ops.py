@@ -15,6 +15,8 @@ Ops (namespace `isoflop`):
   -> (the projection's gradient, dUs, dstatics): each conv's dx and dz written into their columns, so
   no kernel concatenates them (what split views' gradients cost a compiled model: ~1.7 ms of a 300M
   dynamic-qkv step). The first `rotated` outputs come out rotated by cos and sin
+- headwise_projected(projection, statics, channels, heads, width, residual, cu_seqlens?) and
+  headwise_projected_backward -> (the projection's gradient, dstatics): the same for head-wise convs
 - headwise_conv(x, w?, static?, residual, cu_seqlens?) and headwise_conv_backward -> (dx, dw, ds);
   w [B, T, W, H] with H | D (H = D is reference.short_conv's explicit filters; no w is the static conv)
 - conv_step(x_t, state, z_t?, U?, w_t?, static?, residual) -> (y_t, new_state); no autograd.
@@ -42,6 +44,7 @@ from torch import Tensor
 from isoflop.kernels import GROUP_MULTIPLE, CONV_OPS_TAKE_ANY_LAYOUT
 from isoflop.kernels.reference import (
     check_cu_seqlens,
+    check_lowrank_projected,
     check_projected,
     checked_rope_channels,
     lowrank_groups,
@@ -178,16 +181,20 @@ lowrank_conv.register_autograd(_lowrank_grad, setup_context=_lowrank_setup)
 # Low-rank convs of one fused projection
 
 
-def _projected(projection: Tensor, ups: list[Tensor], width: int) -> list[tuple[Tensor, Tensor]]:
-    """(x, z) of each conv, as views of the projection [B, T, C_1 + ... + C_G + G*R]: conv g's x is
-    its C_g columns (C_g from its U [R, W*C_g]), its z the g-th R columns after all of them."""
-    rank, total = ups[0].shape[0], sum(U.shape[1] // width for U in ups)
-    views, start = [], 0
-    for g, U in enumerate(ups):
-        channels, z_start = U.shape[1] // width, total + g * rank
-        views.append((projection[..., start:start + channels], projection[..., z_start:z_start + rank]))
-        start += channels
+def _column_views(projection: Tensor, channels: list[int], generated: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """(x, generator output) of each conv as views of a fused projection [B, T, sum(channels) +
+    sum(generated)]: conv g's x is its channels[g] columns (in order), its generator's output the
+    generated[g] columns after all the convs' channels (reference.check_projected)."""
+    views, x_start, g_start = [], 0, sum(channels)
+    for n_x, n_g in zip(channels, generated):
+        views.append((projection[..., x_start:x_start + n_x], projection[..., g_start:g_start + n_g]))
+        x_start, g_start = x_start + n_x, g_start + n_g
     return views
+
+
+def _projected(projection: Tensor, ups: list[Tensor], width: int) -> list[tuple[Tensor, Tensor]]:
+    """(x, z) of each low-rank conv (U [R, W*C_g]) reading the projection."""
+    return _column_views(projection, [U.shape[1] // width for U in ups], [U.shape[0] for U in ups])
 
 
 def _projected_rope(cos: Optional[Tensor], sin: Optional[Tensor], g: int, rotated: int, channels: int):
@@ -310,6 +317,71 @@ def _headwise_grad(ctx, dy, backward=headwise_conv_backward):
 
 
 headwise_conv.register_autograd(_headwise_grad, setup_context=_headwise_setup)
+
+
+def _headwise_views(projection: Tensor, channels: list[int], heads: list[int], width: int):
+    """(x, w [B, T, W, H_g]) of each head-wise conv reading the projection (its generator's output is
+    tap-major, W*H_g columns)."""
+    return [(x, w.unflatten(-1, (width, h)))
+            for (x, w), h in zip(_column_views(projection, channels, [width * h for h in heads]), heads)]
+
+
+def _headwise_projected(
+    projection: Tensor, statics: list[Tensor], channels: list[int], heads: list[int], width: int, residual: bool,
+    cu_seqlens: Optional[Tensor],
+) -> list[Tensor]:
+    pos = _positions(cu_seqlens, projection.shape[1], projection.device)
+    return [headwise_forward(_rows(x), _rows(w), statics[g].contiguous() if statics else None, residual, pos)
+            for g, (x, w) in enumerate(_headwise_views(projection, channels, heads, width))]
+
+
+headwise_projected = _takes_any_layout("isoflop::headwise_projected", _headwise_projected)
+
+
+@headwise_projected.register_fake
+def _(projection, statics, channels, heads, width, residual, cu_seqlens):
+    return [projection.new_empty(*projection.shape[:2], c) for c in channels]
+
+
+def _headwise_projected_backward(
+    dys: list[Tensor], projection: Tensor, statics: list[Tensor], channels: list[int], heads: list[int], width: int,
+    residual: bool, cu_seqlens: Optional[Tensor],
+) -> tuple[Tensor, list[Tensor]]:
+    """(the projection's gradient, dstatic of each conv or none): each conv's dx and dw written into
+    their columns of the gradient (the Gluon walk stores them there in place)."""
+    pos = _positions(cu_seqlens, projection.shape[1], projection.device)
+    grad = torch.empty(projection.shape, dtype=projection.dtype, device=projection.device)
+    views = zip(_headwise_views(projection, channels, heads, width), _headwise_views(grad, channels, heads, width))
+    dss = []
+    for g, (((x, w), out), dy) in enumerate(zip(views, dys)):
+        _, _, ds = headwise_backward(dy.contiguous(), _rows(x), _rows(w), statics[g].contiguous() if statics else None,
+                                     residual, pos, out=out)
+        dss.extend([ds] if statics else [])
+    return grad, dss
+
+
+headwise_projected_backward = _takes_any_layout("isoflop::headwise_projected_backward", _headwise_projected_backward)
+
+
+@headwise_projected_backward.register_fake
+def _(dys, projection, statics, channels, heads, width, residual, cu_seqlens):
+    return projection.new_empty(projection.shape), [s.new_empty(s.shape) for s in statics]
+
+
+def _headwise_projected_setup(ctx, inputs, output):
+    projection, statics, channels, heads, width, residual, cu_seqlens = inputs
+    ctx.save_for_backward(projection, cu_seqlens, *statics)
+    ctx.channels, ctx.heads, ctx.width, ctx.residual = channels, heads, width, residual
+
+
+def _headwise_projected_grad(ctx, dys):
+    projection, cu_seqlens, *statics = ctx.saved_tensors
+    grad, dss = headwise_projected_backward(list(dys), projection, statics, ctx.channels, ctx.heads, ctx.width,
+                                            ctx.residual, cu_seqlens)
+    return grad, dss, None, None, None, None, None
+
+
+headwise_projected.register_autograd(_headwise_projected_grad, setup_context=_headwise_projected_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,7 +507,7 @@ def dynamic_convs_lowrank(
 ) -> list[Tensor]:
     """Low-rank dynamic convs of one fused projection (see kernels.dynamic_convs_lowrank) on the
     Triton kernels: one op, whose backward writes the projection's gradient in place."""
-    check_projected(projection, ups, statics, width, rope, rotated)
+    check_lowrank_projected(projection, ups, statics, width, rope, rotated)
     statics = list(statics or [])
     cos, sin = rope if rope is not None else (None, None)
     for g, ((x, z), U) in enumerate(zip(_projected(projection, ups, width), ups)):
@@ -461,6 +533,22 @@ def dynamic_conv_headwise(
         raise ValueError(f"head size {D // H} exceeds the Triton kernels' maximum {MAX_HEAD_SIZE}")
     _check(x, w.shape[2], static, cu_seqlens, w=w)
     return _dispatch(headwise_conv, _eager_headwise_conv, x, w, static, residual, cu_seqlens)
+
+
+def dynamic_convs_headwise(
+    projection: Tensor, statics: list[Tensor] | None, *, channels: list[int], heads: list[int], width: int,
+    residual: bool = True, cu_seqlens: Tensor | None = None,
+) -> list[Tensor]:
+    """Head-wise dynamic convs of one fused projection (see kernels.dynamic_convs_headwise) on the
+    Triton kernels: one op, whose backward writes the projection's gradient in place."""
+    if len(heads) != len(channels) or any(h < 1 or c % h or c // h > MAX_HEAD_SIZE for c, h in zip(channels, heads)):
+        raise ValueError(f"heads {heads} must divide channels {channels}, one count per conv, into heads of at "
+                         f"most {MAX_HEAD_SIZE} channels")
+    check_projected(projection, channels, [width * h for h in heads], statics, width)
+    statics = list(statics or [])
+    for g, (x, w) in enumerate(_headwise_views(projection, channels, heads, width)):
+        _check(x, width, statics[g] if statics else None, cu_seqlens, w=w)
+    return headwise_projected(projection, statics, list(channels), list(heads), width, residual, cu_seqlens)
 
 
 def short_conv(

@@ -158,26 +158,33 @@ def checked_rope_channels(shape: tuple[int, ...], rope: tuple[Tensor, Tensor], c
     return channels
 
 
-def check_projected(projection: Tensor, ups: list[Tensor], statics: list[Tensor] | None, width: int,
-                    rope: tuple[Tensor, Tensor] | None, rotated: int) -> None:
-    """ValueError unless the arguments of dynamic_convs_lowrank fit each other: one R and W for all
-    convs, the projection's columns each conv's channels then each one's R columns of z, one static
-    filter per conv (or none), and with rope 1 to G rotated convs."""
+def check_projected(projection: Tensor, channels: list[int], generated: list[int], statics: list[Tensor] | None,
+                    width: int) -> None:
+    """ValueError unless a fused projection fits the convs that read it (dynamic_convs_lowrank,
+    dynamic_convs_headwise): [B, T, C] whose C columns are each conv's `channels`, then each one's
+    `generated` columns (its generator's output), and one static filter [W, C_g] per conv or none."""
     if projection.ndim != 3:
         raise ValueError(f"the projection must be [B, T, C]; got shape {tuple(projection.shape)}")
-    if width < 1:
-        raise ValueError(f"width={width}: a conv has at least one tap")
-    if not ups or any(U.ndim != 2 or U.shape[0] != ups[0].shape[0] or U.shape[1] % width or U.shape[1] == 0
-                      for U in ups):
+    if width < 1 or not channels:
+        raise ValueError(f"width={width}, {len(channels)} convs: at least one conv of at least one tap")
+    if projection.shape[-1] != sum(channels) + sum(generated):
+        raise ValueError(f"the projection has {projection.shape[-1]} columns; {len(channels)} convs of {channels} "
+                         f"channels whose generators give {generated} columns take {sum(channels) + sum(generated)} "
+                         "(their inputs, then each one's generator output)")
+    if statics and [tuple(s.shape) for s in statics] != [(width, c) for c in channels]:
+        raise ValueError(f"statics: one [W, C_g] filter per conv (W={width}, C_g in {channels}) or none; got "
+                         f"{[tuple(s.shape) for s in statics]}")
+
+
+def check_lowrank_projected(projection: Tensor, ups: list[Tensor], statics: list[Tensor] | None, width: int,
+                            rope: tuple[Tensor, Tensor] | None, rotated: int) -> None:
+    """check_projected for dynamic_convs_lowrank: one R for all ups [R, W*C_g], and with rope 1 to G
+    rotated convs."""
+    if width < 1 or not ups or any(U.ndim != 2 or U.shape[0] != ups[0].shape[0] or U.shape[1] % width
+                                   or U.shape[1] == 0 for U in ups):
         raise ValueError(f"ups must be one or more [R, W*C_g] with one R and W={width}; got "
                          f"{[tuple(U.shape) for U in ups]}")
-    rank, channels = ups[0].shape[0], [U.shape[1] // width for U in ups]
-    if projection.shape[-1] != sum(channels) + len(ups) * rank:
-        raise ValueError(f"the projection has {projection.shape[-1]} columns; {len(ups)} convs of {channels} "
-                         f"channels with R={rank} take {sum(channels) + len(ups) * rank} (their inputs, then "
-                         "each one's z)")
-    if statics and len(statics) != len(ups):
-        raise ValueError(f"statics: one filter per conv or none; got {len(statics)} for {len(ups)} convs")
+    check_projected(projection, [U.shape[1] // width for U in ups], [U.shape[0] for U in ups], statics, width)
     if rope is not None and not 0 < rotated <= len(ups):
         raise ValueError(f"rotated={rotated}: with rope, the first 1 to {len(ups)} convs come out rotated")
 

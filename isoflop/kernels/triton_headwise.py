@@ -291,10 +291,17 @@ def headwise_forward(
 
 def headwise_backward(
     dy: Tensor, x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool,
-    pos: Tensor | None, blocks: dict | None = None,
+    pos: Tensor | None, blocks: dict | None = None, out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(dx, dw or None, dstatic or None), each contiguous and in its input's dtype; dy contiguous,
-    x and w as in headwise_forward."""
+    x and w as in headwise_forward. out: (dx, dw) views to write them into instead (columns of one
+    fused projection's gradient, ops.headwise_projected_backward): the Gluon walk stores into them
+    in place, the Triton kernels' results are copied into them."""
+    if out is not None:
+        if _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks) and gluon_headwise.stores_into(out, x, w):
+            return gluon_headwise.backward(dy, x, w, static, residual, out=out)
+        dx, dw, ds = headwise_backward(dy, x, w, static, residual, pos, blocks)
+        return out[0].copy_(dx), out[1].copy_(dw), ds
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
     if _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks):

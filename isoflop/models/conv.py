@@ -34,9 +34,9 @@ from isoflop import kernels
 from isoflop.backends import BackendChoice
 from isoflop.models.config import ConvSpec
 
-# Whether compiled blocks run the low-rank convs of one fused projection as one op that writes the
-# projection's gradient in place ("auto", LinearConvs._run_lowrank_projected) or one op per conv on
-# the projection's split views ("off"), whose gradients a compiled kernel then concatenates.
+# Whether compiled blocks run the dynamic convs of one fused projection as one op that writes the
+# projection's gradient in place ("auto", LinearConvs._run_projected) or one op per conv on the
+# projection's split views ("off"), whose gradients a compiled kernel then concatenates.
 PROJECTED = BackendChoice("ISOFLOP_PROJECTED_CONVS", ("auto", "off"), "fused projection's low-rank conv setting")
 
 
@@ -306,16 +306,16 @@ class LinearConvs(nn.ModuleDict):
             y = kernels.static_conv(y, weight, residual=static[0].residual, cu_seqlens=cu_seqlens)
             return list(y.split([conv.channels for conv in static], dim=-1))
         # Eager small models are bound by host time per call: q/k/v as one call took a d128-l3
-        # step from x1.60 to x1.36 the transformer's. Compiled, one launch per conv was faster at
-        # 300M (+10.3% vs +10.9% for one launch, on copies) and keeps 2 GiB less (attention keeps
-        # v, a view of the one launch's whole output); they run inside one op, each launch reading
-        # its views in place, so that the backward writes the projection's gradient in place.
+        # step from x1.60 to x1.36 the transformer's. Compiled, one launch per low-rank conv was
+        # faster at 300M (+10.3% vs +10.9% for one launch, on copies) and keeps 2 GiB less (attention
+        # keeps v, a view of the one launch's whole output); the launches, low-rank or head-wise,
+        # run inside one op that reads its views in place and writes the projection's gradient.
         if rotated and (list(linears)[:len(rotated)] != list(rotated) or not self.rotates(rotated)):
             raise ValueError(f"rotated={rotated}: must be the first of {list(linears)}, each with a low-rank conv")
         if torch.compiler.is_compiling():
             group = self._projected_group(list(linears))
             if group is not None:
-                return self._run_lowrank_projected(h, linears, group, cu_seqlens, rope, len(rotated))
+                return self._run_projected(h, linears, group, cu_seqlens, rope, len(rotated))
         else:
             lowrank = self._lowrank_group(list(linears))
             if lowrank is not None:
@@ -342,21 +342,28 @@ class LinearConvs(nn.ModuleDict):
                                          rope_channels=sum(conv.channels for conv in convs[:n_rotated]))
         return list(y.split([conv.channels for conv in convs], dim=-1))
 
-    def _run_lowrank_projected(
+    def _run_projected(
         self, h: Tensor, linears: dict[str, nn.Linear], convs: list[DynamicShortConv],
         cu_seqlens: Tensor | None, rope: tuple[Tensor, Tensor] | None, n_rotated: int,
     ) -> list[Tensor]:
-        """One matmul for the linears and their generators' D->R maps, then one op for their convs
-        (kernels.dynamic_convs_lowrank), which reads each conv's x and z in place and whose backward
-        writes the matmul output's gradient in place. Compiled, one op per conv on the split views
-        left a kernel concatenating their gradients (dx of each conv, then dz): 1.74 ms of a 300M
-        dynamic-qkv step on the H200 (torch.profiler), 1% of it; the transformer's q, k and v pay
-        1.48 ms for theirs, which come from attention's backward. The first `n_rotated` outputs come
-        out rotated by rope."""
+        """One matmul for the linears and their generators' input maps, then one op for their convs
+        (kernels.dynamic_convs_lowrank or dynamic_convs_headwise), which reads each conv's x and
+        generator output in place and whose backward writes the matmul output's gradient in place.
+        Compiled, one op per conv on the split views left a kernel concatenating their gradients
+        (each conv's dx, then its generator's): 1.74 ms of a 300M dynamic-qkv step on the H200
+        (torch.profiler), 1% of it; the transformer's q, k and v pay 1.48 ms for theirs, which come
+        from attention's backward. The first `n_rotated` outputs come out rotated by rope."""
         projection = F.linear(h, torch.cat(self._stacked_weights(linears)))
+        first = convs[0]
+        if first.kind == "headwise":
+            return kernels.dynamic_convs_headwise(
+                projection, [conv.bias for conv in convs], channels=[conv.channels for conv in convs],
+                heads=[conv.n_heads for conv in convs], width=first.width, residual=first.residual,
+                cu_seqlens=cu_seqlens,
+            )
         return kernels.dynamic_convs_lowrank(
-            projection, [conv.up for conv in convs], [conv.bias for conv in convs], width=convs[0].width,
-            residual=convs[0].residual, cu_seqlens=cu_seqlens, rope=rope if n_rotated else None, rotated=n_rotated,
+            projection, [conv.up for conv in convs], [conv.bias for conv in convs], width=first.width,
+            residual=first.residual, cu_seqlens=cu_seqlens, rope=rope if n_rotated else None, rotated=n_rotated,
         )
 
     def _group(
@@ -383,12 +390,12 @@ class LinearConvs(nn.ModuleDict):
         return convs if convs and convs[0].channels % kernels.GROUP_MULTIPLE == 0 else None
 
     def _projected_group(self, names: list[str]) -> list[DynamicShortConv] | None:
-        """The low-rank dynamic convs of one or more linears `names` (see _group) when they share
-        width, rank and residual, for _run_lowrank_projected (PROJECTED "auto")."""
+        """The dynamic convs of one or more linears `names` (see _group) when they share kind, width,
+        residual and (low-rank) rank, for _run_projected (PROJECTED "auto")."""
         if PROJECTED.get() == "off":
             return None
-        return self._group(names, lambda conv: isinstance(conv, DynamicShortConv) and conv.kind == "lowrank",
-                           lambda conv: (conv.width, conv.rank, conv.residual), least=1)
+        return self._group(names, lambda conv: isinstance(conv, DynamicShortConv),
+                           lambda conv: (conv.kind, conv.width, conv.residual, getattr(conv, "rank", None)), least=1)
 
     def project_and_step(
         self, h_t: Tensor, linears: dict[str, nn.Linear], states: dict[str, Tensor]
