@@ -367,6 +367,24 @@ def test_throughput_benchmark_names_a_bad_variant():
     assert "--variants: unknown nope; allowed: transformer" in done.stderr
 
 
+def test_paired_switch_benchmark_times_each_value_against_the_transformer():
+    """benchmarks/paired_switch.py at a CPU size: one model per variant and value, a line each."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "benchmarks" / "paired_switch.py")
+    done = subprocess.run([sys.executable, script, "ISOFLOP_PROJECTED_CONVS", "auto,off", "--device", "cpu",
+                           "--compile", "none", "--variants", "dynamic-qkv", "--rounds", "2", "--steps", "1",
+                           "--warmup", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("tiny, ISOFLOP_PROJECTED_CONVS, 2 rounds x 1 steps")
+    assert [line.split()[:2] for line in lines[1:]] == [["transformer", "auto"], ["dynamic-qkv", "auto"],
+                                                        ["dynamic-qkv", "off"]]
+    assert "faster than auto in" in lines[3] and "%" in lines[2]
+    bad = subprocess.run([sys.executable, script, "ISOFLOP_NOPE", "auto,off"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown; allowed: ISOFLOP_FUSED_CE" in bad.stderr
+
+
 @pytest.mark.gpu
 def test_gpu_throughput_benchmark_compiles_and_runs(tmp_path):
     """The GPU path end to end at a tiny size: Triton kernels, bf16 autocast, regional compile."""

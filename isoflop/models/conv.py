@@ -37,7 +37,7 @@ from isoflop.models.config import ConvSpec
 # Whether compiled blocks run the dynamic convs of one fused projection as one op that writes the
 # projection's gradient in place ("auto", LinearConvs._run_projected) or one op per conv on the
 # projection's split views ("off"), whose gradients a compiled kernel then concatenates.
-PROJECTED = BackendChoice("ISOFLOP_PROJECTED_CONVS", ("auto", "off"), "fused projection's low-rank conv setting")
+PROJECTED = BackendChoice("ISOFLOP_PROJECTED_CONVS", ("auto", "off"), "fused projection's dynamic conv setting")
 
 
 def _uniform_filter(width: int, channels: int) -> nn.Parameter:
