@@ -386,34 +386,46 @@ def test_lowrank_rope_matches_reference(monkeypatch, gen, triton_backend, dtype,
 
 
 def projected_convs(B: int, T: int, channels: list[int], R: int, W: int, static: bool, rotated: int, dtype,
-                    device="cpu", gen=None, heads: list[int] | None = None) -> dict:
+                    device="cpu", gen=None, heads: list[int] | None = None, lengths: list[int] | None = None) -> dict:
     """dynamic_convs_lowrank's inputs (or with `heads`, dynamic_convs_headwise's): a fused projection
     [B, T, sum(channels) + G*R (or W * sum(heads))] with rows padded (a matmul output Inductor
-    padded), each conv's U and static filter, rope for `rotated`."""
+    padded), each conv's U and static filter, rope for `rotated`, packed sequences of `lengths`."""
     on = dict(dtype=dtype, device=device, gen=gen)
     width = sum(channels) + (W * sum(heads) if heads else len(channels) * R)
     projection = rand(B, T, width + 8, **on)[..., :width]
     statics = [rand(W, c, **on) for c in channels] if static else None
+    cu_seqlens = packed_offsets(lengths).to(device) if lengths else None
     if heads:
-        return dict(projection=projection, statics=statics, channels=channels, heads=heads, width=W)
+        return dict(projection=projection, statics=statics, channels=channels, heads=heads, width=W,
+                    cu_seqlens=cu_seqlens)
+    rope = (rope_angles_from(lengths, device) if lengths else rope_tables(T, device=device)) if rotated else None
     return dict(projection=projection, ups=[rand(R, W * c, **on) / R**0.5 for c in channels],
-                statics=statics, width=W, rope=rope_tables(T, device=device) if rotated else None, rotated=rotated)
+                statics=statics, width=W, rope=rope, rotated=rotated, cu_seqlens=cu_seqlens)
+
+
+def rope_angles_from(lengths: list[int], device="cpu") -> tuple[Tensor, Tensor]:
+    """cos and sin of each packed sequence's own positions (0 to its length - 1), heads of 64."""
+    from isoflop.models.attention import rope_angles
+
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    return rope_angles(positions, 64, 10000.0)
 
 
 def convs_one_by_one(projection: Tensor, inputs: dict) -> list[Tensor]:
     """The convs of `inputs` (projected_convs) as one dynamic_conv_lowrank or _headwise per conv on
     the projection's split views."""
-    statics, W = inputs["statics"], inputs["width"]
+    statics, W, cu = inputs["statics"], inputs["width"], inputs["cu_seqlens"]
     if "heads" in inputs:
         channels, heads = inputs["channels"], inputs["heads"]
         xs = projection[..., :sum(channels)].split(channels, dim=-1)
         ws = projection[..., sum(channels):].split([W * h for h in heads], dim=-1)
-        return [kernels.dynamic_conv_headwise(x, w.unflatten(-1, (W, h)), statics[i] if statics else None)
+        return [kernels.dynamic_conv_headwise(x, w.unflatten(-1, (W, h)), statics[i] if statics else None,
+                                              cu_seqlens=cu)
                 for i, (x, w, h) in enumerate(zip(xs, ws, heads))]
     channels, R = [U.shape[1] // W for U in inputs["ups"]], inputs["ups"][0].shape[0]
     xs = projection[..., :sum(channels)].split(channels, dim=-1)
     zs = projection[..., sum(channels):].split(R, dim=-1)
-    return [kernels.dynamic_conv_lowrank(x, z, U, statics[i] if statics else None,
+    return [kernels.dynamic_conv_lowrank(x, z, U, statics[i] if statics else None, cu_seqlens=cu,
                                          rope=inputs["rope"] if i < inputs["rotated"] else None)
             for i, (x, z, U) in enumerate(zip(xs, zs, inputs["ups"]))]
 
@@ -438,19 +450,21 @@ def in_double(inputs: dict) -> dict:
 
 
 @interpreted
-@pytest.mark.parametrize("channels, R, W, static, rotated, heads, dtype", [
-    ([64, 64, 64], 3, 4, True, 2, None, torch.float16),  # q, k, v, q and k rotated
-    ([32, 48], 5, 3, False, 0, None, torch.float32),  # gate and up of other widths, no static filter
-    ([40], 4, 2, True, 0, None, torch.float32),  # one conv (o, down)
-    ([16, 16, 16], 0, 4, True, 0, [1, 1, 1], torch.float16),  # head-wise q, k, v, heads of 16
-    ([8, 6], 0, 3, False, 0, [1, 2], torch.float32),  # head-wise of other head sizes (8 and 3), no static filter
+@pytest.mark.parametrize("channels, R, W, static, rotated, heads, lengths, dtype", [
+    ([64, 64, 64], 3, 4, True, 2, None, None, torch.float16),  # q, k, v, q and k rotated
+    ([32, 48], 5, 3, False, 0, None, None, torch.float32),  # gate and up of other widths, no static filter
+    ([40], 4, 2, True, 0, None, None, torch.float32),  # one conv (o, down)
+    ([64, 64], 3, 3, True, 1, None, [4, 9], torch.float32),  # packed sequences, q rotated by their own positions
+    ([16, 16, 16], 0, 4, True, 0, [1, 1, 1], None, torch.float16),  # head-wise q, k, v, heads of 16
+    ([8, 6], 0, 3, False, 0, [1, 2], [5, 8], torch.float32),  # head-wise, heads of 8 and 3, packed, no static
 ])
 def test_convs_of_a_projection_equal_the_convs_one_by_one(gen, triton_backend, channels, R, W, static, rotated,
-                                                          heads, dtype):
+                                                          heads, lengths, dtype):
     """kernels.dynamic_convs_lowrank and _headwise (one op; its backward writes the projection's
     gradient in place) give the results of one conv per linear on the projection's split views, bit
     for bit (the same kernels on the same views), and the reference's."""
-    inputs = projected_convs(2, 13, channels, R, W, static, rotated, dtype, gen=gen, heads=heads)
+    B = 1 if lengths else 2
+    inputs = projected_convs(B, 13, channels, R, W, static, rotated, dtype, gen=gen, heads=heads, lengths=lengths)
     projected, one_by_one = projected_and_one_by_one(inputs)
     assert all(torch.equal(a, b) for a, b in zip(projected, one_by_one))
     fn = kernels.dynamic_convs_headwise if heads else kernels.dynamic_convs_lowrank
