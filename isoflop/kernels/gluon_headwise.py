@@ -104,7 +104,7 @@ def backward(dy: Tensor, x: Tensor, w: Tensor, static: Tensor | None, residual: 
     blocks = {"ROWS": rows_per_program(T, D, B, x.device, rows), "TR": TR, "STAGES": stages} | (blocks or {})
     heads = CHANNELS // hs
     grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
-    # contiguous whatever x's layout (the kernel writes rows of a row stride)
+    # dx and dw contiguous whatever x's and w's layouts, or the caller's views (stored by row strides)
     dx, dw = out if out is not None else (x.new_empty(x.shape), w.new_empty(w.shape))
     ds_part = torch.empty(B * grid[0], W * D, device=x.device, dtype=torch.float32) if static is not None else None
     tr = blocks["TR"]
@@ -125,7 +125,7 @@ def stores_into(out: tuple[Tensor, Tensor], x: Tensor, w: Tensor) -> bool:
     rows evenly strided, each row's channels (taps by heads) contiguous."""
     def rows_of(view: Tensor, like: Tensor) -> bool:
         B, T = view.shape[:2]
-        inner = view.stride()[2:] == like.new_empty(like.shape[2:]).stride()
+        inner = view.stride()[-1] == 1 and (view.ndim == 3 or view.stride(2) == view.shape[3])
         return (view.shape == like.shape and view.dtype == like.dtype and inner
                 and (B == 1 or view.stride(0) == T * view.stride(1)))
 

@@ -178,7 +178,7 @@ lowrank_conv.register_autograd(_lowrank_grad, setup_context=_lowrank_setup)
 
 
 # --------------------------------------------------------------------------------------------
-# Low-rank convs of one fused projection
+# Convs of one fused projection (the low-rank ones here, the head-wise ones after headwise_conv)
 
 
 def _column_views(projection: Tensor, channels: list[int], generated: list[int]) -> list[tuple[Tensor, Tensor]]:
@@ -224,8 +224,8 @@ def _lowrank_projected_backward(
     cu_seqlens: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], rotated: int,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """(the projection's gradient, dU of each conv, dstatic of each conv or none). Each conv's dx and
-    dz are written into their columns of the gradient (the overlapped Gluon backward stores dx there
-    in place), so no kernel concatenates the pieces afterwards."""
+    dz are written into their columns of the gradient (the Gluon dx stores dx there in place; the
+    rest is copied in), so no kernel concatenates the pieces afterwards."""
     pos = _positions(cu_seqlens, projection.shape[1], projection.device)
     grad = torch.empty(projection.shape, dtype=projection.dtype, device=projection.device)
     dUs, dss = [], []
