@@ -708,7 +708,7 @@ def lowrank_forward(
     by the Gluon kernel itself where it runs with 64-channel heads (callers ask rope_fuses first:
     elsewhere the rotation is PyTorch ops after the kernel)."""
     if blocks is None and takes_gluon(FORWARD_VARIANT, lambda: _gluon_conv_missing(x, z, U, pos)):
-        fused = rope if rope is not None and 2 * rope[0].shape[-1] == gluon_lowrank_conv.TILE else None
+        fused = rope if rope is not None and _heads_are_tiles(2 * rope[0].shape[-1]) else None
         y = gluon_lowrank_conv.forward(x, z, U, static, residual, _group_size(z, U, x.shape[-1]), rope=fused)
         if fused is not None:
             return y
@@ -717,13 +717,19 @@ def lowrank_forward(
     return y if rope is None else rotate_channels(y, rope[:2], rope[2])
 
 
+def _heads_are_tiles(head_dim: int) -> bool:
+    """Whether RoPE's heads are the Gluon kernels' channel tiles (64 channels): a tile then holds both
+    halves of one head, which the kernels' rotation pairs."""
+    return head_dim == gluon_lowrank_conv.TILE
+
+
 def rope_fuses(x: Tensor, z: Tensor, U: Tensor, head_dim: int, packed: bool) -> bool:
     """Whether lowrank_forward would rotate by a rope of `head_dim` in its Gluon kernel: ROPE and
     FORWARD_VARIANT allow it, heads are the kernel's 64-channel tiles, and the kernel takes these
     shapes and types (gluon_lowrank_conv.shapes_missing: cannot_run but for addresses and strides,
     which torch.compile cannot see while it traces this; where those turn out misaligned,
     lowrank_forward rotates after the Triton kernel instead, the same result)."""
-    if ROPE.get() == "off" or FORWARD_VARIANT.get() == "triton" or head_dim != gluon_lowrank_conv.TILE:
+    if ROPE.get() == "off" or FORWARD_VARIANT.get() == "triton" or not _heads_are_tiles(head_dim):
         return False
     if not x.is_cuda or gluon_lowrank_conv.shapes_missing(x, z, U, packed, _group_size(z, U, x.shape[-1])):
         return False
@@ -812,7 +818,7 @@ def lowrank_backward(
 
 def _kernels_turn_back(rope: tuple) -> bool:
     """Whether the side-by-side kernels turn dy back themselves (ROPE "auto", 64-channel heads)."""
-    return ROPE.get() == "auto" and 2 * rope[0].shape[-1] == gluon_lowrank_conv.TILE
+    return ROPE.get() == "auto" and _heads_are_tiles(2 * rope[0].shape[-1])
 
 
 def _overlaps(x: Tensor) -> bool:
