@@ -112,10 +112,10 @@ def dynamic_convs_lowrank(
     kernels one op, whose backward writes each conv's dx and dz into the projection's gradient, where
     split views' gradients would be concatenated by a kernel of their own."""
     reference.check_lowrank_projected(projection, ups, statics, width, rope, rotated)
-    channels = [U.shape[-1] // width for U in ups]
     if _use_triton(projection, *ups, *(statics or []), width=width):
         return _ops().dynamic_convs_lowrank(projection, ups, statics, width=width, residual=residual,
                                             cu_seqlens=cu_seqlens, rope=rope, rotated=rotated)
+    channels = [U.shape[-1] // width for U in ups]
     rank, total = ups[0].shape[0], sum(channels)
     xs = projection[..., :total].split(channels, dim=-1)
     zs = projection[..., total:].split(rank, dim=-1)

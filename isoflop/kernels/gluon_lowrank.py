@@ -160,8 +160,7 @@ if gluon is not None:  # the kernel exists only where Gluon's Hopper ops do
     def _first_row(cos_ptr, sin_ptr, t0, T, pairs, rotate):
         """cos and sin of the tables' row t0 (clipped to T - 1: a partition loads the next tile's a tile
         ahead, whose latency would be the tile's at use) at `pairs`; 1 and 0 unless `rotate`."""
-        at = gl.minimum(t0, T - 1) * 32 + pairs
-        return gl.load(cos_ptr + at, mask=rotate, other=1.0), gl.load(sin_ptr + at, mask=rotate, other=0.0)
+        return _offset_angles(cos_ptr, sin_ptr, gl.minimum(t0, T - 1), pairs, rotate)
 
     @gluon.jit
     def _turned_back(lo, hi, row, offsets):

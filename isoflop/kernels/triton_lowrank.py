@@ -776,8 +776,9 @@ def lowrank_backward(
     """(dx, dz, dU, dstatic or None), each contiguous in its input's dtype; inputs as for
     lowrank_forward, dy contiguous. out: (dx, dz) views to write them into instead (columns of one
     fused projection's gradient, lowrank_projected_backward); the Gluon dx stores into its view in
-    place, the Triton dx and dz are copied into theirs. DX_VARIANT picks dx's kernel; `variant` the filter-gradient
-    kernels: "fused", "gluon", "split" or "auto" (None: BACKWARD_VARIANT; see BACKWARD_VARIANT).
+    place, the Triton dx and dz are copied into theirs. DX_VARIANT picks dx's kernel; `variant` the
+    filter-gradient kernels: "fused", "gluon", "split" or "auto" (None: BACKWARD_VARIANT; see
+    BACKWARD_VARIANT).
     `blocks` overrides their block sizes (benchmarks; "auto" then picks among the Triton kernels):
     one dict for fused, {"dz": ..., "du": ...} for split. Where both run in Gluon, OVERLAP may run
     them side by side (_overlapped_backward). rope: as lowrank_forward takes it, when dy is the
@@ -802,11 +803,11 @@ def lowrank_backward(
     side_by_side = variant == "gluon" and dx_gluon and _overlaps(x)
     if rope is not None and not (side_by_side and _kernels_turn_back(rope)):
         dy, rope = rotate_channels(dy, rope[:2], rope[2], inverse=True), None
+    dx_out = out[0] if out is not None else None
     if side_by_side:
-        dx, dz, dU, ds = _overlapped_backward(dy, x, z, U, static, residual, meta, rope=rope,
-                                              dx_out=out[0] if out is not None else None)
+        dx, dz, dU, ds = _overlapped_backward(dy, x, z, U, static, residual, meta, rope=rope, dx_out=dx_out)
     else:
-        dx = _dx(dy, z, U, static, residual, pos, dx_gluon, out=out[0] if out is not None else None)
+        dx = _dx(dy, z, U, static, residual, pos, dx_gluon, out=dx_out)
         if variant == "split":
             dz, dU, ds = _split_filter_grads(dy, x, z, U, static, pos, meta, blocks)
         else:
