@@ -193,14 +193,18 @@ def _gluon_headwise_cases(dtype: tl.dtype, head_size: int) -> list[Case]:
     consts = dict(W=W, W_P=triton.next_power_of_2(W), HS=head_size, HEADS=heads, TR=gh.TR, HAS_STATIC=True,
                   RESIDUAL=True, DTYPE=gluon_common.gl_dtype(x), BOX=gh.BOX, NUM_WARPS=gh.WARPS)
     walk = {"num_warps": gh.WARPS}, {"H": H}
-    return [
-        Case(f"head-wise hs={head_size} forward (gluon)", gh._headwise_gluon_fwd_kernel,
-             consts | {"ROWS": gh.FORWARD_ROWS, "STAGES": gh.FORWARD_STAGES}, *walk, gluon=True,
-             descriptors={"x_desc": rows, "w_desc": taps}),
-        Case(f"head-wise hs={head_size} backward (gluon)", gh._headwise_gluon_bwd_kernel,
-             consts | dict(zip(("ROWS", "STAGES"), gh.BACKWARD_BLOCKS[head_size])), *walk, gluon=True,
-             descriptors={"x_desc": rows, "dy_desc": rows, "w_desc": taps}),
-    ]
+    found = []
+    # Without RoPE, and rotating y (dy turned back) by RoPE heads of 128 channels (the models' heads).
+    for suffix, rope in (("", {"ROPE": False, "HALF": head_size}), (", rope", {"ROPE": True, "HALF": 64})):
+        found += [
+            Case(f"head-wise hs={head_size} forward (gluon{suffix})", gh._headwise_gluon_fwd_kernel,
+                 consts | rope | {"ROWS": gh.FORWARD_ROWS, "STAGES": gh.FORWARD_STAGES}, *walk, gluon=True,
+                 descriptors={"x_desc": rows, "w_desc": taps}),
+            Case(f"head-wise hs={head_size} backward (gluon{suffix})", gh._headwise_gluon_bwd_kernel,
+                 consts | rope | dict(zip(("ROWS", "STAGES"), gh.BACKWARD_BLOCKS[head_size])), *walk, gluon=True,
+                 descriptors={"x_desc": rows, "dy_desc": rows, "w_desc": taps}),
+        ]
+    return found
 
 
 def compile_case(case: Case, arch: int, dtype_name: str):

@@ -112,7 +112,7 @@ def test_lowrank_convs_of_one_projection_run_as_one_call(monkeypatch, arch, widt
 @pytest.mark.parametrize("arch, rotate", [
     ("dynamic-qkv", True), ("dynamic-all-linear", True), ("moe-dynamic-qkv", True),
     ("dynamic-qkv-qknorm", False),  # QK-norm sits between the conv and RoPE
-    ("dynamic-headwise-qkv", False), ("static-qkv", False), ("transformer", False),
+    ("static-qkv", False), ("transformer", False),
 ])
 def test_lowrank_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch, rotate):
     """Where q and k have low-rank convs and nothing sits between conv and RoPE, the convs rotate
@@ -139,6 +139,35 @@ def test_lowrank_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch, rotat
     for block in model.blocks:
         block.mixer.convs_rotate = False
     torch.testing.assert_close(logits, model(idx)[0])
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_headwise_q_and_k_convs_rotate_their_own_outputs(monkeypatch, compiling):
+    """Head-wise convs on q and k rotate their outputs too: compiled, inside the one op of the
+    projection's convs (kernels.dynamic_convs_headwise, whose Gluon walks rotate in both passes on
+    Hopper), eager by ops after each conv. Logits and gradients are those of RoPE after the convs."""
+    model = trained_like(tiny_config("dynamic-headwise-qkv"))
+    assert all(block.mixer.convs_rotate for block in model.blocks)
+    seen, original = [], kernels.dynamic_convs_headwise
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["rotated"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "dynamic_convs_headwise", recording)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    idx = torch.randint(0, VOCAB, (2, 12))
+
+    def logits_and_grads():
+        logits = model(idx)[0]
+        return [logits, *torch.autograd.grad(logits.square().mean(), list(model.parameters()))]
+
+    rotating = logits_and_grads()
+    assert seen == ([2] * LAYERS if compiling else [])
+    for block in model.blocks:
+        block.mixer.convs_rotate = False
+    for got, expected in zip(rotating, logits_and_grads()):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_only_tables_of_positions_from_zero_rotate_inside_the_convs(monkeypatch):

@@ -386,29 +386,32 @@ def test_lowrank_rope_matches_reference(monkeypatch, gen, triton_backend, dtype,
 
 
 def projected_convs(B: int, T: int, channels: list[int], R: int, W: int, static: bool, rotated: int, dtype,
-                    device="cpu", gen=None, heads: list[int] | None = None, lengths: list[int] | None = None) -> dict:
+                    device="cpu", gen=None, heads: list[int] | None = None, lengths: list[int] | None = None,
+                    head_dim: int = 64) -> dict:
     """dynamic_convs_lowrank's inputs (or with `heads`, dynamic_convs_headwise's): a fused projection
     [B, T, sum(channels) + G*R (or W * sum(heads))] with rows padded (a matmul output Inductor
-    padded), each conv's U and static filter, rope for `rotated`, packed sequences of `lengths`."""
+    padded), each conv's U and static filter, rope of RoPE heads of `head_dim` for `rotated`, packed
+    sequences of `lengths`."""
     on = dict(dtype=dtype, device=device, gen=gen)
     width = sum(channels) + (W * sum(heads) if heads else len(channels) * R)
     projection = rand(B, T, width + 8, **on)[..., :width]
     statics = [rand(W, c, **on) for c in channels] if static else None
     cu_seqlens = packed_offsets(lengths).to(device) if lengths else None
+    tables = rope_angles_from(lengths, device, head_dim) if lengths else rope_tables(T, head_dim, device)
+    rope = tables if rotated else None
     if heads:
         return dict(projection=projection, statics=statics, channels=channels, heads=heads, width=W,
-                    cu_seqlens=cu_seqlens)
-    rope = (rope_angles_from(lengths, device) if lengths else rope_tables(T, device=device)) if rotated else None
+                    cu_seqlens=cu_seqlens, rope=rope, rotated=rotated)
     return dict(projection=projection, ups=[rand(R, W * c, **on) / R**0.5 for c in channels],
                 statics=statics, width=W, rope=rope, rotated=rotated, cu_seqlens=cu_seqlens)
 
 
-def rope_angles_from(lengths: list[int], device="cpu") -> tuple[Tensor, Tensor]:
-    """cos and sin of each packed sequence's own positions (0 to its length - 1), heads of 64."""
+def rope_angles_from(lengths: list[int], device="cpu", head_dim: int = 64) -> tuple[Tensor, Tensor]:
+    """cos and sin of each packed sequence's own positions (0 to its length - 1)."""
     from isoflop.models.attention import rope_angles
 
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    return rope_angles(positions, 64, 10000.0)
+    return rope_angles(positions, head_dim, 10000.0)
 
 
 def convs_one_by_one(projection: Tensor, inputs: dict) -> list[Tensor]:
@@ -419,9 +422,9 @@ def convs_one_by_one(projection: Tensor, inputs: dict) -> list[Tensor]:
         channels, heads = inputs["channels"], inputs["heads"]
         xs = projection[..., :sum(channels)].split(channels, dim=-1)
         ws = projection[..., sum(channels):].split([W * h for h in heads], dim=-1)
-        return [kernels.dynamic_conv_headwise(x, w.unflatten(-1, (W, h)), statics[i] if statics else None,
-                                              cu_seqlens=cu)
-                for i, (x, w, h) in enumerate(zip(xs, ws, heads))]
+        ys = [kernels.dynamic_conv_headwise(x, w.unflatten(-1, (W, h)), statics[i] if statics else None, cu_seqlens=cu)
+              for i, (x, w, h) in enumerate(zip(xs, ws, heads))]
+        return [ref.rotate_channels(y, inputs["rope"]) if i < inputs["rotated"] else y for i, y in enumerate(ys)]
     channels, R = [U.shape[1] // W for U in inputs["ups"]], inputs["ups"][0].shape[0]
     xs = projection[..., :sum(channels)].split(channels, dim=-1)
     zs = projection[..., sum(channels):].split(R, dim=-1)
@@ -457,6 +460,8 @@ def in_double(inputs: dict) -> dict:
     ([64, 64], 3, 3, True, 1, None, [4, 9], torch.float32),  # packed sequences, q rotated by their own positions
     ([16, 16, 16], 0, 4, True, 0, [1, 1, 1], None, torch.float16),  # head-wise q, k, v, heads of 16
     ([8, 6], 0, 3, False, 0, [1, 2], [5, 8], torch.float32),  # head-wise, heads of 8 and 3, packed, no static
+    ([16, 16, 16], 0, 4, True, 2, [1, 1, 1], None, torch.float16),  # head-wise q, k, v, q and k rotated
+    ([8, 16], 0, 3, False, 1, [1, 2], [6, 7], torch.float32),  # head-wise, packed, q rotated
 ])
 def test_convs_of_a_projection_equal_the_convs_one_by_one(gen, triton_backend, channels, R, W, static, rotated,
                                                           heads, lengths, dtype):
@@ -464,7 +469,8 @@ def test_convs_of_a_projection_equal_the_convs_one_by_one(gen, triton_backend, c
     gradient in place) give the results of one conv per linear on the projection's split views, bit
     for bit (the same kernels on the same views), and the reference's."""
     B = 1 if lengths else 2
-    inputs = projected_convs(B, 13, channels, R, W, static, rotated, dtype, gen=gen, heads=heads, lengths=lengths)
+    inputs = projected_convs(B, 13, channels, R, W, static, rotated, dtype, gen=gen, heads=heads, lengths=lengths,
+                             head_dim=min(64, channels[0]))
     projected, one_by_one = projected_and_one_by_one(inputs)
     assert all(torch.equal(a, b) for a, b in zip(projected, one_by_one))
     fn = kernels.dynamic_convs_headwise if heads else kernels.dynamic_convs_lowrank
@@ -472,6 +478,39 @@ def test_convs_of_a_projection_equal_the_convs_one_by_one(gen, triton_backend, c
     kernels.set_backend("reference")
     for y, y_exact in zip(ys, fn(**in_double(inputs))):
         assert relative_error(y, y_exact) < TOLERANCE[dtype]
+
+
+def projected_with_grads(inputs: dict, cotangents: list[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """The outputs of dynamic_convs_headwise and the gradients of its projection and static filters
+    for `cotangents` (fixed random ones, in the outputs' type, if None), and the cotangents."""
+    leaves = {k: ([t.detach().requires_grad_() for t in v] if k == "statics" and v else
+                  v.detach().requires_grad_() if k == "projection" else v) for k, v in inputs.items()}
+    ys = kernels.dynamic_convs_headwise(**leaves)
+    g = torch.Generator().manual_seed(1)
+    cotangents = cotangents or [torch.randn(y.shape, generator=g).to(y) for y in ys]
+    flat = [leaves["projection"], *(leaves["statics"] or [])]
+    grads = torch.autograd.grad(sum((y * c.to(y)).sum() for y, c in zip(ys, cotangents)), flat)
+    return [*ys, *grads], cotangents
+
+
+@interpreted
+def test_headwise_rope_inside_the_op_falls_back_to_the_rotation_by_ops(monkeypatch, gen, triton_backend):
+    """Where the Gluon walks would rotate (triton_headwise.rope_fuses) the tables go into the op;
+    a walk that then cannot take the inputs (here: no Hopper GPU) leaves the rotation to ops inside
+    the op, y rotated after its kernel and dy turned back before the backward's: the values and
+    gradients of the rotation after the op."""
+    from isoflop.kernels import ops
+
+    inputs = projected_convs(2, 13, [16, 16, 8], 0, 4, True, 2, torch.float32, gen=gen, heads=[2, 4, 1], head_dim=8)
+    after, cotangents = projected_with_grads(inputs)
+    tables = []
+    forward = ops.headwise_forward
+    monkeypatch.setattr(ops, "headwise_rope_fuses", lambda *_: True)
+    monkeypatch.setattr(ops, "headwise_forward", lambda *args, rope=None: tables.append(rope) or forward(*args, rope=rope))
+    inside, _ = projected_with_grads(inputs, cotangents)
+    assert [rope is not None for rope in tables] == [True, True, False]
+    for a, b in zip(inside, after):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @interpreted
@@ -1088,6 +1127,45 @@ def test_gpu_convs_of_a_projection_equal_the_convs_one_by_one(triton_backend, B,
 
 
 @gpu
+@pytest.mark.skipif(not hopper(), reason="the Gluon walks need a Hopper GPU")
+@pytest.mark.parametrize("B, T, channels, heads, W, head_dim, dtype, static, rotated", [
+    (8, 4096, [1024] * 3, [64] * 3, 4, 128, torch.bfloat16, True, 2),  # the 300M model's q, k, v, heads of 16
+    (2, 1000, [1024] * 3, [128] * 3, 4, 64, torch.bfloat16, True, 2),  # heads of 8 in RoPE heads of 64, ragged T
+    (2, 777, [512, 512], [16, 8], 3, 128, torch.float16, False, 1),  # heads of 32 and 64, 3 taps, no static
+    (1, 300, [2048], [128], 2, 256, torch.bfloat16, True, 1),  # RoPE heads of 256 (halves of 128)
+])
+def test_gpu_headwise_rope_inside_the_walks_equals_the_rotation_after_them(monkeypatch, triton_backend, B, T,
+                                                                          channels, heads, W, head_dim, dtype,
+                                                                          static, rotated):
+    """The Gluon walks' own rotation (ISOFLOP_HEADWISE_ROPE=auto: the forward rotates y before it
+    stores it, the backward turns each row of dy back as it reads it) against float64 and against
+    the rotation by ops around the op (off). The walks round y once, after the rotation, where the
+    ops round it before and after: the two differ by about a rounding."""
+    from isoflop.kernels import triton_headwise
+
+    poison_cuda_memory()
+    inputs = projected_convs(B, T, channels, 0, W, static, rotated, dtype, device="cuda",
+                             gen=torch.Generator().manual_seed(0), heads=heads, head_dim=head_dim)
+    views = ops_views(inputs)
+    assert all(triton_headwise.rope_fuses(x, w, inputs["rope"], packed=False) for x, w in views[:rotated])
+    fused, cotangents = projected_with_grads(inputs)
+    monkeypatch.setattr(triton_headwise.ROPE, "name", "off")
+    apart, _ = projected_with_grads(inputs, cotangents)
+    kernels.set_backend("reference")
+    exact, _ = projected_with_grads(in_double(inputs), [c.double() for c in cotangents])
+    for i, (a, b, c) in enumerate(zip(fused, apart, exact)):
+        assert relative_error(a, c) < TOLERANCE[dtype] / 4, i
+        assert relative_error(a, b.double()) < TOLERANCE[dtype] / 4, i
+
+
+def ops_views(inputs: dict) -> list[tuple[Tensor, Tensor]]:
+    """(x, w) of each head-wise conv of projected_convs' inputs, as the op reads them."""
+    from isoflop.kernels import ops
+
+    return ops._headwise_views(inputs["projection"], inputs["channels"], inputs["heads"], inputs["width"])
+
+
+@gpu
 @pytest.mark.skipif(not hopper(), reason="the Gluon forward needs a Hopper GPU")
 @pytest.mark.parametrize("B, T, G, Dg, R, W, dtype, static, residual, view", [
     (4, 4096, 1, 2048, 16, 4, torch.bfloat16, True, True, False),  # the paper's shape
@@ -1346,7 +1424,10 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 24 and all(0 < row["registers"] <= 255 for row in rows)
+    assert len(rows) == 26 and all(0 < row["registers"] <= 255 for row in rows)
+    # The head-wise walks rotating y and turning dy back (RoPE) compile without spills.
+    walks = [row for row in rows if row["kernel"].startswith("head-wise") and "rope" in row["kernel"]]
+    assert len(walks) == 2 and all(row["stack_bytes"] == 0 for row in walks)
     # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
     # fit two programs per multiprocessor (228 KB of shared memory; 80 registers per thread at launch,
     # which its warp-specialised partitions share out). Triton 3.9 keeps one value on the stack across

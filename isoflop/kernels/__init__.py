@@ -137,23 +137,32 @@ def dynamic_conv_headwise(
 def dynamic_convs_headwise(
     projection: Tensor, statics: list[Tensor] | None = None, *, channels: list[int], heads: list[int], width: int,
     residual: bool = True, cu_seqlens: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None, rotated: int = 0,
 ) -> list[Tensor]:
     """G head-wise dynamic convs whose inputs are columns of one fused projection [B, T, C_1 + ... +
     C_G + W*(H_1 + ... + H_G)]: conv g filters its C_g = channels[g] columns (in order) in heads[g]
     heads, with taps w_g = its W*H_g columns after all the convs' channels (tap-major, as
-    dynamic_conv_headwise's w [B, T, W, H_g] flattened) and static filter statics[g] [W, C_g]. The
-    same values as dynamic_conv_headwise on each conv's views; on the kernels one op, whose backward
-    writes each conv's dx and dw into the projection's gradient."""
+    dynamic_conv_headwise's w [B, T, W, H_g] flattened) and static filter statics[g] [W, C_g]. With
+    rope = (cos, sin), the first `rotated` outputs come out rotated (reference.rotate_channels; as
+    dynamic_conv_lowrank's rope), inside the Gluon walks where they run. The same values as
+    dynamic_conv_headwise on each conv's views; on the kernels one op, whose backward writes each
+    conv's dx and dw into the projection's gradient."""
     reference.check_projected(projection, channels, [width * h for h in heads], statics, width)
+    reference.check_rotated(rope, rotated, len(channels))
     head_size = max(c // max(1, h) for c, h in zip(channels, heads))
     if _use_triton(projection, *(statics or []), width=width, head_size=head_size):
         return _ops().dynamic_convs_headwise(projection, statics, channels=channels, heads=heads, width=width,
-                                             residual=residual, cu_seqlens=cu_seqlens)
+                                             residual=residual, cu_seqlens=cu_seqlens, rope=rope, rotated=rotated)
     xs = projection[..., :sum(channels)].split(channels, dim=-1)
     ws = projection[..., sum(channels):].split([width * h for h in heads], dim=-1)
-    return [reference.dynamic_conv_headwise(x, w.unflatten(-1, (width, h)), statics[g] if statics else None,
-                                            residual=residual, cu_seqlens=cu_seqlens)
-            for g, (x, w, h) in enumerate(zip(xs, ws, heads))]
+    ys = [reference.dynamic_conv_headwise(x, w.unflatten(-1, (width, h)), statics[g] if statics else None,
+                                          residual=residual, cu_seqlens=cu_seqlens)
+          for g, (x, w, h) in enumerate(zip(xs, ws, heads))]
+    if rope is not None:
+        for g in range(rotated):
+            reference.checked_rope_channels(ys[g].shape, rope, None, packed=cu_seqlens is not None)
+            ys[g] = reference.rotate_channels(ys[g], rope)
+    return ys
 
 
 def short_conv(

@@ -22,6 +22,16 @@ what the walk reads and 4 stages, ~65 us (v26). The forward is the same walk wit
 against the Triton walk's 43.9. Errors against float64 equal the Triton walks'.
 Heads of 128 channels are 4 per 512-channel tile, too few for w's 16-byte TMA rows; they, packed
 sequences and the static conv take the Triton walk (`cannot_run` says why).
+
+RoPE (q's and k's convs, KERNELS.md v34): the forward rotates each row of y before it stores it, and
+the backward turns each row of dy back as it reads it, the halo rows above included. A row is then
+laid out with a thread holding 4 channels of each half of one RoPE head (`_walk_layout`), so a pair's
+two values are its own registers; a row's angles are the previous row's plus one step (the tables
+are of positions 0 to T-1). At the 300M q conv ([8, 4096, 1024], hs=16, RoPE heads of 64) the
+forward takes 40.3 us against 39.7 without rotating and the backward 72.7 against 71.7, where the
+model's RoPE kernels took 40-41 us each. The backward rotating runs 128 rows per program in 2
+stages (ROPE_BACKWARD_BLOCKS): with 256, two programs per multiprocessor left the longer chain
+unhidden (94.6 us).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from torch import Tensor
 
 from isoflop.kernels.gluon_common import (
     TensorDescriptor,
+    angle_sum,
     gl,
     gl_dtype,
     gluon,
@@ -50,17 +61,35 @@ TR = 4  # rows per copy (KERNELS.md v25: 4 best of 4 and 8)
 # 128-256 rows x 2-5 stages on the H200 at the paper's shape (KERNELS.md v26).
 FORWARD_ROWS, FORWARD_STAGES = 128, 2
 BACKWARD_BLOCKS = {8: (256, 3), 16: (256, 4), 32: (128, 2), 64: (128, 2)}
+# The same turning dy back (RoPE), for every head size: 128 rows in 2 stages. At the 300M model's q
+# conv ([8, 4096, 1024], RoPE heads of 64) 256 rows left two programs per multiprocessor and the
+# walk's longer chain unhidden (hs=16: 94.6 us, 73.3 with these; hs=8: 84.1 -> 80.7; KERNELS.md v34).
+ROPE_BACKWARD_BLOCKS = (128, 2)
 
 
 def cannot_run(dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None) -> str | None:
     """Why the Gluon walks cannot take these inputs here (dy None: the forward's), or None if they can."""
-    missing = hopper_missing(x)
+    missing = hopper_missing(x) or shapes_missing(x, w, pos is not None)
     if missing:
         return missing
+    dy = x if dy is None else dy
+    if dy.dtype != x.dtype:
+        return f"dy's type must be x's (got {dy.dtype}, {x.dtype})"
+    misaligned = tma_misaligned("x", x) or tma_misaligned("dy", dy) or tma_misaligned("w", w)
+    if misaligned:
+        return misaligned
+    H = w.shape[3]
+    if w.stride(2) != H:
+        return f"w's taps must lie H={H} apart (strides {tuple(w.stride())})"
+    return None
+
+
+def shapes_missing(x: Tensor, w: Tensor | None, packed: bool) -> str | None:
+    """What `cannot_run` says of the inputs' shapes and types alone (no device, address or stride:
+    what torch.compile can see while it traces a call, triton_headwise.rope_fuses), or None."""
     if w is None:
         return "it serves head-wise filters (the static conv takes the Triton kernel)"
-    dy = x if dy is None else dy
-    if pos is not None:
+    if packed:
         return "packed sequences take the Triton kernel"
     B, T, D = x.shape
     W, H = w.shape[2], w.shape[3]
@@ -71,15 +100,24 @@ def cannot_run(dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | Non
         return f"it takes heads of {MIN_HEAD} to {MAX_HEAD} channels, a power of two (got {hs})"
     if D % CHANNELS:
         return f"D must be a multiple of {CHANNELS} (got {D})"
-    if not (x.dtype == dy.dtype == w.dtype and x.dtype in (torch.float16, torch.bfloat16)):
-        return f"it takes float16 or bfloat16 x, dy and w (got {x.dtype}, {dy.dtype}, {w.dtype})"
+    if not (x.dtype == w.dtype and x.dtype in (torch.float16, torch.bfloat16)):
+        return f"it takes float16 or bfloat16 x, dy and w (got {x.dtype}, {w.dtype})"
     if x.numel() == 0:
         return "the inputs are empty (a TMA descriptor needs every dimension > 0)"
-    misaligned = tma_misaligned("x", x) or tma_misaligned("dy", dy) or tma_misaligned("w", w)
-    if misaligned:
-        return misaligned
-    if w.stride(2) != H:
-        return f"w's taps must lie H={H} apart (strides {tuple(w.stride())})"
+    return None
+
+
+def cannot_rotate(x: Tensor, w: Tensor, rope: tuple[Tensor, Tensor]) -> str | None:
+    """Why the walks cannot rotate by rope = (cos, sin) [T, half] (given that they take x and w), or
+    None if they can: a thread holds 4 channels of each half of a RoPE head (_walk_layout), so the
+    half must hold whole conv heads and at most 128 channels (a warp's 32 threads of 4). Shapes
+    only (as shapes_missing); the kernels take the tables as float32 contiguous."""
+    cos, sin = rope
+    half, hs = cos.shape[-1], x.shape[-1] // w.shape[-1]
+    if not (hs <= half <= 128 and half & (half - 1) == 0):
+        return f"RoPE heads of 2 x {half} channels: the walks rotate halves of {hs} to 128 channels, a power of two"
+    if cos.shape != (x.shape[1], half) or sin.shape != cos.shape:
+        return f"cos and sin must be [T={x.shape[1]}, {half}] (got {tuple(cos.shape)}, {tuple(sin.shape)})"
     return None
 
 
@@ -92,15 +130,18 @@ def rows_per_program(T: int, D: int, B: int, device: torch.device, rows: int) ->
 
 
 def backward(dy: Tensor, x: Tensor, w: Tensor, static: Tensor | None, residual: bool,
-             blocks: dict | None = None, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+             blocks: dict | None = None, out: tuple[Tensor, Tensor] | None = None,
+             rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """dx, dw and the static filter's gradient (None without one), as `rows_backward` returns them
     (contiguous). x and w may be views (rows evenly strided: `cannot_run`). `blocks` overrides ROWS,
     TR and STAGES (benchmarks). out: views (dx [B, T, D], dw [B, T, W, H]) to store dx and dw into
-    instead (columns of a fused projection's gradient; `stores_into` must accept them)."""
+    instead (columns of a fused projection's gradient; `stores_into` must accept them). rope: (cos,
+    sin) as `forward` takes them, when dy is the gradient of the rotated output: the walk turns each
+    row of dy back as it reads it."""
     B, T, D = x.shape
     W, H = w.shape[2], w.shape[3]
     hs = D // H
-    rows, stages = BACKWARD_BLOCKS[hs]
+    rows, stages = ROPE_BACKWARD_BLOCKS if rope is not None else BACKWARD_BLOCKS[hs]
     blocks = {"ROWS": rows_per_program(T, D, B, x.device, rows), "TR": TR, "STAGES": stages} | (blocks or {})
     heads = CHANNELS // hs
     grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
@@ -110,11 +151,11 @@ def backward(dy: Tensor, x: Tensor, w: Tensor, static: Tensor | None, residual: 
     tr = blocks["TR"]
     _headwise_gluon_bwd_kernel[grid](
         _rows_descriptor(x, tr), _rows_descriptor(dy, tr), _taps_descriptor(w, tr, heads),
-        static if static is not None else x, dx, dw, ds_part if ds_part is not None else dx,
+        static if static is not None else x, *_tables(rope, x), dx, dw, ds_part if ds_part is not None else dx,
         T, D, H, dx.stride(1), dw.stride(1),
         W=W, W_P=triton.next_power_of_2(W), HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr, STAGES=blocks["STAGES"],
-        HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(x), BOX=BOX, NUM_WARPS=WARPS,
-        num_warps=WARPS,
+        HAS_STATIC=static is not None, RESIDUAL=residual, **_rope_constants(rope, hs), DTYPE=gl_dtype(x), BOX=BOX,
+        NUM_WARPS=WARPS, num_warps=WARPS,
     )
     ds = sum_partials(ds_part, static.dtype).view(W, D) if static is not None else None
     return dx, dw, ds
@@ -132,9 +173,12 @@ def stores_into(out: tuple[Tensor, Tensor], x: Tensor, w: Tensor) -> bool:
     return rows_of(out[0], x) and rows_of(out[1], w)
 
 
-def forward(x: Tensor, w: Tensor, static: Tensor | None, residual: bool, blocks: dict | None = None) -> Tensor:
+def forward(x: Tensor, w: Tensor, static: Tensor | None, residual: bool, blocks: dict | None = None,
+            rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """y [B, T, D] (contiguous), as `rows_forward` returns it; x and w may be views (`cannot_run`).
-    `blocks` overrides ROWS, TR and STAGES (benchmarks)."""
+    `blocks` overrides ROWS, TR and STAGES (benchmarks). rope: (cos, sin), float32 contiguous tables
+    [T, head_dim / 2] of positions 0 to T-1 that `cannot_rotate` accepts: y comes out rotated as
+    reference.rotate_channels rotates it, in the walk, before it is stored."""
     B, T, D = x.shape
     blocks = {"ROWS": rows_per_program(T, D, B, x.device, FORWARD_ROWS), "TR": TR, "STAGES": FORWARD_STAGES} | (
         blocks or {})
@@ -145,13 +189,23 @@ def forward(x: Tensor, w: Tensor, static: Tensor | None, residual: bool, blocks:
     grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
     tr = blocks["TR"]
     _headwise_gluon_fwd_kernel[grid](
-        _rows_descriptor(x, tr), _taps_descriptor(w, tr, heads), static if static is not None else x, y,
-        T, D, H,
+        _rows_descriptor(x, tr), _taps_descriptor(w, tr, heads), static if static is not None else x,
+        *_tables(rope, x), y, T, D, H,
         W=W, W_P=triton.next_power_of_2(W), HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr,
-        STAGES=blocks["STAGES"], HAS_STATIC=static is not None, RESIDUAL=residual, DTYPE=gl_dtype(x), BOX=BOX,
-        NUM_WARPS=WARPS, num_warps=WARPS,
+        STAGES=blocks["STAGES"], HAS_STATIC=static is not None, RESIDUAL=residual, **_rope_constants(rope, hs),
+        DTYPE=gl_dtype(x), BOX=BOX, NUM_WARPS=WARPS, num_warps=WARPS,
     )
     return y
+
+
+def _tables(rope: tuple[Tensor, Tensor] | None, x: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin for the kernels' pointers (x, unread, without rope)."""
+    return rope if rope is not None else (x, x)
+
+
+def _rope_constants(rope: tuple[Tensor, Tensor] | None, hs: int) -> dict:
+    """ROPE and HALF (half a RoPE head's channels; hs, unused, without rope)."""
+    return {"ROPE": rope is not None, "HALF": rope[0].shape[-1] if rope is not None else hs}
 
 
 def _rows_descriptor(t: Tensor, tr: int) -> TensorDescriptor:
@@ -177,11 +231,33 @@ def _descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
 
 if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
+    @gluon.constexpr_function
+    def _walk_layout(HS, ROPE, HALF, NUM_WARPS):
+        """A row's layout, [NB, 2, NH, HS] (`_row_shape`). Without RoPE a thread holds 8 channels of one
+        head (16 bytes), a head's lanes in HS / 8 neighbouring threads, so its sum is a few shuffles
+        and stays in their registers. With RoPE (RoPE heads of 2 * HALF channels, pairs (i, i + HALF))
+        a thread holds 4 channels of each half of one RoPE head, so a pair's two values are its own
+        registers and rotating them moves nothing between threads."""
+        HS, HALF, NUM_WARPS = int(HS), int(HALF), int(NUM_WARPS)
+        if ROPE:
+            nh = HALF // HS
+            return gl.BlockedLayout([1, 2, 1, 4], [32 // (nh * HS // 4), 1, nh, HS // 4], [NUM_WARPS, 1, 1, 1],
+                                    [3, 1, 2, 0])
+        return gl.BlockedLayout([1, 1, 1, 8], [128 // HS, 2, 1, HS // 8], [NUM_WARPS, 1, 1, 1], [3, 2, 1, 0])
+
+    @gluon.constexpr_function
+    def _row_shape(HEADS, HS, ROPE, HALF):
+        """A row of the program's 512 channels as [NB, 2, NH, HS]: NH heads of HS channels make a half
+        of a RoPE head (one head without RoPE), two halves a pair of them, NB pairs the row; head
+        (2 nb + half) NH + nh, channel that head's HS + lane."""
+        nh = int(HALF) // int(HS) if ROPE else 1
+        return [int(HEADS) // (2 * nh), 2, nh, int(HS)]
+
     @gluon.jit
     def _static_tap(s_ptr, offs, c0, D, k: gl.constexpr, W: gl.constexpr, HAS_STATIC: gl.constexpr,
-                    RESIDUAL: gl.constexpr, HEADS: gl.constexpr, HS: gl.constexpr, layout: gl.constexpr):
+                    RESIDUAL: gl.constexpr, L: gl.constexpr):
         """Static tap k on this program's channels (+1 on tap 0 for the residual), float32."""
-        tap = gl.zeros([HEADS, HS], gl.float32, layout)
+        tap = gl.zeros(offs.shape, gl.float32, L)
         if k < W:
             if HAS_STATIC:
                 tap += gl.load(s_ptr + k * D + c0 + offs).to(gl.float32)
@@ -192,22 +268,61 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.jit
     def _program(s_ptr, D, W: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr, HAS_STATIC: gl.constexpr,
-                 RESIDUAL: gl.constexpr, HEADS: gl.constexpr, HS: gl.constexpr, L: gl.constexpr):
-        """This program's first row, first head and first channel, its heads and channel offsets
-        ([HEADS, HS] in layout L), and the static taps on its channels. Both walks' limits: up to 4
-        taps, the W - 1 lags within one copy of TR rows, whole copies per program."""
+                 RESIDUAL: gl.constexpr, HEADS: gl.constexpr, HS: gl.constexpr, SHAPE: gl.constexpr,
+                 L: gl.constexpr):
+        """This program's first row, first head and first channel, its heads ([NB, 2, NH] in L's slice)
+        and channel offsets ([NB, 2, NH, HS] in L), and the static taps on its channels. Both walks'
+        limits: up to 4 taps, the W - 1 lags within one copy of TR rows, whole copies per program."""
         gl.static_assert(W <= 4)
         gl.static_assert(TR >= W - 1)
         gl.static_assert(ROWS % TR == 0)
         t_lo = gl.program_id(0) * ROWS
         h0 = gl.program_id(1) * HEADS
         c0 = h0 * HS
-        heads = gl.arange(0, HEADS, layout=gl.SliceLayout(1, L))
-        offs = gl.expand_dims(heads, 1) * HS + gl.expand_dims(gl.arange(0, HS, layout=gl.SliceLayout(0, L)), 0)
+        head_l: gl.constexpr = gl.SliceLayout(3, L)
+        nb = gl.arange(0, SHAPE[0], layout=gl.SliceLayout(1, gl.SliceLayout(2, head_l)))
+        half = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, head_l)))
+        nh = gl.arange(0, SHAPE[2], layout=gl.SliceLayout(0, gl.SliceLayout(1, head_l)))
+        heads = ((gl.expand_dims(gl.expand_dims(nb, 1), 2) * 2 + gl.expand_dims(gl.expand_dims(half, 0), 2)) * SHAPE[2]
+                 + gl.expand_dims(gl.expand_dims(nh, 0), 1))
+        offs = gl.expand_dims(heads, 3) * HS + _lanes(HS, L)
         s = ()
         for k in gl.static_range(W):
-            s = s + (_static_tap(s_ptr, offs, c0, D, k, W, HAS_STATIC, RESIDUAL, HEADS, HS, L),)
+            s = s + (_static_tap(s_ptr, offs, c0, D, k, W, HAS_STATIC, RESIDUAL, L),)
         return t_lo, h0, c0, heads, offs, s
+
+    @gluon.jit
+    def _lanes(HS: gl.constexpr, L: gl.constexpr):
+        """0..HS-1 as [1, 1, 1, HS] in layout L: a channel's place in its head."""
+        lanes = gl.arange(0, HS, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L))))
+        return gl.expand_dims(gl.expand_dims(gl.expand_dims(lanes, 0), 1), 2)
+
+    @gluon.jit
+    def _angles(cos_ptr, sin_ptr, t, T, inverse: gl.constexpr, HS: gl.constexpr, SHAPE: gl.constexpr,
+                L: gl.constexpr):
+        """cos and sin [1, 1, NH, HS] (in L) of the angles at row t of this thread's pairs' frequencies,
+        and of their step from one row to the next (row 1; none with one row). The tables are of
+        positions 0 to T-1 (check_rope_from_zero), so the angles of row t + 1 are those of row t plus
+        the step's: the walk carries them (gluon_common.angle_sum) and reads 4 rows of the tables
+        per program instead of one per row. `inverse` negates the angles (RoPE's gradient)."""
+        nh = gl.arange(0, SHAPE[2], layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L))))
+        f = gl.expand_dims(gl.expand_dims(gl.expand_dims(nh, 0), 1), 3) * HS + _lanes(HS, L)
+        half = SHAPE[2] * HS
+        one = (f >= 0) & (T > 1)
+        cos, sin = gl.load(cos_ptr + t * half + f), gl.load(sin_ptr + t * half + f)
+        cos1, sin1 = gl.load(cos_ptr + half + f, mask=one, other=1.0), gl.load(sin_ptr + half + f, mask=one, other=0.0)
+        if inverse:
+            sin, sin1 = -sin, -sin1
+        return cos, sin, cos1, sin1
+
+    @gluon.jit
+    def _rotated(y, cos, sin, L: gl.constexpr):
+        """y [NB, 2, NH, HS] (float32, the pairs' two halves in each thread's registers: _walk_layout)
+        rotated by the angles whose cos and sin are given: (lo, hi) -> (lo cos - hi sin, hi cos + lo sin),
+        as reference.rotate_heads. The halves trade places by renaming registers (split, join)."""
+        lo, hi = gl.split(gl.permute(y, [0, 2, 3, 1]))
+        swapped = gl.convert_layout(gl.permute(gl.join(-hi, lo), [0, 3, 1, 2]), L, assert_trivial=True)
+        return y * cos + swapped * sin
 
     @gluon.jit
     def _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t, b, c, h0,
@@ -245,18 +360,20 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.jit
     def _rows_ring(desc, STAGES: gl.constexpr, TR: gl.constexpr, HEADS: gl.constexpr, HS: gl.constexpr,
-                   BOX: gl.constexpr, DTYPE: gl.constexpr):
-        """A ring of STAGES tiles of TR rows of x or dy: plain rows [STAGES * TR, HEADS, HS] for the
+                   SHAPE: gl.constexpr, BOX: gl.constexpr, DTYPE: gl.constexpr):
+        """A ring of STAGES tiles of TR rows of x or dy: plain rows [STAGES * TR, NB, 2, NH, HS] for the
         walk's reads, and the same bytes seen as the TMA boxes [STAGES, 1, TR, 512 / BOX, BOX]."""
-        ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR, HEADS, HS], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR] + SHAPE, gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
         return ring, ring.reinterpret(DTYPE, [STAGES, 1, TR, HEADS * HS // BOX, BOX], desc.layout)
 
     @gluon.jit
     def _taps_ring(desc, STAGES: gl.constexpr, TR: gl.constexpr, W_P: gl.constexpr, HEADS: gl.constexpr,
-                   DTYPE: gl.constexpr):
-        """The taps' ring: rows of W_P x HEADS values, seen as the TMA boxes [STAGES, 1, TR, W_P, HEADS]
-        (a view's layout may have one dimension less than the view: index() then drops the first)."""
-        ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR * W_P, HEADS], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+                   SHAPE: gl.constexpr, DTYPE: gl.constexpr):
+        """The taps' ring: rows of W_P x [NB, 2, NH] heads' values, seen as the TMA boxes [STAGES, 1, TR,
+        W_P, HEADS] (a view's layout may have one dimension less than the view: index() then drops the
+        first)."""
+        ring = gl.allocate_shared_memory(DTYPE, [STAGES * TR * W_P, SHAPE[0], 2, SHAPE[2]],
+                                         gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
         return ring, ring.reinterpret(DTYPE, [STAGES, 1, TR, W_P, HEADS], desc.layout)
 
     @gluon.jit
@@ -288,10 +405,10 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.jit
     def _taps(w_ring, row, W: gl.constexpr, W_P: gl.constexpr, head_l: gl.constexpr):
-        """Row `row` of the ring's dynamic taps: W values per head, each [HEADS, 1] float32."""
+        """Row `row` of the ring's dynamic taps: W values per head, each [NB, 2, NH, 1] float32."""
         taps = ()
         for k in gl.static_range(W):
-            taps = taps + (gl.expand_dims(w_ring.index(row * W_P + k).load(head_l).to(gl.float32), 1),)
+            taps = taps + (gl.expand_dims(w_ring.index(row * W_P + k).load(head_l).to(gl.float32), 3),)
         return taps
 
     @gluon.jit
@@ -310,24 +427,40 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         return done, new
 
     @gluon.jit
+    def _dy_row(dy_ring, row, angles, ROPE: gl.constexpr, L: gl.constexpr):
+        """Row `row` of dy in float32, turned back by RoPE's inverse rotation where the forward rotated
+        (angles: _angles' four, inverse), and the angles of the next row."""
+        dyr = dy_ring.index(row).load(L).to(gl.float32)
+        if ROPE:
+            cos, sin, cos1, sin1 = angles
+            dyr = _rotated(dyr, cos, sin, L)
+            cos, sin = angle_sum(cos, sin, cos1, sin1)
+            angles = (cos, sin, cos1, sin1)
+        return dyr, angles
+
+    @gluon.jit
     def _headwise_gluon_bwd_kernel(
-        x_desc, dy_desc, w_desc, s_ptr, dx_ptr, dw_ptr, ds_part_ptr,
+        x_desc, dy_desc, w_desc, s_ptr, cos_ptr, sin_ptr, dx_ptr, dw_ptr, ds_part_ptr,
         T, D, H, DX_STRIDE, DW_STRIDE,
         W: gl.constexpr, W_P: gl.constexpr, HS: gl.constexpr, HEADS: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr,
-        STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
-        BOX: gl.constexpr, NUM_WARPS: gl.constexpr,
+        STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, ROPE: gl.constexpr,
+        HALF: gl.constexpr, DTYPE: gl.constexpr, BOX: gl.constexpr, NUM_WARPS: gl.constexpr,
     ):
-        # [heads, lanes] per row: 8 channels per thread (16 bytes), a head's lanes in HS / 8
-        # neighbouring threads, so its sum is a few shuffles and stays in their registers.
-        L: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HS, HS // 8], [NUM_WARPS, 1], [1, 0])
-        head_l: gl.constexpr = gl.SliceLayout(1, L)
+        """dx, dw and the static filter's partial gradient, walking up; with ROPE, dy is the gradient of
+        y rotated by RoPE (heads of 2 HALF channels), and each of its rows is turned back as it is read."""
+        L: gl.constexpr = _walk_layout(HS, ROPE, HALF, NUM_WARPS)
+        SHAPE: gl.constexpr = _row_shape(HEADS, HS, ROPE, HALF)
+        head_l: gl.constexpr = gl.SliceLayout(3, L)
 
         b = gl.program_id(2)
-        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, L)
-        x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, BOX, DTYPE)
-        dy_ring, dy_tma = _rows_ring(dy_desc, STAGES, TR, HEADS, HS, BOX, DTYPE)
-        w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, DTYPE)
+        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, SHAPE, L)
+        x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
+        dy_ring, dy_tma = _rows_ring(dy_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
+        w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, SHAPE, DTYPE)
         bars = _ring_barriers(STAGES)
+        angles = ()
+        if ROPE:
+            angles = _angles(cos_ptr, sin_ptr, t_lo, T, True, HS, SHAPE, L)
 
         # Tiles: 0 holds the TR rows below the program's (x's lags), 1..ROWS/TR its rows, the last
         # the TR rows above (dy and taps for its last rows' dx).
@@ -338,10 +471,10 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         lags = _first_lags(x_ring, bars, TR, W, L)
         pend = ()
         for i in gl.static_range(W - 1):
-            pend = pend + (gl.zeros([HEADS, HS], gl.float32, L),)
+            pend = pend + (gl.zeros(SHAPE, gl.float32, L),)
         acc = ()
         for k in gl.static_range(W):
-            acc = acc + (gl.zeros([HEADS, HS], gl.float32, L),)
+            acc = acc + (gl.zeros(SHAPE, gl.float32, L),)
 
         for j in range(1, n_tiles - 1):
             _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j + STAGES - 1, n_tiles,
@@ -352,7 +485,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 u = t_lo + (j - 1) * TR + r
                 row = slot * TR + r
                 xr = x_ring.index(row).load(L).to(gl.float32)
-                dyr = dy_ring.index(row).load(L).to(gl.float32)
+                dyr, angles = _dy_row(dy_ring, row, angles, ROPE, L)
                 taps = _taps(w_ring, row, W, W_P, head_l)
                 # pairs dy[u] x[u-k]: dw[u, k] (a head's sum) and the static filter's gradient
                 dw_row = dw_ptr + (b * T + u).to(gl.int64) * DW_STRIDE + h0
@@ -362,7 +495,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                         df = dyr * xr
                     else:
                         df = dyr * lags[k - 1]
-                    gl.store(dw_row + k * H + heads, gl.sum(df, axis=1).to(DTYPE), mask=(heads >= 0) & (u < T))
+                    gl.store(dw_row + k * H + heads, gl.sum(df, axis=3).to(DTYPE), mask=(heads >= 0) & (u < T))
                     new_acc = new_acc + (acc[k] + df,)
                 if HAS_STATIC:
                     acc = new_acc
@@ -379,7 +512,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         for r in gl.static_range(W - 1):
             u = t_lo + ROWS + r
             row = slot * TR + r
-            dyr = dy_ring.index(row).load(L).to(gl.float32)
+            dyr, angles = _dy_row(dy_ring, row, angles, ROPE, L)
             done, pend = _dx_step(dyr, _taps(w_ring, row, W, W_P, head_l), s, pend, W)
             v = u - (W - 1)
             gl.store(dx_ptr + (b * T + v).to(gl.int64) * DX_STRIDE + c0 + offs, done.to(DTYPE),
@@ -393,22 +526,26 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.jit
     def _headwise_gluon_fwd_kernel(
-        x_desc, w_desc, s_ptr, y_ptr,
+        x_desc, w_desc, s_ptr, cos_ptr, sin_ptr, y_ptr,
         T, D, H,
         W: gl.constexpr, W_P: gl.constexpr, HS: gl.constexpr, HEADS: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr,
-        STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, DTYPE: gl.constexpr,
-        BOX: gl.constexpr, NUM_WARPS: gl.constexpr,
+        STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, ROPE: gl.constexpr,
+        HALF: gl.constexpr, DTYPE: gl.constexpr, BOX: gl.constexpr, NUM_WARPS: gl.constexpr,
     ):
         """y[u] = sum_k (w_k[u] + s_k) x[u-k] (s_0 + 1 with the residual), walking up with x[u-1..u-W+1]
-        carried in registers; tile 0 brings the lags of the program's first row."""
-        L: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HS, HS // 8], [NUM_WARPS, 1], [1, 0])
-        head_l: gl.constexpr = gl.SliceLayout(1, L)
+        carried in registers; tile 0 brings the lags of the program's first row. With ROPE, y[u] comes
+        out rotated by RoPE (heads of 2 HALF channels) before it is stored."""
+        L: gl.constexpr = _walk_layout(HS, ROPE, HALF, NUM_WARPS)
+        SHAPE: gl.constexpr = _row_shape(HEADS, HS, ROPE, HALF)
+        head_l: gl.constexpr = gl.SliceLayout(3, L)
 
         b = gl.program_id(2)
-        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, L)
-        x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, BOX, DTYPE)
-        w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, DTYPE)
+        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, SHAPE, L)
+        x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
+        w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, SHAPE, DTYPE)
         bars = _ring_barriers(STAGES)
+        if ROPE:
+            cos, sin, cos1, sin1 = _angles(cos_ptr, sin_ptr, t_lo, T, False, HS, SHAPE, L)
 
         n_tiles = ROWS // TR + 1  # tile 0: the TR rows below the program's (lags), then its rows
         for j in gl.static_range(STAGES):
@@ -429,6 +566,9 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 y = (taps[0] + s[0]) * xr
                 for k in gl.static_range(1, W):
                     y += (taps[k] + s[k]) * lags[k - 1]
+                if ROPE:
+                    y = _rotated(y, cos, sin, L)
+                    cos, sin = angle_sum(cos, sin, cos1, sin1)
                 gl.store(y_ptr + (b * T + u).to(gl.int64) * D + c0 + offs, y.to(DTYPE), mask=(offs >= 0) & (u < T))
                 lags = _shifted(xr, lags, W)
         for i in gl.static_range(STAGES):

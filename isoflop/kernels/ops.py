@@ -15,8 +15,10 @@ Ops (namespace `isoflop`):
   -> (the projection's gradient, dUs, dstatics): each conv's dx and dz written into their columns, so
   no kernel concatenates them (what split views' gradients cost a compiled model: ~1.7 ms of a 300M
   dynamic-qkv step). The first `rotated` outputs come out rotated by cos and sin
-- headwise_projected(projection, statics, channels, heads, width, residual, cu_seqlens?) and
-  headwise_projected_backward -> (the projection's gradient, dstatics): the same for head-wise convs
+- headwise_projected(projection, statics, channels, heads, width, residual, cu_seqlens?, cos?, sin?,
+  rotated) and headwise_projected_backward -> (the projection's gradient, dstatics): the same for
+  head-wise convs; the tables go to the op only where the Gluon walks rotate inside both passes
+  (triton_headwise.rope_fuses), else PyTorch ops rotate the outputs after it
 - headwise_conv(x, w?, static?, residual, cu_seqlens?) and headwise_conv_backward -> (dx, dw, ds);
   w [B, T, W, H] with H | D (H = D is reference.short_conv's explicit filters; no w is the static conv)
 - conv_step(x_t, state, z_t?, U?, w_t?, static?, residual) -> (y_t, new_state); no autograd.
@@ -46,6 +48,7 @@ from isoflop.kernels.reference import (
     check_cu_seqlens,
     check_lowrank_projected,
     check_projected,
+    check_rotated,
     checked_rope_channels,
     lowrank_groups,
     rotate_channels,
@@ -53,6 +56,7 @@ from isoflop.kernels.reference import (
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
 from isoflop.kernels.triton_headwise import headwise_backward, headwise_forward
+from isoflop.kernels.triton_headwise import rope_fuses as headwise_rope_fuses
 from isoflop.kernels.triton_lowrank import backward_rotates, lowrank_backward, lowrank_forward, rope_fuses
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -326,12 +330,19 @@ def _headwise_views(projection: Tensor, channels: list[int], heads: list[int], w
             for (x, w), h in zip(_column_views(projection, channels, [width * h for h in heads]), heads)]
 
 
+def _headwise_rope(cos: Optional[Tensor], sin: Optional[Tensor], g: int, rotated: int) -> tuple | None:
+    """(cos, sin) as the head-wise kernels take them (float32 tables) for conv g of a projection whose
+    first `rotated` convs rotate, or None."""
+    return (cos.float().contiguous(), sin.float().contiguous()) if cos is not None and g < rotated else None
+
+
 def _headwise_projected(
     projection: Tensor, statics: list[Tensor], channels: list[int], heads: list[int], width: int, residual: bool,
-    cu_seqlens: Optional[Tensor],
+    cu_seqlens: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], rotated: int,
 ) -> list[Tensor]:
     pos = _positions(cu_seqlens, projection.shape[1], projection.device)
-    return [headwise_forward(_rows(x), _rows(w), statics[g].contiguous() if statics else None, residual, pos)
+    return [headwise_forward(_rows(x), _rows(w), statics[g].contiguous() if statics else None, residual, pos,
+                             rope=_headwise_rope(cos, sin, g, rotated))
             for g, (x, w) in enumerate(_headwise_views(projection, channels, heads, width))]
 
 
@@ -339,23 +350,24 @@ headwise_projected = _takes_any_layout("isoflop::headwise_projected", _headwise_
 
 
 @headwise_projected.register_fake
-def _(projection, statics, channels, heads, width, residual, cu_seqlens):
+def _(projection, statics, channels, heads, width, residual, cu_seqlens, cos, sin, rotated):
     return [projection.new_empty(*projection.shape[:2], c) for c in channels]
 
 
 def _headwise_projected_backward(
     dys: list[Tensor], projection: Tensor, statics: list[Tensor], channels: list[int], heads: list[int], width: int,
-    residual: bool, cu_seqlens: Optional[Tensor],
+    residual: bool, cu_seqlens: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], rotated: int,
 ) -> tuple[Tensor, list[Tensor]]:
     """(the projection's gradient, dstatic of each conv or none): each conv's dx and dw written into
-    their columns of the gradient (the Gluon walk stores them there in place)."""
+    their columns of the gradient (the Gluon walk stores them there in place); the first `rotated`
+    convs' dy are gradients of rotated outputs."""
     pos = _positions(cu_seqlens, projection.shape[1], projection.device)
     grad = torch.empty(projection.shape, dtype=projection.dtype, device=projection.device)
     views = zip(_headwise_views(projection, channels, heads, width), _headwise_views(grad, channels, heads, width))
     dss = []
     for g, (((x, w), out), dy) in enumerate(zip(views, dys)):
         _, _, ds = headwise_backward(dy.contiguous(), _rows(x), _rows(w), statics[g].contiguous() if statics else None,
-                                     residual, pos, out=out)
+                                     residual, pos, out=out, rope=_headwise_rope(cos, sin, g, rotated))
         dss.extend([ds] if statics else [])
     return grad, dss
 
@@ -364,21 +376,21 @@ headwise_projected_backward = _takes_any_layout("isoflop::headwise_projected_bac
 
 
 @headwise_projected_backward.register_fake
-def _(dys, projection, statics, channels, heads, width, residual, cu_seqlens):
+def _(dys, projection, statics, channels, heads, width, residual, cu_seqlens, cos, sin, rotated):
     return projection.new_empty(projection.shape), [s.new_empty(s.shape) for s in statics]
 
 
 def _headwise_projected_setup(ctx, inputs, output):
-    projection, statics, channels, heads, width, residual, cu_seqlens = inputs
-    ctx.save_for_backward(projection, cu_seqlens, *statics)
-    ctx.channels, ctx.heads, ctx.width, ctx.residual = channels, heads, width, residual
+    projection, statics, channels, heads, width, residual, cu_seqlens, cos, sin, rotated = inputs
+    ctx.save_for_backward(projection, cu_seqlens, cos, sin, *statics)
+    ctx.channels, ctx.heads, ctx.width, ctx.residual, ctx.rotated = channels, heads, width, residual, rotated
 
 
 def _headwise_projected_grad(ctx, dys):
-    projection, cu_seqlens, *statics = ctx.saved_tensors
+    projection, cu_seqlens, cos, sin, *statics = ctx.saved_tensors
     grad, dss = headwise_projected_backward(list(dys), projection, statics, ctx.channels, ctx.heads, ctx.width,
-                                            ctx.residual, cu_seqlens)
-    return grad, dss, None, None, None, None, None
+                                            ctx.residual, cu_seqlens, cos, sin, ctx.rotated)
+    return grad, dss, None, None, None, None, None, None, None, None
 
 
 headwise_projected.register_autograd(_headwise_projected_grad, setup_context=_headwise_projected_setup)
@@ -538,17 +550,31 @@ def dynamic_conv_headwise(
 def dynamic_convs_headwise(
     projection: Tensor, statics: list[Tensor] | None, *, channels: list[int], heads: list[int], width: int,
     residual: bool = True, cu_seqlens: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None, rotated: int = 0,
 ) -> list[Tensor]:
     """Head-wise dynamic convs of one fused projection (see kernels.dynamic_convs_headwise) on the
-    Triton kernels: one op, whose backward writes the projection's gradient in place."""
+    Triton kernels: one op, whose backward writes the projection's gradient in place. The first
+    `rotated` outputs come out rotated by rope, inside the op where the Gluon walks rotate in both
+    passes (triton_headwise.rope_fuses), else by ops after it."""
     if len(heads) != len(channels) or any(h < 1 or c % h or c // h > MAX_HEAD_SIZE for c, h in zip(channels, heads)):
         raise ValueError(f"heads {heads} must divide channels {channels}, one count per conv, into heads of at "
                          f"most {MAX_HEAD_SIZE} channels")
     check_projected(projection, channels, [width * h for h in heads], statics, width)
+    check_rotated(rope, rotated, len(channels))
     statics = list(statics or [])
+    cos, sin = rope if rope is not None else (None, None)
+    packed = cu_seqlens is not None
+    inside = rope is not None
     for g, (x, w) in enumerate(_headwise_views(projection, channels, heads, width)):
-        _check(x, width, statics[g] if statics else None, cu_seqlens, w=w)
-    return headwise_projected(projection, statics, list(channels), list(heads), width, residual, cu_seqlens)
+        _check(x, width, statics[g] if statics else None, cu_seqlens, w=w, cos=cos, sin=sin)
+        if g < rotated and rope is not None:
+            checked_rope_channels(x.shape, rope, None, packed=packed)
+            inside = inside and headwise_rope_fuses(x, w, rope, packed)
+    ys = headwise_projected(projection, statics, list(channels), list(heads), width, residual, cu_seqlens,
+                            *((cos, sin, rotated) if inside else (None, None, 0)))
+    if inside or rope is None:
+        return ys
+    return [rotate_channels(y, rope) if g < rotated else y for g, y in enumerate(ys)]
 
 
 def short_conv(

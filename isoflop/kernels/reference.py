@@ -185,8 +185,13 @@ def check_lowrank_projected(projection: Tensor, ups: list[Tensor], statics: list
         raise ValueError(f"ups must be one or more [R, W*C_g] with one R and W={width}; got "
                          f"{[tuple(U.shape) for U in ups]}")
     check_projected(projection, [U.shape[1] // width for U in ups], [U.shape[0] for U in ups], statics, width)
-    if rope is not None and not 0 < rotated <= len(ups):
-        raise ValueError(f"rotated={rotated}: with rope, the first 1 to {len(ups)} convs come out rotated")
+    check_rotated(rope, rotated, len(ups))
+
+
+def check_rotated(rope: tuple[Tensor, Tensor] | None, rotated: int, convs: int) -> None:
+    """ValueError unless, with rope, the first 1 to `convs` convs of a projection come out rotated."""
+    if rope is not None and not 0 < rotated <= convs:
+        raise ValueError(f"rotated={rotated}: with rope, the first 1 to {convs} convs come out rotated")
 
 
 ROPE_BLOCK = 64  # what the Gluon forward composes a time's angles from: its block's first time and its offset

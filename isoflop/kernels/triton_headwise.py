@@ -30,7 +30,8 @@ from torch import Tensor
 from isoflop.backends import BackendChoice
 from isoflop.kernels import gluon_headwise
 from isoflop.kernels import triton_headwise_rows as rows
-from isoflop.kernels.gluon_common import takes_gluon
+from isoflop.kernels.gluon_common import gluon_hopper, takes_gluon
+from isoflop.kernels.reference import rotate_channels
 from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos, sum_partials, tile_channels
 
 # Which kernel the head-wise forward and backward run: "triton" (the row walk), "gluon" (the same walk
@@ -39,6 +40,31 @@ from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos, sum_
 # ISOFLOP_HEADWISE_FWD and ISOFLOP_HEADWISE_BWD.
 FORWARD_VARIANT = BackendChoice("ISOFLOP_HEADWISE_FWD", ("auto", "triton", "gluon"), "head-wise forward variant")
 BACKWARD_VARIANT = BackendChoice("ISOFLOP_HEADWISE_BWD", ("auto", "triton", "gluon"), "head-wise backward variant")
+# Whether a conv whose output is rotated by RoPE (q's or k's) is rotated inside the Gluon walks ("auto":
+# the forward rotates each row of y before it stores it, the backward turns each row of dy back as it
+# reads it, where they run and take the tables: rope_fuses) or by ops of their own around the kernels
+# ("off", what the model's own RoPE costs). Read once from ISOFLOP_HEADWISE_ROPE.
+ROPE = BackendChoice("ISOFLOP_HEADWISE_ROPE", ("auto", "off"), "head-wise conv's RoPE fusion setting")
+
+
+def rope_fuses(x: Tensor, w: Tensor, rope: tuple[Tensor, Tensor], packed: bool) -> bool:
+    """Whether headwise_forward and headwise_backward would both rotate by rope = (cos, sin) inside
+    the Gluon walks: ROPE and both variants allow it, and the walks take these shapes, types and
+    tables (gluon_headwise.shapes_missing and cannot_rotate: what torch.compile can see while it
+    traces this; where addresses or strides then do not fit, the calls rotate by ops instead, the
+    same result)."""
+    if ROPE.get() == "off" or "triton" in (FORWARD_VARIANT.get(), BACKWARD_VARIANT.get()) or not x.is_cuda:
+        return False
+    if gluon_headwise.shapes_missing(x, w, packed) or gluon_headwise.cannot_rotate(x, w, rope):
+        return False
+    return gluon_hopper(x.device.index)
+
+
+def _walk_rotates(variant: BackendChoice, dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None,
+                  blocks: dict | None, rope: tuple[Tensor, Tensor]) -> bool:
+    """Whether this call takes the Gluon walk (_gluon_walk) and it rotates by rope (ROPE)."""
+    return (ROPE.get() == "auto" and _gluon_walk(variant, dy, x, w, pos, blocks)
+            and gluon_headwise.cannot_rotate(x, w, rope) is None)
 
 
 def _gluon_walk(variant: BackendChoice, dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None,
@@ -264,15 +290,19 @@ def _grid(T: int, H: int, B: int, hs_p: int, blocks: dict) -> tuple[int, int, in
 
 def headwise_forward(
     x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool, pos: Tensor | None,
-    blocks: dict | None = None,
+    blocks: dict | None = None, rope: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """y [B, T, D] (contiguous) for x [B, T, D] and w [B, T, W, H] or None with evenly strided rows
     (rows.row_strides: views into a fused projection are read in place), static [W, D] or None
     (not both None), pos int32 [T] (packed sequences) or None. `blocks` overrides block sizes
-    (benchmarks)."""
+    (benchmarks). rope: (cos, sin), float32 contiguous [T, head_dim / 2] of positions 0 to T-1: y
+    comes out rotated (reference.rotate_channels), by the Gluon walk where it can (_walk_rotates),
+    else by ops after the kernel."""
     B, T, D = x.shape
+    if rope is not None and not _walk_rotates(FORWARD_VARIANT, None, x, w, pos, blocks, rope):
+        return rotate_channels(headwise_forward(x, w, static, residual, pos, blocks), rope)
     if _gluon_walk(FORWARD_VARIANT, None, x, w, pos, blocks):
-        return gluon_headwise.forward(x, w, static, residual)
+        return gluon_headwise.forward(x, w, static, residual, rope=rope)
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
@@ -292,20 +322,25 @@ def headwise_forward(
 def headwise_backward(
     dy: Tensor, x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool,
     pos: Tensor | None, blocks: dict | None = None, out: tuple[Tensor, Tensor] | None = None,
+    rope: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(dx, dw or None, dstatic or None), each contiguous and in its input's dtype; dy contiguous,
     x and w as in headwise_forward. out: (dx, dw) views to write them into instead (columns of one
     fused projection's gradient, ops.headwise_projected_backward): the Gluon walk stores into them
-    in place, the Triton kernels' results are copied into them."""
+    in place, the Triton kernels' results are copied into them. rope: as headwise_forward takes it,
+    when dy is the gradient of the rotated output: dy is turned back first (the rotation's
+    gradient), by the Gluon walk as it reads it where it can, else by ops."""
+    if rope is not None and not _walk_rotates(BACKWARD_VARIANT, dy, x, w, pos, blocks, rope):
+        dy, rope = rotate_channels(dy, rope, inverse=True), None
     if out is not None:
         if _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks) and gluon_headwise.stores_into(out, x, w):
-            return gluon_headwise.backward(dy, x, w, static, residual, out=out)
-        dx, dw, ds = headwise_backward(dy, x, w, static, residual, pos, blocks)
+            return gluon_headwise.backward(dy, x, w, static, residual, out=out, rope=rope)
+        dx, dw, ds = headwise_backward(dy, x, w, static, residual, pos, blocks, rope=rope)
         return out[0].copy_(dx), out[1].copy_(dw), ds
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
     if _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks):
-        return gluon_headwise.backward(dy, x, w, static, residual)
+        return gluon_headwise.backward(dy, x, w, static, residual, rope=rope)
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
         blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=True, dynamic=w is not None)

@@ -151,19 +151,19 @@ class DynamicShortConv(nn.Module):
     ) -> Tensor:
         """x [B, T, channels] is filtered; h [B, T, in_features] generates the filters, or
         z = generator_input(h) [B, T, rank or W*H] when the caller has computed it already. With
-        rope = (cos, sin) (low-rank only), the output comes out rotated as attention rotates q and k
-        (kernels.dynamic_conv_lowrank)."""
+        rope = (cos, sin), the output comes out rotated as attention rotates q and k (low-rank: by
+        kernels.dynamic_conv_lowrank's kernel where it can; head-wise: by ops after the conv, as
+        eager calls run it; compiled calls take _run_projected's fused op)."""
         z = self.generator_input(h) if z is None else z
         x, z = _as_kernels_take(x, z)
         if self.kind == "lowrank":
             return kernels.dynamic_conv_lowrank(
                 x, z, self.up, self.bias, residual=self.residual, cu_seqlens=cu_seqlens, rope=rope
             )
-        if rope is not None:
-            raise ValueError("only low-rank dynamic convs rotate their output (rope)")
-        return kernels.dynamic_conv_headwise(
+        y = kernels.dynamic_conv_headwise(
             x, self._taps(z), self.bias, residual=self.residual, cu_seqlens=cu_seqlens
         )
+        return y if rope is None else kernels.reference.rotate_channels(y, rope)
 
     def step(
         self, x_t: Tensor, h_t: Tensor | None, state: Tensor, *, z_t: Tensor | None = None
@@ -258,7 +258,7 @@ class LinearConvs(nn.ModuleDict):
     ) -> Tensor:
         """The conv of linear `name` on its output y; a dynamic conv's filters come from z when
         given (see `project`), otherwise from h. With `rope`, the output comes out rotated (only
-        for the low-rank convs of `rotates`)."""
+        for the dynamic convs of `rotates`)."""
         if name not in self:
             return y
         conv = self[name]
@@ -267,9 +267,10 @@ class LinearConvs(nn.ModuleDict):
         return conv(y, cu_seqlens)
 
     def rotates(self, names: tuple[str, ...]) -> bool:
-        """Whether every linear of `names` has a low-rank dynamic conv, which can rotate its output
-        (RoPE) in the conv's forward kernel instead of a separate pass over it."""
-        return all(n in self and isinstance(self[n], DynamicShortConv) and self[n].kind == "lowrank" for n in names)
+        """Whether every linear of `names` has a dynamic conv, which can rotate its output (RoPE) in
+        the conv's kernels instead of a separate pass over it (low-rank: KERNELS.md v31, v33;
+        head-wise: v34)."""
+        return all(n in self and isinstance(self[n], DynamicShortConv) for n in names)
 
     def step(
         self, name: str, y_t: Tensor, h_t: Tensor | None, states: dict[str, Tensor], *,
@@ -290,7 +291,7 @@ class LinearConvs(nn.ModuleDict):
         rope: tuple[Tensor, Tensor] | None = None, rotated: tuple[str, ...] = (),
     ) -> list[Tensor]:
         """The outputs of `linears` (all reading h), each through its conv, from one matmul; those
-        named in `rotated` (the first of `linears`, each with a low-rank conv: `rotates`) come out
+        named in `rotated` (the first of `linears`, each with a dynamic conv: `rotates`) come out
         rotated by `rope`.
 
         When every one of them has a static conv (one width, one residual), the convs run as one
@@ -311,7 +312,7 @@ class LinearConvs(nn.ModuleDict):
         # keeps v, a view of the one launch's whole output); the launches, low-rank or head-wise,
         # run inside one op that reads its views in place and writes the projection's gradient.
         if rotated and (list(linears)[:len(rotated)] != list(rotated) or not self.rotates(rotated)):
-            raise ValueError(f"rotated={rotated}: must be the first of {list(linears)}, each with a low-rank conv")
+            raise ValueError(f"rotated={rotated}: must be the first of {list(linears)}, each with a dynamic conv")
         if torch.compiler.is_compiling():
             group = self._projected_group(list(linears))
             if group is not None:
@@ -359,7 +360,7 @@ class LinearConvs(nn.ModuleDict):
             return kernels.dynamic_convs_headwise(
                 projection, [conv.bias for conv in convs], channels=[conv.channels for conv in convs],
                 heads=[conv.n_heads for conv in convs], width=first.width, residual=first.residual,
-                cu_seqlens=cu_seqlens,
+                cu_seqlens=cu_seqlens, rope=rope if n_rotated else None, rotated=n_rotated,
             )
         return kernels.dynamic_convs_lowrank(
             projection, [conv.up for conv in convs], [conv.bias for conv in convs], width=first.width,
