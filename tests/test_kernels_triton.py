@@ -513,6 +513,23 @@ def test_headwise_rope_inside_the_op_falls_back_to_the_rotation_by_ops(monkeypat
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_headwise_walks_say_which_rope_heads_they_rotate():
+    """A thread of the rotating walk holds 4 channels of each half of a RoPE head, so a half holds
+    whole conv heads (hs <= half) and at most 128 channels; the tables must be [T, half]. Shapes
+    only: what torch.compile sees while it traces (triton_headwise.rope_fuses)."""
+    from isoflop.kernels import gluon_headwise
+
+    x, w = torch.empty(2, 64, 1024), torch.empty(2, 64, 4, 64)  # heads of 16
+
+    def why(half: int, T: int = 64):
+        return gluon_headwise.cannot_rotate(x, w, (torch.empty(T, half), torch.empty(T, half)))
+
+    assert why(8) == "RoPE heads of 2 x 8 channels: the walks rotate halves of 16 to 128 channels, a power of two"
+    assert "2 x 256" in why(256) and "2 x 48" in why(48)
+    assert why(16) is None and why(32) is None and why(128) is None
+    assert why(32, T=63) == "cos and sin must be [T=64, 32] (got (63, 32), (63, 32))"
+
+
 @interpreted
 def test_convs_of_a_projection_name_bad_inputs(gen):
     """Wrong widths name what the projection's columns must hold."""
