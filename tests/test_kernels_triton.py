@@ -747,7 +747,9 @@ def test_custom_ops_pass_opcheck(gen):
     for statics, rope in (([s, s], (cos, sin)), ([], (None, None))):
         torch.library.opcheck(ops.lowrank_projected, (projection, [U, U], statics, W, True, None, *rope, 1))
         heads = rand(B, T, 2 * D + 2 * W * 4, gen=gen).requires_grad_()
-        torch.library.opcheck(ops.headwise_projected, (heads, statics, [D, D], [4, 4], W, True, cu))
+        rotated = 1 if rope[0] is not None else 0  # packed sequences without rope
+        torch.library.opcheck(ops.headwise_projected, (heads, statics, [D, D], [4, 4], W, True,
+                                                       None if rotated else cu, *rope, rotated))
     torch.library.opcheck(ops.headwise_conv, (x, rand(B, T, W, 4, gen=gen).requires_grad_(), None, False, None))
     torch.library.opcheck(ops.conv_step, (x[:, 0].detach(), rand(B, W - 1, D, gen=gen), z[:, 0].detach(), U.detach(), None, s.detach(), True))
 
