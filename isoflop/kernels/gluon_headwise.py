@@ -232,18 +232,17 @@ def _descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
 if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.constexpr_function
-    def _walk_layout(HS, ROPE, HALF, NUM_WARPS):
-        """A row's layout, [NB, 2, NH, HS] (`_row_shape`). Without RoPE a thread holds 8 channels of one
-        head (16 bytes), a head's lanes in HS / 8 neighbouring threads, so its sum is a few shuffles
-        and stays in their registers. With RoPE (RoPE heads of 2 * HALF channels, pairs (i, i + HALF))
-        a thread holds 4 channels of each half of one RoPE head, so a pair's two values are its own
-        registers and rotating them moves nothing between threads."""
-        HS, HALF, NUM_WARPS = int(HS), int(HALF), int(NUM_WARPS)
+    def _walk_layout(SHAPE, ROPE, NUM_WARPS):
+        """The layout of a row of SHAPE, [NB, 2, NH, HS] (`_row_shape`). Without RoPE (NH = 1) a thread
+        holds 8 channels of one head (16 bytes), a head's lanes in HS / 8 neighbouring threads, so its
+        sum is a few shuffles and stays in their registers. With RoPE (RoPE heads of 2 NH HS channels,
+        pairs (i, i + NH HS)) a thread holds 4 channels of each half of one RoPE head, so a pair's two
+        values are its own registers and rotating them moves nothing between threads."""
+        nh, hs, warps = int(SHAPE[2]), int(SHAPE[3]), int(NUM_WARPS)
         if ROPE:
-            nh = HALF // HS
-            return gl.BlockedLayout([1, 2, 1, 4], [32 // (nh * HS // 4), 1, nh, HS // 4], [NUM_WARPS, 1, 1, 1],
+            return gl.BlockedLayout([1, 2, 1, 4], [32 // (nh * hs // 4), 1, nh, hs // 4], [warps, 1, 1, 1],
                                     [3, 1, 2, 0])
-        return gl.BlockedLayout([1, 1, 1, 8], [128 // HS, 2, 1, HS // 8], [NUM_WARPS, 1, 1, 1], [3, 2, 1, 0])
+        return gl.BlockedLayout([1, 1, 1, 8], [128 // hs, 2, 1, hs // 8], [warps, 1, 1, 1], [3, 2, 1, 0])
 
     @gluon.constexpr_function
     def _row_shape(HEADS, HS, ROPE, HALF):
@@ -448,8 +447,8 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
     ):
         """dx, dw and the static filter's partial gradient, walking up; with ROPE, dy is the gradient of
         y rotated by RoPE (heads of 2 HALF channels), and each of its rows is turned back as it is read."""
-        L: gl.constexpr = _walk_layout(HS, ROPE, HALF, NUM_WARPS)
         SHAPE: gl.constexpr = _row_shape(HEADS, HS, ROPE, HALF)
+        L: gl.constexpr = _walk_layout(SHAPE, ROPE, NUM_WARPS)
         head_l: gl.constexpr = gl.SliceLayout(3, L)
 
         b = gl.program_id(2)
@@ -535,8 +534,8 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         """y[u] = sum_k (w_k[u] + s_k) x[u-k] (s_0 + 1 with the residual), walking up with x[u-1..u-W+1]
         carried in registers; tile 0 brings the lags of the program's first row. With ROPE, y[u] comes
         out rotated by RoPE (heads of 2 HALF channels) before it is stored."""
-        L: gl.constexpr = _walk_layout(HS, ROPE, HALF, NUM_WARPS)
         SHAPE: gl.constexpr = _row_shape(HEADS, HS, ROPE, HALF)
+        L: gl.constexpr = _walk_layout(SHAPE, ROPE, NUM_WARPS)
         head_l: gl.constexpr = gl.SliceLayout(3, L)
 
         b = gl.program_id(2)
