@@ -60,11 +60,9 @@ def rope_fuses(x: Tensor, w: Tensor, rope: tuple[Tensor, Tensor], packed: bool) 
     return gluon_hopper(x.device.index)
 
 
-def _walk_rotates(variant: BackendChoice, dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None,
-                  blocks: dict | None, rope: tuple[Tensor, Tensor]) -> bool:
-    """Whether this call takes the Gluon walk (_gluon_walk) and it rotates by rope (ROPE)."""
-    return (ROPE.get() == "auto" and _gluon_walk(variant, dy, x, w, pos, blocks)
-            and gluon_headwise.cannot_rotate(x, w, rope) is None)
+def _walk_rotates(x: Tensor, w: Tensor, rope: tuple[Tensor, Tensor]) -> bool:
+    """Whether a call that takes the Gluon walk (_gluon_walk) rotates by rope inside it (ROPE)."""
+    return ROPE.get() == "auto" and gluon_headwise.cannot_rotate(x, w, rope) is None
 
 
 def _gluon_walk(variant: BackendChoice, dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None,
@@ -299,9 +297,10 @@ def headwise_forward(
     comes out rotated (reference.rotate_channels), by the Gluon walk where it can (_walk_rotates),
     else by ops after the kernel."""
     B, T, D = x.shape
-    if rope is not None and not _walk_rotates(FORWARD_VARIANT, None, x, w, pos, blocks, rope):
+    walk = _gluon_walk(FORWARD_VARIANT, None, x, w, pos, blocks)
+    if rope is not None and not (walk and _walk_rotates(x, w, rope)):
         return rotate_channels(headwise_forward(x, w, static, residual, pos, blocks), rope)
-    if _gluon_walk(FORWARD_VARIANT, None, x, w, pos, blocks):
+    if walk:
         return gluon_headwise.forward(x, w, static, residual, rope=rope)
     width = w.shape[2] if w is not None else static.shape[0]
     meta = _meta(x, w, static, pos, width)
@@ -330,16 +329,17 @@ def headwise_backward(
     in place, the Triton kernels' results are copied into them. rope: as headwise_forward takes it,
     when dy is the gradient of the rotated output: dy is turned back first (the rotation's
     gradient), by the Gluon walk as it reads it where it can, else by ops."""
-    if rope is not None and not _walk_rotates(BACKWARD_VARIANT, dy, x, w, pos, blocks, rope):
-        dy, rope = rotate_channels(dy, rope, inverse=True), None
+    walk = _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks)
+    if rope is not None and not (walk and _walk_rotates(x, w, rope)):  # (dy then a new tensor: asked again)
+        return headwise_backward(rotate_channels(dy, rope, inverse=True), x, w, static, residual, pos, blocks, out)
     if out is not None:
-        if _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks) and gluon_headwise.stores_into(out, x, w):
+        if walk and gluon_headwise.stores_into(out, x, w):
             return gluon_headwise.backward(dy, x, w, static, residual, out=out, rope=rope)
         dx, dw, ds = headwise_backward(dy, x, w, static, residual, pos, blocks, rope=rope)
         return out[0].copy_(dx), out[1].copy_(dw), ds
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
-    if _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks):
+    if walk:
         return gluon_headwise.backward(dy, x, w, static, residual, rope=rope)
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
