@@ -254,8 +254,8 @@ DTYPES = [torch.float32, torch.float16]
 @interpreted
 @pytest.mark.parametrize("shape, groups", [((70, 9), 1), ((8, 3, 17), 2), ((6, 4, 5), 3)])
 def test_partial_sums_reduce_each_group_in_a_fixed_order_and_cast(shape, groups):
-    """The backward's float32 partials: each group of leading slices summed (70 rows take two
-    64-row steps), cast in the same pass, and bit-identical when repeated."""
+    """The backward's float32 partials: each group of leading slices summed (70 rows take five
+    16-row steps), cast in the same pass, and bit-identical when repeated."""
     from isoflop.kernels.triton_common import sum_partials
 
     part = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
@@ -283,6 +283,26 @@ def test_partial_sums_in_one_launch_equal_them_one_by_one():
             assert out.dtype == dtype and torch.equal(out, sum_partials(part, dtype, groups))
     with pytest.raises(ValueError, match="allowed: 1 to 3"):
         sum_partials_together(jobs + jobs[:1])
+
+
+@interpreted
+def test_partial_sums_write_into_columns_of_a_bigger_gradient():
+    """dz's sums go straight into a view (the z columns of a fused projection's gradient): group g's
+    values of row i land in columns g * R to (g + 1) * R of that row, equal to the permuted
+    contiguous result, nothing else written; an out that cannot take them is refused by name."""
+    from isoflop.kernels.triton_common import sum_partials, sum_partials_together
+
+    B, T, R, groups, tiles = 2, 5, 3, 2, 3
+    part = torch.randn(groups * tiles, B * T, R, generator=torch.Generator().manual_seed(2))
+    grad = torch.full((B, T, 11), -7.0, dtype=torch.float16)
+    view = grad[..., 4:4 + groups * R]
+    (got,) = sum_partials_together([(part, torch.float16, groups, view)])
+    expected = sum_partials(part, torch.float16, groups).view(groups, B * T, R).permute(1, 0, 2).reshape(B, T, -1)
+    assert got is view and torch.equal(view, expected)
+    assert (grad[..., :4] == -7).all() and (grad[..., 4 + groups * R:] == -7).all()
+    for bad in (grad[..., 4:4 + groups * R].float(), grad[..., 3:4 + groups * R], grad[:, ::2, 4:4 + groups * R]):
+        with pytest.raises(ValueError, match="cannot take"):
+            sum_partials_together([(part, torch.float16, groups, bad)])
 
 
 @interpreted

@@ -158,9 +158,11 @@ def tile_channels(pid_c, H, HS: tl.constexpr, HS_P: tl.constexpr, HEADS: tl.cons
 
 
 @triton.jit
-def _sum_group_block(part_ptr, out_ptr, N, M, local, M_BLOCKS, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _sum_group_block(part_ptr, out_ptr, N, M, local, M_BLOCKS, G_STRIDE, ROW, ROW_STRIDE,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Block `local` of one job: out[g, m] = sum over n of part[g, n, m] for BLOCK_M values of m
-    (float32, BLOCK_N rows at a time, always in the same order), written in out's type."""
+    (float32, BLOCK_N rows at a time, always in the same order), written in out's type at
+    g * G_STRIDE + (m // ROW) * ROW_STRIDE + m % ROW (contiguous: G_STRIDE = ROW = M)."""
     g = (local // M_BLOCKS).to(tl.int64)
     m = (local % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.arange(0, BLOCK_N)
@@ -169,27 +171,30 @@ def _sum_group_block(part_ptr, out_ptr, N, M, local, M_BLOCKS, BLOCK_N: tl.const
         rows = (g * N + n0 + n).to(tl.int64)
         ok = ((n0 + n) < N)[:, None] & (m < M)[None, :]
         acc += tl.sum(tl.load(part_ptr + rows[:, None] * M + m[None, :], mask=ok, other=0.0), axis=0)
-    tl.store(out_ptr + g * M + m, acc.to(out_ptr.dtype.element_ty), mask=m < M)
+    at = g * G_STRIDE + (m // ROW).to(tl.int64) * ROW_STRIDE + m % ROW
+    tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=m < M)
 
 
 @triton.jit
 def _sum_partials_kernel(
-    part0, out0, N0, M0, MB0, part1, out1, N1, M1, MB1, part2, out2, N2, M2, MB2, END0, END1,
+    part0, out0, N0, M0, MB0, GS0, ROW0, RS0, part1, out1, N1, M1, MB1, GS1, ROW1, RS1,
+    part2, out2, N2, M2, MB2, GS2, ROW2, RS2, END0, END1,
     JOBS: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_M0: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_M2: tl.constexpr,
 ):
     """Up to three jobs in one launch: programs [0, END0) sum job 0, [END0, END1) job 1, the rest
-    job 2 (MB: each job's blocks of BLOCK_M values per group)."""
+    job 2 (MB: each job's blocks of BLOCK_M values per group; GS, ROW, RS: where its sums go, as
+    _sum_group_block places them)."""
     pid = tl.program_id(0)
     if pid < END0:
-        _sum_group_block(part0, out0, N0, M0, pid, MB0, BLOCK_N0, BLOCK_M0)
+        _sum_group_block(part0, out0, N0, M0, pid, MB0, GS0, ROW0, RS0, BLOCK_N0, BLOCK_M0)
     else:
         if JOBS > 1:
             if pid < END1:
-                _sum_group_block(part1, out1, N1, M1, pid - END0, MB1, BLOCK_N1, BLOCK_M1)
+                _sum_group_block(part1, out1, N1, M1, pid - END0, MB1, GS1, ROW1, RS1, BLOCK_N1, BLOCK_M1)
             else:
                 if JOBS > 2:
-                    _sum_group_block(part2, out2, N2, M2, pid - END1, MB2, BLOCK_N2, BLOCK_M2)
+                    _sum_group_block(part2, out2, N2, M2, pid - END1, MB2, GS2, ROW2, RS2, BLOCK_N2, BLOCK_M2)
 
 
 def sum_partials(part: torch.Tensor, dtype: torch.dtype, groups: int = 1) -> torch.Tensor:
@@ -200,21 +205,41 @@ def sum_partials(part: torch.Tensor, dtype: torch.dtype, groups: int = 1) -> tor
     return sum_partials_together([(part, dtype, groups)])[0]
 
 
-def sum_partials_together(jobs: list[tuple[torch.Tensor, torch.dtype, int]]) -> list[torch.Tensor]:
-    """sum_partials of up to three (part, dtype, groups) jobs in one launch: a backward's dz, dU and
-    ds sums, which took a launch each (KERNELS.md, v21)."""
+def sum_partials_together(jobs: list[tuple]) -> list[torch.Tensor]:
+    """sum_partials of up to three jobs in one launch: a backward's dz, dU and ds sums, which took a
+    launch each (KERNELS.md, v21). A job is (part, dtype, groups), whose sums come back as a new
+    [groups, m] tensor, or (part, dtype, groups, out): they are written into `out` instead, a tensor
+    of `dtype` whose last dimension holds each group's values of one row side by side (groups *
+    row columns, row-major over the other dimensions, any row stride: a view of some columns of a
+    bigger gradient), and `out` itself comes back. The low-rank backward writes dz so: straight into
+    its fused projection's gradient, in z's layout for grouped convs, where it was copied there after
+    (training point 29)."""
     if not 1 <= len(jobs) <= 3:
         raise ValueError(f"sum_partials_together: {len(jobs)} jobs; allowed: 1 to 3")
-    shapes, ends, blocks = _sums_plan(tuple((part.shape[0], part.numel(), groups) for part, _, groups in jobs),
+    shapes, ends, blocks = _sums_plan(tuple((job[0].shape[0], job[0].numel(), job[2]) for job in jobs),
                                       interpreting())
     outs, args = [], []
-    for (part, dtype, groups), (n, m, m_blocks) in zip(jobs, shapes):
-        outs.append(torch.empty(groups, m, dtype=dtype, device=part.device))
-        args += [part, outs[-1], n, m, m_blocks]
+    for (part, dtype, groups, *into), (n, m, m_blocks) in zip(jobs, shapes):
+        out = into[0] if into else torch.empty(groups, m, dtype=dtype, device=part.device)
+        outs.append(out)
+        args += [part, out, n, m, m_blocks, *(_placement(out, dtype, groups, m) if into else (m, m, m))]
     for _ in range(len(jobs), 3):  # unused slots: job 0's arguments, never reached (JOBS)
-        args += args[:5]
+        args += args[:8]
     _sum_partials_kernel[(ends[-1],)](*args, ends[0], ends[1], JOBS=len(jobs), **blocks, num_warps=4)
     return outs
+
+
+def _placement(out: torch.Tensor, dtype: torch.dtype, groups: int, m: int) -> tuple[int, int, int]:
+    """(G_STRIDE, ROW, ROW_STRIDE) of _sum_group_block for sums written into `out` (see
+    sum_partials_together), after checking that `out` can take them."""
+    row = out.shape[-1] // groups
+    rows_even = all(out.stride(i) == out.stride(i + 1) * out.shape[i + 1] for i in range(out.dim() - 2))
+    fits = out.shape[-1] == groups * row and out.numel() == groups * m and out.stride(-1) == 1 and rows_even
+    if not fits or out.dtype != dtype:
+        raise ValueError(f"sum_partials_together: out {tuple(out.shape)} {out.dtype} with strides {out.stride()} "
+                         f"cannot take {groups} groups of {m} {dtype} sums; allowed: rows of groups x row values "
+                         "of that dtype, unit column stride")
+    return row, row, out.stride(-2)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -225,8 +250,10 @@ def _sums_plan(jobs: tuple[tuple[int, int, int], ...], interpret: bool) -> tuple
     shapes, ends, blocks = [], [], {}
     for j, (rows, numel, groups) in enumerate(jobs):
         n, m = rows // groups, numel // rows
-        # up to 64 rows per step and 64 values per thread: few steps, so little waiting on loads
-        block_n = min(64, next_pow2(n))
+        # 16 rows per step and 64 values per thread. Up to 64 rows per step (v20) lost where n is
+        # not a power of two: at n = 44 (the 300M gate conv's channel tiles) a 64-row step loads 20
+        # masked rows, 35.6 against 28.1 us (H200, training point 29); at n = 16 both are equal.
+        block_n = min(16, next_pow2(n))
         block_m = 16 if interpret else min(1024, max(128, 8192 // block_n))
         m_blocks = triton.cdiv(m, block_m)
         shapes.append((n, m, m_blocks))

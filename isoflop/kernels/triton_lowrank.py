@@ -776,7 +776,8 @@ def lowrank_backward(
     """(dx, dz, dU, dstatic or None), each contiguous in its input's dtype; inputs as for
     lowrank_forward, dy contiguous. out: (dx, dz) views to write them into instead (columns of one
     fused projection's gradient, lowrank_projected_backward); the Gluon dx stores into its view in
-    place, the Triton dx and dz are copied into theirs. DX_VARIANT picks dx's kernel; `variant` the
+    place and the fused kernels' sums write dz into its own; the Triton dx and the split kernels'
+    dz are copied into theirs. DX_VARIANT picks dx's kernel; `variant` the
     filter-gradient kernels: "fused", "gluon", "split" or "auto" (None: BACKWARD_VARIANT; see
     BACKWARD_VARIANT).
     `blocks` overrides their block sizes (benchmarks; "auto" then picks among the Triton kernels):
@@ -803,15 +804,17 @@ def lowrank_backward(
     side_by_side = variant == "gluon" and dx_gluon and _overlaps(x)
     if rope is not None and not (side_by_side and _kernels_turn_back(rope)):
         dy, rope = rotate_channels(dy, rope[:2], rope[2], inverse=True), None
-    dx_out = out[0] if out is not None else None
+    dx_out, dz_out = out if out is not None else (None, None)
     if side_by_side:
-        dx, dz, dU, ds = _overlapped_backward(dy, x, z, U, static, residual, meta, rope=rope, dx_out=dx_out)
+        dx, dz, dU, ds = _overlapped_backward(dy, x, z, U, static, residual, meta, rope=rope, dx_out=dx_out,
+                                              dz_out=dz_out)
     else:
         dx = _dx(dy, z, U, static, residual, pos, dx_gluon, out=dx_out)
         if variant == "split":
             dz, dU, ds = _split_filter_grads(dy, x, z, U, static, pos, meta, blocks)
         else:
-            dz, dU, ds = _fused_filter_grads(dy, x, z, U, static, pos, meta, blocks, gluon=variant == "gluon")
+            dz, dU, ds = _fused_filter_grads(dy, x, z, U, static, pos, meta, blocks, gluon=variant == "gluon",
+                                             dz_out=dz_out)
     if out is not None:
         dx, dz = (target if got is target else target.copy_(got) for target, got in zip(out, (dx, dz)))
     return dx, dz, dU, ds
@@ -842,7 +845,8 @@ def _overlap_plan(B: int, T: int, D: int, processors: int) -> tuple[int, int, in
 
 def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
                          meta: dict, beside: bool = True, rope: tuple | None = None,
-                         dx_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                         dx_out: Tensor | None = None, dz_out: Tensor | None = None,
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """lowrank_backward with the Gluon dx on the current stream and the Gluon filter gradients on a
     side stream at once, each with about one program per multiprocessor: a filter-gradient program
     (30 K registers, 139 KB at 3 ring slots) and a dx program (24 K, 76 KB) share each one.
@@ -859,7 +863,8 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
     filter gradients in each consumer's registers (96 per thread at launch), which still fit one
     program of each per multiprocessor (65,536 registers in all), and save the separate inverse
     rotation's read and write of dy. dx_out: a view that dx is stored into by TMA where its rows
-    allow (_gluon_out), else dx comes back in a tensor of its own."""
+    allow (_gluon_out), else dx comes back in a tensor of its own; dz_out: one that the sums write
+    dz into (sum_filter_grads)."""
     B, T, D = x.shape
     d_group = _group_size(z, U, D)
     d_tiles, chunk_t, chunks = _overlap_plan(B, T, D, processor_count(x.device))
@@ -877,7 +882,7 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
                                rope=rope, out=_gluon_out(dx_out, dy))
     if beside:
         side.join(main)
-    return dx, *sum_filter_grads(*parts, z, U, static, D // d_group)
+    return dx, *sum_filter_grads(*parts, z, U, static, D // d_group, dz_out)
 
 
 def _grad_rank(R: int, has_static: bool) -> int:
@@ -903,9 +908,10 @@ def _auto_variant(R: int, W: int, has_static: bool) -> str:
 
 
 def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
-                        pos: Tensor | None, meta: dict, blocks: dict | None, gluon: bool = False):
+                        pos: Tensor | None, meta: dict, blocks: dict | None, gluon: bool = False,
+                        dz_out: Tensor | None = None):
     """(dz, dU, ds) from the fused filter-gradient kernel, or with `gluon` from its Gluon twin
-    (gluon_lowrank: the same tiles, partials and results)."""
+    (gluon_lowrank: the same tiles, partials and results); dz_out as sum_filter_grads takes it."""
     B, T, D = x.shape
     R, W, d_group = U.shape[0], meta["W"], _group_size(z, U, D)
     meta = _grad_meta(meta, U, static)
@@ -927,7 +933,7 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
             B, T, D, R, x.stride(1), z.stride(1), d_group, chunks, chunk_t,
             **meta, **blocks,
         )
-    return sum_filter_grads(dz_part, du_part, ds_part, z, U, static, D // d_group)
+    return sum_filter_grads(dz_part, du_part, ds_part, z, U, static, D // d_group, dz_out)
 
 
 def _filter_grad_buffers(x: Tensor, U: Tensor, static: Tensor | None, d_tiles: int, chunks: int):
@@ -942,14 +948,14 @@ def _filter_grad_buffers(x: Tensor, U: Tensor, static: Tensor | None, d_tiles: i
 
 
 def sum_filter_grads(dz_part: Tensor, du_part: Tensor, ds_part: Tensor, z: Tensor, U: Tensor,
-                     static: Tensor | None, groups: int) -> tuple[Tensor, Tensor, Tensor | None]:
+                     static: Tensor | None, groups: int,
+                     dz_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dz, dU, ds) from the fused filter-gradient kernel's partials, in one launch: each of the
     `groups` channel groups' dz sums its own channel tiles' partials (tiles never straddle
-    groups), and dz comes back in z's layout [B, T, groups * R]."""
-    B, T, R = z.shape[0], z.shape[1], U.shape[0]
-    dz, dU, ds = _sum_param_grads(du_part, ds_part, U, static, (dz_part, z.dtype, groups))
-    dz = dz.view(groups, B * T, R)
-    dz = dz.view(B, T, R) if groups == 1 else dz.permute(1, 0, 2).reshape(B, T, groups * R)
+    groups) into its R columns of dz [B, T, groups * R] (z's layout), or of dz_out (a view of the
+    same shape, e.g. z's columns of a fused projection's gradient), which then comes back as dz."""
+    dz = dz_out if dz_out is not None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    dz, dU, ds = _sum_param_grads(du_part, ds_part, U, static, (dz_part, z.dtype, groups, dz))
     return dz, dU, ds
 
 
