@@ -184,25 +184,30 @@ def _gluon_lowrank_conv_cases(dtype: tl.dtype) -> list[Case]:
 
 def _gluon_headwise_cases(dtype: tl.dtype, head_size: int) -> list[Case]:
     """gluon_headwise's forward and backward at the paper's shape, with the descriptors they build
-    (taken from CPU tensors: only their types matter)."""
+    (taken from CPU tensors: only their types matter); and the static conv's walks (no dynamic taps)
+    rotating by RoPE, as the static q/k/v convs run them."""
     gh, H = gluon_headwise, D_MODEL // head_size
     heads = gh.CHANNELS // head_size
     x = torch.empty(BATCH, SEQ, D_MODEL, dtype=_torch_dtype(dtype))
     w = torch.empty(BATCH, SEQ, W, H, dtype=_torch_dtype(dtype))
     rows, taps = gh._rows_descriptor(x, gh.TR), gh._taps_descriptor(w, gh.TR, heads)
     consts = dict(W=W, W_P=triton.next_power_of_2(W), HS=head_size, HEADS=heads, TR=gh.TR, HAS_STATIC=True,
-                  RESIDUAL=True, DTYPE=gluon_common.gl_dtype(x), BOX=gh.BOX, NUM_WARPS=gh.WARPS)
+                  RESIDUAL=True, DTYPE=gluon_common.gl_dtype(x), BOX=gh.BOX, NUM_WARPS=gh.WARPS, HAS_W=True)
     walk = {"num_warps": gh.WARPS}, {"H": H}
+    static = {"HS": gh.STATIC_HEAD, "HEADS": gh.CHANNELS // gh.STATIC_HEAD, "HAS_W": False}
     found = []
     # Without RoPE, and rotating y (dy turned back) by RoPE heads of 128 channels (the models' heads).
-    for suffix, rope in (("", {"ROPE": False, "HALF": head_size}), (", rope", {"ROPE": True, "HALF": 64})):
+    for suffix, rope, kind in (("", {"ROPE": False, "HALF": head_size}, {}), (", rope", {"ROPE": True, "HALF": 64}, {}),
+                               (", rope", {"ROPE": True, "HALF": 64}, static)):
+        name = f"head-wise hs={head_size}" if not kind else "static"
+        backward_blocks = gh.ROPE_BACKWARD_BLOCKS if rope["ROPE"] else gh.BACKWARD_BLOCKS[head_size]
         found += [
-            Case(f"head-wise hs={head_size} forward (gluon{suffix})", gh._headwise_gluon_fwd_kernel,
-                 consts | rope | {"ROWS": gh.FORWARD_ROWS, "STAGES": gh.FORWARD_STAGES}, *walk, gluon=True,
-                 descriptors={"x_desc": rows, "w_desc": taps}),
-            Case(f"head-wise hs={head_size} backward (gluon{suffix})", gh._headwise_gluon_bwd_kernel,
-                 consts | rope | dict(zip(("ROWS", "STAGES"), gh.BACKWARD_BLOCKS[head_size])), *walk, gluon=True,
-                 descriptors={"x_desc": rows, "dy_desc": rows, "w_desc": taps}),
+            Case(f"{name} forward (gluon{suffix})", gh._headwise_gluon_fwd_kernel,
+                 consts | rope | kind | {"ROWS": gh.FORWARD_ROWS, "STAGES": gh.FORWARD_STAGES}, *walk, gluon=True,
+                 descriptors={"x_desc": rows, "w_desc": taps if not kind else rows}),
+            Case(f"{name} backward (gluon{suffix})", gh._headwise_gluon_bwd_kernel,
+                 consts | rope | kind | dict(zip(("ROWS", "STAGES"), backward_blocks)), *walk, gluon=True,
+                 descriptors={"x_desc": rows, "dy_desc": rows, "w_desc": taps if not kind else rows}),
         ]
     return found
 

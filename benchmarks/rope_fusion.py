@@ -2,7 +2,9 @@
 
 A model whose q and k convs are low-rank rotates their outputs inside the conv's Gluon forward
 (triton_lowrank.ROPE, KERNELS.md v31 and v32), and its backward kernels turn dy back as they read it
-(v33); head-wise convs (heads of 16) do both in their Gluon walks (triton_headwise.ROPE, v34).
+(v33); head-wise convs (heads of 16) do both in their Gluon walks (triton_headwise.ROPE, v34), and
+static convs take those walks to do the same (training point 29; without RoPE they run the Triton
+walk, so their "conv us" is that walk's time).
 Without that, the model's compiled RoPE reads q and k again and writes them rotated, and its
 gradient does the same with dy. For the q (or k) conv of the 300M and 150M models (B=8, T=4096,
 64-channel RoPE heads) this prints, as medians of CUDA-graph replays (no host time): the conv
@@ -60,8 +62,8 @@ def main() -> int:
 
 
 def _convs(x: torch.Tensor, tables: tuple, g: torch.Generator) -> dict:
-    """For the low-rank and the head-wise conv of x: forward(rope) and backward(dy, rope), rope None
-    or the tables, after checking that both rotate inside their kernels."""
+    """For the low-rank, the head-wise and the static conv of x: forward(rope) and backward(dy, rope),
+    rope None or the tables, after checking that they rotate inside their kernels."""
     from isoflop.kernels import triton_headwise, triton_lowrank
 
     B, T, D = x.shape
@@ -82,10 +84,12 @@ def _convs(x: torch.Tensor, tables: tuple, g: torch.Generator) -> dict:
                                                                       rope=lowrank_rope_of(rope))),
         "head-wise": (lambda rope: triton_headwise.headwise_forward(x, w, s, True, None, rope=rope),
                       lambda dy, rope: triton_headwise.headwise_backward(dy, x, w, s, True, None, rope=rope)),
+        "static": (lambda rope: triton_headwise.headwise_forward(x, None, s, True, None, rope=rope),
+                   lambda dy, rope: triton_headwise.headwise_backward(dy, x, None, s, True, None, rope=rope)),
     }
-    if not triton_headwise.rope_fuses(x, w, tables, packed=False):  # (D not a multiple of the walks' 512)
-        print(f"[{B}, {T}, {D}]: the head-wise walks do not run here; head-wise rows left out")
-        del convs["head-wise"]
+    if not triton_headwise.rope_fuses(x, w, tables, packed=False, width=W):  # (D not a multiple of the walks' 512)
+        print(f"[{B}, {T}, {D}]: the head-wise walks do not run here; head-wise and static rows left out")
+        del convs["head-wise"], convs["static"]
     return convs
 
 

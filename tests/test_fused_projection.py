@@ -112,7 +112,7 @@ def test_lowrank_convs_of_one_projection_run_as_one_call(monkeypatch, arch, widt
 @pytest.mark.parametrize("arch, rotate", [
     ("dynamic-qkv", True), ("dynamic-all-linear", True), ("moe-dynamic-qkv", True),
     ("dynamic-qkv-qknorm", False),  # QK-norm sits between the conv and RoPE
-    ("static-qkv", False), ("transformer", False),
+    ("transformer", False),
 ])
 def test_lowrank_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch, rotate):
     """Where q and k have low-rank convs and nothing sits between conv and RoPE, the convs rotate
@@ -139,6 +139,37 @@ def test_lowrank_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch, rotat
     for block in model.blocks:
         block.mixer.convs_rotate = False
     torch.testing.assert_close(logits, model(idx)[0])
+
+
+@pytest.mark.parametrize("arch", ["static-qkv", "static-all-linear"])
+def test_static_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch):
+    """Static convs on q, k and v run as one call per block (test above), which rotates q's and k's
+    2D channels (kernels.static_conv's rope; inside the Gluon walks on Hopper, training point 29).
+    Logits and gradients are those of RoPE after the convs; packed documents rotate after them."""
+    model = trained_like(tiny_config(arch))
+    assert all(block.mixer.convs_rotate for block in model.blocks)
+    seen, original = [], kernels.static_conv
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["rope_channels"] if kwargs.get("rope") is not None else 0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "static_conv", recording)
+    idx = torch.randint(0, VOCAB, (2, 12))
+
+    def logits_and_grads():
+        logits = model(idx)[0]
+        return [logits, *torch.autograd.grad(logits.square().mean(), list(model.parameters()))]
+
+    rotating = logits_and_grads()
+    assert seen.count(2 * D) == LAYERS and set(seen) <= {0, 2 * D}
+    seen.clear()
+    model(idx[:1], cu_seqlens=torch.tensor([0, 5, 12]))
+    assert set(seen) == {0}
+    for block in model.blocks:
+        block.mixer.convs_rotate = False
+    for got, expected in zip(rotating, logits_and_grads()):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("compiling", [False, True])

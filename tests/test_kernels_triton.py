@@ -548,6 +548,42 @@ def test_headwise_walks_say_which_rope_heads_they_rotate():
     assert "2 x 256" in why(256) and "2 x 48" in why(48)
     assert why(16) is None and why(32) is None and why(128) is None
     assert why(32, T=63) == "cos and sin must be [T=64, 32] (got (63, 32), (63, 32))"
+    # The static conv's walk lays rows out as heads of 16 (STATIC_HEAD); a program's 512 channels
+    # rotate all or none, so the rotated channels come in multiples of 512.
+    tables = (torch.empty(64, 32), torch.empty(64, 32))
+    assert gluon_headwise.cannot_rotate(x, None, tables, 512) is None
+    assert gluon_headwise.cannot_rotate(x, None, tables) is None
+    assert gluon_headwise.cannot_rotate(x, None, tables, 640) == (
+        "it rotates whole programs' channels, a multiple of 512 (got 640)")
+    assert "halves of 16" in gluon_headwise.cannot_rotate(x, None, (torch.empty(64, 8), torch.empty(64, 8)))
+    assert gluon_headwise.shapes_missing(x.bfloat16(), None, False, width=4) is None
+    assert gluon_headwise.shapes_missing(x.bfloat16(), None, False, width=5) == "it takes up to 4 taps (got 5)"
+
+
+@interpreted
+@pytest.mark.parametrize("rotated", [None, 32])
+def test_static_conv_rotates_its_first_channels(rotated):
+    """kernels.static_conv with rope equals the conv, then rotate_channels of its first `rotated`
+    channels (all if None): on the CPU the kernels cannot rotate inside (no Gluon), so the op rotates
+    after them; forward and gradients against the reference's."""
+    from isoflop.kernels import reference as ref
+
+    g = torch.Generator().manual_seed(3)
+    x, s = rand(2, 11, 48, gen=g).requires_grad_(), (rand(3, 48, gen=g) / 2).requires_grad_()
+    rope = rope_tables(11, head_dim=16)
+    kernels.set_backend("triton")
+    try:
+        y = kernels.static_conv(x, s, residual=True, rope=rope, rope_channels=rotated)
+    finally:
+        kernels.set_backend("reference")
+    expected = ref.rotate_channels(ref.static_conv(x, s, residual=True), rope, rotated)
+    torch.testing.assert_close(y, expected)
+    dy = rand(2, 11, 48, gen=g)
+    got, want = (torch.autograd.grad(t, (x, s), dy) for t in (y, expected))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    if rotated is not None:
+        torch.testing.assert_close(y[..., rotated:], ref.static_conv(x, s, residual=True)[..., rotated:])
 
 
 @interpreted
@@ -649,8 +685,8 @@ def test_lowrank_gluon_dx_says_why_it_cannot_run_here(gen, monkeypatch):
 @interpreted
 def test_headwise_gluon_walks_say_why_they_cannot_run_here(gen, monkeypatch):
     """The Gluon head-wise walks need a Hopper GPU; "auto" falls back to the Triton walks, and a
-    forced "gluon" names what is missing; the variants come checked from ISOFLOP_HEADWISE_FWD and
-    ISOFLOP_HEADWISE_BWD."""
+    forced "gluon" names what is missing, for the static conv too; the variants come checked from
+    ISOFLOP_HEADWISE_FWD and ISOFLOP_HEADWISE_BWD."""
     from isoflop.kernels import triton_headwise
 
     x, dy, w = rand(1, 20, 32, gen=gen), rand(1, 20, 32, gen=gen), rand(1, 20, 4, 2, gen=gen)
@@ -670,7 +706,11 @@ def test_headwise_gluon_walks_say_why_they_cannot_run_here(gen, monkeypatch):
     triton_headwise.BACKWARD_VARIANT.set("gluon")
     with pytest.raises(ValueError, match="ISOFLOP_HEADWISE_BWD=gluon cannot run here: .*(Gluon|Hopper)"):
         triton_headwise.headwise_backward(dy, x, w, None, True, None)
-    static = triton_headwise.headwise_backward(dy, x, None, rand(4, 32, gen=gen), True, None)  # always the walk
+    # The static conv takes the Gluon walk too when forced (under "auto" only where it rotates)
+    with pytest.raises(ValueError, match="ISOFLOP_HEADWISE_BWD=gluon cannot run here"):
+        triton_headwise.headwise_backward(dy, x, None, rand(4, 32, gen=gen), True, None)
+    triton_headwise.BACKWARD_VARIANT.set("auto")
+    static = triton_headwise.headwise_backward(dy, x, None, rand(4, 32, gen=gen), True, None)  # the Triton walk
     assert static[1] is None and static[2].shape == (4, 32)
     with pytest.raises(ValueError, match="allowed: auto, triton, gluon"):
         triton_headwise.BACKWARD_VARIANT.set("fast")
@@ -1186,7 +1226,7 @@ def test_gpu_headwise_rope_inside_the_walks_equals_the_rotation_after_them(monke
     inputs = projected_convs(B, T, channels, 0, W, static, rotated, dtype, device="cuda",
                              gen=torch.Generator().manual_seed(0), heads=heads, head_dim=head_dim)
     views = ops_views(inputs)
-    assert all(triton_headwise.rope_fuses(x, w, inputs["rope"], packed=False) for x, w in views[:rotated])
+    assert all(triton_headwise.rope_fuses(x, w, inputs["rope"], packed=False, width=W) for x, w in views[:rotated])
     fused, cotangents = projected_with_grads(inputs)
     monkeypatch.setattr(triton_headwise.ROPE, "name", "off")
     apart, _ = projected_with_grads(inputs, cotangents)
@@ -1195,6 +1235,80 @@ def test_gpu_headwise_rope_inside_the_walks_equals_the_rotation_after_them(monke
     for i, (a, b, c) in enumerate(zip(fused, apart, exact)):
         assert relative_error(a, c) < TOLERANCE[dtype] / 4, i
         assert relative_error(a, b.double()) < TOLERANCE[dtype] / 4, i
+
+
+@gpu
+@pytest.mark.skipif(not hopper(), reason="the Gluon walks need a Hopper GPU")
+@pytest.mark.parametrize("B, T, D, rotated, W, head_dim, dtype, residual", [
+    (8, 4096, 3072, 2048, 4, 64, torch.bfloat16, True),  # the 300M model's q, k, v: q and k rotated
+    (2, 1000, 1536, 1024, 3, 128, torch.float16, False),  # ragged T, 3 taps, RoPE heads of 128
+    (1, 300, 512, 512, 2, 32, torch.bfloat16, True),  # all channels rotated, RoPE heads of 32
+])
+def test_gpu_static_conv_rotates_inside_the_gluon_walks(monkeypatch, triton_backend, B, T, D, rotated, W,
+                                                        head_dim, dtype, residual):
+    """static-qkv's one conv over q, k and v rotates q's and k's channels inside the Gluon walks
+    (ISOFLOP_HEADWISE_ROPE=auto, which the static conv takes only to rotate): y and the gradients
+    of x and the filter against float64 and against the Triton walk with RoPE by ops after it (off)."""
+    from isoflop.kernels import reference as ref
+    from isoflop.kernels import triton_headwise
+
+    poison_cuda_memory()
+    g = torch.Generator().manual_seed(0)
+    x, dy = rand(B, T, D, dtype=dtype, device="cuda", gen=g), rand(B, T, D, dtype=dtype, device="cuda", gen=g)
+    s = rand(W, D, device="cuda", gen=g) / W**0.5  # float32, as autocast keeps parameters
+    rope = rope_tables(T, head_dim, "cuda")
+    assert triton_headwise.rope_fuses(x, None, rope, packed=False, width=W, rope_channels=rotated)
+
+    def run():
+        xs, ss = x.detach().requires_grad_(), s.detach().requires_grad_()
+        y = kernels.static_conv(xs, ss, residual=residual, rope=rope, rope_channels=rotated)
+        y.backward(dy)
+        return y, xs.grad, ss.grad
+
+    fused = run()
+    monkeypatch.setattr(triton_headwise.ROPE, "name", "off")
+    apart = run()
+    xe, se = x.double().requires_grad_(), s.double().requires_grad_()
+    ye = ref.static_conv(xe, se, residual=residual, rope=tuple(t.double() for t in rope), rope_channels=rotated)
+    ye.backward(dy.double())
+    for name, a, b, e in zip(("y", "dx", "ds"), fused, apart, (ye, xe.grad, se.grad)):
+        assert relative_error(a, e) < TOLERANCE[dtype] / 4, name
+        assert relative_error(a, b.double()) < TOLERANCE[dtype] / 4, name
+
+
+@gpu
+@pytest.mark.skipif(not hopper(), reason="the Gluon walks need a Hopper GPU")
+@pytest.mark.parametrize("B, T, D, W, dtype, view", [
+    (4, 4096, 2048, 4, torch.bfloat16, False),  # the paper's shape
+    (2, 777, 1536, 3, torch.float16, True),  # ragged T, 3 taps, x a view of a wider projection
+])
+def test_gpu_static_gluon_walk_equals_the_triton_walk(monkeypatch, triton_backend, B, T, D, W, dtype, view):
+    """The static conv through the Gluon walk (no dynamic taps: HAS_W off), forced with
+    ISOFLOP_HEADWISE_FWD/BWD=gluon, against float64 and as close to it as the Triton walk."""
+    from isoflop.kernels import reference as ref
+    from isoflop.kernels import triton_headwise
+
+    poison_cuda_memory()
+    g = torch.Generator().manual_seed(1)
+    x = rand(B, T, D + 8, dtype=dtype, device="cuda", gen=g)[..., :D] if view else rand(B, T, D, dtype=dtype,
+                                                                                         device="cuda", gen=g)
+    dy, s = rand(B, T, D, dtype=dtype, device="cuda", gen=g), rand(W, D, device="cuda", gen=g) / W**0.5
+
+    def run(variant: str):
+        for choice in (triton_headwise.FORWARD_VARIANT, triton_headwise.BACKWARD_VARIANT):
+            monkeypatch.setattr(choice, "name", variant)
+        xs, ss = x.detach().requires_grad_(), s.detach().requires_grad_()
+        y = kernels.static_conv(xs, ss, residual=True)
+        y.backward(dy)
+        return y, xs.grad, ss.grad
+
+    gluon, walk = run("gluon"), run("triton")
+    xe, se = x.double().requires_grad_(), s.double().requires_grad_()
+    ye = ref.static_conv(xe, se, residual=True)
+    ye.backward(dy.double())
+    for name, a, b, e in zip(("y", "dx", "ds"), gluon, walk, (ye, xe.grad, se.grad)):
+        assert a.dtype == b.dtype, name
+        assert relative_error(a, e) < max(2 * relative_error(b, e), TOLERANCE[dtype] / 4), name
 
 
 def ops_views(inputs: dict) -> list[tuple[Tensor, Tensor]]:
@@ -1305,7 +1419,8 @@ def test_gpu_gluon_headwise_walks_match_float64_reference(B, T, D, hs, W, static
     else:
         x, w = rand(B, T, D, **on), rand(B, T, W, H, **on)
     dy, s = rand(B, T, D, **on), rand(W, D, **on) / W**0.5 if static else None
-    assert gluon_headwise.cannot_run(dy, x, w, None) is None and gluon_headwise.cannot_run(None, x, w, None) is None
+    assert gluon_headwise.cannot_run(dy, x, w, None, W) is None
+    assert gluon_headwise.cannot_run(None, x, w, None, W) is None
     got = gluon_headwise.backward(dy, x, w, s, residual)
     meta = triton_headwise._meta(x, w, s, None, W) | {"RESIDUAL": residual}
     blocks = {way: triton_headwise._row_blocks(T, D, hs, backward=way, dense=meta["DENSE"]) for way in (False, True)}
@@ -1463,10 +1578,11 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 26 and all(0 < row["registers"] <= 255 for row in rows)
-    # The head-wise walks rotating y and turning dy back (RoPE) compile without spills.
-    walks = [row for row in rows if row["kernel"].startswith("head-wise") and "rope" in row["kernel"]]
-    assert len(walks) == 2 and all(row["stack_bytes"] == 0 for row in walks)
+    assert len(rows) == 28 and all(0 < row["registers"] <= 255 for row in rows)
+    # The head-wise walks rotating y and turning dy back (RoPE) compile without spills, and so do
+    # the static conv's (the same walks without dynamic taps).
+    walks = [row for row in rows if row["kernel"].startswith(("head-wise", "static")) and "rope" in row["kernel"]]
+    assert len(walks) == 4 and all(row["stack_bytes"] == 0 for row in walks)
     # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
     # fit two programs per multiprocessor (228 KB of shared memory; 80 registers per thread at launch,
     # which its warp-specialised partitions share out). Triton 3.9 keeps one value on the stack across

@@ -177,12 +177,17 @@ def short_conv(
 
 
 def static_conv(
-    x: Tensor, static: Tensor, *, residual: bool = False, cu_seqlens: Tensor | None = None
+    x: Tensor, static: Tensor, *, residual: bool = False, cu_seqlens: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None, rope_channels: int | None = None,
 ) -> Tensor:
-    """Static depthwise causal conv with a [W, D] filter (tap k = lag k)."""
+    """Static depthwise causal conv with a [W, D] filter (tap k = lag k). With rope = (cos, sin), the
+    output's first `rope_channels` channels (all if None) come out rotated as attention rotates q and
+    k, inside the kernels where they can (as dynamic_conv_lowrank's rope)."""
     if _use_triton(x, static, width=static.shape[0]):
-        return _ops().static_conv(x, static, residual=residual, cu_seqlens=cu_seqlens)
-    return reference.static_conv(x, static, residual=residual, cu_seqlens=cu_seqlens)
+        return _ops().static_conv(x, static, residual=residual, cu_seqlens=cu_seqlens, rope=rope,
+                                  rope_channels=rope_channels)
+    return reference.static_conv(x, static, residual=residual, cu_seqlens=cu_seqlens, rope=rope,
+                                 rope_channels=rope_channels)
 
 
 def dynamic_conv_lowrank_step(

@@ -20,8 +20,12 @@ The loop takes 30 instructions per element instead of 43 (offline, Triton 3.6), 
 paper's hs=16 backward 72.7 us instead of 90.1 (v25); with the wide boxes, halo tiles that copy only
 what the walk reads and 4 stages, ~65 us (v26). The forward is the same walk without dy: ~41.5 us
 against the Triton walk's 43.9. Errors against float64 equal the Triton walks'.
-Heads of 128 channels are 4 per 512-channel tile, too few for w's 16-byte TMA rows; they, packed
-sequences and the static conv take the Triton walk (`cannot_run` says why).
+Heads of 128 channels are 4 per 512-channel tile, too few for w's 16-byte TMA rows; they and packed
+sequences take the Triton walk (`cannot_run` says why). The static conv (no dynamic taps: HAS_W off,
+rows laid out as heads of STATIC_HEAD) runs here where it rotates by RoPE (static q/k/v convs: one
+call whose first channels rotate, ROPE_CHANNELS, a program's channels all or none); without RoPE
+the two walks are equal (H200, [8, 4096, 3072]: forward 107.9 against the Triton walk's 110.1 us,
+backward 183.0 against 181.0), and "auto" keeps the Triton one (triton_headwise._gluon_walk).
 
 RoPE (q's and k's convs, KERNELS.md v34): the forward rotates each row of y before it stores it, and
 the backward turns each row of dy back as it reads it, the halo rows above included. A row is then
@@ -65,55 +69,64 @@ BACKWARD_BLOCKS = {8: (256, 3), 16: (256, 4), 32: (128, 2), 64: (128, 2)}
 # conv ([8, 4096, 1024], RoPE heads of 64) 256 rows left two programs per multiprocessor and the
 # walk's longer chain unhidden (hs=16: 94.6 us, 73.3 with these; hs=8: 84.1 -> 80.7; KERNELS.md v34).
 ROPE_BACKWARD_BLOCKS = (128, 2)
+# The static conv's walk (no dynamic taps, HAS_W false) lays its rows out as heads of 16 channels
+# and walks with their blocks.
+STATIC_HEAD = 16
 
 
-def cannot_run(dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None) -> str | None:
-    """Why the Gluon walks cannot take these inputs here (dy None: the forward's), or None if they can."""
-    missing = hopper_missing(x) or shapes_missing(x, w, pos is not None)
+def cannot_run(dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None, width: int) -> str | None:
+    """Why the Gluon walks cannot take these inputs here (dy None: the forward's; w None: the static
+    conv's, of `width` taps), or None if they can."""
+    missing = hopper_missing(x) or shapes_missing(x, w, pos is not None, width)
     if missing:
         return missing
     dy = x if dy is None else dy
     if dy.dtype != x.dtype:
         return f"dy's type must be x's (got {dy.dtype}, {x.dtype})"
-    misaligned = tma_misaligned("x", x) or tma_misaligned("dy", dy) or tma_misaligned("w", w)
+    misaligned = tma_misaligned("x", x) or tma_misaligned("dy", dy) or (w is not None and tma_misaligned("w", w))
     if misaligned:
         return misaligned
-    H = w.shape[3]
-    if w.stride(2) != H:
-        return f"w's taps must lie H={H} apart (strides {tuple(w.stride())})"
+    if w is not None and w.stride(2) != w.shape[3]:
+        return f"w's taps must lie H={w.shape[3]} apart (strides {tuple(w.stride())})"
     return None
 
 
-def shapes_missing(x: Tensor, w: Tensor | None, packed: bool) -> str | None:
+def shapes_missing(x: Tensor, w: Tensor | None, packed: bool, width: int) -> str | None:
     """What `cannot_run` says of the inputs' shapes and types alone (no device, address or stride:
     what torch.compile can see while it traces a call, triton_headwise.rope_fuses), or None."""
-    if w is None:
-        return "it serves head-wise filters (the static conv takes the Triton kernel)"
     if packed:
         return "packed sequences take the Triton kernel"
     B, T, D = x.shape
-    W, H = w.shape[2], w.shape[3]
-    hs = D // H
-    if W > MAX_WIDTH:
-        return f"it takes up to {MAX_WIDTH} taps (got {W})"
+    hs = head_size(x, w)
+    if width > MAX_WIDTH:
+        return f"it takes up to {MAX_WIDTH} taps (got {width})"
     if not (MIN_HEAD <= hs <= MAX_HEAD and hs & (hs - 1) == 0):
         return f"it takes heads of {MIN_HEAD} to {MAX_HEAD} channels, a power of two (got {hs})"
     if D % CHANNELS:
         return f"D must be a multiple of {CHANNELS} (got {D})"
-    if not (x.dtype == w.dtype and x.dtype in (torch.float16, torch.bfloat16)):
-        return f"it takes float16 or bfloat16 x, dy and w (got {x.dtype}, {w.dtype})"
+    if not ((w is None or x.dtype == w.dtype) and x.dtype in (torch.float16, torch.bfloat16)):
+        return f"it takes float16 or bfloat16 x, dy and w (got {x.dtype}, {w.dtype if w is not None else 'no w'})"
     if x.numel() == 0:
         return "the inputs are empty (a TMA descriptor needs every dimension > 0)"
     return None
 
 
-def cannot_rotate(x: Tensor, w: Tensor, rope: tuple[Tensor, Tensor]) -> str | None:
-    """Why the walks cannot rotate by rope = (cos, sin) [T, half] (given that they take x and w), or
-    None if they can: a thread holds 4 channels of each half of a RoPE head (_walk_layout), so the
-    half must hold whole conv heads and at most 128 channels (a warp's 32 threads of 4). Shapes
+def head_size(x: Tensor, w: Tensor | None) -> int:
+    """The walk's head size: w's, or STATIC_HEAD for the static conv (which has no heads: it only
+    lays out the rows, and RoPE heads must hold whole ones)."""
+    return x.shape[-1] // w.shape[-1] if w is not None else STATIC_HEAD
+
+
+def cannot_rotate(x: Tensor, w: Tensor | None, rope: tuple[Tensor, Tensor], channels: int | None = None) -> str | None:
+    """Why the walks cannot rotate the first `channels` channels (default: all) by rope = (cos, sin)
+    [T, half] (given that they take x and w), or None if they can: a thread holds 4 channels of each
+    half of a RoPE head (_walk_layout), so the half must hold whole conv heads and at most 128
+    channels (a warp's 32 threads of 4), and a program's 512 channels rotate all or none. Shapes
     only (as shapes_missing); the kernels take the tables as float32 contiguous."""
     cos, sin = rope
-    half, hs = cos.shape[-1], x.shape[-1] // w.shape[-1]
+    half, hs = cos.shape[-1], head_size(x, w)
+    if channels is not None and channels % CHANNELS:
+        return f"it rotates whole programs' channels, a multiple of {CHANNELS} (got {channels})"
     if not (hs <= half <= 128 and half & (half - 1) == 0):
         return f"RoPE heads of 2 x {half} channels: the walks rotate halves of {hs} to 128 channels, a power of two"
     if cos.shape != (x.shape[1], half) or sin.shape != cos.shape:
@@ -129,33 +142,37 @@ def rows_per_program(T: int, D: int, B: int, device: torch.device, rows: int) ->
     return rows
 
 
-def backward(dy: Tensor, x: Tensor, w: Tensor, static: Tensor | None, residual: bool,
-             blocks: dict | None = None, out: tuple[Tensor, Tensor] | None = None,
-             rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """dx, dw and the static filter's gradient (None without one), as `rows_backward` returns them
-    (contiguous). x and w may be views (rows evenly strided: `cannot_run`). `blocks` overrides ROWS,
-    TR and STAGES (benchmarks). out: views (dx [B, T, D], dw [B, T, W, H]) to store dx and dw into
-    instead (columns of a fused projection's gradient; `stores_into` must accept them). rope: (cos,
-    sin) as `forward` takes them, when dy is the gradient of the rotated output: the walk turns each
-    row of dy back as it reads it."""
+def backward(dy: Tensor, x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool,
+             blocks: dict | None = None, out: tuple[Tensor, Tensor | None] | None = None,
+             rope: tuple[Tensor, Tensor] | None = None,
+             rope_channels: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """dx, dw (None for the static conv: w None) and the static filter's gradient (None without one),
+    as `rows_backward` returns them (contiguous). x and w may be views (rows evenly strided:
+    `cannot_run`). `blocks` overrides ROWS, TR and STAGES (benchmarks). out: views (dx [B, T, D], dw
+    [B, T, W, H] or None) to store dx and dw into instead (columns of a fused projection's gradient;
+    `stores_into` must accept them). rope: (cos, sin) as `forward` takes them, when dy is the
+    gradient of the output whose first rope_channels channels (default: all) were rotated: the walk
+    turns each row of theirs back as it reads it."""
     B, T, D = x.shape
-    W, H = w.shape[2], w.shape[3]
-    hs = D // H
+    W = w.shape[2] if w is not None else static.shape[0]
+    hs = head_size(x, w)
     rows, stages = ROPE_BACKWARD_BLOCKS if rope is not None else BACKWARD_BLOCKS[hs]
     blocks = {"ROWS": rows_per_program(T, D, B, x.device, rows), "TR": TR, "STAGES": stages} | (blocks or {})
     heads = CHANNELS // hs
     grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
     # dx and dw contiguous whatever x's and w's layouts, or the caller's views (stored by row strides)
-    dx, dw = out if out is not None else (x.new_empty(x.shape), w.new_empty(w.shape))
+    dx, dw = out if out is not None else (x.new_empty(x.shape), w.new_empty(w.shape) if w is not None else None)
     ds_part = torch.empty(B * grid[0], W * D, device=x.device, dtype=torch.float32) if static is not None else None
     tr = blocks["TR"]
+    rows_x = _rows_descriptor(x, tr)
     _headwise_gluon_bwd_kernel[grid](
-        _rows_descriptor(x, tr), _rows_descriptor(dy, tr), _taps_descriptor(w, tr, heads),
-        static if static is not None else x, *_tables(rope, x), dx, dw, ds_part if ds_part is not None else dx,
-        T, D, H, dx.stride(1), dw.stride(1),
+        rows_x, _rows_descriptor(dy, tr), _taps_descriptor(w, tr, heads) if w is not None else rows_x,
+        static if static is not None else x, *_tables(rope, x), dx, dw if dw is not None else dx,
+        ds_part if ds_part is not None else dx,
+        T, D, D // hs, dx.stride(1), dw.stride(1) if dw is not None else 0, _rotated_channels(rope, rope_channels, D),
         W=W, W_P=triton.next_power_of_2(W), HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr, STAGES=blocks["STAGES"],
         HAS_STATIC=static is not None, RESIDUAL=residual, **_rope_constants(rope, hs), DTYPE=gl_dtype(x), BOX=BOX,
-        NUM_WARPS=WARPS, num_warps=WARPS,
+        NUM_WARPS=WARPS, HAS_W=w is not None, num_warps=WARPS,
     )
     ds = sum_partials(ds_part, static.dtype).view(W, D) if static is not None else None
     return dx, dw, ds
@@ -173,29 +190,42 @@ def stores_into(out: tuple[Tensor, Tensor], x: Tensor, w: Tensor) -> bool:
     return rows_of(out[0], x) and rows_of(out[1], w)
 
 
-def forward(x: Tensor, w: Tensor, static: Tensor | None, residual: bool, blocks: dict | None = None,
-            rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """y [B, T, D] (contiguous), as `rows_forward` returns it; x and w may be views (`cannot_run`).
-    `blocks` overrides ROWS, TR and STAGES (benchmarks). rope: (cos, sin), float32 contiguous tables
-    [T, head_dim / 2] of positions 0 to T-1 that `cannot_rotate` accepts: y comes out rotated as
-    reference.rotate_channels rotates it, in the walk, before it is stored."""
+def forward(x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool, blocks: dict | None = None,
+            rope: tuple[Tensor, Tensor] | None = None, rope_channels: int | None = None) -> Tensor:
+    """y [B, T, D] (contiguous), as `rows_forward` returns it; x and w may be views (`cannot_run`);
+    w None is the static conv (static's taps alone). `blocks` overrides ROWS, TR and STAGES
+    (benchmarks). rope: (cos, sin), float32 contiguous tables [T, head_dim / 2] of positions 0 to
+    T-1 that `cannot_rotate` accepts: y's first rope_channels channels (default: all; a multiple of
+    512, the programs' channels) come out rotated as reference.rotate_channels rotates them, in the
+    walk, before they are stored."""
     B, T, D = x.shape
     blocks = {"ROWS": rows_per_program(T, D, B, x.device, FORWARD_ROWS), "TR": TR, "STAGES": FORWARD_STAGES} | (
         blocks or {})
-    W, H = w.shape[2], w.shape[3]
-    hs = D // H
+    W = w.shape[2] if w is not None else static.shape[0]
+    hs = head_size(x, w)
     heads = CHANNELS // hs
     y = x.new_empty(x.shape)
     grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
     tr = blocks["TR"]
+    rows_x = _rows_descriptor(x, tr)
     _headwise_gluon_fwd_kernel[grid](
-        _rows_descriptor(x, tr), _taps_descriptor(w, tr, heads), static if static is not None else x,
-        *_tables(rope, x), y, T, D, H,
+        rows_x, _taps_descriptor(w, tr, heads) if w is not None else rows_x, static if static is not None else x,
+        *_tables(rope, x), y, T, D, D // hs, _rotated_channels(rope, rope_channels, D),
         W=W, W_P=triton.next_power_of_2(W), HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr,
         STAGES=blocks["STAGES"], HAS_STATIC=static is not None, RESIDUAL=residual, **_rope_constants(rope, hs),
-        DTYPE=gl_dtype(x), BOX=BOX, NUM_WARPS=WARPS, num_warps=WARPS,
+        DTYPE=gl_dtype(x), BOX=BOX, NUM_WARPS=WARPS, HAS_W=w is not None, num_warps=WARPS,
     )
     return y
+
+
+def _rotated_channels(rope: tuple[Tensor, Tensor] | None, channels: int | None, D: int) -> int:
+    """The kernels' ROPE_CHANNELS: how many leading channels rotate (a multiple of CHANNELS: a
+    program's channels rotate all or none)."""
+    channels = D if channels is None else channels
+    if rope is not None and channels % CHANNELS:
+        raise ValueError(f"rope_channels={channels}: the walks rotate whole programs' channels, a multiple of "
+                         f"{CHANNELS}")
+    return channels if rope is not None else 0
 
 
 def _tables(rope: tuple[Tensor, Tensor] | None, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -297,18 +327,22 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         return gl.expand_dims(gl.expand_dims(gl.expand_dims(lanes, 0), 1), 2)
 
     @gluon.jit
-    def _angles(cos_ptr, sin_ptr, t, T, inverse: gl.constexpr, HS: gl.constexpr, SHAPE: gl.constexpr,
+    def _angles(cos_ptr, sin_ptr, t, T, rotate, inverse: gl.constexpr, HS: gl.constexpr, SHAPE: gl.constexpr,
                 L: gl.constexpr):
         """cos and sin [1, 1, NH, HS] (in L) of the angles at row t of this thread's pairs' frequencies,
         and of their step from one row to the next (row 1; none with one row). The tables are of
         positions 0 to T-1 (check_rope_from_zero), so the angles of row t + 1 are those of row t plus
         the step's: the walk carries them (gluon_common.angle_sum) and reads 4 rows of the tables
-        per program instead of one per row. `inverse` negates the angles (RoPE's gradient)."""
+        per program instead of one per row. `inverse` negates the angles (RoPE's gradient). Where
+        the program's channels are not rotated (`rotate` false: past ROPE_CHANNELS) the angles are
+        zero: cos 1 and sin 0 at every row, so the rotation leaves the values as they are."""
         nh = gl.arange(0, SHAPE[2], layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L))))
         f = gl.expand_dims(gl.expand_dims(gl.expand_dims(nh, 0), 1), 3) * HS + _lanes(HS, L)
         half = SHAPE[2] * HS
-        one = (f >= 0) & (T > 1)
-        cos, sin = gl.load(cos_ptr + t * half + f), gl.load(sin_ptr + t * half + f)
+        on = (f >= 0) & rotate
+        one = on & (T > 1)
+        cos, sin = gl.load(cos_ptr + t * half + f, mask=on, other=1.0), gl.load(sin_ptr + t * half + f, mask=on,
+                                                                              other=0.0)
         cos1, sin1 = gl.load(cos_ptr + half + f, mask=one, other=1.0), gl.load(sin_ptr + half + f, mask=one, other=0.0)
         if inverse:
             sin, sin1 = -sin, -sin1
@@ -325,31 +359,40 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.jit
     def _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t, b, c, h0,
-               STAGES: gl.constexpr):
+               STAGES: gl.constexpr, HAS_W: gl.constexpr):
         """TMA copies of the backward's tile j (rows t..) into ring slot j % STAGES, only what the walk
         reads of it: tile 0 (the rows below the program's) x alone, the last (the rows above) dy and
-        w alone, the tiles between all three; none past the last."""
+        w alone, the tiles between all three (w only with dynamic taps, HAS_W); none past the last."""
         s = j % STAGES
         bar = bars.index(s)
+        w_bytes: gl.constexpr = w_desc.block_type.nbytes if HAS_W else 0
         if j == 0:
             mbarrier.expect(bar, x_desc.block_type.nbytes)
             tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
         elif j < n_tiles - 1:
-            mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + w_bytes)
             tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
             tma_load(dy_desc, [b, t, c, 0], bar, dy_tma.index(s))
-            tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s))
+            if HAS_W:
+                tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s))
         elif j == n_tiles - 1:
-            mbarrier.expect(bar, dy_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            mbarrier.expect(bar, dy_desc.block_type.nbytes + w_bytes)
             tma_load(dy_desc, [b, t, c, 0], bar, dy_tma.index(s))
-            tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s))
+            if HAS_W:
+                tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s))
 
     @gluon.jit
-    def _issue_forward(x_tma, w_tma, x_desc, w_desc, bars, j, n_tiles, t, b, c, h0, STAGES: gl.constexpr):
-        """The forward's tile j: tile 0 (the lags below the program's rows) x alone, then x and w."""
+    def _issue_forward(x_tma, w_tma, x_desc, w_desc, bars, j, n_tiles, t, b, c, h0, STAGES: gl.constexpr,
+                       HAS_W: gl.constexpr):
+        """The forward's tile j: tile 0 (the lags below the program's rows) x alone, then x and w (x
+        alone without dynamic taps)."""
         s = j % STAGES
         bar = bars.index(s)
-        if j == 0:
+        if not HAS_W:
+            if j < n_tiles:
+                mbarrier.expect(bar, x_desc.block_type.nbytes)
+                tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
+        elif j == 0:
             mbarrier.expect(bar, x_desc.block_type.nbytes)
             tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
         elif j < n_tiles:
@@ -403,23 +446,28 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         return lags
 
     @gluon.jit
-    def _taps(w_ring, row, W: gl.constexpr, W_P: gl.constexpr, head_l: gl.constexpr):
-        """Row `row` of the ring's dynamic taps: W values per head, each [NB, 2, NH, 1] float32."""
-        taps = ()
-        for k in gl.static_range(W):
-            taps = taps + (gl.expand_dims(w_ring.index(row * W_P + k).load(head_l).to(gl.float32), 3),)
-        return taps
+    def _filters(w_ring, row, s, W: gl.constexpr, W_P: gl.constexpr, head_l: gl.constexpr, HAS_W: gl.constexpr):
+        """The filter at row `row`: tap k is the ring's dynamic tap (a value per head, HAS_W) plus
+        s_k, the static tap (with the residual), each [NB, 2, NH, HS] float32; s alone without
+        dynamic taps (the static conv)."""
+        f = s
+        if HAS_W:
+            f = ()
+            for k in gl.static_range(W):
+                f = f + (gl.expand_dims(w_ring.index(row * W_P + k).load(head_l).to(gl.float32), 3) + s[k],)
+        return f
 
     @gluon.jit
-    def _dx_step(dyr, taps, s, pend, W: gl.constexpr):
-        """Row u's dx contributions (tap_k[u] + s_k) dy[u] joined to the pending sums of dx[u-1..u-W+1]
-        (pend[i]: dx[u-1-i]). Returns dx[u-W+1], now complete, and the pending sums for row u+1."""
+    def _dx_step(dyr, f, pend, W: gl.constexpr):
+        """Row u's dx contributions f_k[u] dy[u] (f: _filters) joined to the pending sums of
+        dx[u-1..u-W+1] (pend[i]: dx[u-1-i]). Returns dx[u-W+1], now complete, and the pending sums
+        for row u+1."""
         new = ()
-        done = (taps[W - 1] + s[W - 1]) * dyr
+        done = f[W - 1] * dyr
         if W > 1:
             done += pend[W - 2]
         for i in gl.static_range(W - 1):  # pending for rows u, u-1, ..., u-W+2
-            p = (taps[i] + s[i]) * dyr
+            p = f[i] * dyr
             if i > 0:
                 p += pend[i - 1]
             new = new + (p,)
@@ -440,13 +488,14 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
     @gluon.jit
     def _headwise_gluon_bwd_kernel(
         x_desc, dy_desc, w_desc, s_ptr, cos_ptr, sin_ptr, dx_ptr, dw_ptr, ds_part_ptr,
-        T, D, H, DX_STRIDE, DW_STRIDE,
+        T, D, H, DX_STRIDE, DW_STRIDE, ROPE_CHANNELS,
         W: gl.constexpr, W_P: gl.constexpr, HS: gl.constexpr, HEADS: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr,
         STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, ROPE: gl.constexpr,
-        HALF: gl.constexpr, DTYPE: gl.constexpr, BOX: gl.constexpr, NUM_WARPS: gl.constexpr,
+        HALF: gl.constexpr, DTYPE: gl.constexpr, BOX: gl.constexpr, NUM_WARPS: gl.constexpr, HAS_W: gl.constexpr,
     ):
-        """dx, dw and the static filter's partial gradient, walking up; with ROPE, dy is the gradient of
-        y rotated by RoPE (heads of 2 HALF channels), and each of its rows is turned back as it is read."""
+        """dx, dw (with dynamic taps, HAS_W) and the static filter's partial gradient, walking up; with
+        ROPE, dy is the gradient of y's first ROPE_CHANNELS channels rotated by RoPE (heads of 2 HALF
+        channels), and each of their rows is turned back as it is read."""
         SHAPE: gl.constexpr = _row_shape(HEADS, HS, ROPE, HALF)
         L: gl.constexpr = _walk_layout(SHAPE, ROPE, NUM_WARPS)
         head_l: gl.constexpr = gl.SliceLayout(3, L)
@@ -455,18 +504,21 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, SHAPE, L)
         x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
         dy_ring, dy_tma = _rows_ring(dy_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
-        w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, SHAPE, DTYPE)
+        if HAS_W:
+            w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, SHAPE, DTYPE)
+        else:  # (no taps to copy: never read)
+            w_ring, w_tma = x_ring, x_tma
         bars = _ring_barriers(STAGES)
         angles = ()
         if ROPE:
-            angles = _angles(cos_ptr, sin_ptr, t_lo, T, True, HS, SHAPE, L)
+            angles = _angles(cos_ptr, sin_ptr, t_lo, T, c0 < ROPE_CHANNELS, True, HS, SHAPE, L)
 
         # Tiles: 0 holds the TR rows below the program's (x's lags), 1..ROWS/TR its rows, the last
         # the TR rows above (dy and taps for its last rows' dx).
         n_tiles = ROWS // TR + 2
         for j in gl.static_range(STAGES):
             _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t_lo + (j - 1) * TR, b, c0 // BOX,
-                   h0, STAGES)
+                   h0, STAGES, HAS_W)
         lags = _first_lags(x_ring, bars, TR, W, L)
         pend = ()
         for i in gl.static_range(W - 1):
@@ -477,7 +529,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
         for j in range(1, n_tiles - 1):
             _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j + STAGES - 1, n_tiles,
-                   t_lo + (j + STAGES - 2) * TR, b, c0 // BOX, h0, STAGES)
+                   t_lo + (j + STAGES - 2) * TR, b, c0 // BOX, h0, STAGES, HAS_W)
             slot = j % STAGES
             mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
             for r in gl.static_range(TR):
@@ -485,7 +537,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 row = slot * TR + r
                 xr = x_ring.index(row).load(L).to(gl.float32)
                 dyr, angles = _dy_row(dy_ring, row, angles, ROPE, L)
-                taps = _taps(w_ring, row, W, W_P, head_l)
+                f = _filters(w_ring, row, s, W, W_P, head_l, HAS_W)
                 # pairs dy[u] x[u-k]: dw[u, k] (a head's sum) and the static filter's gradient
                 dw_row = dw_ptr + (b * T + u).to(gl.int64) * DW_STRIDE + h0
                 new_acc = ()
@@ -494,12 +546,13 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                         df = dyr * xr
                     else:
                         df = dyr * lags[k - 1]
-                    gl.store(dw_row + k * H + heads, gl.sum(df, axis=3).to(DTYPE), mask=(heads >= 0) & (u < T))
+                    if HAS_W:
+                        gl.store(dw_row + k * H + heads, gl.sum(df, axis=3).to(DTYPE), mask=(heads >= 0) & (u < T))
                     new_acc = new_acc + (acc[k] + df,)
                 if HAS_STATIC:
                     acc = new_acc
                 lags = _shifted(xr, lags, W)
-                done, pend = _dx_step(dyr, taps, s, pend, W)
+                done, pend = _dx_step(dyr, f, pend, W)
                 v = u - (W - 1)
                 gl.store(dx_ptr + (b * T + v).to(gl.int64) * DX_STRIDE + c0 + offs, done.to(DTYPE),
                          mask=(offs >= 0) & (v >= t_lo) & (v < T))
@@ -512,7 +565,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             u = t_lo + ROWS + r
             row = slot * TR + r
             dyr, angles = _dy_row(dy_ring, row, angles, ROPE, L)
-            done, pend = _dx_step(dyr, _taps(w_ring, row, W, W_P, head_l), s, pend, W)
+            done, pend = _dx_step(dyr, _filters(w_ring, row, s, W, W_P, head_l, HAS_W), pend, W)
             v = u - (W - 1)
             gl.store(dx_ptr + (b * T + v).to(gl.int64) * DX_STRIDE + c0 + offs, done.to(DTYPE),
                      mask=(offs >= 0) & (v < T))
@@ -526,14 +579,15 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
     @gluon.jit
     def _headwise_gluon_fwd_kernel(
         x_desc, w_desc, s_ptr, cos_ptr, sin_ptr, y_ptr,
-        T, D, H,
+        T, D, H, ROPE_CHANNELS,
         W: gl.constexpr, W_P: gl.constexpr, HS: gl.constexpr, HEADS: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr,
         STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, ROPE: gl.constexpr,
-        HALF: gl.constexpr, DTYPE: gl.constexpr, BOX: gl.constexpr, NUM_WARPS: gl.constexpr,
+        HALF: gl.constexpr, DTYPE: gl.constexpr, BOX: gl.constexpr, NUM_WARPS: gl.constexpr, HAS_W: gl.constexpr,
     ):
-        """y[u] = sum_k (w_k[u] + s_k) x[u-k] (s_0 + 1 with the residual), walking up with x[u-1..u-W+1]
-        carried in registers; tile 0 brings the lags of the program's first row. With ROPE, y[u] comes
-        out rotated by RoPE (heads of 2 HALF channels) before it is stored."""
+        """y[u] = sum_k (w_k[u] + s_k) x[u-k] (s_0 + 1 with the residual; no w_k without dynamic taps,
+        HAS_W), walking up with x[u-1..u-W+1] carried in registers; tile 0 brings the lags of the
+        program's first row. With ROPE, y[u]'s first ROPE_CHANNELS channels come out rotated by RoPE
+        (heads of 2 HALF channels) before they are stored."""
         SHAPE: gl.constexpr = _row_shape(HEADS, HS, ROPE, HALF)
         L: gl.constexpr = _walk_layout(SHAPE, ROPE, NUM_WARPS)
         head_l: gl.constexpr = gl.SliceLayout(3, L)
@@ -541,30 +595,33 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         b = gl.program_id(2)
         t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, SHAPE, L)
         x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
-        w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, SHAPE, DTYPE)
+        if HAS_W:
+            w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, SHAPE, DTYPE)
+        else:  # (no taps to copy: never read)
+            w_ring, w_tma = x_ring, x_tma
         bars = _ring_barriers(STAGES)
         if ROPE:
-            cos, sin, cos1, sin1 = _angles(cos_ptr, sin_ptr, t_lo, T, False, HS, SHAPE, L)
+            cos, sin, cos1, sin1 = _angles(cos_ptr, sin_ptr, t_lo, T, c0 < ROPE_CHANNELS, False, HS, SHAPE, L)
 
         n_tiles = ROWS // TR + 1  # tile 0: the TR rows below the program's (lags), then its rows
         for j in gl.static_range(STAGES):
             _issue_forward(x_tma, w_tma, x_desc, w_desc, bars, j, n_tiles, t_lo + (j - 1) * TR, b, c0 // BOX, h0,
-                           STAGES)
+                           STAGES, HAS_W)
         lags = _first_lags(x_ring, bars, TR, W, L)
 
         for j in range(1, n_tiles):
             _issue_forward(x_tma, w_tma, x_desc, w_desc, bars, j + STAGES - 1, n_tiles,
-                           t_lo + (j + STAGES - 2) * TR, b, c0 // BOX, h0, STAGES)
+                           t_lo + (j + STAGES - 2) * TR, b, c0 // BOX, h0, STAGES, HAS_W)
             slot = j % STAGES
             mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
             for r in gl.static_range(TR):
                 u = t_lo + (j - 1) * TR + r
                 row = slot * TR + r
                 xr = x_ring.index(row).load(L).to(gl.float32)
-                taps = _taps(w_ring, row, W, W_P, head_l)
-                y = (taps[0] + s[0]) * xr
+                f = _filters(w_ring, row, s, W, W_P, head_l, HAS_W)
+                y = f[0] * xr
                 for k in gl.static_range(1, W):
-                    y += (taps[k] + s[k]) * lags[k - 1]
+                    y += f[k] * lags[k - 1]
                 if ROPE:
                     y = _rotated(y, cos, sin, L)
                     cos, sin = angle_sum(cos, sin, cos1, sin1)

@@ -106,6 +106,12 @@ def _rope(cos: Optional[Tensor], sin: Optional[Tensor], channels: int) -> tuple 
     return cos.float().contiguous(), sin.float().contiguous(), channels
 
 
+def _tables(cos: Optional[Tensor], sin: Optional[Tensor], channels: int) -> tuple | None:
+    """(cos, sin) as the head-wise walks take them (_rope without the channel count), or None."""
+    rope = _rope(cos, sin, channels)
+    return rope[:2] if rope is not None else None
+
+
 def _lowrank_conv(
     x: Tensor, z: Tensor, U: Tensor, static: Optional[Tensor], residual: bool, cu_seqlens: Optional[Tensor],
     cos: Optional[Tensor], sin: Optional[Tensor], rope_channels: int, rope_backward: bool,
@@ -273,28 +279,31 @@ lowrank_projected.register_autograd(_projected_grad, setup_context=_projected_se
 
 
 def _headwise_conv(
-    x: Tensor, w: Optional[Tensor], static: Optional[Tensor], residual: bool, cu_seqlens: Optional[Tensor]
+    x: Tensor, w: Optional[Tensor], static: Optional[Tensor], residual: bool, cu_seqlens: Optional[Tensor],
+    cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, rope_channels: int = 0,
 ) -> Tensor:
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
-    return headwise_forward(_rows(x), _rows(w), static, residual, pos)
+    return headwise_forward(_rows(x), _rows(w), static, residual, pos, rope=_tables(cos, sin, rope_channels),
+                            rope_channels=rope_channels)
 
 
 headwise_conv = _takes_any_layout("isoflop::headwise_conv", _headwise_conv)
 
 
 @headwise_conv.register_fake
-def _(x, w, static, residual, cu_seqlens):
+def _(x, w, static, residual, cu_seqlens, cos=None, sin=None, rope_channels=0):
     return x.new_empty(x.shape)
 
 
 def _headwise_conv_backward(
     dy: Tensor, x: Tensor, w: Optional[Tensor], static: Optional[Tensor], residual: bool,
-    cu_seqlens: Optional[Tensor],
+    cu_seqlens: Optional[Tensor], cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, rope_channels: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     static = static.contiguous() if static is not None else None
     pos = _positions(cu_seqlens, x.shape[1], x.device)
-    dx, dw, ds = headwise_backward(dy.contiguous(), _rows(x), _rows(w), static, residual, pos)
+    dx, dw, ds = headwise_backward(dy.contiguous(), _rows(x), _rows(w), static, residual, pos,
+                                   rope=_tables(cos, sin, rope_channels), rope_channels=rope_channels)
     return dx, dw if dw is not None else _empty(x), ds if ds is not None else _empty(x)
 
 
@@ -302,22 +311,23 @@ headwise_conv_backward = _takes_any_layout("isoflop::headwise_conv_backward", _h
 
 
 @headwise_conv_backward.register_fake
-def _(dy, x, w, static, residual, cu_seqlens):
+def _(dy, x, w, static, residual, cu_seqlens, cos=None, sin=None, rope_channels=0):
     dw = w.new_empty(w.shape) if w is not None else _empty(x)
     ds = static.new_empty(static.shape) if static is not None else _empty(x)
     return x.new_empty(x.shape), dw, ds
 
 
 def _headwise_setup(ctx, inputs, output):
-    x, w, static, residual, cu_seqlens = inputs
-    ctx.save_for_backward(x, w, static, cu_seqlens)
-    ctx.residual = residual
+    x, w, static, residual, cu_seqlens, cos, sin, rope_channels = (*inputs, None, None, 0)[:8]  # (defaults)
+    ctx.save_for_backward(x, w, static, cu_seqlens, cos, sin)
+    ctx.residual, ctx.rope_channels, ctx.inputs = residual, rope_channels, len(inputs)
 
 
 def _headwise_grad(ctx, dy, backward=headwise_conv_backward):
-    x, w, static, cu_seqlens = ctx.saved_tensors
-    dx, dw, ds = backward(dy, x, w, static, ctx.residual, cu_seqlens)
-    return dx, dw if w is not None else None, ds if static is not None else None, None, None
+    x, w, static, cu_seqlens, cos, sin = ctx.saved_tensors
+    dx, dw, ds = backward(dy, x, w, static, ctx.residual, cu_seqlens, cos, sin, ctx.rope_channels)
+    grads = (dx, dw if w is not None else None, ds if static is not None else None)
+    return grads + (None,) * (ctx.inputs - len(grads))  # one per input the call gave
 
 
 headwise_conv.register_autograd(_headwise_grad, setup_context=_headwise_setup)
@@ -569,7 +579,7 @@ def dynamic_convs_headwise(
         _check(x, width, statics[g] if statics else None, cu_seqlens, w=w, cos=cos, sin=sin)
         if g < rotated and rope is not None:
             checked_rope_channels(x.shape, rope, None, packed=packed)
-            inside = inside and headwise_rope_fuses(x, w, rope, packed)
+            inside = inside and headwise_rope_fuses(x, w, rope, packed, width)
     ys = headwise_projected(projection, statics, list(channels), list(heads), width, residual, cu_seqlens,
                             *((cos, sin, rotated) if inside else (None, None, 0)))
     if inside or rope is None:
@@ -592,14 +602,24 @@ def short_conv(
 
 
 def static_conv(
-    x: Tensor, static: Tensor, *, residual: bool = False, cu_seqlens: Tensor | None = None
+    x: Tensor, static: Tensor, *, residual: bool = False, cu_seqlens: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None, rope_channels: int | None = None,
 ) -> Tensor:
-    """Static depthwise causal conv with a [W, D] filter (see reference.static_conv)."""
+    """Static depthwise causal conv with a [W, D] filter (see reference.static_conv). With rope =
+    (cos, sin), the output's first rope_channels channels (default: all) come out rotated as
+    attention rotates q and k (reference.rotate_channels): inside the Gluon walks where they rotate
+    in both passes (triton_headwise.rope_fuses; training point 29), else by ops after the op."""
     _check_x(x)
     if static.ndim != 2:
         raise ValueError(f"static filter must be [W, D]; got {tuple(static.shape)}")
-    _check(x, static.shape[0], static, cu_seqlens)
-    return _dispatch(headwise_conv, _eager_headwise_conv, x, None, static, residual, cu_seqlens)
+    _check(x, static.shape[0], static, cu_seqlens, **(dict(cos=rope[0], sin=rope[1]) if rope is not None else {}))
+    if rope is None:
+        return _dispatch(headwise_conv, _eager_headwise_conv, x, None, static, residual, cu_seqlens)
+    packed = cu_seqlens is not None
+    channels = checked_rope_channels(x.shape, rope, rope_channels, packed=packed)
+    if headwise_rope_fuses(x, None, rope, packed, static.shape[0], channels):
+        return _dispatch(headwise_conv, _eager_headwise_conv, x, None, static, residual, cu_seqlens, *rope, channels)
+    return rotate_channels(static_conv(x, static, residual=residual, cu_seqlens=cu_seqlens), rope, channels)
 
 
 def _check_step(x_t: Tensor, state: Tensor, static: Tensor | None, **inputs: Tensor | None) -> int:

@@ -301,10 +301,15 @@ def dynamic_conv_headwise(
 
 
 def static_conv(
-    x: Tensor, static: Tensor, *, residual: bool = False, cu_seqlens: Tensor | None = None
+    x: Tensor, static: Tensor, *, residual: bool = False, cu_seqlens: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None, rope_channels: int | None = None,
 ) -> Tensor:
-    """Static depthwise causal conv with a [W, D] filter (tap k = lag k)."""
-    return short_conv(x, None, static, residual=residual, cu_seqlens=cu_seqlens)
+    """Static depthwise causal conv with a [W, D] filter (tap k = lag k); with `rope`, its output's
+    first rope_channels channels (all if None) then rotated (as dynamic_conv_lowrank's rope)."""
+    y = short_conv(x, None, static, residual=residual, cu_seqlens=cu_seqlens)
+    if rope is None:
+        return y
+    return rotate_channels(y, rope, checked_rope_channels(x.shape, rope, rope_channels, packed=cu_seqlens is not None))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from isoflop.kernels.triton_common import interpreting, next_pow2, seq_pos, sum_
 
 # Which kernel the head-wise forward and backward run: "triton" (the row walk), "gluon" (the same walk
 # fed by TMA on Hopper, gluon_headwise; an error where it cannot run), or "auto" (gluon wherever it
-# runs). Static convs (no dynamic taps) always take the Triton walk. Read once each from
+# runs). Static convs (no dynamic taps) take the Gluon walk under "auto" only where it rotates their
+# output by RoPE (static q/k/v convs: _gluon_walk), else the Triton walk. Read once each from
 # ISOFLOP_HEADWISE_FWD and ISOFLOP_HEADWISE_BWD.
 FORWARD_VARIANT = BackendChoice("ISOFLOP_HEADWISE_FWD", ("auto", "triton", "gluon"), "head-wise forward variant")
 BACKWARD_VARIANT = BackendChoice("ISOFLOP_HEADWISE_BWD", ("auto", "triton", "gluon"), "head-wise backward variant")
@@ -47,31 +48,37 @@ BACKWARD_VARIANT = BackendChoice("ISOFLOP_HEADWISE_BWD", ("auto", "triton", "glu
 ROPE = BackendChoice("ISOFLOP_HEADWISE_ROPE", ("auto", "off"), "head-wise conv's RoPE fusion setting")
 
 
-def rope_fuses(x: Tensor, w: Tensor, rope: tuple[Tensor, Tensor], packed: bool) -> bool:
+def rope_fuses(x: Tensor, w: Tensor | None, rope: tuple[Tensor, Tensor], packed: bool, width: int,
+               rope_channels: int | None = None) -> bool:
     """Whether headwise_forward and headwise_backward would both rotate by rope = (cos, sin) inside
-    the Gluon walks: ROPE and both variants allow it, and the walks take these shapes, types and
+    the Gluon walks (w None: the static conv, of `width` taps; its first rope_channels channels,
+    default all): ROPE and both variants allow it, and the walks take these shapes, types and
     tables (gluon_headwise.shapes_missing and cannot_rotate: what torch.compile can see while it
     traces this; where addresses or strides then do not fit, the calls rotate by ops instead, the
     same result)."""
     if ROPE.get() == "off" or "triton" in (FORWARD_VARIANT.get(), BACKWARD_VARIANT.get()) or not x.is_cuda:
         return False
-    if gluon_headwise.shapes_missing(x, w, packed) or gluon_headwise.cannot_rotate(x, w, rope):
+    if gluon_headwise.shapes_missing(x, w, packed, width) or gluon_headwise.cannot_rotate(x, w, rope, rope_channels):
         return False
     return gluon_hopper(x.device.index)
 
 
-def _walk_rotates(x: Tensor, w: Tensor, rope: tuple[Tensor, Tensor]) -> bool:
+def _walk_rotates(x: Tensor, w: Tensor | None, rope: tuple[Tensor, Tensor], rope_channels: int | None) -> bool:
     """Whether a call that takes the Gluon walk (_gluon_walk) rotates by rope inside it (ROPE)."""
-    return ROPE.get() == "auto" and gluon_headwise.cannot_rotate(x, w, rope) is None
+    return ROPE.get() == "auto" and gluon_headwise.cannot_rotate(x, w, rope, rope_channels) is None
 
 
 def _gluon_walk(variant: BackendChoice, dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None,
-                blocks: dict | None) -> bool:
-    """Whether this call takes gluon_headwise's walk (dy None: the forward): dynamic taps, no blocks
-    forced on the Triton kernels, and the variant takes it (gluon_common.takes_gluon)."""
-    if blocks is not None or w is None:
+                blocks: dict | None, width: int, rope: tuple | None, rope_channels: int | None) -> bool:
+    """Whether this call takes gluon_headwise's walk (dy None: the forward): no blocks forced on the
+    Triton kernels, and the variant takes it (gluon_common.takes_gluon). The static conv (w None)
+    takes it under "auto" only where the walk rotates its output (training point 29: the saved RoPE
+    pass; elsewhere the Triton walk, pipelined since v11, stays)."""
+    if blocks is not None:
         return False
-    return takes_gluon(variant, lambda: gluon_headwise.cannot_run(dy, x, w, pos))
+    if w is None and variant.get() == "auto" and not (rope is not None and _walk_rotates(x, w, rope, rope_channels)):
+        return False
+    return takes_gluon(variant, lambda: gluon_headwise.cannot_run(dy, x, w, pos, width))
 
 
 @triton.jit
@@ -288,21 +295,21 @@ def _grid(T: int, H: int, B: int, hs_p: int, blocks: dict) -> tuple[int, int, in
 
 def headwise_forward(
     x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool, pos: Tensor | None,
-    blocks: dict | None = None, rope: tuple[Tensor, Tensor] | None = None,
+    blocks: dict | None = None, rope: tuple[Tensor, Tensor] | None = None, rope_channels: int | None = None,
 ) -> Tensor:
     """y [B, T, D] (contiguous) for x [B, T, D] and w [B, T, W, H] or None with evenly strided rows
     (rows.row_strides: views into a fused projection are read in place), static [W, D] or None
     (not both None), pos int32 [T] (packed sequences) or None. `blocks` overrides block sizes
-    (benchmarks). rope: (cos, sin), float32 contiguous [T, head_dim / 2] of positions 0 to T-1: y
-    comes out rotated (reference.rotate_channels), by the Gluon walk where it can (_walk_rotates),
-    else by ops after the kernel."""
+    (benchmarks). rope: (cos, sin), float32 contiguous [T, head_dim / 2] of positions 0 to T-1: y's
+    first rope_channels channels (default: all) come out rotated (reference.rotate_channels), by the
+    Gluon walk where it can (_walk_rotates), else by ops after the kernel."""
     B, T, D = x.shape
-    walk = _gluon_walk(FORWARD_VARIANT, None, x, w, pos, blocks)
-    if rope is not None and not (walk and _walk_rotates(x, w, rope)):
-        return rotate_channels(headwise_forward(x, w, static, residual, pos, blocks), rope)
-    if walk:
-        return gluon_headwise.forward(x, w, static, residual, rope=rope)
     width = w.shape[2] if w is not None else static.shape[0]
+    walk = _gluon_walk(FORWARD_VARIANT, None, x, w, pos, blocks, width, rope, rope_channels)
+    if rope is not None and not (walk and _walk_rotates(x, w, rope, rope_channels)):
+        return rotate_channels(headwise_forward(x, w, static, residual, pos, blocks), rope, rope_channels)
+    if walk:
+        return gluon_headwise.forward(x, w, static, residual, rope=rope, rope_channels=rope_channels)
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
         blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=False, dynamic=w is not None,
@@ -321,26 +328,27 @@ def headwise_forward(
 def headwise_backward(
     dy: Tensor, x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool,
     pos: Tensor | None, blocks: dict | None = None, out: tuple[Tensor, Tensor] | None = None,
-    rope: tuple[Tensor, Tensor] | None = None,
+    rope: tuple[Tensor, Tensor] | None = None, rope_channels: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(dx, dw or None, dstatic or None), each contiguous and in its input's dtype; dy contiguous,
     x and w as in headwise_forward. out: (dx, dw) views to write them into instead (columns of one
     fused projection's gradient, ops.headwise_projected_backward): the Gluon walk stores into them
-    in place, the Triton kernels' results are copied into them. rope: as headwise_forward takes it,
-    when dy is the gradient of the rotated output: dy is turned back first (the rotation's
-    gradient), by the Gluon walk as it reads it where it can, else by ops."""
-    walk = _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks)
-    if rope is not None and not (walk and _walk_rotates(x, w, rope)):  # (dy then a new tensor: asked again)
-        return headwise_backward(rotate_channels(dy, rope, inverse=True), x, w, static, residual, pos, blocks, out)
+    in place, the Triton kernels' results are copied into them. rope, rope_channels: as
+    headwise_forward takes them, when dy is the gradient of the rotated output: dy is turned back
+    first (the rotation's gradient), by the Gluon walk as it reads it where it can, else by ops."""
+    width = w.shape[2] if w is not None else static.shape[0]
+    walk = _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks, width, rope, rope_channels)
+    if rope is not None and not (walk and _walk_rotates(x, w, rope, rope_channels)):  # (dy then a new tensor)
+        return headwise_backward(rotate_channels(dy, rope, rope_channels, inverse=True), x, w, static, residual, pos,
+                                 blocks, out)
     if out is not None:
         if walk and gluon_headwise.stores_into(out, x, w):
             return gluon_headwise.backward(dy, x, w, static, residual, out=out, rope=rope)
         dx, dw, ds = headwise_backward(dy, x, w, static, residual, pos, blocks, rope=rope)
         return out[0].copy_(dx), out[1].copy_(dw), ds
     B, T, D = x.shape
-    width = w.shape[2] if w is not None else static.shape[0]
     if walk:
-        return gluon_headwise.backward(dy, x, w, static, residual, rope=rope)
+        return gluon_headwise.backward(dy, x, w, static, residual, rope=rope, rope_channels=rope_channels)
     meta = _meta(x, w, static, pos, width)
     if _takes_rows(width, blocks):
         blocks = blocks or _row_blocks(T, D, meta["HS_P"], backward=True, dynamic=w is not None)

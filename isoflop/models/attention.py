@@ -96,11 +96,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         shapes = {name: (d, d) for name in ("q", "k", "v", "o")}
         self.convs = LinearConvs(cfg.conv, shapes, cfg.init_std)
-        # q and k with dynamic convs and nothing (QK-norm) between conv and rotation: the convs
-        # rotate their own outputs, in the forward kernel where it can (one read and write of q
-        # and k fewer; KERNELS.md, v31 low-rank, v34 head-wise), and their backward kernels turn the
-        # gradient back where they can (v33, v34), when the tables are of positions 0 to T-1
-        # (RopeFromZero).
+        # q and k with dynamic convs, or static ones, and nothing (QK-norm) between conv and
+        # rotation: the convs rotate their own outputs, in the forward kernel where it can (one
+        # read and write of q and k fewer; KERNELS.md, v31 low-rank, v34 head-wise, training point
+        # 29 static), and their backward kernels turn the gradient back where they can (v33, v34),
+        # when the tables are of positions 0 to T-1 (RopeFromZero).
         self.convs_rotate = self.q_norm is None and self.convs.rotates(("q", "k"))
 
     @property

@@ -267,10 +267,12 @@ class LinearConvs(nn.ModuleDict):
         return conv(y, cu_seqlens)
 
     def rotates(self, names: tuple[str, ...]) -> bool:
-        """Whether every linear of `names` has a dynamic conv, which can rotate its output (RoPE) in
-        the conv's kernels instead of a separate pass over it (low-rank: KERNELS.md v31, v33;
-        head-wise: v34)."""
-        return all(n in self and isinstance(self[n], DynamicShortConv) for n in names)
+        """Whether the convs of `names` can rotate their outputs (RoPE) in the conv's kernels instead
+        of a separate pass over them: every linear has a dynamic conv (low-rank: KERNELS.md v31, v33;
+        head-wise: v34), or every one a static conv, which rotate in their group's one call
+        (project_and_run; training point 29)."""
+        kinds = {type(self[n]) if n in self else None for n in names}
+        return len(kinds) == 1 and kinds <= {DynamicShortConv, StaticShortConv}
 
     def step(
         self, name: str, y_t: Tensor, h_t: Tensor | None, states: dict[str, Tensor], *,
@@ -291,28 +293,33 @@ class LinearConvs(nn.ModuleDict):
         rope: tuple[Tensor, Tensor] | None = None, rotated: tuple[str, ...] = (),
     ) -> list[Tensor]:
         """The outputs of `linears` (all reading h), each through its conv, from one matmul; those
-        named in `rotated` (the first of `linears`, each with a dynamic conv: `rotates`) come out
-        rotated by `rope`.
+        named in `rotated` (the first of `linears`, whose convs `rotates`) come out rotated by `rope`.
 
         When every one of them has a static conv (one width, one residual), the convs run as one
         conv over the matmul's whole output: a depthwise conv over concatenated channels with
         concatenated filters is the separate convs, without copying each split view for its own
-        call (see StaticShortConv.forward) and with one call instead of several. Low-rank dynamic
-        convs of one shape run as one call the same way in eager code: z then holds one R-column
-        slice per linear (kernels.dynamic_conv_lowrank's channel groups)."""
+        call (see StaticShortConv.forward) and with one call instead of several; the rotated ones'
+        channels (the first) come out rotated by that call. Low-rank dynamic convs of one shape run
+        as one call the same way in eager code: z then holds one R-column slice per linear
+        (kernels.dynamic_conv_lowrank's channel groups)."""
+        if rotated and (list(linears)[:len(rotated)] != list(rotated) or not self.rotates(rotated)):
+            raise ValueError(f"rotated={rotated}: must be the first of {list(linears)}, each with a dynamic conv "
+                             "or all with static convs")
         static = self._static_group(list(linears))
         if static is not None:
             y = F.linear(h, torch.cat(self._stacked_weights(linears)))
             weight = torch.cat([conv.weight for conv in static], dim=1)
-            y = kernels.static_conv(y, weight, residual=static[0].residual, cu_seqlens=cu_seqlens)
+            y = kernels.static_conv(y, weight, residual=static[0].residual, cu_seqlens=cu_seqlens,
+                                    rope=rope if rotated else None,
+                                    rope_channels=sum(conv.channels for conv in static[:len(rotated)]))
             return list(y.split([conv.channels for conv in static], dim=-1))
+        if rotated and not isinstance(self[rotated[0]], DynamicShortConv):
+            raise ValueError(f"rotated={rotated}: static convs rotate only as one group of one width and residual")
         # Eager small models are bound by host time per call: q/k/v as one call took a d128-l3
         # step from x1.60 to x1.36 the transformer's. Compiled, one launch per low-rank conv was
         # faster at 300M (+10.3% vs +10.9% for one launch, on copies) and keeps 2 GiB less (attention
         # keeps v, a view of the one launch's whole output); the launches, low-rank or head-wise,
         # run inside one op that reads its views in place and writes the projection's gradient.
-        if rotated and (list(linears)[:len(rotated)] != list(rotated) or not self.rotates(rotated)):
-            raise ValueError(f"rotated={rotated}: must be the first of {list(linears)}, each with a dynamic conv")
         if torch.compiler.is_compiling():
             group = self._projected_group(list(linears))
             if group is not None:
