@@ -623,6 +623,26 @@ def test_lowrank_split_and_fused_backward_agree(gen):
 
 
 @interpreted
+def test_lowrank_backward_writes_dz_into_views_it_can_and_copies_into_others(gen):
+    """out's dz view takes the sums in place where its rows are evenly strided (the fused
+    projection's gradient); any other view gets a copy: the same values either way."""
+    from isoflop.kernels import triton_lowrank
+
+    B, T, D, R, W = 2, 9, 32, 4, 3
+    x, z, dy = rand(B, T, D, gen=gen), rand(B, T, R, gen=gen), rand(B, T, D, gen=gen)
+    U, s = rand(R, W * D, gen=gen), rand(W, D, gen=gen)
+    alone = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, None, variant="fused")
+    grad = torch.zeros(B, T, D + R + 3)
+    rows = (grad[..., :D], grad[..., D:D + R])  # columns of one gradient: dz summed in place
+    across = (torch.zeros(B, T, D), torch.zeros(T, B, R).transpose(0, 1))  # rows not evenly strided
+    assert triton_lowrank._sums_target(rows[1], z) is rows[1] and triton_lowrank._sums_target(across[1], z) is None
+    for out in (rows, across):
+        got = triton_lowrank.lowrank_backward(dy, x, z, U, s, True, None, variant="fused", out=out)
+        assert got[1] is out[1] and all(torch.equal(a, b) for a, b in zip(got, alone))
+    assert (grad[..., D + R:] == 0).all()
+
+
+@interpreted
 def test_lowrank_gluon_backward_says_why_it_cannot_run_here(gen):
     """The Gluon filter gradients need a Hopper GPU; "auto" falls back to the Triton kernel, and a
     forced "gluon" names what is missing instead of failing inside the compiler."""

@@ -804,7 +804,7 @@ def lowrank_backward(
     side_by_side = variant == "gluon" and dx_gluon and _overlaps(x)
     if rope is not None and not (side_by_side and _kernels_turn_back(rope)):
         dy, rope = rotate_channels(dy, rope[:2], rope[2], inverse=True), None
-    dx_out, dz_out = out if out is not None else (None, None)
+    dx_out, dz_out = (out[0], _sums_target(out[1], z)) if out is not None else (None, None)
     if side_by_side:
         dx, dz, dU, ds = _overlapped_backward(dy, x, z, U, static, residual, meta, rope=rope, dx_out=dx_out,
                                               dz_out=dz_out)
@@ -818,6 +818,15 @@ def lowrank_backward(
     if out is not None:
         dx, dz = (target if got is target else target.copy_(got) for target, got in zip(out, (dx, dz)))
     return dx, dz, dU, ds
+
+
+def _sums_target(dz_out: Tensor, z: Tensor) -> Tensor | None:
+    """dz_out where the sums can write dz into it in place (sum_partials_together: z's shape and
+    type, unit column stride, rows evenly strided), else None: dz is then copied into it."""
+    B, T = z.shape[:2]
+    rows_even = B == 1 or dz_out.stride(0) == T * dz_out.stride(1)
+    fits = dz_out.shape == z.shape and dz_out.dtype == z.dtype and dz_out.stride(-1) == 1 and rows_even
+    return dz_out if fits else None
 
 
 def _kernels_turn_back(rope: tuple) -> bool:
