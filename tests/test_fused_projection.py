@@ -142,10 +142,13 @@ def test_lowrank_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch, rotat
 
 
 @pytest.mark.parametrize("arch", ["static-qkv", "static-all-linear"])
-def test_static_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch):
+@pytest.mark.parametrize("inside", [True, False])
+def test_static_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch, inside):
     """Static convs on q, k and v run as one call per block (test above), which rotates q's and k's
-    2D channels (kernels.static_conv's rope; inside the Gluon walks on Hopper, training point 29).
-    Logits and gradients are those of RoPE after the convs; packed documents rotate after them."""
+    2D channels where its kernels can (kernels.static_conv_rotates: the Gluon walks on Hopper,
+    training point 29; forced here); elsewhere the q and k outputs are rotated each on its own
+    after the call. Logits and gradients are those of RoPE after the convs; packed documents
+    rotate after them."""
     model = trained_like(tiny_config(arch))
     assert all(block.mixer.convs_rotate for block in model.blocks)
     seen, original = [], kernels.static_conv
@@ -155,6 +158,7 @@ def test_static_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "static_conv", recording)
+    monkeypatch.setattr(kernels, "static_conv_rotates", lambda *args, **kwargs: inside)
     idx = torch.randint(0, VOCAB, (2, 12))
 
     def logits_and_grads():
@@ -162,7 +166,7 @@ def test_static_q_and_k_convs_rotate_their_own_outputs(monkeypatch, arch):
         return [logits, *torch.autograd.grad(logits.square().mean(), list(model.parameters()))]
 
     rotating = logits_and_grads()
-    assert seen.count(2 * D) == LAYERS and set(seen) <= {0, 2 * D}
+    assert seen.count(2 * D) == (LAYERS if inside else 0) and set(seen) <= {0, 2 * D}
     seen.clear()
     model(idx[:1], cu_seqlens=torch.tensor([0, 5, 12]))
     assert set(seen) == {0}

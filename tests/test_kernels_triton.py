@@ -573,6 +573,7 @@ def test_static_conv_rotates_its_first_channels(rotated):
     rope = rope_tables(11, head_dim=16)
     kernels.set_backend("triton")
     try:
+        assert not kernels.static_conv_rotates(x, s, rope, rope_channels=rotated)  # (no Gluon walks here)
         y = kernels.static_conv(x, s, residual=True, rope=rope, rope_channels=rotated)
     finally:
         kernels.set_backend("reference")
@@ -1278,6 +1279,7 @@ def test_gpu_static_conv_rotates_inside_the_gluon_walks(monkeypatch, triton_back
     s = rand(W, D, device="cuda", gen=g) / W**0.5  # float32, as autocast keeps parameters
     rope = rope_tables(T, head_dim, "cuda")
     assert triton_headwise.rope_fuses(x, None, rope, packed=False, width=W, rope_channels=rotated)
+    assert kernels.static_conv_rotates(x, s, rope, rope_channels=rotated)
 
     def run():
         xs, ss = x.detach().requires_grad_(), s.detach().requires_grad_()

@@ -176,6 +176,18 @@ def short_conv(
     return reference.short_conv(x, filters, static, residual=residual, cu_seqlens=cu_seqlens)
 
 
+def static_conv_rotates(
+    x: Tensor, static: Tensor, rope: tuple[Tensor, Tensor], *, rope_channels: int | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> bool:
+    """Whether static_conv with this rope rotates inside its kernels (on Hopper, the Gluon walks:
+    shapes, types and the switches only, what torch.compile sees while it traces). Elsewhere it
+    rotates after them, which for a part of the channels costs a copy of the rest (rotate_channels'
+    concatenation): callers holding the parts apart (LinearConvs) rotate each part instead."""
+    return _use_triton(x, static, width=static.shape[0]) and _ops().static_conv_rotates(
+        x, static, rope, rope_channels=rope_channels, cu_seqlens=cu_seqlens)
+
+
 def static_conv(
     x: Tensor, static: Tensor, *, residual: bool = False, cu_seqlens: Tensor | None = None,
     rope: tuple[Tensor, Tensor] | None = None, rope_channels: int | None = None,
@@ -233,5 +245,6 @@ __all__ = [
     "set_backend",
     "short_conv",
     "static_conv",
+    "static_conv_rotates",
     "static_conv_step",
 ]

@@ -52,6 +52,7 @@ from isoflop.kernels.reference import (
     checked_rope_channels,
     lowrank_groups,
     rotate_channels,
+    rotated_channels,
 )
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
@@ -615,11 +616,17 @@ def static_conv(
     _check(x, static.shape[0], static, cu_seqlens, **(dict(cos=rope[0], sin=rope[1]) if rope is not None else {}))
     if rope is None:
         return _dispatch(headwise_conv, _eager_headwise_conv, x, None, static, residual, cu_seqlens)
-    packed = cu_seqlens is not None
-    channels = checked_rope_channels(x.shape, rope, rope_channels, packed=packed)
-    if headwise_rope_fuses(x, None, rope, packed, static.shape[0], channels):
+    channels = checked_rope_channels(x.shape, rope, rope_channels, packed=cu_seqlens is not None)
+    if static_conv_rotates(x, static, rope, rope_channels=channels, cu_seqlens=cu_seqlens):
         return _dispatch(headwise_conv, _eager_headwise_conv, x, None, static, residual, cu_seqlens, *rope, channels)
     return rotate_channels(static_conv(x, static, residual=residual, cu_seqlens=cu_seqlens), rope, channels)
+
+
+def static_conv_rotates(x: Tensor, static: Tensor, rope: tuple[Tensor, Tensor], *, rope_channels: int | None = None,
+                        cu_seqlens: Tensor | None = None) -> bool:
+    """Whether static_conv rotates by rope inside the Gluon walks (triton_headwise.rope_fuses)."""
+    channels = rotated_channels(x.shape, rope, rope_channels)
+    return headwise_rope_fuses(x, None, rope, cu_seqlens is not None, static.shape[0], channels)
 
 
 def _check_step(x_t: Tensor, state: Tensor, static: Tensor | None, **inputs: Tensor | None) -> int:

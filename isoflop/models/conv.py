@@ -299,9 +299,10 @@ class LinearConvs(nn.ModuleDict):
         conv over the matmul's whole output: a depthwise conv over concatenated channels with
         concatenated filters is the separate convs, without copying each split view for its own
         call (see StaticShortConv.forward) and with one call instead of several; the rotated ones'
-        channels (the first) come out rotated by that call. Low-rank dynamic convs of one shape run
-        as one call the same way in eager code: z then holds one R-column slice per linear
-        (kernels.dynamic_conv_lowrank's channel groups)."""
+        channels (the first) come out rotated by that call where its kernels can
+        (kernels.static_conv_rotates), else each output on its own after it. Low-rank dynamic
+        convs of one shape run as one call the same way in eager code: z then holds one R-column
+        slice per linear (kernels.dynamic_conv_lowrank's channel groups)."""
         if rotated and (list(linears)[:len(rotated)] != list(rotated) or not self.rotates(rotated)):
             raise ValueError(f"rotated={rotated}: must be the first of {list(linears)}, each with a dynamic conv "
                              "or all with static convs")
@@ -309,10 +310,15 @@ class LinearConvs(nn.ModuleDict):
         if static is not None:
             y = F.linear(h, torch.cat(self._stacked_weights(linears)))
             weight = torch.cat([conv.weight for conv in static], dim=1)
+            channels = sum(conv.channels for conv in static[:len(rotated)])
+            inside = bool(rotated) and kernels.static_conv_rotates(y, weight, rope, rope_channels=channels,
+                                                                   cu_seqlens=cu_seqlens)
             y = kernels.static_conv(y, weight, residual=static[0].residual, cu_seqlens=cu_seqlens,
-                                    rope=rope if rotated else None,
-                                    rope_channels=sum(conv.channels for conv in static[:len(rotated)]))
-            return list(y.split([conv.channels for conv in static], dim=-1))
+                                    rope=rope if inside else None, rope_channels=channels)
+            outs = list(y.split([conv.channels for conv in static], dim=-1))
+            if rotated and not inside:  # each rotated output on its own: no copy of the others
+                outs[:len(rotated)] = [kernels.reference.rotate_channels(out, rope) for out in outs[:len(rotated)]]
+            return outs
         if rotated and not isinstance(self[rotated[0]], DynamicShortConv):
             raise ValueError(f"rotated={rotated}: static convs rotate only as one group of one width and residual")
         # Eager small models are bound by host time per call: q/k/v as one call took a d128-l3
