@@ -388,17 +388,15 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         alone without dynamic taps)."""
         s = j % STAGES
         bar = bars.index(s)
-        if not HAS_W:
-            if j < n_tiles:
-                mbarrier.expect(bar, x_desc.block_type.nbytes)
-                tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
-        elif j == 0:
+        w_bytes: gl.constexpr = w_desc.block_type.nbytes if HAS_W else 0
+        if j == 0:
             mbarrier.expect(bar, x_desc.block_type.nbytes)
             tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
         elif j < n_tiles:
-            mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            mbarrier.expect(bar, x_desc.block_type.nbytes + w_bytes)
             tma_load(x_desc, [b, t, c, 0], bar, x_tma.index(s))
-            tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s))
+            if HAS_W:
+                tma_load(w_desc, [b, t, 0, h0], bar, w_tma.index(s))
 
     @gluon.jit
     def _rows_ring(desc, STAGES: gl.constexpr, TR: gl.constexpr, HEADS: gl.constexpr, HS: gl.constexpr,

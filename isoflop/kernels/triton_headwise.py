@@ -69,14 +69,14 @@ def _walk_rotates(x: Tensor, w: Tensor | None, rope: tuple[Tensor, Tensor], rope
 
 
 def _gluon_walk(variant: BackendChoice, dy: Tensor | None, x: Tensor, w: Tensor | None, pos: Tensor | None,
-                blocks: dict | None, width: int, rope: tuple | None, rope_channels: int | None) -> bool:
+                blocks: dict | None, width: int, rotates: bool) -> bool:
     """Whether this call takes gluon_headwise's walk (dy None: the forward): no blocks forced on the
     Triton kernels, and the variant takes it (gluon_common.takes_gluon). The static conv (w None)
-    takes it under "auto" only where the walk rotates its output (training point 29: the saved RoPE
-    pass; elsewhere the Triton walk, pipelined since v11, stays)."""
+    takes it under "auto" only where the walk would rotate its output (`rotates`: _walk_rotates;
+    training point 29: the saved RoPE pass; elsewhere the Triton walk, pipelined since v11, stays)."""
     if blocks is not None:
         return False
-    if w is None and variant.get() == "auto" and not (rope is not None and _walk_rotates(x, w, rope, rope_channels)):
+    if w is None and variant.get() == "auto" and not rotates:
         return False
     return takes_gluon(variant, lambda: gluon_headwise.cannot_run(dy, x, w, pos, width))
 
@@ -305,8 +305,9 @@ def headwise_forward(
     Gluon walk where it can (_walk_rotates), else by ops after the kernel."""
     B, T, D = x.shape
     width = w.shape[2] if w is not None else static.shape[0]
-    walk = _gluon_walk(FORWARD_VARIANT, None, x, w, pos, blocks, width, rope, rope_channels)
-    if rope is not None and not (walk and _walk_rotates(x, w, rope, rope_channels)):
+    rotates = rope is not None and _walk_rotates(x, w, rope, rope_channels)
+    walk = _gluon_walk(FORWARD_VARIANT, None, x, w, pos, blocks, width, rotates)
+    if rope is not None and not (walk and rotates):
         return rotate_channels(headwise_forward(x, w, static, residual, pos, blocks), rope, rope_channels)
     if walk:
         return gluon_headwise.forward(x, w, static, residual, rope=rope, rope_channels=rope_channels)
@@ -337,8 +338,9 @@ def headwise_backward(
     headwise_forward takes them, when dy is the gradient of the rotated output: dy is turned back
     first (the rotation's gradient), by the Gluon walk as it reads it where it can, else by ops."""
     width = w.shape[2] if w is not None else static.shape[0]
-    walk = _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks, width, rope, rope_channels)
-    if rope is not None and not (walk and _walk_rotates(x, w, rope, rope_channels)):  # (dy then a new tensor)
+    rotates = rope is not None and _walk_rotates(x, w, rope, rope_channels)
+    walk = _gluon_walk(BACKWARD_VARIANT, dy, x, w, pos, blocks, width, rotates)
+    if rope is not None and not (walk and rotates):  # (dy then a new tensor: asked again)
         return headwise_backward(rotate_channels(dy, rope, rope_channels, inverse=True), x, w, static, residual, pos,
                                  blocks, out)
     if out is not None:
