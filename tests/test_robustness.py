@@ -129,6 +129,46 @@ def test_a_worker_asked_to_stop_saves_a_checkpoint_where_it_is_and_resumes_there
     assert rundir.read_status()["state"] == "done" and rundir.read_result()["steps"] == planned.steps
 
 
+NESTED_SIGNALS = """
+import os, signal, sys
+from isoflop.orchestrator.worker import stop_requests
+
+sent = 0
+
+def inside_handler(frame):
+    while frame is not None:
+        if frame.f_code.co_name == "request_stop":
+            return True
+        frame = frame.f_back
+    return False
+
+def interrupt_each_line(frame, event, arg):
+    # Another signal at every line the handlers run: each interrupts the handler running then,
+    # wherever it is, as a signal arriving at that moment would.
+    global sent
+    if event == "line" and sent < 50 and inside_handler(frame):
+        sent += 1
+        os.kill(os.getpid(), signal.SIGUSR2)
+    return interrupt_each_line
+
+with stop_requests() as stop:
+    sys.settrace(interrupt_each_line)
+    os.kill(os.getpid(), signal.SIGTERM)
+    sys.settrace(None)
+print("stopped" if stop.is_set() else "not stopped", sent)
+"""
+
+
+def test_stop_signals_interrupting_each_others_handlers_never_hang_the_worker():
+    """A preemption brings SIGTERM and two USR2 (scancel's and submitit's) within milliseconds; a
+    handler interrupted by the next signal's must not wait on anything it holds itself."""
+    child = subprocess.run([sys.executable, "-c", NESTED_SIGNALS], capture_output=True, text=True,
+                           timeout=30, check=False)
+    assert child.returncode == 0, child.stderr
+    stopped, sent = child.stdout.split()
+    assert stopped == "stopped" and int(sent) > 0, "the handler ran, interrupted by nested signals"
+
+
 def test_two_launches_on_one_sweep_never_train_a_run_twice(tmp_path, corpus):
     sweep_path = write_sweep(tmp_path, corpus, "race", more="  dynamic-qkv: {overrides: {conv: {rank: 4}}}",
                              seeds="[0, 1]", workers=2)  # one torch thread per worker

@@ -28,7 +28,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -56,20 +55,33 @@ def is_locked(path: Path) -> bool:
     return lease_holder(path) is not None
 
 
+class StopRequest:
+    """Whether a stop signal has come. A plain flag, not a threading.Event: a signal arriving while
+    another's handler runs interrupts that handler, and Event.set holds a lock across several
+    bytecodes, so the nested handler's Event.set waited forever for the lock its own thread held
+    (a worker hung that way in CI, with the SIGTERM, USR2 and USR2 of a SLURM preemption)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def is_set(self) -> bool:
+        return self.requested
+
+
 @contextlib.contextmanager
-def stop_requests() -> Iterator[threading.Event]:
-    """An Event set by SIGTERM, SIGUSR2 or SIGINT while the block runs (a repeated SIGINT raises
+def stop_requests() -> Iterator[StopRequest]:
+    """A StopRequest set by SIGTERM, SIGUSR2 or SIGINT while the block runs (a repeated SIGINT raises
     KeyboardInterrupt: a user pressing Ctrl-C twice wants out now). Handlers are restored after."""
-    requested = threading.Event()
+    stop = StopRequest()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and requested.is_set():
+        if signum == signal.SIGINT and stop.requested:
             raise KeyboardInterrupt
-        requested.set()
+        stop.requested = True  # one store: safe however handlers nest
 
     previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
     try:
-        yield requested
+        yield stop
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
