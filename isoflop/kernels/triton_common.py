@@ -250,10 +250,13 @@ def _sums_plan(jobs: tuple[tuple[int, int, int], ...], interpret: bool) -> tuple
     shapes, ends, blocks = [], [], {}
     for j, (rows, numel, groups) in enumerate(jobs):
         n, m = rows // groups, numel // rows
-        # 16 rows per step and 64 values per thread. Up to 64 rows per step (v20) lost where n is
-        # not a power of two: at n = 44 (the 300M gate conv's channel tiles) a 64-row step loads 20
-        # masked rows, 35.6 against 28.1 us (H200, training point 29); at n = 16 both are equal.
-        block_n = min(16, next_pow2(n))
+        # 64 rows per step and 16 values per thread where n is a multiple of 64 (the head-wise and
+        # static backwards' partials: one row per program), else 16 rows and 64 values. 64-row steps
+        # everywhere (v20) lost where n is not a multiple: at n = 44 (the 300M gate conv's channel
+        # tiles) a step loads 20 masked rows, 35.6 against 28.1 us (H200, training point 29); 16-row
+        # steps everywhere (v35) cut the programs to a quarter where m is small, and the head-wise
+        # backward's ds sums (m = W x D) took the paper's hs=16 backward from 65 to 79 us (v37).
+        block_n = 64 if n % 64 == 0 else min(16, next_pow2(n))
         block_m = 16 if interpret else min(1024, max(128, 8192 // block_n))
         m_blocks = triton.cdiv(m, block_m)
         shapes.append((n, m, m_blocks))
