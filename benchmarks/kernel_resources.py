@@ -192,13 +192,17 @@ def _gluon_headwise_cases(dtype: tl.dtype, head_size: int) -> list[Case]:
     w = torch.empty(BATCH, SEQ, W, H, dtype=_torch_dtype(dtype))
     rows, taps = gh._rows_descriptor(x, gh.TR), gh._taps_descriptor(w, gh.TR, heads)
     consts = dict(W=W, W_P=triton.next_power_of_2(W), HS=head_size, HEADS=heads, TR=gh.TR, HAS_STATIC=True,
-                  RESIDUAL=True, DTYPE=gluon_common.gl_dtype(x), BOX=gh.BOX, NUM_WARPS=gh.WARPS, HAS_W=True)
+                  RESIDUAL=True, DTYPE=gluon_common.gl_dtype(x), BOX=gh.BOX, NUM_WARPS=gh.WARPS, HAS_W=True,
+                  RAGGED_D=False)
     walk = {"num_warps": gh.WARPS}, {"H": H}
     static = {"HS": gh.STATIC_HEAD, "HEADS": gh.CHANNELS // gh.STATIC_HEAD, "HAS_W": False}
     found = []
-    # Without RoPE, and rotating y (dy turned back) by RoPE heads of 128 channels (the models' heads).
-    for suffix, rope, kind in (("", {"ROPE": False, "HALF": head_size}, {}), (", rope", {"ROPE": True, "HALF": 64}, {}),
-                               (", rope", {"ROPE": True, "HALF": 64}, static)):
+    # Without RoPE, and rotating y (dy turned back) by RoPE heads of 128 channels (the models' heads);
+    # the static conv's also where D is an odd multiple of 256 (the 150M model's q/k/v, 2304).
+    rotating = {"ROPE": True, "HALF": 64}
+    for suffix, rope, kind in (("", {"ROPE": False, "HALF": head_size}, {}), (", rope", rotating, {}),
+                               (", rope", rotating, static),
+                               (", rope, ragged D", rotating, static | {"RAGGED_D": True})):
         name = f"head-wise hs={head_size}" if not kind else "static"
         backward_blocks = gh.ROPE_BACKWARD_BLOCKS if rope["ROPE"] else gh.BACKWARD_BLOCKS[head_size]
         found += [

@@ -87,7 +87,7 @@ def _convs(x: torch.Tensor, tables: tuple, g: torch.Generator) -> dict:
         "static": (lambda rope: triton_headwise.headwise_forward(x, None, s, True, None, rope=rope),
                    lambda dy, rope: triton_headwise.headwise_backward(dy, x, None, s, True, None, rope=rope)),
     }
-    if not triton_headwise.rope_fuses(x, w, tables, packed=False, width=W):  # (D not a multiple of the walks' 512)
+    if not triton_headwise.rope_fuses(x, w, tables, packed=False, width=W):  # (D not a multiple of the walks' 256)
         print(f"[{B}, {T}, {D}]: the head-wise walks do not run here; head-wise and static rows left out")
         del convs["head-wise"], convs["static"]
     return convs

@@ -549,12 +549,18 @@ def test_headwise_walks_say_which_rope_heads_they_rotate():
     assert why(16) is None and why(32) is None and why(128) is None
     assert why(32, T=63) == "cos and sin must be [T=64, 32] (got (63, 32), (63, 32))"
     # The static conv's walk lays rows out as heads of 16 (STATIC_HEAD); a program's 512 channels
-    # rotate all or none, so the rotated channels come in multiples of 512.
+    # rotate all or none, so the rotated channels come in multiples of 512, or are all of them.
     tables = (torch.empty(64, 32), torch.empty(64, 32))
     assert gluon_headwise.cannot_rotate(x, None, tables, 512) is None
     assert gluon_headwise.cannot_rotate(x, None, tables) is None
     assert gluon_headwise.cannot_rotate(x, None, tables, 640) == (
-        "it rotates whole programs' channels, a multiple of 512 (got 640)")
+        "it rotates whole programs' channels, a multiple of 512 or all (got 640)")
+    # D an odd multiple of 256 (the 150M model's 768): the last program's upper half is masked.
+    x768 = torch.empty(2, 64, 768, dtype=torch.bfloat16)
+    assert gluon_headwise.shapes_missing(x768, None, False, width=4) is None
+    assert gluon_headwise.cannot_rotate(x768, None, tables, 768) is None
+    assert gluon_headwise.shapes_missing(x768[..., :640], None, False, width=4) == (
+        "D must be a multiple of 256 (got 640)")
     assert "halves of 16" in gluon_headwise.cannot_rotate(x, None, (torch.empty(64, 8), torch.empty(64, 8)))
     assert gluon_headwise.shapes_missing(x.bfloat16(), None, False, width=4) is None
     assert gluon_headwise.shapes_missing(x.bfloat16(), None, False, width=5) == "it takes up to 4 taps (got 5)"
@@ -1233,6 +1239,7 @@ def test_gpu_convs_of_a_projection_equal_the_convs_one_by_one(triton_backend, B,
     (2, 1000, [1024] * 3, [128] * 3, 4, 64, torch.bfloat16, True, 2),  # heads of 8 in RoPE heads of 64, ragged T
     (2, 777, [512, 512], [16, 8], 3, 128, torch.float16, False, 1),  # heads of 32 and 64, 3 taps, no static
     (1, 300, [2048], [128], 2, 256, torch.bfloat16, True, 1),  # RoPE heads of 256 (halves of 128)
+    (2, 1000, [768] * 3, [48] * 3, 4, 64, torch.bfloat16, True, 2),  # the 150M model's: D an odd multiple of 256
 ])
 def test_gpu_headwise_rope_inside_the_walks_equals_the_rotation_after_them(monkeypatch, triton_backend, B, T,
                                                                           channels, heads, W, head_dim, dtype,
@@ -1264,6 +1271,8 @@ def test_gpu_headwise_rope_inside_the_walks_equals_the_rotation_after_them(monke
     (8, 4096, 3072, 2048, 4, 64, torch.bfloat16, True),  # the 300M model's q, k, v: q and k rotated
     (2, 1000, 1536, 1024, 3, 128, torch.float16, False),  # ragged T, 3 taps, RoPE heads of 128
     (1, 300, 512, 512, 2, 32, torch.bfloat16, True),  # all channels rotated, RoPE heads of 32
+    (2, 1000, 2304, 1536, 4, 64, torch.bfloat16, True),  # the 150M model's: a half last program, not rotated
+    (1, 300, 768, 768, 3, 32, torch.float16, False),  # all of an odd multiple of 256 rotated
 ])
 def test_gpu_static_conv_rotates_inside_the_gluon_walks(monkeypatch, triton_backend, B, T, D, rotated, W,
                                                         head_dim, dtype, residual):
@@ -1425,6 +1434,7 @@ def test_gpu_gluon_lowrank_dx_matches_float64_and_the_triton_kernel(monkeypatch,
     (1, 300, 512, 8, 3, False, True, torch.float16, False),
     (2, 517, 1536, 64, 2, True, False, torch.bfloat16, True),  # x and w read in place from a projection
     (3, 64, 512, 32, 1, True, True, torch.bfloat16, False),
+    (2, 1000, 768, 16, 4, True, True, torch.bfloat16, True),  # D an odd multiple of 256: a half last program
 ])
 def test_gpu_gluon_headwise_walks_match_float64_reference(B, T, D, hs, W, static, residual, dtype, view):
     """The Gluon head-wise forward and backward against float64 (and the Triton walks' own errors),
@@ -1600,11 +1610,11 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 28 and all(0 < row["registers"] <= 255 for row in rows)
+    assert len(rows) == 30 and all(0 < row["registers"] <= 255 for row in rows)
     # The head-wise walks rotating y and turning dy back (RoPE) compile without spills, and so do
-    # the static conv's (the same walks without dynamic taps).
+    # the static conv's (the same walks without dynamic taps), D an odd multiple of 256 included.
     walks = [row for row in rows if row["kernel"].startswith(("head-wise", "static")) and "rope" in row["kernel"]]
-    assert len(walks) == 4 and all(row["stack_bytes"] == 0 for row in walks)
+    assert len(walks) == 6 and all(row["stack_bytes"] == 0 for row in walks)
     # The Gluon filter gradients (Triton >= 3.6 has Gluon's Hopper ops) compile, without spills, and
     # fit two programs per multiprocessor (228 KB of shared memory; 80 registers per thread at launch,
     # which its warp-specialised partitions share out). Triton 3.9 keeps one value on the stack across

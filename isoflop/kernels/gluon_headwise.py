@@ -3,8 +3,10 @@ for heads of 8 to 64 channels and up to 4 taps, on unpacked sequences.
 
 Same algorithm as `triton_headwise_rows`' walks: a program owns ROWS rows of 512 channels and walks
 them one row at a time, carrying the few neighbouring rows a tap needs, so each row of x, dy and w
-is read once. What the Triton kernels could not say (ncu on the backward: issue-bound, 62% of issue
-slots used, ~43 instructions per element where its arithmetic needs ~17):
+is read once. D may be any multiple of 256: where it is an odd one (the 150M model's 768 and 2304),
+the last program's upper half reads zeros and stores nothing (RAGGED_D). What the Triton kernels
+could not say (ncu on the backward: issue-bound, 62% of issue slots used, ~43 instructions per
+element where its arithmetic needs ~17):
 - rows arrive by TMA, TR rows of x, dy and w per copy, STAGES tiles ahead into a ring, so no load
   needs registers, addresses or masks; rows before 0 and from T on come as zeros. x's and dy's boxes
   have 256-channel inner rows (512 bytes): with one head's 16 channels (32 bytes) per inner row, as
@@ -102,8 +104,8 @@ def shapes_missing(x: Tensor, w: Tensor | None, packed: bool, width: int) -> str
         return f"it takes up to {MAX_WIDTH} taps (got {width})"
     if not (MIN_HEAD <= hs <= MAX_HEAD and hs & (hs - 1) == 0):
         return f"it takes heads of {MIN_HEAD} to {MAX_HEAD} channels, a power of two (got {hs})"
-    if D % CHANNELS:
-        return f"D must be a multiple of {CHANNELS} (got {D})"
+    if D % BOX:
+        return f"D must be a multiple of {BOX} (got {D})"
     if not ((w is None or x.dtype == w.dtype) and x.dtype in (torch.float16, torch.bfloat16)):
         return f"it takes float16 or bfloat16 x, dy and w (got {x.dtype}, {w.dtype if w is not None else 'no w'})"
     if x.numel() == 0:
@@ -121,12 +123,13 @@ def cannot_rotate(x: Tensor, w: Tensor | None, rope: tuple[Tensor, Tensor], chan
     """Why the walks cannot rotate the first `channels` channels (default: all) by rope = (cos, sin)
     [T, half] (given that they take x and w), or None if they can: a thread holds 4 channels of each
     half of a RoPE head (_walk_layout), so the half must hold whole conv heads and at most 128
-    channels (a warp's 32 threads of 4), and a program's 512 channels rotate all or none. Shapes
-    only (as shapes_missing); the kernels take the tables as float32 contiguous."""
+    channels (a warp's 32 threads of 4), and a program's 512 channels rotate all or none (so the
+    rotated channels are a multiple of 512, or all D). Shapes only (as shapes_missing); the kernels
+    take the tables as float32 contiguous."""
     cos, sin = rope
     half, hs = cos.shape[-1], head_size(x, w)
-    if channels is not None and channels % CHANNELS:
-        return f"it rotates whole programs' channels, a multiple of {CHANNELS} (got {channels})"
+    if channels is not None and channels % CHANNELS and channels != x.shape[-1]:
+        return f"it rotates whole programs' channels, a multiple of {CHANNELS} or all (got {channels})"
     if not (hs <= half <= 128 and half & (half - 1) == 0):
         return f"RoPE heads of 2 x {half} channels: the walks rotate halves of {hs} to 128 channels, a power of two"
     if cos.shape != (x.shape[1], half) or sin.shape != cos.shape:
@@ -137,7 +140,7 @@ def cannot_rotate(x: Tensor, w: Tensor | None, rope: tuple[Tensor, Tensor], chan
 def rows_per_program(T: int, D: int, B: int, device: torch.device, rows: int) -> int:
     """`rows` rows per program unless the grid would then leave multiprocessors idle: halved down to
     32 until it has a program for each (v25: [3, 1000, 512]'s backward 29.0 -> 12.6 us)."""
-    while rows > 32 and triton.cdiv(T, rows) * (D // CHANNELS) * B < processor_count(device):
+    while rows > 32 and triton.cdiv(T, rows) * triton.cdiv(D, CHANNELS) * B < processor_count(device):
         rows //= 2
     return rows
 
@@ -159,7 +162,7 @@ def backward(dy: Tensor, x: Tensor, w: Tensor | None, static: Tensor | None, res
     rows, stages = ROPE_BACKWARD_BLOCKS if rope is not None else BACKWARD_BLOCKS[hs]
     blocks = {"ROWS": rows_per_program(T, D, B, x.device, rows), "TR": TR, "STAGES": stages} | (blocks or {})
     heads = CHANNELS // hs
-    grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
+    grid = (triton.cdiv(T, blocks["ROWS"]), triton.cdiv(D, CHANNELS), B)
     # dx and dw contiguous whatever x's and w's layouts, or the caller's views (stored by row strides)
     dx, dw = out if out is not None else (x.new_empty(x.shape), w.new_empty(w.shape) if w is not None else None)
     ds_part = torch.empty(B * grid[0], W * D, device=x.device, dtype=torch.float32) if static is not None else None
@@ -172,7 +175,7 @@ def backward(dy: Tensor, x: Tensor, w: Tensor | None, static: Tensor | None, res
         T, D, D // hs, dx.stride(1), dw.stride(1) if dw is not None else 0, _rotated_channels(rope, rope_channels, D),
         W=W, W_P=triton.next_power_of_2(W), HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr, STAGES=blocks["STAGES"],
         HAS_STATIC=static is not None, RESIDUAL=residual, **_rope_constants(rope, hs), DTYPE=gl_dtype(x), BOX=BOX,
-        NUM_WARPS=WARPS, HAS_W=w is not None, num_warps=WARPS,
+        NUM_WARPS=WARPS, HAS_W=w is not None, RAGGED_D=D % CHANNELS != 0, num_warps=WARPS,
     )
     ds = sum_partials(ds_part, static.dtype).view(W, D) if static is not None else None
     return dx, dw, ds
@@ -205,7 +208,7 @@ def forward(x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool, 
     hs = head_size(x, w)
     heads = CHANNELS // hs
     y = x.new_empty(x.shape)
-    grid = (triton.cdiv(T, blocks["ROWS"]), D // CHANNELS, B)
+    grid = (triton.cdiv(T, blocks["ROWS"]), triton.cdiv(D, CHANNELS), B)
     tr = blocks["TR"]
     rows_x = _rows_descriptor(x, tr)
     _headwise_gluon_fwd_kernel[grid](
@@ -213,18 +216,19 @@ def forward(x: Tensor, w: Tensor | None, static: Tensor | None, residual: bool, 
         *_tables(rope, x), y, T, D, D // hs, _rotated_channels(rope, rope_channels, D),
         W=W, W_P=triton.next_power_of_2(W), HS=hs, HEADS=heads, ROWS=blocks["ROWS"], TR=tr,
         STAGES=blocks["STAGES"], HAS_STATIC=static is not None, RESIDUAL=residual, **_rope_constants(rope, hs),
-        DTYPE=gl_dtype(x), BOX=BOX, NUM_WARPS=WARPS, HAS_W=w is not None, num_warps=WARPS,
+        DTYPE=gl_dtype(x), BOX=BOX, NUM_WARPS=WARPS, HAS_W=w is not None, RAGGED_D=D % CHANNELS != 0,
+        num_warps=WARPS,
     )
     return y
 
 
 def _rotated_channels(rope: tuple[Tensor, Tensor] | None, channels: int | None, D: int) -> int:
-    """The kernels' ROPE_CHANNELS: how many leading channels rotate (a multiple of CHANNELS: a
-    program's channels rotate all or none)."""
+    """The kernels' ROPE_CHANNELS: how many leading channels rotate (a multiple of CHANNELS, or all
+    D: a program's channels rotate all or none)."""
     channels = D if channels is None else channels
-    if rope is not None and channels % CHANNELS:
+    if rope is not None and channels % CHANNELS and channels != D:
         raise ValueError(f"rope_channels={channels}: the walks rotate whole programs' channels, a multiple of "
-                         f"{CHANNELS}")
+                         f"{CHANNELS} or all {D}")
     return channels if rope is not None else 0
 
 
@@ -284,12 +288,12 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
 
     @gluon.jit
     def _static_tap(s_ptr, offs, c0, D, k: gl.constexpr, W: gl.constexpr, HAS_STATIC: gl.constexpr,
-                    RESIDUAL: gl.constexpr, L: gl.constexpr):
+                    RESIDUAL: gl.constexpr, L: gl.constexpr, RAGGED_D: gl.constexpr):
         """Static tap k on this program's channels (+1 on tap 0 for the residual), float32."""
         tap = gl.zeros(offs.shape, gl.float32, L)
         if k < W:
             if HAS_STATIC:
-                tap += gl.load(s_ptr + k * D + c0 + offs).to(gl.float32)
+                tap += gl.load(s_ptr + k * D + c0 + offs, mask=_channels(offs, c0, D, RAGGED_D)).to(gl.float32)
             if RESIDUAL:
                 if k == 0:
                     tap += 1.0
@@ -298,7 +302,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
     @gluon.jit
     def _program(s_ptr, D, W: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr, HAS_STATIC: gl.constexpr,
                  RESIDUAL: gl.constexpr, HEADS: gl.constexpr, HS: gl.constexpr, SHAPE: gl.constexpr,
-                 L: gl.constexpr):
+                 L: gl.constexpr, RAGGED_D: gl.constexpr):
         """This program's first row, first head and first channel, its heads ([NB, 2, NH] in L's slice)
         and channel offsets ([NB, 2, NH, HS] in L), and the static taps on its channels. Both walks'
         limits: up to 4 taps, the W - 1 lags within one copy of TR rows, whole copies per program."""
@@ -317,8 +321,18 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         offs = gl.expand_dims(heads, 3) * HS + _lanes(HS, L)
         s = ()
         for k in gl.static_range(W):
-            s = s + (_static_tap(s_ptr, offs, c0, D, k, W, HAS_STATIC, RESIDUAL, L),)
+            s = s + (_static_tap(s_ptr, offs, c0, D, k, W, HAS_STATIC, RESIDUAL, L, RAGGED_D),)
         return t_lo, h0, c0, heads, offs, s
+
+    @gluon.jit
+    def _channels(offs, c0, D, RAGGED_D: gl.constexpr):
+        """Which of the program's channels (offs from c0; or heads from h0 of H) lie in x: all (a mask
+        the compiler drops) unless D is an odd multiple of 256 (RAGGED_D), where the last program's
+        upper half lies past D: its TMA boxes read zeros there, and its loads and stores of those
+        channels are masked."""
+        if RAGGED_D:
+            return c0 + offs < D
+        return offs >= 0
 
     @gluon.jit
     def _lanes(HS: gl.constexpr, L: gl.constexpr):
@@ -490,6 +504,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         W: gl.constexpr, W_P: gl.constexpr, HS: gl.constexpr, HEADS: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr,
         STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, ROPE: gl.constexpr,
         HALF: gl.constexpr, DTYPE: gl.constexpr, BOX: gl.constexpr, NUM_WARPS: gl.constexpr, HAS_W: gl.constexpr,
+        RAGGED_D: gl.constexpr,
     ):
         """dx, dw (with dynamic taps, HAS_W) and the static filter's partial gradient, walking up; with
         ROPE, dy is the gradient of y's first ROPE_CHANNELS channels rotated by RoPE (heads of 2 HALF
@@ -499,7 +514,9 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         head_l: gl.constexpr = gl.SliceLayout(3, L)
 
         b = gl.program_id(2)
-        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, SHAPE, L)
+        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, SHAPE, L,
+                                                RAGGED_D)
+        channels = _channels(offs, c0, D, RAGGED_D)
         x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
         dy_ring, dy_tma = _rows_ring(dy_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
         if HAS_W:
@@ -545,7 +562,8 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                     else:
                         df = dyr * lags[k - 1]
                     if HAS_W:
-                        gl.store(dw_row + k * H + heads, gl.sum(df, axis=3).to(DTYPE), mask=(heads >= 0) & (u < T))
+                        gl.store(dw_row + k * H + heads, gl.sum(df, axis=3).to(DTYPE),
+                                 mask=_channels(heads, h0, H, RAGGED_D) & (u < T))
                     new_acc = new_acc + (acc[k] + df,)
                 if HAS_STATIC:
                     acc = new_acc
@@ -553,7 +571,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 done, pend = _dx_step(dyr, f, pend, W)
                 v = u - (W - 1)
                 gl.store(dx_ptr + (b * T + v).to(gl.int64) * DX_STRIDE + c0 + offs, done.to(DTYPE),
-                         mask=(offs >= 0) & (v >= t_lo) & (v < T))
+                         mask=channels & (v >= t_lo) & (v < T))
 
         # The rows above: their taps complete dx of the program's last W - 1 rows.
         last = n_tiles - 1
@@ -566,13 +584,13 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             done, pend = _dx_step(dyr, _filters(w_ring, row, s, W, W_P, head_l, HAS_W), pend, W)
             v = u - (W - 1)
             gl.store(dx_ptr + (b * T + v).to(gl.int64) * DX_STRIDE + c0 + offs, done.to(DTYPE),
-                     mask=(offs >= 0) & (v < T))
+                     mask=channels & (v < T))
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
         if HAS_STATIC:
             part = ds_part_ptr + (b * gl.num_programs(0) + gl.program_id(0)).to(gl.int64) * (W * D) + c0 + offs
             for k in gl.static_range(W):
-                gl.store(part + k * D, acc[k])
+                gl.store(part + k * D, acc[k], mask=channels)
 
     @gluon.jit
     def _headwise_gluon_fwd_kernel(
@@ -581,6 +599,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         W: gl.constexpr, W_P: gl.constexpr, HS: gl.constexpr, HEADS: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr,
         STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr, ROPE: gl.constexpr,
         HALF: gl.constexpr, DTYPE: gl.constexpr, BOX: gl.constexpr, NUM_WARPS: gl.constexpr, HAS_W: gl.constexpr,
+        RAGGED_D: gl.constexpr,
     ):
         """y[u] = sum_k (w_k[u] + s_k) x[u-k] (s_0 + 1 with the residual; no w_k without dynamic taps,
         HAS_W), walking up with x[u-1..u-W+1] carried in registers; tile 0 brings the lags of the
@@ -591,7 +610,9 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         head_l: gl.constexpr = gl.SliceLayout(3, L)
 
         b = gl.program_id(2)
-        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, SHAPE, L)
+        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, SHAPE, L,
+                                                RAGGED_D)
+        channels = _channels(offs, c0, D, RAGGED_D)
         x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
         if HAS_W:
             w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, SHAPE, DTYPE)
@@ -623,7 +644,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 if ROPE:
                     y = _rotated(y, cos, sin, L)
                     cos, sin = angle_sum(cos, sin, cos1, sin1)
-                gl.store(y_ptr + (b * T + u).to(gl.int64) * D + c0 + offs, y.to(DTYPE), mask=(offs >= 0) & (u < T))
+                gl.store(y_ptr + (b * T + u).to(gl.int64) * D + c0 + offs, y.to(DTYPE), mask=channels & (u < T))
                 lags = _shifted(xr, lags, W)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
