@@ -531,6 +531,10 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         # Tiles: 0 holds the TR rows below the program's (x's lags), 1..ROWS/TR its rows, the last
         # the TR rows above (dy and taps for its last rows' dx).
         n_tiles = ROWS // TR + 2
+        # The program's first rows of dx and dw; rows below are 32-bit offsets from them. A 64-bit
+        # address per row from the runtime row strides cost ~5 us at the paper's shape (KERNELS.md v37).
+        dx_base = dx_ptr + (b * T + t_lo).to(gl.int64) * DX_STRIDE + c0
+        dw_base = dw_ptr + (b * T + t_lo).to(gl.int64) * DW_STRIDE + h0
         for j in gl.static_range(STAGES):
             _issue(x_tma, dy_tma, w_tma, x_desc, dy_desc, w_desc, bars, j, n_tiles, t_lo + (j - 1) * TR, b, c0 // BOX,
                    h0, STAGES, HAS_W)
@@ -554,7 +558,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 dyr, angles = _dy_row(dy_ring, row, angles, ROPE, L)
                 f = _filters(w_ring, row, s, W, W_P, head_l, HAS_W)
                 # pairs dy[u] x[u-k]: dw[u, k] (a head's sum) and the static filter's gradient
-                dw_row = dw_ptr + (b * T + u).to(gl.int64) * DW_STRIDE + h0
+                dw_row = dw_base + (u - t_lo) * DW_STRIDE
                 new_acc = ()
                 for k in gl.static_range(W):
                     if k == 0:
@@ -570,7 +574,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 lags = _shifted(xr, lags, W)
                 done, pend = _dx_step(dyr, f, pend, W)
                 v = u - (W - 1)
-                gl.store(dx_ptr + (b * T + v).to(gl.int64) * DX_STRIDE + c0 + offs, done.to(DTYPE),
+                gl.store(dx_base + (v - t_lo) * DX_STRIDE + offs, done.to(DTYPE),
                          mask=channels & (v >= t_lo) & (v < T))
 
         # The rows above: their taps complete dx of the program's last W - 1 rows.
@@ -583,7 +587,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             dyr, angles = _dy_row(dy_ring, row, angles, ROPE, L)
             done, pend = _dx_step(dyr, _filters(w_ring, row, s, W, W_P, head_l, HAS_W), pend, W)
             v = u - (W - 1)
-            gl.store(dx_ptr + (b * T + v).to(gl.int64) * DX_STRIDE + c0 + offs, done.to(DTYPE),
+            gl.store(dx_base + (v - t_lo) * DX_STRIDE + offs, done.to(DTYPE),
                      mask=channels & (v < T))
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
