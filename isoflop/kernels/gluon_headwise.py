@@ -128,7 +128,7 @@ def cannot_rotate(x: Tensor, w: Tensor | None, rope: tuple[Tensor, Tensor], chan
     take the tables as float32 contiguous."""
     cos, sin = rope
     half, hs = cos.shape[-1], head_size(x, w)
-    if channels is not None and channels % CHANNELS and channels != x.shape[-1]:
+    if channels is not None and not _whole_programs(channels, x.shape[-1]):
         return f"it rotates whole programs' channels, a multiple of {CHANNELS} or all (got {channels})"
     if not (hs <= half <= 128 and half & (half - 1) == 0):
         return f"RoPE heads of 2 x {half} channels: the walks rotate halves of {hs} to 128 channels, a power of two"
@@ -226,10 +226,16 @@ def _rotated_channels(rope: tuple[Tensor, Tensor] | None, channels: int | None, 
     """The kernels' ROPE_CHANNELS: how many leading channels rotate (a multiple of CHANNELS, or all
     D: a program's channels rotate all or none)."""
     channels = D if channels is None else channels
-    if rope is not None and channels % CHANNELS and channels != D:
+    if rope is not None and not _whole_programs(channels, D):
         raise ValueError(f"rope_channels={channels}: the walks rotate whole programs' channels, a multiple of "
                          f"{CHANNELS} or all {D}")
     return channels if rope is not None else 0
+
+
+def _whole_programs(channels: int, D: int) -> bool:
+    """Whether the first `channels` of D rotate as whole programs' channels (a program's rotate all or
+    none): a multiple of CHANNELS, or all D."""
+    return channels % CHANNELS == 0 or channels == D
 
 
 def _tables(rope: tuple[Tensor, Tensor] | None, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,13 +293,13 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         return [int(HEADS) // (2 * nh), 2, nh, int(HS)]
 
     @gluon.jit
-    def _static_tap(s_ptr, offs, c0, D, k: gl.constexpr, W: gl.constexpr, HAS_STATIC: gl.constexpr,
-                    RESIDUAL: gl.constexpr, L: gl.constexpr, RAGGED_D: gl.constexpr):
+    def _static_tap(s_ptr, offs, channels, c0, D, k: gl.constexpr, W: gl.constexpr, HAS_STATIC: gl.constexpr,
+                    RESIDUAL: gl.constexpr, L: gl.constexpr):
         """Static tap k on this program's channels (+1 on tap 0 for the residual), float32."""
         tap = gl.zeros(offs.shape, gl.float32, L)
         if k < W:
             if HAS_STATIC:
-                tap += gl.load(s_ptr + k * D + c0 + offs, mask=_channels(offs, c0, D, RAGGED_D)).to(gl.float32)
+                tap += gl.load(s_ptr + k * D + c0 + offs, mask=channels).to(gl.float32)
             if RESIDUAL:
                 if k == 0:
                     tap += 1.0
@@ -303,9 +309,10 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
     def _program(s_ptr, D, W: gl.constexpr, ROWS: gl.constexpr, TR: gl.constexpr, HAS_STATIC: gl.constexpr,
                  RESIDUAL: gl.constexpr, HEADS: gl.constexpr, HS: gl.constexpr, SHAPE: gl.constexpr,
                  L: gl.constexpr, RAGGED_D: gl.constexpr):
-        """This program's first row, first head and first channel, its heads ([NB, 2, NH] in L's slice)
-        and channel offsets ([NB, 2, NH, HS] in L), and the static taps on its channels. Both walks'
-        limits: up to 4 taps, the W - 1 lags within one copy of TR rows, whole copies per program."""
+        """This program's first row, first head and first channel, its heads ([NB, 2, NH] in L's slice),
+        channel offsets ([NB, 2, NH, HS] in L) and which of those lie in x (_channels), and the static
+        taps on its channels. Both walks' limits: up to 4 taps, the W - 1 lags within one copy of TR
+        rows, whole copies per program."""
         gl.static_assert(W <= 4)
         gl.static_assert(TR >= W - 1)
         gl.static_assert(ROWS % TR == 0)
@@ -319,10 +326,11 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         heads = ((gl.expand_dims(gl.expand_dims(nb, 1), 2) * 2 + gl.expand_dims(gl.expand_dims(half, 0), 2)) * SHAPE[2]
                  + gl.expand_dims(gl.expand_dims(nh, 0), 1))
         offs = gl.expand_dims(heads, 3) * HS + _lanes(HS, L)
+        channels = _channels(offs, c0, D, RAGGED_D)
         s = ()
         for k in gl.static_range(W):
-            s = s + (_static_tap(s_ptr, offs, c0, D, k, W, HAS_STATIC, RESIDUAL, L, RAGGED_D),)
-        return t_lo, h0, c0, heads, offs, s
+            s = s + (_static_tap(s_ptr, offs, channels, c0, D, k, W, HAS_STATIC, RESIDUAL, L),)
+        return t_lo, h0, c0, heads, offs, channels, s
 
     @gluon.jit
     def _channels(offs, c0, D, RAGGED_D: gl.constexpr):
@@ -514,9 +522,8 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         head_l: gl.constexpr = gl.SliceLayout(3, L)
 
         b = gl.program_id(2)
-        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, SHAPE, L,
-                                                RAGGED_D)
-        channels = _channels(offs, c0, D, RAGGED_D)
+        t_lo, h0, c0, heads, offs, channels, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS,
+                                                          SHAPE, L, RAGGED_D)
         x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
         dy_ring, dy_tma = _rows_ring(dy_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
         if HAS_W:
@@ -614,9 +621,8 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         head_l: gl.constexpr = gl.SliceLayout(3, L)
 
         b = gl.program_id(2)
-        t_lo, h0, c0, heads, offs, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS, SHAPE, L,
-                                                RAGGED_D)
-        channels = _channels(offs, c0, D, RAGGED_D)
+        t_lo, h0, c0, heads, offs, channels, s = _program(s_ptr, D, W, ROWS, TR, HAS_STATIC, RESIDUAL, HEADS, HS,
+                                                          SHAPE, L, RAGGED_D)
         x_ring, x_tma = _rows_ring(x_desc, STAGES, TR, HEADS, HS, SHAPE, BOX, DTYPE)
         if HAS_W:
             w_ring, w_tma = _taps_ring(w_desc, STAGES, TR, W_P, HEADS, SHAPE, DTYPE)
