@@ -306,6 +306,27 @@ def test_partial_sums_write_into_columns_of_a_bigger_gradient():
 
 
 @interpreted
+@pytest.mark.parametrize("with_static", [True, False])
+def test_filter_grad_sums_into_buffers_made_before_equal_the_sums_that_make_their_own(with_static):
+    """The side-by-side backward runs the sums on the side stream into dz, dU and ds allocated before
+    its fork (_filter_grad_outputs): the same bits as the sums that allocate their own results, and
+    those very buffers come back."""
+    from isoflop.kernels.triton_lowrank import _filter_grad_outputs, sum_filter_grads
+
+    g = torch.Generator().manual_seed(3)
+    B, T, R, W, D, tiles, chunks = 2, 5, 3, 4, 8, 2, 3
+    z, U = torch.empty(B, T, R, dtype=torch.float16), torch.empty(R, W * D)
+    static = torch.empty(W, D, dtype=torch.float16) if with_static else None
+    dz_part, du_part = torch.randn(tiles, B * T, R, generator=g), torch.randn(B * chunks, R, W * D, generator=g)
+    ds_part = torch.randn(B * chunks, W * D, generator=g) if with_static else du_part
+    outs = _filter_grad_outputs(z, U, static, None)
+    got = sum_filter_grads(dz_part, du_part, ds_part, z, U, static, 1, outs=outs)
+    expected = sum_filter_grads(dz_part, du_part, ds_part, z, U, static, 1)
+    for a, b, out in zip(got, expected, outs):
+        assert (a is None and b is None and out is None) or (a.data_ptr() == out.data_ptr() and torch.equal(a, b))
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "B, T, D, R, W, with_static, residual",

@@ -879,11 +879,16 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
     d_tiles, chunk_t, chunks = _overlap_plan(B, T, D, processor_count(x.device))
     meta = _grad_meta(meta, U, static)
     parts = _filter_grad_buffers(x, U, static, d_tiles, chunks)
+    outs = _filter_grad_outputs(z, U, static, dz_out)
     side = side_stream(x.device.index)
     main = side.fork() if beside else None
     try:
         gluon_lowrank.filter_grad_partials(dy, x, z, U, None, meta, d_group, chunk_t, chunks, *parts,
                                            stages=gluon_lowrank.OVERLAP_STAGES, rope=rope)
+        # The sums follow the filter gradients on the side stream, under dx's tail where it is the
+        # longer (H200: the paper's shape 101.7 -> 100.5 us, the 150M q conv 96.5 -> 92.9, KERNELS.md
+        # v38); their outputs were allocated before the fork.
+        sums = sum_filter_grads(*parts, z, U, static, D // d_group, outs=outs)
     finally:
         if beside:
             side.back(main)
@@ -891,7 +896,14 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
                                rope=rope, out=_gluon_out(dx_out, dy))
     if beside:
         side.join(main)
-    return dx, *sum_filter_grads(*parts, z, U, static, D // d_group, dz_out)
+    return dx, *sums
+
+
+def _filter_grad_outputs(z: Tensor, U: Tensor, static: Tensor | None, dz_out: Tensor | None):
+    """Empty (dz, dU, ds) for sum_filter_grads to write into (dz: dz_out where given)."""
+    dz = dz_out if dz_out is not None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    return (dz, torch.empty(U.shape, dtype=U.dtype, device=U.device),
+            torch.empty(static.shape, dtype=static.dtype, device=static.device) if static is not None else None)
 
 
 def _grad_rank(R: int, has_static: bool) -> int:
@@ -957,21 +969,30 @@ def _filter_grad_buffers(x: Tensor, U: Tensor, static: Tensor | None, d_tiles: i
 
 
 def sum_filter_grads(dz_part: Tensor, du_part: Tensor, ds_part: Tensor, z: Tensor, U: Tensor,
-                     static: Tensor | None, groups: int,
-                     dz_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                     static: Tensor | None, groups: int, dz_out: Tensor | None = None,
+                     outs: tuple | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dz, dU, ds) from the fused filter-gradient kernel's partials, in one launch: each of the
     `groups` channel groups' dz sums its own channel tiles' partials (tiles never straddle
     groups) into its R columns of dz [B, T, groups * R] (z's layout), or of dz_out (a view of the
-    same shape, e.g. z's columns of a fused projection's gradient), which then comes back as dz."""
-    dz = dz_out if dz_out is not None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
-    dz, dU, ds = _sum_param_grads(du_part, ds_part, U, static, (dz_part, z.dtype, groups, dz))
-    return dz, dU, ds
+    same shape, e.g. z's columns of a fused projection's gradient), which then comes back as dz.
+    outs: (dz, dU, ds) to write into instead (_filter_grad_outputs)."""
+    if outs is None:
+        dz, params_out = (dz_out if dz_out is not None else torch.empty(z.shape, dtype=z.dtype, device=z.device),
+                          (None, None))
+    else:
+        dz, params_out = outs[0], outs[1:]
+    return _sum_param_grads(du_part, ds_part, U, static, (dz_part, z.dtype, groups, dz), outs=params_out)
 
 
-def _sum_param_grads(du_part: Tensor, ds_part: Tensor, U: Tensor, static: Tensor | None, *first: tuple):
+def _sum_param_grads(du_part: Tensor, ds_part: Tensor, U: Tensor, static: Tensor | None, *first: tuple,
+                     outs: tuple = (None, None)):
     """(*first's sums, dU, ds) from their partials (ds_part is du_part itself without a static
-    filter), in one launch with the `first` sum_partials jobs (KERNELS.md, v21)."""
-    jobs = [*first, (du_part, U.dtype, 1)] + ([(ds_part, static.dtype, 1)] if static is not None else [])
+    filter), in one launch with the `first` sum_partials jobs (KERNELS.md, v21); outs: dU and ds
+    to write into, where not None."""
+    into = [(out.view(1, -1),) if out is not None else () for out in outs]  # (sum_partials_together's rows)
+    jobs = [*first, (du_part, U.dtype, 1, *into[0])]
+    if static is not None:
+        jobs.append((ds_part, static.dtype, 1, *into[1]))
     sums = sum_partials_together(jobs)
     dU = sums[len(first)].view(U.shape)
     ds = sums[-1].view(static.shape) if static is not None else None
