@@ -864,9 +864,10 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
     of each, they finish sooner than one after the other (H200, KERNELS.md point 43: paper shape
     106.9 -> 100 us, the 300M q conv on views 112.2 -> 101). Grids of more (channel tiles x
     sequences) than multiprocessors would run two of one kernel per multiprocessor and leave no
-    room for the other, so they run one after the other (_overlaps). Every buffer is allocated on
-    the current stream before the side stream starts, and the current stream waits for it before
-    the sums, so no memory is freed while the side stream still uses it. `beside=False` runs the same
+    room for the other, so they run one after the other (_overlaps). Every buffer, the sums' outputs
+    among them, is allocated on the current stream before the side stream starts (which then runs
+    the filter gradients and their sums), and the current stream waits for it at the end, so no
+    memory is freed while the side stream still uses it. `beside=False` runs the same
     launches one after the other on the current stream (tests: the results are the same bits).
     With `rope` both kernels turn dy back as they read it: dx in its ring slots (224 registers), the
     filter gradients in each consumer's registers (96 per thread at launch), which still fit one
@@ -901,8 +902,7 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
 
 def _filter_grad_outputs(z: Tensor, U: Tensor, static: Tensor | None, dz_out: Tensor | None):
     """Empty (dz, dU, ds) for sum_filter_grads to write into (dz: dz_out where given)."""
-    dz = dz_out if dz_out is not None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
-    return (dz, torch.empty(U.shape, dtype=U.dtype, device=U.device),
+    return (_dz_target(z, dz_out), torch.empty(U.shape, dtype=U.dtype, device=U.device),
             torch.empty(static.shape, dtype=static.dtype, device=static.device) if static is not None else None)
 
 
@@ -976,12 +976,14 @@ def sum_filter_grads(dz_part: Tensor, du_part: Tensor, ds_part: Tensor, z: Tenso
     groups) into its R columns of dz [B, T, groups * R] (z's layout), or of dz_out (a view of the
     same shape, e.g. z's columns of a fused projection's gradient), which then comes back as dz.
     outs: (dz, dU, ds) to write into instead (_filter_grad_outputs)."""
-    if outs is None:
-        dz, params_out = (dz_out if dz_out is not None else torch.empty(z.shape, dtype=z.dtype, device=z.device),
-                          (None, None))
-    else:
-        dz, params_out = outs[0], outs[1:]
-    return _sum_param_grads(du_part, ds_part, U, static, (dz_part, z.dtype, groups, dz), outs=params_out)
+    if outs is None:  # (dU and ds: the sums make their own)
+        outs = (_dz_target(z, dz_out), None, None)
+    return _sum_param_grads(du_part, ds_part, U, static, (dz_part, z.dtype, groups, outs[0]), outs=outs[1:])
+
+
+def _dz_target(z: Tensor, dz_out: Tensor | None) -> Tensor:
+    """Where the sums write dz: dz_out, or a new tensor in z's layout."""
+    return dz_out if dz_out is not None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
 
 def _sum_param_grads(du_part: Tensor, ds_part: Tensor, U: Tensor, static: Tensor | None, *first: tuple,
