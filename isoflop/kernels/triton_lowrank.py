@@ -808,13 +808,12 @@ def lowrank_backward(
     if side_by_side:
         dx, dz, dU, ds = _overlapped_backward(dy, x, z, U, static, residual, meta, rope=rope, dx_out=dx_out,
                                               dz_out=dz_out)
-    else:
+    elif variant == "split":
         dx = _dx(dy, z, U, static, residual, pos, dx_gluon, out=dx_out)
-        if variant == "split":
-            dz, dU, ds = _split_filter_grads(dy, x, z, U, static, pos, meta, blocks)
-        else:
-            dz, dU, ds = _fused_filter_grads(dy, x, z, U, static, pos, meta, blocks, gluon=variant == "gluon",
-                                             dz_out=dz_out)
+        dz, dU, ds = _split_filter_grads(dy, x, z, U, static, pos, meta, blocks)
+    else:
+        dx, dz, dU, ds = _fused_backward(dy, x, z, U, static, residual, pos, meta, blocks, dx_gluon,
+                                         gluon=variant == "gluon", dx_out=dx_out, dz_out=dz_out)
     if out is not None:
         dx, dz = (target if got is target else target.copy_(got) for target, got in zip(out, (dx, dz)))
     return dx, dz, dU, ds
@@ -928,11 +927,43 @@ def _auto_variant(R: int, W: int, has_static: bool) -> str:
     return "split" if _grad_rank(R, has_static) * next_pow2(W) >= 1024 else "fused"
 
 
+def _fused_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool,
+                    pos: Tensor | None, meta: dict, blocks: dict | None, dx_gluon: bool, gluon: bool,
+                    dx_out: Tensor | None, dz_out: Tensor | None):
+    """(dx, dz, dU, ds) with the fused filter-gradient kernel (or its Gluon twin) and dx one after the
+    other. On a GPU the filter gradients go first, then their sums on a side stream beside dx, since
+    they need only the partials (H200, KERNELS.md v38: the 300M gate conv on views 307.6 -> 304.6
+    us, [16, 2048, 1024] 107.8 -> 105.6, [2, 1000, 512] with R = 5 and W = 3 12.1 -> 9.8); buffers
+    are allocated before the fork, as in _overlapped_backward."""
+    if not (x.is_cuda and not interpreting()):
+        dx = _dx(dy, z, U, static, residual, pos, dx_gluon, out=dx_out)
+        return dx, *_fused_filter_grads(dy, x, z, U, static, pos, meta, blocks, gluon=gluon, dz_out=dz_out)
+    parts = _fused_filter_grad_partials(dy, x, z, U, static, pos, meta, blocks, gluon)
+    outs = _filter_grad_outputs(z, U, static, dz_out)
+    side = side_stream(x.device.index)
+    main = side.fork()
+    try:
+        sums = sum_filter_grads(*parts, z, U, static, x.shape[-1] // _group_size(z, U, x.shape[-1]), outs=outs)
+    finally:
+        side.back(main)
+    dx = _dx(dy, z, U, static, residual, pos, dx_gluon, out=dx_out)
+    side.join(main)
+    return dx, *sums
+
+
 def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
                         pos: Tensor | None, meta: dict, blocks: dict | None, gluon: bool = False,
                         dz_out: Tensor | None = None):
     """(dz, dU, ds) from the fused filter-gradient kernel, or with `gluon` from its Gluon twin
     (gluon_lowrank: the same tiles, partials and results); dz_out as sum_filter_grads takes it."""
+    parts = _fused_filter_grad_partials(dy, x, z, U, static, pos, meta, blocks, gluon)
+    D = x.shape[-1]
+    return sum_filter_grads(*parts, z, U, static, D // _group_size(z, U, D), dz_out)
+
+
+def _fused_filter_grad_partials(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor | None,
+                                pos: Tensor | None, meta: dict, blocks: dict | None, gluon: bool):
+    """The fused filter-gradient kernel's partials (dz_part, du_part, ds_part; _filter_grad_buffers)."""
     B, T, D = x.shape
     R, W, d_group = U.shape[0], meta["W"], _group_size(z, U, D)
     meta = _grad_meta(meta, U, static)
@@ -954,7 +985,7 @@ def _fused_filter_grads(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Ten
             B, T, D, R, x.stride(1), z.stride(1), d_group, chunks, chunk_t,
             **meta, **blocks,
         )
-    return sum_filter_grads(dz_part, du_part, ds_part, z, U, static, D // d_group, dz_out)
+    return dz_part, du_part, ds_part
 
 
 def _filter_grad_buffers(x: Tensor, U: Tensor, static: Tensor | None, d_tiles: int, chunks: int):
