@@ -87,6 +87,7 @@ def test_each_error_names_the_file_the_key_and_what_is_allowed(changes, key, all
     message = str(error.value)
     assert message.startswith(f"{PATH}: {key}") and "allowed: " in message
     assert allowed in message.split("allowed: ")[1]
+    assert "= None" not in message  # a missing key shows no value
 
 
 def test_a_bad_reference_is_one_line_from_the_cli_before_any_fit(results, capsys):

@@ -255,4 +255,11 @@ def test_error_message_reads_as_one_line(tmp_path):
     assert "\n" not in message
     expected = "grid.budgets[1] = -5: must be positive and finite; allowed: a number > 0"
     assert message == f"{error.file}: {expected}"
+    # Where the file gives no value (a missing key, a missing file), the message shows none either.
+    missing = error_of(tmp_path, changed("data", None))
+    assert str(missing) == f"{missing.file}: data: is missing; allowed: a value" and missing.value is None
+    with pytest.raises(SweepError) as absent:
+        load_sweep(tmp_path / "absent.yaml")
+    expected = f"{tmp_path / 'absent.yaml'}: the sweep file does not exist; allowed: a path to a YAML file"
+    assert str(absent.value) == expected
 

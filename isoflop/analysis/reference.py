@@ -78,7 +78,7 @@ def parse_reference(document: Any, path: Path, archs: list[str], baseline: str) 
                                      ", ".join(KEYS))
     for key in REQUIRED_KEYS:
         if key not in document:
-            raise ReferenceFileError(path, key, None, "is missing (required)",
+            raise ReferenceFileError(path, "", None, f"{key}: is missing (required)",  # (no value to show)
                                      WHAT_EACH_KEY_HOLDS[key])
     in_table = ", ".join(archs)
 

@@ -83,13 +83,19 @@ DEFAULT_OPTIMUM_TOKENS_PER_PARAM = 20.0
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # safe as a directory name
 
 
+NO_VALUE = object()  # SweepError's value where the file gives none (a missing key, an unreadable file)
+
+
 class SweepError(ValueError):
     """A sweep file that cannot be run. The message names file, key path, bad value and what is allowed."""
 
     def __init__(self, file: Path | str, path: str, value: Any, problem: str, allowed: str = "") -> None:
-        self.file, self.path, self.value = str(file), path, value
+        self.file, self.path, self.value = str(file), path, None if value is NO_VALUE else value
         self.problem, self.allowed = problem, allowed
-        message = f"{file}: {path or '<top level>'} = {value!r}: {problem}"
+        if value is NO_VALUE:  # "sweep.yaml: grid: is missing", "sweep.yaml: the sweep file does not exist"
+            message = f"{file}: {path + ': ' if path else ''}{problem}"
+        else:
+            message = f"{file}: {path or '<top level>'} = {value!r}: {problem}"
         super().__init__(f"{message}; allowed: {allowed}" if allowed else message)
 
 
@@ -440,7 +446,7 @@ class _Section:
                 # A misspelt key ("grids:") is then the likely cause, so name it.
                 near = difflib.get_close_matches(key, [str(k) for k in self.mapping], n=1)
                 problem = f"is missing (the file has {near[0]!r}: a misspelling?)" if near else "is missing"
-                raise SweepError(self.file, self.key_path(key), None, problem, "a value")
+                raise SweepError(self.file, self.key_path(key), NO_VALUE, problem, "a value")
             return default
         return self.parse(self.key_path(key), self.mapping.pop(key), parse)
 
@@ -476,20 +482,20 @@ def load_sweep(path: Path | str) -> Sweep:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SweepError(path, "", None, "the sweep file does not exist", "a path to a YAML file") from None
+        raise SweepError(path, "", NO_VALUE, "the sweep file does not exist", "a path to a YAML file") from None
     except UnicodeDecodeError as exc:
-        raise SweepError(path, "", None, f"is not UTF-8 text ({exc.reason} at byte {exc.start})",
+        raise SweepError(path, "", NO_VALUE, f"is not UTF-8 text ({exc.reason} at byte {exc.start})",
                          "a UTF-8 YAML file") from None
     except OSError as exc:
-        raise SweepError(path, "", None, f"cannot be read: {exc.strerror}", "a readable YAML file") from None
+        raise SweepError(path, "", NO_VALUE, f"cannot be read: {exc.strerror}", "a readable YAML file") from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SweepError(path, "", None, f"is not valid YAML: {exc}", "a YAML mapping") from None
+        raise SweepError(path, "", NO_VALUE, f"is not valid YAML: {exc}", "a YAML mapping") from None
     except (ValueError, TypeError, AttributeError, RecursionError) as exc:
         # PyYAML's constructors raise these for values it parses but cannot build (2001-13-45,
         # '!!float abc', very deep nesting): still the file's fault, not a crash of ours.
-        raise SweepError(path, "", None, f"is not valid YAML: a value cannot be read "
+        raise SweepError(path, "", NO_VALUE, f"is not valid YAML: a value cannot be read "
                          f"({type(exc).__name__}: {exc})", "a YAML mapping") from None
     return parse_sweep(document, path)
 
@@ -546,7 +552,7 @@ def _check_task_and_grid(data: DataConfig, grid: Grid, seq_len: int, file: Path)
     """A task goes with a recall grid; the task at every difficulty must be one check_task accepts."""
     if (data.task is not None) != isinstance(grid, RecallGrid):
         if data.task is None:
-            raise SweepError(file, "data.task", None, "is missing, but grid.kind is 'recall'",
+            raise SweepError(file, "data.task", NO_VALUE, "is missing, but grid.kind is 'recall'",
                              "a task mapping, e.g. {kind: mqar, vocab_size: 64, n_pairs: 8}")
         raise SweepError(file, "grid.kind", grid.kind, "does not train on data.task",
                          "recall (with data.task), or no data.task")
