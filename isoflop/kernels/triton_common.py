@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any, Callable
 
 import torch
 import triton
@@ -125,6 +126,24 @@ class SideStream:
 def side_stream(device_index: int) -> SideStream:
     """The SideStream of a device, made once."""
     return SideStream(device_index)
+
+
+def side_by_side(on_side: Callable[[], Any], on_main: Callable[[], Any], device: torch.device | None) -> tuple:
+    """(on_side(), on_main()), on_side's launches on the side stream of `device` while on_main's
+    run on the current stream, which waits for the side stream before returning. Without a CUDA
+    device (None, the CPU, the interpreter) both run on the current stream, one after the other.
+    Buffers either uses must exist before the call (SideStream)."""
+    if device is None or device.type != "cuda" or interpreting():
+        return on_side(), on_main()
+    side = side_stream(device.index)
+    main = side.fork()
+    try:
+        side_result = on_side()
+    finally:
+        side.back(main)
+    main_result = on_main()
+    side.join(main)
+    return side_result, main_result
 
 
 @triton.jit

@@ -77,7 +77,7 @@ from isoflop.kernels.triton_common import (
     next_pow2,
     processor_count,
     seq_pos,
-    side_stream,
+    side_by_side,
     sum_partials_together,
     time_chunks,
     wave_fill,
@@ -880,22 +880,20 @@ def _overlapped_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Te
     meta = _grad_meta(meta, U, static)
     parts = _filter_grad_buffers(x, U, static, d_tiles, chunks)
     outs = _filter_grad_outputs(z, U, static, dz_out)
-    side = side_stream(x.device.index)
-    main = side.fork() if beside else None
-    try:
+
+    def filter_grads():
         gluon_lowrank.filter_grad_partials(dy, x, z, U, None, meta, d_group, chunk_t, chunks, *parts,
                                            stages=gluon_lowrank.OVERLAP_STAGES, rope=rope)
         # The sums follow the filter gradients on the side stream, under dx's tail where it is the
         # longer (H200: the paper's shape 101.7 -> 100.5 us, the 150M q conv 96.5 -> 92.9, KERNELS.md
         # v38); their outputs were allocated before the fork.
-        sums = sum_filter_grads(*parts, z, U, static, D // d_group, outs=outs)
-    finally:
-        if beside:
-            side.back(main)
-    dx = gluon_lowrank_conv.dx(dy, z, U, static, residual, d_group, chunk=chunk_t // gluon_lowrank_conv.TILE,
-                               rope=rope, out=_gluon_out(dx_out, dy))
-    if beside:
-        side.join(main)
+        return sum_filter_grads(*parts, z, U, static, D // d_group, outs=outs)
+
+    def dx_pass():
+        return gluon_lowrank_conv.dx(dy, z, U, static, residual, d_group, chunk=chunk_t // gluon_lowrank_conv.TILE,
+                                     rope=rope, out=_gluon_out(dx_out, dy))
+
+    sums, dx = side_by_side(filter_grads, dx_pass, x.device if beside else None)
     return dx, *sums
 
 
@@ -934,20 +932,12 @@ def _fused_backward(dy: Tensor, x: Tensor, z: Tensor, U: Tensor, static: Tensor 
     other. On a GPU the filter gradients go first, then their sums on a side stream beside dx, since
     they need only the partials (H200, KERNELS.md v38: the 300M gate conv on views 307.6 -> 304.6
     us, [16, 2048, 1024] 107.8 -> 105.6, [2, 1000, 512] with R = 5 and W = 3 12.1 -> 9.8); buffers
-    are allocated before the fork, as in _overlapped_backward."""
-    if not (x.is_cuda and not interpreting()):
-        dx = _dx(dy, z, U, static, residual, pos, dx_gluon, out=dx_out)
-        return dx, *_fused_filter_grads(dy, x, z, U, static, pos, meta, blocks, gluon=gluon, dz_out=dz_out)
+    are allocated before the fork (side_by_side; on the CPU one after the other, sums first)."""
     parts = _fused_filter_grad_partials(dy, x, z, U, static, pos, meta, blocks, gluon)
     outs = _filter_grad_outputs(z, U, static, dz_out)
-    side = side_stream(x.device.index)
-    main = side.fork()
-    try:
-        sums = sum_filter_grads(*parts, z, U, static, x.shape[-1] // _group_size(z, U, x.shape[-1]), outs=outs)
-    finally:
-        side.back(main)
-    dx = _dx(dy, z, U, static, residual, pos, dx_gluon, out=dx_out)
-    side.join(main)
+    groups = x.shape[-1] // _group_size(z, U, x.shape[-1])
+    sums, dx = side_by_side(lambda: sum_filter_grads(*parts, z, U, static, groups, outs=outs),
+                            lambda: _dx(dy, z, U, static, residual, pos, dx_gluon, out=dx_out), x.device)
     return dx, *sums
 
 
