@@ -234,15 +234,20 @@ except ValueError as error:
     assert "allowed: auto, fused, gluon, split" in bad.stderr
 
 
-def test_interpreter_suite():
-    """Runs this file's interpreter tests under TRITON_INTERPRET=1 in a fresh process."""
+def test_interpreter_suite(interpreter_suite):
+    """This file's interpreter tests, run under TRITON_INTERPRET=1 in a process of their own (conftest
+    starts it right after collection, so it runs beside the rest of the suite): they all pass."""
     if INTERPRETING:
         pytest.skip("already interpreting")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=600)
-    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-3000:]
+    process, log = interpreter_suite
+    try:
+        process.wait(timeout=1800)  # (~14 minutes alone on a slow 2-core machine)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    out = log.read_text()
+    assert process.returncode == 0, out[-9000:]
+    assert " passed" in out and " failed" not in out, out[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
