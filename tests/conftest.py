@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 INTERPRETER_SUITE = "test_kernels_triton.py::test_interpreter_suite"
+# Read once, before collection imports anything: benchmarks/kernel_resources.py drops the variable
+# from os.environ when imported, and the interpreter's own process must never start another.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 _SUITE = pytest.StashKey[tuple]()
 
 # Keep the suite's caches (corpus tokens, BPE merges) out of the user's home.
@@ -53,7 +56,7 @@ def _patch_triton_language_once_per_launch() -> None:
     interpreter._patch_lang = patch_lang_once
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if INTERPRETING:
     _patch_triton_language_once_per_launch()
 
 
@@ -68,7 +71,7 @@ def _cuda_available() -> bool:
 @pytest.hookimpl(trylast=True)  # after -k, -m and --deselect have chosen the items
 def pytest_collection_modifyitems(config, items):
     suite = [item for item in items if item.nodeid.endswith(INTERPRETER_SUITE)]
-    if suite and os.environ.get("TRITON_INTERPRET") != "1":
+    if suite and not INTERPRETING and not config.option.collectonly:
         # Its subprocess runs on the second core while this process runs the rest; the test that
         # waits for it goes last.
         items.remove(suite[0])
@@ -87,7 +90,9 @@ def start_interpreter_suite(config) -> tuple:
     Triton is imported, hence a process of their own), started once per session: (Popen, log path)."""
     if _SUITE not in config.stash:
         tests = Path(__file__).parent
-        log = Path(tempfile.mkstemp(prefix="isoflop-interpreter-suite-", suffix=".log")[1])
+        handle, name = tempfile.mkstemp(prefix="isoflop-interpreter-suite-", suffix=".log")
+        os.close(handle)
+        log = Path(name)
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
                str(tests / "test_kernels_triton.py")]
         with log.open("w") as out:
@@ -109,7 +114,10 @@ def pytest_unconfigure(config):
 
 @pytest.fixture
 def interpreter_suite(request) -> tuple:
-    """The interpreter suite's process and log (started now if collection did not start it)."""
+    """The interpreter suite's process and log (started now if collection did not start it); never
+    inside the interpreter's own process, which would start another, and so on."""
+    if INTERPRETING:
+        pytest.skip("already interpreting")
     return start_interpreter_suite(request.config)
 
 

@@ -234,11 +234,10 @@ except ValueError as error:
     assert "allowed: auto, fused, gluon, split" in bad.stderr
 
 
+@pytest.mark.skipif(INTERPRETING, reason="already interpreting")
 def test_interpreter_suite(interpreter_suite):
     """This file's interpreter tests, run under TRITON_INTERPRET=1 in a process of their own (conftest
     starts it right after collection, so it runs beside the rest of the suite): they all pass."""
-    if INTERPRETING:
-        pytest.skip("already interpreting")
     process, log = interpreter_suite
     try:
         process.wait(timeout=1800)  # (~14 minutes alone on a slow 2-core machine)
