@@ -4,13 +4,15 @@ ISOFLOP_LOWRANK_FWD=gluon and ISOFLOP_LOWRANK_DX select (`triton_lowrank.lowrank
 `lowrank_backward`; see FORWARD_VARIANT and DX_VARIANT there), for half types, R <= 16, W <= 4, T a
 multiple of 64 and unpacked sequences (`cannot_run` says why not).
 
-Same arithmetic as `triton_lowrank._lowrank_conv_kernel`'s forward: f_k = z @ U_k on the matrix units
-with the static filter folded in as its rounded head and the tail the rounding lost, and y[t] = x[t]
-+ sum_k (f_k[t] + s_k) x[t-k] in float32. The results are the Triton kernel's bit for bit at R = 16
-and without a static filter; at smaller ranks the static filter's product is a separate one here, so
-the last bit may differ. dx[t] = dy[t] + sum_k (f_k[t+k] + s_k) dy[t+k] is the Triton dx's bit for
-bit without a static filter; with one, the Triton dx adds s_k in float32 and this kernel its head
-and tail (~16 bits). What is new is the orientation of the product (KERNELS.md, v27 and v28):
+The forward computes what `triton_lowrank._lowrank_conv_kernel`'s does: f_k = z @ U_k on the matrix
+units and y[t] = x[t] + sum_k (f_k[t] + s_k) x[t-k] in float32, with s_k added to f_k in registers
+(v39; the Triton kernel folds s_k into its product as a rounded head and the tail the rounding lost,
+and this kernel did so too, in a second product per tap that read 16 KB of operands per tile).
+Its results are the Triton kernel's bit for bit without a static filter, and within a rounding of
+f_k + s_k with one. dx[t] = dy[t] + sum_k (f_k[t+k] + s_k) dy[t+k] is the Triton dx's bit for bit
+without a static filter; with one, the Triton dx adds s_k in float32 and this kernel its head and
+tail (~16 bits) by the second product (in registers, as the forward, dx was slower: 42.6 -> 45.4 us
+at the paper's shape, 195 registers). What is new is the orientation of the product (KERNELS.md, v27 and v28):
 - the product runs with channels along M and times along N, f_k^T = U_k^T @ z^T (64 x 64 tiles, one
   warpgroup). Its rows are channels 16w + 2g + h and its columns times 16c + 2j + s, so each thread
   holds two adjacent channels (one 32-bit pair) at 16 consecutive times (a run), and the four runs
@@ -156,7 +158,8 @@ def _chunk(tiles: int, across: int, processors: int, three_fit: bool, extra_step
 def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bool, d_group: int,
             chunk: int | None = None, rope: tuple | None = None) -> Tensor:
     """y [B, T, D] (contiguous) for inputs `cannot_run` accepts; U and static in any float type (the
-    kernel rounds U to x's type for the products, as the Triton kernel does). `chunk` overrides the
+    kernel rounds U to x's type for the products, as the Triton kernel does, and adds static in
+    float32). `chunk` overrides the
     tiles per program (benchmarks). rope: (cos, sin, channels), float32 contiguous [T, 32] of
     positions 0 to T-1 (reference.check_rope_from_zero): the first `channels` channels (whole
     64-channel heads) come out rotated (reference.rotate_channels), each tile in shared memory before
@@ -341,6 +344,18 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         return pid_t, d0, b, g_col, ut_smem, st_smem, onest, gl.zeros([64, 64], gl.float32, acc_l)
 
     @gluon.jit
+    def _static_taps(s_ptr, ch, D, W: gl.constexpr, HAS_STATIC: gl.constexpr):
+        """s_k of the thread's channels `ch` as [64, 1] float32 in the runs' layout (k < W; nothing
+        without a static filter), which the forward adds to f_k in registers (KERNELS.md, v39)."""
+        out = ()
+        for k in gl.static_range(W):
+            if HAS_STATIC:
+                out = out + (gl.load(s_ptr + k * D + ch, mask=ch < D, other=0.0).to(gl.float32)[:, None],)
+            else:
+                out = out + (0,)
+        return out
+
+    @gluon.jit
     def _rings(in_desc, z_desc, out_desc, STAGES: gl.constexpr, DTYPE: gl.constexpr):
         """STAGES slots for the walk's tiles of x (or dy) and z, each with its barrier, and two buffers
         for the tiles going out by TMA store."""
@@ -504,8 +519,8 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         channels below ROPE_CHANNELS rotated by cos and sin [T, 32]."""
         BLOCK: gl.constexpr = 64
         run_l: gl.constexpr = gl.BlockedLayout([2, 1], [8, 4], [4, 1], [1, 0])  # [64 channels, 4 runs]
-        pid_t, d0, b, g_col, ut_smem, st_smem, onest, zero = _program(u_ptr, s_ptr, D, R, D_GROUP, W, HAS_STATIC,
-                                                                      DTYPE)
+        # (no static operands: s_k is added to f_k in registers, s_regs below)
+        pid_t, d0, b, g_col, ut_smem, st_smem, onest, zero = _program(u_ptr, s_ptr, D, R, D_GROUP, W, False, DTYPE)
         x_ring, z_ring, y_bufs, bars = _rings(x_desc, z_desc, y_desc, STAGES, DTYPE)
 
         tile0 = pid_t * CHUNK  # the program's first tile in its sequence, and in the [B * T / 64] view:
@@ -518,6 +533,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         rc = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, run_l))
         rq = gl.arange(0, 4, layout=gl.SliceLayout(0, run_l))
         ch = d0 + rc
+        s_regs = _static_taps(s_ptr, ch, D, W, HAS_STATIC)
         first_run = (rq == 0)[None, :]
         # The lags of the program's first time (run 0's, from the previous tile; zeros before t = 0),
         # as the shuffles below leave them for the tiles after.
@@ -538,7 +554,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             else:
                 angles = 0
             zt = _slot_z(z_ring, bars, tile, STAGES, DTYPE)
-            f = _tap_products(ut_smem, st_smem, zt, onest, 0, zero, HAS_STATIC)
+            f = _tap_products(ut_smem, st_smem, zt, onest, 0, zero, False)
             xr = _slot_runs(x_ring, tile, run_l, STAGES, DTYPE)
             # The W - 1 times before each run: run c - 1's last (run 0: the previous tile's run 3's).
             xs = ()
@@ -561,10 +577,13 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
                 taps = _product_runs(f, run_l)
                 new = ()
                 for i in gl.static_range(16):
-                    new = new + (ys[i] + taps[i] * xs[i + W - 1 - k],)
+                    if HAS_STATIC:
+                        new = new + (ys[i] + (taps[i] + s_regs[k]) * xs[i + W - 1 - k],)
+                    else:
+                        new = new + (ys[i] + taps[i] * xs[i + W - 1 - k],)
                 ys = new
                 if k + 1 < W:
-                    f = _tap_products(ut_smem, st_smem, zt, onest, k + 1, zero, HAS_STATIC)
+                    f = _tap_products(ut_smem, st_smem, zt, onest, k + 1, zero, False)
             # Every warp is done with this slot (x read, products waited for): refill it. And the TMA
             # store of two tiles back has read its buffer (y's two buffers): write this tile's y there.
             tma.store_wait(1)
