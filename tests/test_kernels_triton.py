@@ -1648,10 +1648,11 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     gluon = [row for row in rows if row["kernel"] == "low-rank filter grads (gluon)"]
     assert len(gluon) == 1 and gluon[0]["shared_bytes"] <= 113 * 1024 and gluon[0]["stack_bytes"] <= 8
     assert gluon[0]["registers"] * gluon[0]["num_warps"] * 3 * 2 <= 2048  # 12 warps, two programs
-    # The Gluon forward fits three programs per multiprocessor: registers and shared memory.
+    # The Gluon forward fits three programs per multiprocessor: registers and shared memory (65 KB:
+    # no static filter operands since v39, which adds s_k in registers).
     forward = [row for row in rows if row["kernel"] == "low-rank forward (gluon)"]
     assert len(forward) == 1 and forward[0]["stack_bytes"] == 0
-    assert forward[0]["registers"] <= 168 and forward[0]["shared_bytes"] <= 75 * 1024
+    assert forward[0]["registers"] <= 168 and forward[0]["shared_bytes"] <= 65 * 1024
     # Rotating y (RoPE), two, without spills: the next tile's angles stay in registers through a tile.
     rotating = [row for row in rows if row["kernel"] == "low-rank forward (gluon, rope)"]
     assert len(rotating) == 1 and rotating[0]["stack_bytes"] == 0 and rotating[0]["registers"] <= 255

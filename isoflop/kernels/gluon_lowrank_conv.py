@@ -25,12 +25,13 @@ at the paper's shape, 195 registers). What is new is the orientation of the prod
   strided view of x, so a thread's reads from shared memory are 32-bit pairs, and with the 128-byte
   swizzle the four runs of a read fall in at most two ways of bank conflict; z's tile arrives by
   TMA in the product's time order (a 5-D view of z); y goes back through shared memory by TMA store;
-- STAGES tiles of x and z are in flight (4: 74 KB of shared memory, three programs per
+- STAGES tiles of x and z are in flight (4: 74 KB of shared memory, 65 KB since v39, three programs per
   multiprocessor at 156 registers); loads straight into registers, in the same layout, took 59-88
   us (each warp's 32-byte rows split every 128-byte line four ways: L1 stalls), and fewer stages
   lost (2: 59.4 us, 3: 44.7, 4: 41.2, 5: 42.4, 6: 43.6).
 On the H200 at the paper's shape 41.2 us against the Triton kernel's 48.6 (same run), 300M conv
-43.1 against 48.8, and faster at every shape of the 150M and 300M models' convs (-7% to -33%).
+43.1 against 48.8, and faster at every shape of the 150M and 300M models' convs (-7% to -33%);
+with the static filter in registers (v39) 40.1-40.8 us at the paper's shape.
 
 The forward can also rotate y as attention's RoPE does (`rope`, ROPE; v31): each tile goes through
 shared memory anyway, so before its TMA store the warps read it back with both halves of a 64-channel
@@ -116,7 +117,7 @@ def shapes_missing(x: Tensor, z: Tensor, U: Tensor, packed: bool, d_group: int) 
 
 def forward_tiles_per_program(T: int, D: int, B: int, device: torch.device, rotates: bool = False) -> int:
     """The forward's tiles per program (the sequence's last chunk may be shorter; KERNELS.md, point 39):
-    up to three programs share a multiprocessor (156 registers, 74 KB), two where it rotates y (245
+    up to three programs share a multiprocessor (156 registers, 65 KB), two where it rotates y (230
     registers: the angles of rows 0-63, and those of the next rotation through a tile's products)."""
     return _chunk(T // TILE, triton.cdiv(D, TILE) * B, processor_count(device), three_fit=not rotates,
                   extra_step=False)
