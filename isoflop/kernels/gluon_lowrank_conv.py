@@ -12,7 +12,8 @@ Its results are the Triton kernel's bit for bit without a static filter, and wit
 f_k + s_k with one. dx[t] = dy[t] + sum_k (f_k[t+k] + s_k) dy[t+k] is the Triton dx's bit for bit
 without a static filter; with one, the Triton dx adds s_k in float32 and this kernel its head and
 tail (~16 bits) by the second product (in registers, as the forward, dx was slower: 42.6 -> 45.4 us
-at the paper's shape, 195 registers). What is new is the orientation of the product (KERNELS.md, v27 and v28):
+at the paper's shape, 195 registers). What is new is the orientation of the product (KERNELS.md,
+v27 and v28):
 - the product runs with channels along M and times along N, f_k^T = U_k^T @ z^T (64 x 64 tiles, one
   warpgroup). Its rows are channels 16w + 2g + h and its columns times 16c + 2j + s, so each thread
   holds two adjacent channels (one 32-bit pair) at 16 consecutive times (a run), and the four runs
@@ -160,11 +161,10 @@ def forward(x: Tensor, z: Tensor, U: Tensor, static: Tensor | None, residual: bo
             chunk: int | None = None, rope: tuple | None = None) -> Tensor:
     """y [B, T, D] (contiguous) for inputs `cannot_run` accepts; U and static in any float type (the
     kernel rounds U to x's type for the products, as the Triton kernel does, and adds static in
-    float32). `chunk` overrides the
-    tiles per program (benchmarks). rope: (cos, sin, channels), float32 contiguous [T, 32] of
-    positions 0 to T-1 (reference.check_rope_from_zero): the first `channels` channels (whole
-    64-channel heads) come out rotated (reference.rotate_channels), each tile in shared memory before
-    its TMA store."""
+    float32). `chunk` overrides the tiles per program (benchmarks). rope: (cos, sin, channels),
+    float32 contiguous [T, 32] of positions 0 to T-1 (reference.check_rope_from_zero): the first
+    `channels` channels (whole 64-channel heads) come out rotated (reference.rotate_channels), each
+    tile in shared memory before its TMA store."""
     B, T, D = x.shape
     R, W = U.shape[0], U.shape[1] // D
     chunk = chunk or forward_tiles_per_program(T, D, B, x.device, rotates=rope is not None)
