@@ -233,6 +233,29 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_merge(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge", help="merge the tables of several results folders into one, for one analysis",
+        description="Write OUT/runs.csv (and evals.csv, throughput.csv, reference.yaml) from several "
+        "results folders, so that `isoflop report OUT` fits their runs together: a follow-up sweep "
+        "with the sweep it follows, say. The folders must share the baseline and the corpus. A run "
+        "in several folders (the same run id) is kept from the first folder named, and OUT/merge.json "
+        "lists the sources and the duplicates dropped.",
+    )
+    parser.add_argument("results", type=Path, nargs="+",
+                        help="results folders holding runs.csv, first one wins on duplicates")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the merged tables")
+    parser.set_defaults(handler=run_merge)
+
+
+@_reports_table_errors
+def run_merge(args: argparse.Namespace) -> int:
+    from isoflop.analysis.merge import format_merge, merge_results
+
+    print(format_merge(merge_results(args.results, args.out)))
+    return 0
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 
@@ -244,6 +267,7 @@ def _subcommands() -> tuple[Callable[[argparse._SubParsersAction], None], ...]:
         *sweep_commands.SUBCOMMANDS,
         add_fit,
         add_report,
+        add_merge,
     )
 
 
