@@ -156,13 +156,24 @@ def approx_tree(value):
     return pytest.approx(value, rel=1e-9) if isinstance(value, float) else value
 
 
-def test_the_committed_paper_small_results_regenerate_from_their_table(tmp_path):
-    """results/paper-small (the H200 sweep): fits, multipliers and report come back from runs.csv,
-    evals.csv, throughput.csv and reference.yaml alone, and hold the paper's comparison. The report
-    comes back byte for byte; the full-precision floats of multipliers.csv and fits.json to 1e-9
-    relative, since the fits' last bits follow the CPU's floating-point paths (an AMD machine's
-    differ from the committing one's in the 16th digit)."""
-    committed = Path(__file__).parent.parent / "results" / "paper-small"
+# Each committed H200 results folder, with lines its report must hold and how many budgets keep the
+# expected order (transformer < static-qkv < dynamic-qkv < dynamic-all-linear).
+COMMITTED_RESULTS = {
+    "paper-small": (["runs: 48 (done: 48)", "- dynamic-qkv: smallest size (d128-l3) at 2.5e+14"], 3),
+    "paper-small-centred": (["runs: 44 (done: 44)", "- transformer: largest size (d256-l4) at 2.5e+15"], 2),
+    "paper-small-combined": (["runs: 84 (done: 84)", "# Report: paper-small, paper-small-centred",
+                              "- dynamic-qkv: smallest size (d128-l2) at 2.5e+14"], 3),
+}
+
+
+@pytest.mark.parametrize("folder", sorted(COMMITTED_RESULTS))
+def test_the_committed_results_regenerate_from_their_tables(tmp_path, folder):
+    """results/<folder> (sweeps run on the H200): fits, multipliers and report come back from
+    runs.csv, evals.csv, throughput.csv and reference.yaml alone, and hold the paper's comparison.
+    The report comes back byte for byte; the full-precision floats of multipliers.csv and
+    fits.json to 1e-9 relative, since the fits' last bits follow the CPU's floating-point paths (an
+    AMD machine's differ from the committing one's in the 16th digit)."""
+    committed = Path(__file__).parent.parent / "results" / folder
     for name in ("runs.csv", "evals.csv", "throughput.csv", "reference.yaml"):
         (tmp_path / name).write_bytes((committed / name).read_bytes())
     report = write_report(tmp_path).read_text()
@@ -171,7 +182,9 @@ def test_the_committed_paper_small_results_regenerate_from_their_table(tmp_path)
                                   pd.read_csv(committed / "multipliers.csv"), check_exact=False, rtol=1e-9)
     regenerated = json.loads((tmp_path / "fits.json").read_text())
     assert regenerated == approx_tree(json.loads((committed / "fits.json").read_text()))
-    assert "runs: 48 (done: 48)" in report and "device: `NVIDIA H200`" in report
-    assert report.count("matches the expected order") == 3
-    assert "## Grid check" in report and "- dynamic-qkv: smallest size (d128-l3) at 2.5e+14" in report
+    lines, in_order = COMMITTED_RESULTS[folder]
+    for line in lines:
+        assert line in report
+    assert "device: `NVIDIA H200`" in report and "## Grid check" in report
+    assert report.count("matches the expected order") == in_order
     assert "throughput of each (architecture, size) trained alone (throughput.csv" in report
