@@ -134,3 +134,13 @@ def test_the_committed_combined_tables_are_the_merge_of_the_two_sweeps(tmp_path)
         assert (tmp_path / "out" / name).read_bytes() == (RESULTS / "paper-small-combined" / name).read_bytes()
     record = json.loads((tmp_path / "out" / "merge.json").read_text())
     assert len(record["duplicates_dropped"]) == 8
+
+
+def test_a_table_no_source_has_is_not_left_behind_by_an_earlier_merge(two_sweeps):
+    root, _, _ = two_sweeps
+    merge_results([root / "a", root / "b"], root / "ab")
+    for folder in ("a", "b"):
+        (root / folder / "throughput.csv").unlink()
+    merge_results([root / "a", root / "b"], root / "ab")
+    assert not (root / "ab" / "throughput.csv").exists() and (root / "ab" / "evals.csv").exists()
+

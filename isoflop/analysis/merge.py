@@ -85,10 +85,13 @@ def merge_results(sources: list[Path], out: Path) -> Merged:
     merged.files.append(_write_rows(out / RUNS_FILE, _union_header([h for h, _ in runs]), runs_out,
                                     _line_end(sources[0] / RUNS_FILE)))
 
-    if any((s / EVALS_FILE).is_file() for s in sources):
-        merged.files.append(_merge_evals(sources, kept_ids, out))
-    if any((s / THROUGHPUT_FILE).is_file() for s in sources):
-        merged.files.append(_merge_throughput(sources, out))
+    # A table no source has is removed from out: one left by an earlier merge would enter the report.
+    for name, write in ((EVALS_FILE, lambda: _merge_evals(sources, kept_ids, out)),
+                        (THROUGHPUT_FILE, lambda: _merge_throughput(sources, out))):
+        if any((s / name).is_file() for s in sources):
+            merged.files.append(write())
+        else:
+            (out / name).unlink(missing_ok=True)
     merged.reference_from = _copy_reference(sources, out)
 
     record = {
