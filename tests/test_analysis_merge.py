@@ -1,6 +1,7 @@
 """isoflop merge: several results folders as one table, copied cell for cell, first folder wins."""
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -114,7 +115,7 @@ def test_bad_merges_are_one_line_errors(two_sweeps, capsys, sources, out, messag
     assert main(["merge", *(str(root / s) for s in sources), "--out", str(root / out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
-    assert pd.Series([err]).str.contains(message).all(), err
+    assert re.search(message, err), err
 
 
 def test_the_command_prints_the_duplicates_and_their_losses(two_sweeps, capsys):

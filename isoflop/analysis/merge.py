@@ -25,7 +25,6 @@ Rules:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import shutil
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from isoflop.analysis.table import (
 )
 from isoflop.analysis.throughput import THROUGHPUT_FILE, load_throughput
 from isoflop.atomic import atomic_write_bytes, atomic_write_text, json_text
+from isoflop.data.cache import sha256_of_file
 
 MERGE_FILE = "merge.json"
 
@@ -97,7 +97,7 @@ def merge_results(sources: list[Path], out: Path) -> Merged:
     record = {
         "sources": [
             {"folder": str(s), "runs_taken": taken[str(s)],
-             "sha256": {name: _sha256(s / name) for name in (RUNS_FILE, EVALS_FILE, THROUGHPUT_FILE)
+             "sha256": {name: sha256_of_file(s / name) for name in (RUNS_FILE, EVALS_FILE, THROUGHPUT_FILE)
                         if (s / name).is_file()}}
             for s in sources
         ],
@@ -226,10 +226,6 @@ def _duplicate(row: dict[str, str], source: Path, kept_source: Path, kept: dict[
         "final_val_loss_dropped": row.get("final_val_loss", ""),
         "final_val_loss_kept": kept.get("final_val_loss", ""),
     }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def format_merge(merged: Merged) -> str:
