@@ -37,6 +37,7 @@ from isoflop.analysis.bootstrap import (
     PairedDraws,
     PowerLawSamples,
     drawn_cells,
+    replicate_losses,
     refit,
 )
 from isoflop.analysis.fits import PowerLawFit, fit_power_law, weighted_line
@@ -205,14 +206,14 @@ def _replicate_minima(
     """(C, log N_opt, log D_opt, L_opt), each [B, K]: the minimum of every drawn budget of every
     replicate, NaN where that budget's draw has no bracketed minimum."""
     runs = grid.runs
-    x_all, L_all = np.log(runs[SIZE_COLUMN].to_numpy(float)), runs["final_val_loss"].to_numpy(float)
-    log_D_all = np.log(runs["tokens"].to_numpy(float))
+    x_all, log_D_all = np.log(runs[SIZE_COLUMN].to_numpy(float)), np.log(runs["tokens"].to_numpy(float))
     cell_C = np.array([np.exp(np.log(runs["flops"].to_numpy(float)[c]).mean()) for c in grid.cells])
     cell, rows = drawn_cells(grid, draws)
     B, K, S = rows.shape
     w = (rows >= 0).astype(float)
     safe = np.maximum(rows, 0)
-    x, L, log_D = x_all[safe], L_all[safe], log_D_all[safe]
+    x, log_D = x_all[safe], log_D_all[safe]
+    L = replicate_losses(grid, draws)[np.arange(B)[:, None, None], safe]  # seeds redrawn, if any
     if interpolation == "akima":
         out = [cell_minimum(x[b, k], L[b, k], log_D[b, k], w[b, k], "akima")
                for b in range(B) for k in range(K)]

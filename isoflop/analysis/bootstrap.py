@@ -7,6 +7,8 @@ replacement,
 - budgets (when resample_budgets is true; otherwise every budget is kept once), and
 - within each drawn budget, as many sizes as the cell holds,
 - and ladder points, as many as there are,
+- and, where a point is a cell trained with several seeds (analysis/seeds.py: the table holds
+  their mean), as many of its seeds as it has, whose mean is the point's loss in that replicate,
 
 from ONE set of uniform random numbers shared by every architecture: draw u picks position
 floor(u * n) of whatever that architecture has there. When the architectures share a grid (the
@@ -37,6 +39,7 @@ from isoflop.analysis.fits import (
     line_fit,
     power_law,
 )
+from isoflop.analysis.seeds import seed_losses
 
 PERCENTILES = (5.0, 50.0, 95.0)  # the 90% interval and the median
 SIZE_COLUMN = "params_non_embedding"
@@ -51,6 +54,7 @@ class ArchGrid:
     runs: pd.DataFrame
     cells: tuple[np.ndarray, ...]
     ladder: np.ndarray
+    seeds: tuple[np.ndarray, ...]  # each row's seeds' final losses (one value without repeats)
 
     @classmethod
     def of(cls, runs: pd.DataFrame, arch: str) -> ArchGrid:
@@ -59,7 +63,11 @@ class ArchGrid:
         budget = group["budget"].to_numpy(float)
         finite = np.isfinite(budget)
         cells = tuple(np.flatnonzero(finite & (budget == b)) for b in np.unique(budget[finite]))
-        return cls(group, cells, np.flatnonzero(~finite))
+        return cls(group, cells, np.flatnonzero(~finite), tuple(seed_losses(group)))
+
+    @property
+    def max_seeds(self) -> int:
+        return max((len(s) for s in self.seeds), default=1)
 
     @property
     def budgets(self) -> np.ndarray:
@@ -69,13 +77,15 @@ class ArchGrid:
 @dataclass(frozen=True)
 class PairedDraws:
     """The uniform numbers of n_boot replicates, shared by all architectures: budget_u [B, K],
-    size_u [B, K, S], ladder_u [B, P] (K, S, P the largest budget count, cell size and ladder
-    length over the architectures)."""
+    size_u [B, K, S], ladder_u [B, P], and seed_u [B, R, Q] where points repeat seeds, else None
+    (K, S, P, R, Q the largest budget count, cell size, ladder length, row count and seed count
+    over the architectures)."""
 
     budget_u: np.ndarray
     size_u: np.ndarray
     ladder_u: np.ndarray
     resample_budgets: bool
+    seed_u: np.ndarray | None = None
 
     @property
     def n_boot(self) -> int:
@@ -91,8 +101,12 @@ def paired_draws(
     S = max((len(c) for g in grids.values() for c in g.cells), default=0)
     P = max((len(g.ladder) for g in grids.values()), default=0)
     rng = np.random.default_rng(seed)
-    return PairedDraws(rng.random((n_boot, K)), rng.random((n_boot, K, S)),
-                       rng.random((n_boot, P)), resample_budgets)
+    budget_u, size_u, ladder_u = rng.random((n_boot, K)), rng.random((n_boot, K, S)), rng.random((n_boot, P))
+    # Drawn last, and only where seeds repeat, so that single-seed tables keep their replicates.
+    Q = max((g.max_seeds for g in grids.values()), default=1)
+    R = max((len(g.runs) for g in grids.values()), default=0)
+    seed_u = rng.random((n_boot, R, Q)) if Q > 1 else None
+    return PairedDraws(budget_u, size_u, ladder_u, resample_budgets, seed_u)
 
 
 def _pick(u: np.ndarray, n: np.ndarray | int) -> np.ndarray:
@@ -124,6 +138,19 @@ def drawn_ladder(grid: ArchGrid, draws: PairedDraws) -> np.ndarray:
     return grid.ladder[_pick(draws.ladder_u[:, :P], P)] if P else np.zeros((draws.n_boot, 0), int)
 
 
+def replicate_losses(grid: ArchGrid, draws: PairedDraws) -> np.ndarray:
+    """Each row's loss in each replicate [B, n_runs]: its final loss, or where the row is a cell of
+    several seeds, the mean of as many of them drawn with replacement."""
+    L = grid.runs["final_val_loss"].to_numpy(float)
+    if draws.seed_u is None or grid.max_seeds == 1:
+        return np.broadcast_to(L, (draws.n_boot, len(L)))
+    out = np.empty((draws.n_boot, len(L)))
+    for row, values in enumerate(grid.seeds):
+        n = len(values)
+        out[:, row] = values[_pick(draws.seed_u[:, row, :n], n)].mean(axis=1)
+    return out
+
+
 def replicate_weights(grid: ArchGrid, draws: PairedDraws) -> np.ndarray:
     """How often each run is drawn in each replicate [B, n_runs] (for fits that use every run)."""
     _, rows = drawn_cells(grid, draws)
@@ -138,15 +165,16 @@ def replicate_frontiers(grid: ArchGrid, draws: PairedDraws) -> tuple[np.ndarray,
     """Frontier points of each replicate: (C, L), each [B, K + P]: the lowest-loss drawn run of
     each drawn budget, then the drawn ladder points."""
     C_all = grid.runs["flops"].to_numpy(float)
-    L_all = grid.runs["final_val_loss"].to_numpy(float)
+    L_rep = replicate_losses(grid, draws)
     _, rows = drawn_cells(grid, draws)
     best = np.zeros(rows.shape[:2], int)
+    B = np.arange(draws.n_boot)[:, None]
     if rows.size:
-        losses = np.where(rows >= 0, L_all[np.maximum(rows, 0)], np.inf)
+        losses = np.where(rows >= 0, L_rep[B[:, :, None], np.maximum(rows, 0)], np.inf)
         best = np.take_along_axis(rows, np.argmin(losses, axis=2)[:, :, None], axis=2)[:, :, 0]
     ladder = drawn_ladder(grid, draws)
     chosen = np.concatenate([best, ladder], axis=1)
-    return C_all[chosen], L_all[chosen]
+    return C_all[chosen], L_rep[B, chosen]
 
 
 @dataclass(frozen=True)
