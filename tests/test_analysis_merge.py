@@ -127,14 +127,23 @@ def test_the_command_prints_the_duplicates_and_their_losses(two_sweeps, capsys):
     assert f"copied {root / 'a' / 'reference.yaml'}" in out
 
 
-def test_the_committed_combined_tables_are_the_merge_of_the_two_sweeps(tmp_path):
-    """results/paper-small-combined holds exactly what `isoflop merge` makes of the committed
-    paper-small and paper-small-centred tables (its reference.yaml is its own)."""
-    merge_results([RESULTS / "paper-small", RESULTS / "paper-small-centred"], tmp_path / "out")
+# Each committed merge: its sources, and how many run ids they share (trained in both).
+COMMITTED_MERGES = {
+    "paper-small-combined": (("paper-small", "paper-small-centred"), 8),
+    "paper-small-seeds": (("paper-small-centred", "paper-small-centred-seeds"), 0),
+}
+
+
+@pytest.mark.parametrize("folder", sorted(COMMITTED_MERGES))
+def test_the_committed_merged_tables_are_the_merge_of_their_sweeps(tmp_path, folder):
+    """results/<folder> holds exactly what `isoflop merge` makes of its committed sources' tables
+    (its reference.yaml is its own)."""
+    sources, n_duplicates = COMMITTED_MERGES[folder]
+    merge_results([RESULTS / source for source in sources], tmp_path / "out")
     for name in ("runs.csv", "evals.csv", "throughput.csv"):
-        assert (tmp_path / "out" / name).read_bytes() == (RESULTS / "paper-small-combined" / name).read_bytes()
+        assert (tmp_path / "out" / name).read_bytes() == (RESULTS / folder / name).read_bytes()
     record = json.loads((tmp_path / "out" / "merge.json").read_text())
-    assert len(record["duplicates_dropped"]) == 8
+    assert len(record["duplicates_dropped"]) == n_duplicates
 
 
 def test_a_table_no_source_has_is_not_left_behind_by_an_earlier_merge(two_sweeps):
