@@ -142,3 +142,12 @@ def test_the_report_says_how_far_seeds_lie_apart_and_what_each_seed_gives(tmp_pa
     assert "| seed 0 | seed 1 | seed 2 | seeds' range |" in section
     assert len([line for line in section.splitlines() if line.startswith("| dynamic-qkv | 1e+")]) == 4
     assert "single-seed multipliers lie inside the pooled band" in section
+
+
+def test_a_ladder_of_seeds_gets_the_section_too(tmp_path):
+    runs = seeded_runs(seeds=(0, 1), noise=0.02)
+    runs = runs[runs["size"] == "s1"].assign(budget=np.nan)  # one size per compute: a ladder
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    report = write_report(tmp_path, n_boot=50).read_text()
+    section = report.split("## Seeds")[1].split("\n## ")[0]
+    assert "| transformer | 4 | 2 |" in section and ", ladder)" in section

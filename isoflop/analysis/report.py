@@ -603,7 +603,8 @@ def _int_range(values: pd.Series) -> str:
 
 def _largest_spread(group: pd.DataFrame) -> str:
     row = group.loc[(group["std"] / group["mean"]).idxmax()]
-    return f"{100 * row['std'] / row['mean']:.2f}% ({row['size']} at {row['budget']:.3g})"
+    where = f" at {row['budget']:.3g}" if math.isfinite(row["budget"]) else ", ladder"
+    return f"{100 * row['std'] / row['mean']:.2f}% ({row['size']}{where})"
 
 
 def _per_seed_table(pooled: pd.DataFrame, per_seed: pd.DataFrame) -> str:
