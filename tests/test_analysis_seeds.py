@@ -151,3 +151,17 @@ def test_a_ladder_of_seeds_gets_the_section_too(tmp_path):
     report = write_report(tmp_path, n_boot=50).read_text()
     section = report.split("## Seeds")[1].split("\n## ")[0]
     assert "| transformer | 4 | 2 |" in section and ", ladder)" in section
+
+
+def test_the_isoflop_curves_draw_each_cells_seed_range(tmp_path):
+    from matplotlib.image import imread
+
+    from isoflop.analysis.plots import plot_isoflop_curves
+
+    averaged = average_seeds(seeded_runs(noise=0.05))
+    with_bars = imread(plot_isoflop_curves(averaged, "transformer", tmp_path / "bars.png"))
+    without = imread(plot_isoflop_curves(averaged.drop(columns=[SEED_LOSSES, N_SEEDS]), "transformer",
+                                         tmp_path / "plain.png"))
+    # Below the title (whose words differ): the panels alone.
+    ink = [float(np.mean(np.any(p[p.shape[0] // 10:, :, :3] < 0.9, axis=-1))) for p in (with_bars, without)]
+    assert ink[0] > ink[1] * 1.01

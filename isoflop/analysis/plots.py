@@ -28,6 +28,7 @@ from isoflop.analysis.approach3 import SurfaceFit
 from isoflop.analysis.bootstrap import PowerLawSamples
 from isoflop.analysis.fits import PowerLawFit, frontier_points
 from isoflop.analysis.multiplier import multiplier_band
+from isoflop.analysis.seeds import N_SEEDS, SEED_LOSSES, count_span, seed_losses
 from isoflop.atomic import atomic_output
 
 DPI = 120
@@ -130,7 +131,9 @@ def _budget_label(budget: float) -> str:
 @_styled
 def plot_isoflop_curves(runs: pd.DataFrame, baseline: str, path: Path) -> Path:
     """Final loss vs model size, one line per budget, one panel per architecture; a star marks the
-    best size of each budget (the frontier point). Ladder runs (no budget) are one grey line."""
+    best size of each budget (the frontier point). Ladder runs (no budget) are one grey line. Where
+    cells were trained with several seeds (analysis/seeds.py), points are their means and a bar
+    spans each cell's lowest to highest seed."""
     archs = _arch_order(runs["arch"].unique(), baseline)
     fig, axes = _new_figure(len(archs), width=4.8)
     norm = _budget_norm(runs)
@@ -141,6 +144,7 @@ def plot_isoflop_curves(runs: pd.DataFrame, baseline: str, path: Path) -> Path:
             color = _budget_color(norm, budget)
             ax.plot(cell["params_non_embedding"], cell["final_val_loss"], "o-", color=color, ms=5,
                     label=_budget_label(budget))
+            _seed_ranges(ax, cell, color)
             best = cell.loc[cell["final_val_loss"].idxmin()]
             ax.plot(best["params_non_embedding"], best["final_val_loss"], "*", color=color, ms=15,
                     markeredgecolor="black", zorder=3)
@@ -154,8 +158,20 @@ def plot_isoflop_curves(runs: pd.DataFrame, baseline: str, path: Path) -> Path:
         ax.legend(title="budget [FLOPs]" if norm else None, loc="upper right")
     _log_ticks(axes[0].xaxis, runs["params_non_embedding"].to_numpy(float))
     axes[0].set_ylabel(LOSS_LABEL)
-    fig.suptitle("IsoFLOP curves: final validation loss vs model size (star: best size per budget)")
+    seeds = (f"; mean of {count_span(runs[N_SEEDS])} seeds, bars: their range"
+             if N_SEEDS in runs.columns else "")
+    fig.suptitle("IsoFLOP curves: final validation loss vs model size (star: best size per budget"
+                 f"{seeds})")
     return _save(fig, path)
+
+
+def _seed_ranges(ax, cells: pd.DataFrame, color) -> None:
+    """A vertical bar from each cell's lowest to its highest seed's loss (nothing for one seed)."""
+    if SEED_LOSSES not in cells.columns:
+        return
+    losses = seed_losses(cells)
+    ax.vlines(cells["params_non_embedding"], [v.min() for v in losses], [v.max() for v in losses],
+              color=color, lw=1.5, alpha=0.8)
 
 
 @_styled

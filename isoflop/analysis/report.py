@@ -49,7 +49,7 @@ from isoflop.analysis.plots import (
     plot_training_curves,
 )
 from isoflop.analysis.recall import write_recall_report
-from isoflop.analysis.seeds import N_SEEDS, average_seeds, per_seed_multipliers, seed_spread
+from isoflop.analysis.seeds import N_SEEDS, average_seeds, count_span, per_seed_multipliers, seed_spread
 from isoflop.analysis.reference import (
     Reference,
     band_verdict,
@@ -578,7 +578,7 @@ def _seed_lines(outcome: FitOutcome, at: list[float] | None, boot_seed: int) -> 
         "",
         _markdown_table(
             ["architecture", "cells", "seeds per cell", "median spread", "largest spread (cell)"],
-            [[arch, str(len(group)), _int_range(group["n_seeds"]),
+            [[arch, str(len(group)), count_span(group["n_seeds"]),
               f"{100 * (group['std'] / group['mean']).median():.2f}%",
               _largest_spread(group)]
              for arch, group in spread.groupby("arch", sort=True)]),
@@ -594,11 +594,6 @@ def _seed_lines(outcome: FitOutcome, at: list[float] | None, boot_seed: int) -> 
         "",
     ]
     return lines
-
-
-def _int_range(values: pd.Series) -> str:
-    lo, hi = int(values.min()), int(values.max())
-    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def _largest_spread(group: pd.DataFrame) -> str:

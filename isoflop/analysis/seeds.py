@@ -67,6 +67,12 @@ def seed_losses(runs: pd.DataFrame) -> list[np.ndarray]:
     return [np.asarray(t, dtype=float) for t in runs[SEED_LOSSES]]
 
 
+def count_span(counts: pd.Series) -> str:
+    """'3' where every cell has 3 seeds, '2-3' where they differ."""
+    lo, hi = int(counts.min()), int(counts.max())
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def seed_spread(usable: pd.DataFrame) -> pd.DataFrame:
     """Per cell with at least two seeds: SPREAD_COLUMNS (std: sample standard deviation;
     range_pct: (max - min) / mean in percent)."""
