@@ -164,6 +164,36 @@ def test_status_counts_states_and_renders(sweep_runs):
     assert "4 runs (2 done, 1 failed, 1 interrupted)" in text and "boom" in text
 
 
+def test_status_and_plan_show_the_seed_where_a_sweep_has_several(tmp_path):
+    """A cell's runs differ only by seed: without a seed column their rows would look alike."""
+    from rich.console import Console
+
+    from isoflop.orchestrator.plan import make_plan, plan_table
+    from isoflop.orchestrator.estimate import PROFILES
+
+    def rendered(table) -> list[str]:
+        console = Console(record=True, width=250)
+        console.print(table)
+        return console.export_text().splitlines()
+
+    for seeds, expected in (("[0]", None), ("[3, 7]", ["3", "7"])):
+        path = tmp_path / f"sweep{len(seeds)}.yaml"
+        path.write_text(SWEEP + f"seeds: {seeds}\n")
+        sweep = load_sweep(path)
+        runs = expand(sweep)
+        rows = run_states([r.labels() for r in runs], tmp_path / "runs" / sweep.name)
+        plan = make_plan(sweep, runs, PROFILES["cpu"], train_tokens=None)
+        for lines in (rendered(status_table(sweep.name, rows)), rendered(plan_table(plan))):
+            header = next(line for line in lines if "arch" in line and "size" in line)
+            if expected is None:
+                assert "seed" not in header
+                continue
+            assert "seed" in header
+            column = header.index("seed")
+            tiny = [line for line in lines if "transformer" in line and "tiny" in line]
+            assert sorted(line[column:column + 4].strip() for line in tiny) == expected
+
+
 BRANCHED = SWEEP.replace("budgets: [1.0e+11], sizes: [tiny, d64-l2]}",
                          "budgets: [1.0e+11, 2.0e+11, 3.0e+11], sizes: [tiny], cooldowns: true}"
                          ).replace("lr: 0.002}", "lr: 0.002, schedule: wsd, warmup_fraction: 0.05}")

@@ -111,18 +111,20 @@ def plan_table(plan: Plan) -> Table:
                   box=box.SIMPLE_HEAD,
                   caption=f"{caption}; total time with {workers} worker{'s' if workers > 1 else ''}")
     recall = any(run.difficulty for run in plan.runs)  # recall grids: a difficulty, not a budget
-    headers = ("arch", "size", "difficulty" if recall else "budget", "params", "tokens", "steps", "tok/param", "FLOPs", "lr", "est. time")
+    seeds = len(plan.sweep.seeds) > 1  # otherwise a cell's rows would look alike
+    headers = ("arch", "size", "difficulty" if recall else "budget", *(("seed",) if seeds else ()), "params",
+               "tokens", "steps", "tok/param", "FLOPs", "lr", "est. time")
     for header in headers:
         table.add_column(header, justify="left" if header in ("arch", "size") else "right", no_wrap=True)
     for run, seconds in zip(plan.runs, plan.seconds):
         table.add_row(
             f"{run.arch}*" if run.is_baseline else run.arch, run.size,
-            run.difficulty if recall else _budgets(run),
+            run.difficulty if recall else _budgets(run), *((str(run.spec.seed),) if seeds else ()),
             f"{human(run.params)} ({human(run.params_non_embedding)})", human(run.tokens), f"{run.steps:,}",
             f"{run.tokens / run.params:.1f}", _flops(run), sci(run.spec.optim.lr), duration(seconds),
         )
     table.add_section()
-    table.add_row("total", "", "", "", human(plan.total_tokens), "", "",
+    table.add_row("total", "", "", *(("",) if seeds else ()), "", human(plan.total_tokens), "", "",
                   sci(plan.total_flops), "", duration(plan.total_seconds))
     return table
 

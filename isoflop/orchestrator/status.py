@@ -87,7 +87,8 @@ def status_table(sweep_name: str, rows: list[dict[str, Any]]) -> Table:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(state_counts(rows).items()))
     table = Table(title=f"sweep {sweep_name}: {len(rows)} runs ({counts})")
     with_jobs = any(row["job_id"] for row in rows)
-    headers = ["run id", "arch", "size", "budget", "state", "step", "val loss", "time"]
+    seeds = len({row.get("seed", 0) for row in rows}) > 1  # otherwise a cell's rows would look alike
+    headers = ["run id", "arch", "size", "budget", *(["seed"] if seeds else []), "state", "step", "val loss", "time"]
     headers += ["job", "error"] if with_jobs else ["error"]
     for header in headers:
         table.add_column(header, justify="right" if header in ("step", "val loss", "time") else "left")
@@ -95,7 +96,7 @@ def status_table(sweep_name: str, rows: list[dict[str, Any]]) -> Table:
         style = STATE_STYLES.get(row["state"], "")
         cells = [
             row["run_id"], row["arch"], row["size"],
-            sci(row["budget"]),
+            sci(row["budget"]), *([str(row.get("seed", 0))] if seeds else []),
             f"[{style}]{row['state']}[/]" if style else row["state"],
             f"{row['step']}/{row['total_steps']}",
             "" if math.isnan(row["final_val_loss"]) else f"{row['final_val_loss']:.4f}",
