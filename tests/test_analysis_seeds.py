@@ -136,7 +136,7 @@ def test_the_report_says_how_far_seeds_lie_apart_and_what_each_seed_gives(tmp_pa
     assert "used in fits: 96 (done, finite final loss), as 32 cells" in report
     section = report.split("## Seeds")[1].split("\n## ")[0]
     assert "32 cells (architecture, budget, size) were trained with several seeds (seeds 0, 1, 2)" in section
-    spread = seed_spread(runs)
+    spread = seed_spread(average_seeds(runs))
     median = 100 * (spread["std"] / spread["mean"])[spread["arch"] == "dynamic-qkv"].median()
     assert f"| dynamic-qkv | 16 | 3 | {median:.2f}% |" in section
     assert "| seed 0 | seed 1 | seed 2 | seeds' range |" in section

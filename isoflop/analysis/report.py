@@ -553,8 +553,7 @@ def _used_in_fits(usable: pd.DataFrame) -> str:
 def _seed_lines(outcome: FitOutcome, at: list[float] | None, boot_seed: int) -> list[str]:
     """The section on cells trained with several seeds (nothing when none was): how far a cell's
     seeds lie apart, and the multipliers each seed's runs give alone against the pooled band."""
-    runs = usable_runs(outcome.runs)
-    spread = seed_spread(runs)
+    spread = seed_spread(outcome.usable)
     if spread.empty:
         return []
     baseline, method = outcome.baseline, outcome.method
@@ -565,6 +564,7 @@ def _seed_lines(outcome: FitOutcome, at: list[float] | None, boot_seed: int) -> 
             return pd.DataFrame(columns=["arch", "budget", "multiplier"])
         return multiplier_table(one_seed, fits.fits, fits.samples, baseline, at=at)
 
+    runs = usable_runs(outcome.runs)  # each seed's own rows
     per_seed = per_seed_multipliers(runs, baseline, multipliers_of)
     seeds = sorted(int(s) for s in runs["seed"].unique())
     lines = [

@@ -73,16 +73,15 @@ def count_span(counts: pd.Series) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def seed_spread(usable: pd.DataFrame) -> pd.DataFrame:
-    """Per cell with at least two seeds: SPREAD_COLUMNS (std: sample standard deviation;
-    range_pct: (max - min) / mean in percent)."""
+def seed_spread(averaged: pd.DataFrame) -> pd.DataFrame:
+    """Per cell of an `average_seeds` table with at least two seeds: SPREAD_COLUMNS (std: sample
+    standard deviation; range_pct: (max - min) / mean in percent), from the seeds' losses the
+    table keeps, so the cells are not grouped a second time."""
     rows = []
-    for key, group in _cells(usable):
-        if len(group) < 2:
+    for row, losses in zip(averaged.itertuples(index=False), seed_losses(averaged)):
+        if len(losses) < 2:
             continue
-        cell = dict(zip([c for c in CELL_COLUMNS if c in usable.columns], key))
-        losses = group["final_val_loss"].to_numpy(float)
-        rows.append({"arch": cell["arch"], "budget": float(cell["budget"]), "size": cell["size"],
+        rows.append({"arch": row.arch, "budget": float(row.budget), "size": row.size,
                      "n_seeds": len(losses), "mean": losses.mean(), "std": losses.std(ddof=1),
                      "min": losses.min(), "max": losses.max(),
                      "range_pct": 100 * np.ptp(losses) / losses.mean()})
