@@ -81,7 +81,7 @@ def test_report_regenerates_everything_from_runs_csv(results):
     links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert links == [f"plots/{name}.png" for name in (
         "isoflop_curves", "frontier", "multiplier", "allocation", "residuals", "bootstrap",
-        "training_curves")]
+        "holdout", "training_curves")]
     for link in links:
         image = results / link
         assert image.read_bytes()[:8] == PNG_SIGNATURE

@@ -205,6 +205,52 @@ def plot_frontier(
     return _save(fig, path)
 
 
+@_styled
+def plot_holdout(
+    usable: pd.DataFrame,
+    fits: dict[str, PowerLawFit],
+    predictions: pd.DataFrame,
+    held: float,
+    baseline: str,
+    path: Path,
+) -> Path:
+    """The held-out check (analysis/holdout.py) on log-log axes: the frontier points the laws were
+    fitted on (filled), each law fitted without the largest budget extended to it (dotted), its
+    prediction there with the 90% band (a bar, just left of the budget) and what the runs reached
+    (a hollow point on the budget). predictions: holdout.py's table (arch, predicted, lo, hi)."""
+    fig, (ax,) = _new_figure()
+    predictions = predictions.set_index("arch")
+    colors = arch_colors(list(fits), baseline)
+    archs = _arch_order(fits, baseline)
+    offsets = np.geomspace(0.82, 0.95, len(archs))  # the bars side by side, left of the budget
+    for arch, offset in zip(archs, offsets):
+        fit, color = fits[arch], colors[arch]
+        group = usable[usable["arch"] == arch]
+        budgets = group["budget"].to_numpy(float)
+        fitted, observed = frontier_points(group[budgets < held]), frontier_points(group[budgets == held])
+        ax.plot(fitted["C"], fitted["L"], "o", color=color, ms=7, markeredgecolor="white")
+        inside = np.geomspace(fit.c_min, fit.c_max, 60)
+        ax.plot(inside, fit.predict(inside), "-", color=color, lw=2, label=arch)
+        beyond = np.geomspace(fit.c_max, held, 30)
+        ax.plot(beyond, fit.predict(beyond), ":", color=color, lw=1.5)
+        if arch in predictions.index:
+            predicted, lo, hi = predictions.loc[arch, ["predicted", "lo", "hi"]].astype(float)
+            ax.errorbar([held * offset], [predicted], yerr=[[predicted - lo], [hi - predicted]],
+                        fmt="s", color=color, ms=5, capsize=3, lw=1.5)
+        ax.plot(observed["C"], observed["L"], "o", ms=9, color=color, markerfacecolor="white",
+                markeredgewidth=2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _log_ticks(ax.xaxis, usable["flops"].to_numpy(float))
+    _log_ticks(ax.yaxis, usable["final_val_loss"].to_numpy(float))
+    ax.set_xlabel(COMPUTE_LABEL)
+    ax.set_ylabel(LOSS_LABEL)
+    ax.set_title(f"Held-out budget {_tick_label(held)}: laws fitted on the budgets below\n"
+                 "bar: their prediction there (90% band); hollow: the runs' best")
+    ax.legend(loc="upper right")
+    return _save(fig, path)
+
+
 BAND_CLIP = 3.0  # the multiplier axis spans the estimates x/÷ this at most
 
 
