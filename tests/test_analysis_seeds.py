@@ -165,3 +165,14 @@ def test_the_isoflop_curves_draw_each_cells_seed_range(tmp_path):
     # Below the title (whose words differ): the panels alone.
     ink = [float(np.mean(np.any(p[p.shape[0] // 10:, :, :3] < 0.9, axis=-1))) for p in (with_bars, without)]
     assert ink[0] > ink[1] * 1.01
+
+
+def test_a_report_where_one_seed_ran_every_cell_sets_no_seeds_side_by_side(tmp_path):
+    runs = seeded_runs(seeds=(0, 1), noise=0.02)
+    runs = runs[(runs["seed"] == 0) | (runs["budget"] < 1e20)]  # seed 1 skipped the largest budget
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    report = write_report(tmp_path, n_boot=50).read_text()
+    section = report.split("## Seeds")[1].split("\n## ")[0]
+    assert "| dynamic-qkv | 12 | 2 |" in section  # the cells both seeds ran
+    assert "Only seed 0 ran every cell, so no two seeds' runs are fitted alone side by side." in section
+    assert "seeds' range" not in section

@@ -591,8 +591,11 @@ def _seed_lines(outcome: FitOutcome, at: list[float] | None, boot_seed: int) -> 
              for arch, group in spread.groupby("arch", sort=True)]),
         "",
     ]
-    if per_seed.empty:
-        return [*lines, "No seed ran every cell, so no seed's runs are fitted alone.", ""]
+    complete = sorted(int(s) for s in per_seed["seed"].unique())
+    if len(complete) < 2:
+        # One seed's fit alone has nothing to be compared with: no spread to show.
+        which = f"Only seed {complete[0]} ran" if complete else "No seed ran"
+        return [*lines, f"{which} every cell, so no two seeds' runs are fitted alone side by side.", ""]
     lines += [
         (f"Each seed's runs fitted alone ({method}): the multiplier a sweep of that one seed would "
          "have reported, beside the pooled fit's and its band."),
