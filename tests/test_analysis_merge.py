@@ -131,6 +131,7 @@ def test_the_command_prints_the_duplicates_and_their_losses(two_sweeps, capsys):
 COMMITTED_MERGES = {
     "paper-small-combined": (("paper-small", "paper-small-centred"), 8),
     "paper-small-seeds": (("paper-small-centred", "paper-small-centred-seeds"), 0),
+    "paper-small-four-budgets": (("paper-small-seeds", "paper-small-5e15"), 0),
 }
 
 
