@@ -24,7 +24,7 @@ from isoflop.analysis.approach2 import Approach2Fit
 from isoflop.analysis.approach3 import SurfaceFit, fit_surface
 from isoflop.analysis.bootstrap import PERCENTILES, PowerLawSamples
 from isoflop.analysis.fits import MIN_POINTS_FOR_E, PowerLawFit, grid_edges
-from isoflop.analysis.holdout import Holdout, holdout_check
+from isoflop.analysis.holdout import Holdout, holdout_check, isoflop_budgets
 from isoflop.analysis.methods import (
     MethodResult,
     exponent_tests,
@@ -137,13 +137,14 @@ def run_fit(
     n_boot: int = 1000,
     seed: int = 0,
     method: str = "frontier",
-    wallclock: bool = False,
+    wallclock: bool | None = False,
     resample_budgets: bool | None = None,
 ) -> FitOutcome:
     """Fit every architecture of results_dir/runs.csv by `method` (METHODS), bootstrap (paired
     across architectures; resample_budgets None: the method's default), and compute the multipliers
     against the baseline at the grid's budgets and at the named budgets `at` (FLOPs), with the
-    wall-clock multiplier when `wallclock`; writes results_dir/fits.json and multipliers.csv.
+    wall-clock multiplier when `wallclock` (None: when every architecture has a measured
+    throughput); writes results_dir/fits.json and multipliers.csv.
     The wall-clock multiplier takes each run's throughput from results_dir/throughput.csv when
     there is one (analysis/throughput.py), else from the run's own tokens_per_s."""
     results_dir = Path(results_dir)
@@ -160,8 +161,11 @@ def run_fit(
     if baseline not in result.archs:
         reason = result.skipped.get(baseline, "it has no usable run")
         raise TableError(f"{results_dir}: cannot fit the baseline {baseline!r} by {method}: {reason}")
-    multipliers = multiplier_table(_timed_runs(usable, throughput), result.fits, result.samples,
-                                   baseline, at=at, wallclock=wallclock)
+    timed = _timed_runs(usable, throughput)
+    if wallclock is None:
+        wallclock = _throughput_measured(timed)
+    multipliers = multiplier_table(timed, result.fits, result.samples, baseline, at=at,
+                                   wallclock=wallclock)
     if wallclock:
         multipliers = _with_throughput_range(multipliers, usable, throughput, baseline)
     tests = exponent_tests(result, baseline, INTERVAL)
@@ -409,10 +413,8 @@ def write_report(
         return write_recall_report(results_dir)
     # Checked before the fits, so that a wrong reference file costs no bootstrap.
     reference = load_reference(results_dir, list(runs["arch"].unique()), baseline_arch(runs))
-    timed = _timed_runs(average_seeds(usable_runs(runs)), load_throughput(results_dir))
-    wallclock = wallclock or _throughput_measured(timed)
     outcome = run_fit(results_dir, at=at, n_boot=n_boot, seed=seed, method=method,
-                      wallclock=wallclock)
+                      wallclock=wallclock or None)  # None: whenever throughput was measured
     others = {
         name: (outcome.result if name == method else
                fit_method(outcome.usable, name, n_boot=n_boot, seed=seed, surfaces=outcome.surfaces))
@@ -488,8 +490,7 @@ def _report_text(
     archs = sorted(runs["arch"].unique())
     counts = runs["state"].value_counts().sort_index()
     states = ", ".join(f"{state}: {count}" for state, count in counts.items())
-    budgets = np.unique(usable["budget"].to_numpy(float))
-    budgets = budgets[np.isfinite(budgets)]
+    budgets = isoflop_budgets(usable)
     resampled = "budgets and sizes" if result.resample_budgets else "sizes within each budget"
     if N_SEEDS in usable.columns:
         resampled += ", and each cell's seeds"
