@@ -138,10 +138,10 @@ def _add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
         "budget), approach2 (interpolated minimum per budget) or approach3 (the fitted surface "
         "L(N, D)); default frontier",
     )
-    parser.add_argument("--wallclock", action="store_true",
-                        help="also give the wall-clock multiplier, from the measured throughput (`report` "
-                             "adds it by itself when every architecture has a measured throughput; "
-                             "the flag forces it)")
+    parser.add_argument("--wallclock", action=argparse.BooleanOptionalAction, default=None,
+                        help="the wall-clock multiplier, from the measured throughput (default: given "
+                             "whenever every architecture has a measured throughput; --wallclock "
+                             "forces it, --no-wallclock leaves it out)")
 
 
 def add_fit(subparsers: argparse._SubParsersAction) -> None:

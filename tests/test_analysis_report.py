@@ -1,6 +1,7 @@
 """run_fit and write_report: files written from runs.csv alone, plots that exist and show something."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from matplotlib.image import imread
 from rich.console import Console
 
-from isoflop.analysis.multiplier import MULTIPLIER_COLUMNS
+from isoflop.analysis.multiplier import MULTIPLIER_COLUMNS, WALLCLOCK_COLUMNS
 from isoflop.analysis.report import format_multiplier_table, run_fit, write_report
 from isoflop.analysis.synthetic import simulate_evals, simulate_runs
 from isoflop.analysis.table import TableError
@@ -51,7 +52,8 @@ def test_run_fit_writes_fits_json_and_multipliers_csv(results):
     assert entry["bootstrap"]["alpha"]["p5"] < entry["alpha"] < entry["bootstrap"]["alpha"]["p95"]
     assert entry["n_boot_valid"] == 200
     written = pd.read_csv(outcome.multipliers_path)
-    assert list(written.columns) == list(MULTIPLIER_COLUMNS)
+    # The synthetic runs record their throughput, so the wall-clock columns come by default.
+    assert list(written.columns) == list(MULTIPLIER_COLUMNS) + list(WALLCLOCK_COLUMNS)
     assert len(written) == 2 * 4  # two archs x (three grid budgets + one named)
     np.testing.assert_allclose(written["multiplier"], outcome.multipliers["multiplier"])
     assert written.loc[written["budget"] == 1e20, "extrapolated"].all()
@@ -148,12 +150,46 @@ def test_bad_analysis_options_are_usage_errors(results, capsys, option, value, m
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 def approx_tree(value):
-    """A parsed JSON value with every float wrapped in pytest.approx (relative 1e-9)."""
+    """A parsed JSON value with every float wrapped in pytest.approx (relative 1e-6, absolute
+    1e-12: an intercept E fitted to its bound 0 comes back as any value near 1e-17)."""
     if isinstance(value, dict):
         return {key: approx_tree(item) for key, item in value.items()}
     if isinstance(value, list):
         return [approx_tree(item) for item in value]
-    return pytest.approx(value, rel=1e-9) if isinstance(value, float) else value
+    return pytest.approx(value, rel=1e-6, abs=1e-12) if isinstance(value, float) else value
+
+
+NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")  # not inside a word or hash
+
+
+def _last_digit(token: str) -> float:
+    """One unit in the last digit a printed number shows: '4.332' -> 0.001, '9.738e+04' -> 10."""
+    mantissa, _, exponent = token.lower().lstrip("+-").partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return 10.0 ** (int(exponent or 0) - decimals)
+
+
+def assert_same_report(regenerated: str, committed: str) -> None:
+    """The same words with the same numbers, each within one unit of its last printed digit or 1%.
+    Fits near a bound (E at 0, A spanning decades) move in their 5th digit between CPUs'
+    floating-point paths, and the Approach-3 surfaces' bootstrap replicates may then settle in
+    another of their shallow minima: on 2026-12-03 one such percentile (A's 5th, dynamic-qkv,
+    four budgets) read 4.73 against 4.749. multipliers.csv and fits.json are held to 1e-6."""
+    assert NUMBER.split(regenerated) == NUMBER.split(committed)
+    numbers = list(zip(NUMBER.findall(regenerated), NUMBER.findall(committed)))
+    off = [(a, b) for a, b in numbers
+           if a != b and abs(float(a) - float(b)) > max(1.001 * _last_digit(b), 0.01 * abs(float(b)))]
+    assert not off, f"{len(off)} of {len(numbers)} numbers differ by more than their last digit or 1%: {off[:5]}"
+
+
+def test_report_comparison_allows_a_last_digit_and_nothing_more():
+    committed = "M 1.44x (1.40-1.56) at 2.5e+15; E 8.743e-17; corpus `a3e7393e26b2c20c`, d256-l4"
+    assert_same_report(committed.replace("1.56", "1.57").replace("8.743e-17", "8.742e-17"), committed)
+    for changed in (committed.replace("1.44x", "1.48x"), committed.replace("2.5e+15", "2.7e+15"),
+                    committed.replace("at", "near"), committed.replace("3e7393", "3e7394"),
+                    committed.replace("d256-l4", "d256-l6")):
+        with pytest.raises(AssertionError):
+            assert_same_report(changed, committed)
 
 
 # Each committed H200 results folder, with lines its report must hold and how many budgets keep the
@@ -180,18 +216,20 @@ COMMITTED_RESULTS = {
 def test_the_committed_results_regenerate_from_their_tables(tmp_path, folder):
     """results/<folder> (sweeps run on the H200): fits, multipliers and report come back from
     runs.csv, evals.csv, throughput.csv (where measured) and reference.yaml alone, and hold the paper's comparison.
-    The report comes back byte for byte; the full-precision floats of multipliers.csv and
-    fits.json to 1e-9 relative, since the fits' last bits follow the CPU's floating-point paths (an
-    AMD machine's differ from the committing one's in the 16th digit)."""
+    The report comes back word for word, each number within its last printed digit; the
+    full-precision floats of multipliers.csv and fits.json to 1e-6 relative. The fits' last bits
+    follow the CPU's floating-point paths, and fits with E at its bound (four budgets) or
+    bootstrap replicates far out in A amplify them: one AMD machine's 16th digit is another's 5th
+    digit there (2026-12-03: fits.json 1e-8 relative, E 8.743e-17 against 8.742e-17)."""
     committed = Path(__file__).parent.parent / "results" / folder
     copied = [name for name in ("runs.csv", "evals.csv", "throughput.csv", "reference.yaml")
               if (committed / name).exists()]
     for name in copied:
         (tmp_path / name).write_bytes((committed / name).read_bytes())
     report = write_report(tmp_path).read_text()
-    assert report == (committed / "report.md").read_text()
+    assert_same_report(report, (committed / "report.md").read_text())
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "multipliers.csv"),
-                                  pd.read_csv(committed / "multipliers.csv"), check_exact=False, rtol=1e-9)
+                                  pd.read_csv(committed / "multipliers.csv"), check_exact=False, rtol=1e-6)
     regenerated = json.loads((tmp_path / "fits.json").read_text())
     assert regenerated == approx_tree(json.loads((committed / "fits.json").read_text()))
     lines, in_order = COMMITTED_RESULTS[folder]
@@ -201,3 +239,22 @@ def test_the_committed_results_regenerate_from_their_tables(tmp_path, folder):
     assert report.count("matches the expected order") == in_order
     alone = "throughput of each (architecture, size) trained alone (throughput.csv" in report
     assert alone == ("throughput.csv" in copied)  # without one, the runs' own (the report says so)
+
+
+@pytest.mark.parametrize("flag, wall_columns", [(None, True), ("--no-wallclock", False)])
+def test_fit_writes_the_multipliers_report_writes(tmp_path, flag, wall_columns):
+    """`isoflop fit` on a committed folder with a throughput table writes its multipliers.csv as
+    `report` did, wall-clock columns included, so fitting a committed folder does not strip them;
+    --no-wallclock leaves them out."""
+    from isoflop.cli import main
+
+    committed = Path(__file__).parent.parent / "results" / "paper-small-centred"
+    for name in ("runs.csv", "throughput.csv"):
+        (tmp_path / name).write_bytes((committed / name).read_bytes())
+    assert main(["fit", str(tmp_path), *([flag] if flag else [])]) == 0
+    written = pd.read_csv(tmp_path / "multipliers.csv")
+    expected = pd.read_csv(committed / "multipliers.csv")
+    if not wall_columns:
+        expected = expected[[c for c in expected.columns if not c.startswith("wall_")]]
+    assert ("wall_multiplier" in written.columns) == wall_columns
+    pd.testing.assert_frame_equal(written, expected, check_exact=False, rtol=1e-6)

@@ -137,7 +137,7 @@ def run_fit(
     n_boot: int = 1000,
     seed: int = 0,
     method: str = "frontier",
-    wallclock: bool | None = False,
+    wallclock: bool | None = None,
     resample_budgets: bool | None = None,
 ) -> FitOutcome:
     """Fit every architecture of results_dir/runs.csv by `method` (METHODS), bootstrap (paired
@@ -391,15 +391,16 @@ def write_report(
     n_boot: int = 1000,
     seed: int = 0,
     method: str = "frontier",
-    wallclock: bool = False,
+    wallclock: bool | None = None,
 ) -> Path:
     """Regenerate fits, multipliers and every plot from results_dir/runs.csv (and evals.csv when
     present) and write results_dir/report.md; returns its path. Plots go to results_dir/plots/.
 
     Besides `method` (which gives the multipliers), Approaches 2 and 3 are fitted for the
     compute-optimal allocation whenever the table supports them. Wall-clock multipliers are
-    included whenever every architecture has a measured throughput (tokens_per_s); `wallclock`
-    includes them regardless (empty for an architecture without one). With a throughput.csv
+    included whenever every architecture has a measured throughput (tokens_per_s, wallclock
+    None); True includes them regardless (empty for an architecture without one), False leaves
+    them out. With a throughput.csv
     beside runs.csv (`isoflop throughput`: each (architecture, size) trained alone) that table's
     tokens_per_s replaces the runs' own for the wall-clock multipliers, and the report says so.
     With a reference.yaml beside runs.csv (analysis/reference.py) the report holds the sweep
@@ -414,7 +415,7 @@ def write_report(
     # Checked before the fits, so that a wrong reference file costs no bootstrap.
     reference = load_reference(results_dir, list(runs["arch"].unique()), baseline_arch(runs))
     outcome = run_fit(results_dir, at=at, n_boot=n_boot, seed=seed, method=method,
-                      wallclock=wallclock or None)  # None: whenever throughput was measured
+                      wallclock=wallclock)
     others = {
         name: (outcome.result if name == method else
                fit_method(outcome.usable, name, n_boot=n_boot, seed=seed, surfaces=outcome.surfaces))
