@@ -209,6 +209,12 @@ COMMITTED_RESULTS = {
                                   "| transformer | 0.6597 (0.6414-0.6795) | 0.6906 (d256-l4) | -4.5% | no |",
                                   "| dynamic-qkv | 0.6627 (0.6597-0.6721) | 0.6599 (d192-l5, at the grid's edge)"],
                                  4),
+    # Two more sizes where the four budgets' grid stopped short: one edge left, and every conv
+    # variant's held-out loss inside its band.
+    "paper-small-bracketed": (["runs: 164 (done: 164)", "as 76 cells",
+                               "- dynamic-all-linear: smallest size (d128-l2) at 2.5e+14\n\n## Against",
+                               "| dynamic-all-linear | 0.6436 (0.6419-0.6554) | 0.6463 (d192-l5) | -0.4% | yes |"],
+                              4),
 }
 
 
