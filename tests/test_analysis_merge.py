@@ -132,7 +132,8 @@ COMMITTED_MERGES = {
     "paper-small-combined": (("paper-small", "paper-small-centred"), 8),
     "paper-small-seeds": (("paper-small-centred", "paper-small-centred-seeds"), 0),
     "paper-small-four-budgets": (("paper-small-seeds", "paper-small-5e15"), 0),
-    "paper-small-bracketed": (("paper-small-seeds", "paper-small-5e15", "paper-small-edges"), 0),
+    "paper-small-bracketed": (("paper-small-seeds", "paper-small-5e15", "paper-small-edges",
+                               "paper-small-edges-seeds"), 0),
 }
 
 
