@@ -400,9 +400,9 @@ def write_report(
     compute-optimal allocation whenever the table supports them. Wall-clock multipliers are
     included whenever every architecture has a measured throughput (tokens_per_s, wallclock
     None); True includes them regardless (empty for an architecture without one), False leaves
-    them out. With a throughput.csv
-    beside runs.csv (`isoflop throughput`: each (architecture, size) trained alone) that table's
-    tokens_per_s replaces the runs' own for the wall-clock multipliers, and the report says so.
+    them out. With a throughput.csv beside runs.csv (`isoflop throughput`: each (architecture,
+    size) trained alone) that table's tokens_per_s replaces the runs' own for the wall-clock
+    multipliers, and the report says so.
     With a reference.yaml beside runs.csv (analysis/reference.py) the report holds the sweep
     against its figures.
 
