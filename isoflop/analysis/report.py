@@ -484,7 +484,7 @@ def _report_text(
     others: dict[str, MethodResult],
     figures: list[tuple[str, Path]],
     reference: Reference | None = None,
-    seed_lines: list[str] | None = None,
+    checks: list[str] | None = None,  # sections after the multipliers: Seeds, Held-out budget
 ) -> str:
     runs, usable, result, baseline = outcome.runs, outcome.usable, outcome.result, outcome.baseline
     sweeps = ", ".join(sorted(str(s) for s in runs["sweep"].dropna().unique()))
@@ -517,7 +517,7 @@ def _report_text(
          else "No architecture besides the baseline has a fit."),
         "",
         *(_wallclock_lines(outcome) if "wall_multiplier" in outcome.multipliers.columns else []),
-        *(seed_lines or []),
+        *(checks or []),
         *_grid_edge_lines(usable),
         *(_reference_lines(reference, outcome.multipliers, baseline) if reference else []),
         "## Do the exponents differ?",
