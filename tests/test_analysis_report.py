@@ -264,3 +264,28 @@ def test_fit_writes_the_multipliers_report_writes(tmp_path, flag, wall_columns):
         expected = expected[[c for c in expected.columns if not c.startswith("wall_")]]
     assert ("wall_multiplier" in written.columns) == wall_columns
     pd.testing.assert_frame_equal(written, expected, check_exact=False, rtol=1e-6)
+
+
+def _cells(losses_by_budget: dict[float, list[float]]) -> pd.DataFrame:
+    """One architecture's runs: each budget's sizes (params 1, 2, ...) with the given losses."""
+    rows = [{"arch": "a", "budget": budget, "size": f"s{i}", "params": i + 1, "final_val_loss": loss}
+            for budget, losses in losses_by_budget.items() for i, loss in enumerate(losses)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("losses, expected", [
+    ({1e15: [0.9, 0.8, 0.85], 2e15: [0.8, 0.7, 0.75]}, "every frontier point is bracketed"),
+    ({1e15: [0.9, 0.8, 0.85], 2e15: [0.8, 0.7]}, "In the 1 of 2 (architecture, budget) pairs"),
+    ({1e15: [0.9, 0.8], 2e15: [0.8, 0.7]}, "No budget ran 3 sizes or more"),
+    ({1e15: [0.9, 0.8, 0.85], 2e15: [0.8, 0.75, 0.7]}, "- a: largest size (s2) at 2e+15"),
+    ({float("nan"): [0.9, 0.8, 0.85]}, None),  # a ladder: no budgets, no section
+])
+def test_the_grid_check_says_what_it_found_and_what_it_could_not_check(losses, expected):
+    """A passed check is written out, as is one the grid is too small to make; an edge is named."""
+    from isoflop.analysis.report import _grid_edge_lines
+
+    text = "\n".join(_grid_edge_lines(_cells(losses)))
+    if expected is None:
+        assert text == ""
+    else:
+        assert text.startswith("## Grid check") and expected in text

@@ -84,7 +84,10 @@ def frontier_rows(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([best, runs[~np.isfinite(runs["budget"])]])
 
 
-def grid_edges(runs: pd.DataFrame, min_sizes: int = 3) -> pd.DataFrame:
+GRID_CHECK_MIN_SIZES = 3  # with two sizes, one is always at an edge
+
+
+def grid_edges(runs: pd.DataFrame, min_sizes: int = GRID_CHECK_MIN_SIZES) -> pd.DataFrame:
     """Budgets whose lowest-loss run is the smallest or the largest size run there, per
     architecture: columns arch, budget, size, edge ("smallest" | "largest"), n_sizes. Only isoflop
     budgets with at least `min_sizes` distinct sizes count (with two, one is always at an edge).

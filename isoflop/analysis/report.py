@@ -23,7 +23,7 @@ from isoflop import __version__
 from isoflop.analysis.approach2 import Approach2Fit
 from isoflop.analysis.approach3 import SurfaceFit, fit_surface
 from isoflop.analysis.bootstrap import PERCENTILES, PowerLawSamples
-from isoflop.analysis.fits import MIN_POINTS_FOR_E, PowerLawFit, grid_edges
+from isoflop.analysis.fits import GRID_CHECK_MIN_SIZES, MIN_POINTS_FOR_E, PowerLawFit, grid_edges
 from isoflop.analysis.holdout import Holdout, holdout_check, isoflop_budgets
 from isoflop.analysis.methods import (
     MethodResult,
@@ -687,10 +687,30 @@ def _holdout_lines(holdout: Holdout | None, outcome: FitOutcome) -> list[str]:
 
 
 def _grid_edge_lines(usable: pd.DataFrame) -> list[str]:
-    """A warning where the frontier runs sit at an edge of the sizes run (nothing otherwise)."""
+    """A warning where the frontier runs sit at an edge of the sizes run, or the check's outcome
+    where none does: a reader who finds no section cannot tell a passed check from one not made.
+    Nothing for tables without isoflop budgets (ladders, recall grids)."""
+    isoflop = usable[np.isfinite(usable["budget"])]
+    if isoflop.empty:
+        return []
     edges = grid_edges(usable)
     if edges.empty:
-        return []
+        sizes = isoflop.groupby(["arch", "budget"])["params"].nunique()
+        checked = int((sizes >= GRID_CHECK_MIN_SIZES).sum())
+        if checked == 0:
+            outcome = (f"No budget ran {GRID_CHECK_MIN_SIZES} sizes or more for an architecture, so "
+                       "the grid cannot show whether its lowest-loss runs bracket the compute-optimal "
+                       "size.")
+        elif checked == len(sizes):
+            outcome = ("At every budget each architecture's lowest-loss run is an inner size of the "
+                       "grid run there: every frontier point is bracketed by a smaller and a larger "
+                       "size.")
+        else:
+            outcome = (f"In the {checked} of {len(sizes)} (architecture, budget) pairs that ran "
+                       f"{GRID_CHECK_MIN_SIZES} sizes or more, the lowest-loss run is an inner size: "
+                       "those frontier points are bracketed by a smaller and a larger size. The "
+                       "others cannot be checked.")
+        return ["## Grid check", "", outcome, ""]
     lines = [
         "## Grid check",
         "",
