@@ -134,6 +134,8 @@ COMMITTED_MERGES = {
     "paper-small-four-budgets": (("paper-small-seeds", "paper-small-5e15"), 0),
     "paper-small-bracketed": (("paper-small-seeds", "paper-small-5e15", "paper-small-edges",
                                "paper-small-edges-seeds"), 0),
+    "paper-small-full": (("paper-small-seeds", "paper-small-5e15", "paper-small-edges",
+                          "paper-small-edges-seeds", "paper-small-5e15-seeds", "paper-small-below"), 0),
 }
 
 
