@@ -11,7 +11,12 @@ from matplotlib.image import imread
 from rich.console import Console
 
 from isoflop.analysis.multiplier import MULTIPLIER_COLUMNS, WALLCLOCK_COLUMNS
-from isoflop.analysis.report import format_multiplier_table, run_fit, write_report
+from isoflop.analysis.report import (
+    _grid_edge_lines,
+    format_multiplier_table,
+    run_fit,
+    write_report,
+)
 from isoflop.analysis.synthetic import simulate_evals, simulate_runs
 from isoflop.analysis.table import TableError
 
@@ -289,8 +294,6 @@ def _cells(losses_by_budget: dict[float, list[float]]) -> pd.DataFrame:
 ])
 def test_the_grid_check_says_what_it_found_and_what_it_could_not_check(losses, expected):
     """A passed check is written out, as is one the grid is too small to make; an edge is named."""
-    from isoflop.analysis.report import _grid_edge_lines
-
     text = "\n".join(_grid_edge_lines(_cells(losses)))
     if expected is None:
         assert text == ""
