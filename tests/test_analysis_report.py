@@ -19,9 +19,11 @@ from isoflop.analysis.report import (
 )
 from isoflop.analysis.synthetic import simulate_evals, simulate_runs
 from isoflop.analysis.table import TableError
+from isoflop.cli import main
 
 FACTORS = {"transformer": 1.0, "dynamic-qkv": 1.5, "static-qkv": 1.25}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RESULTS = Path(__file__).parent.parent / "results"
 
 
 def ink_fraction(pixels: np.ndarray) -> float:
@@ -129,8 +131,6 @@ def test_a_baseline_without_finished_runs_is_a_clear_error(results):
 
 
 def test_fit_and_report_of_a_table_without_finished_runs_say_one_line(results, capsys):
-    from isoflop.cli import main
-
     runs = pd.read_csv(results / "runs.csv")
     runs["state"] = "not started"
     runs.to_csv(results / "runs.csv", index=False)
@@ -148,8 +148,6 @@ def test_fit_and_report_of_a_table_without_finished_runs_say_one_line(results, c
     ("--at", "-5", "argument --at: --at '-5': budgets must be positive numbers"),
 ])
 def test_bad_analysis_options_are_usage_errors(results, capsys, option, value, message):
-    from isoflop.cli import main
-
     with pytest.raises(SystemExit) as exit_:
         main(["fit", str(results), option, value])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
@@ -197,6 +195,14 @@ def test_report_comparison_allows_a_last_digit_and_nothing_more():
             assert_same_report(changed, committed)
 
 
+def copy_committed(folder: str, names: tuple[str, ...], into: Path) -> list[str]:
+    """Copy those of `names` that results/<folder> holds into `into`; returns the names copied."""
+    copied = [name for name in names if (RESULTS / folder / name).exists()]
+    for name in copied:
+        (into / name).write_bytes((RESULTS / folder / name).read_bytes())
+    return copied
+
+
 # Each committed H200 results folder, with lines its report must hold and how many budgets keep the
 # expected order (transformer < static-qkv < dynamic-qkv < dynamic-all-linear).
 COMMITTED_RESULTS = {
@@ -239,11 +245,9 @@ def test_the_committed_results_regenerate_from_their_tables(tmp_path, folder):
     follow the CPU's floating-point paths, and fits with E at its bound (four budgets) or
     bootstrap replicates far out in A amplify them: one AMD machine's 16th digit is another's 5th
     digit there (2026-12-03: fits.json 1e-8 relative, E 8.743e-17 against 8.742e-17)."""
-    committed = Path(__file__).parent.parent / "results" / folder
-    copied = [name for name in ("runs.csv", "evals.csv", "throughput.csv", "reference.yaml")
-              if (committed / name).exists()]
-    for name in copied:
-        (tmp_path / name).write_bytes((committed / name).read_bytes())
+    committed = RESULTS / folder
+    copied = copy_committed(folder, ("runs.csv", "evals.csv", "throughput.csv", "reference.yaml"),
+                            tmp_path)
     report = write_report(tmp_path).read_text()
     assert_same_report(report, (committed / "report.md").read_text())
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "multipliers.csv"),
@@ -264,11 +268,8 @@ def test_fit_writes_the_multipliers_report_writes(tmp_path, flag, wall_columns):
     """`isoflop fit` on a committed folder with a throughput table writes its multipliers.csv as
     `report` did, wall-clock columns included, so fitting a committed folder does not strip them;
     --no-wallclock leaves them out."""
-    from isoflop.cli import main
-
-    committed = Path(__file__).parent.parent / "results" / "paper-small-centred"
-    for name in ("runs.csv", "throughput.csv"):
-        (tmp_path / name).write_bytes((committed / name).read_bytes())
+    committed = RESULTS / "paper-small-centred"
+    copy_committed("paper-small-centred", ("runs.csv", "throughput.csv"), tmp_path)
     assert main(["fit", str(tmp_path), *([flag] if flag else [])]) == 0
     written = pd.read_csv(tmp_path / "multipliers.csv")
     expected = pd.read_csv(committed / "multipliers.csv")
