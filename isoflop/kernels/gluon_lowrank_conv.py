@@ -510,6 +510,58 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         tma_store(out_desc, [n, 0, 0, d0], buf)
 
     @gluon.jit
+    def _first_lags(x_ptr, b, T, X_STRIDE, ch, D, t_first, rq, W: gl.constexpr):
+        """x at the W - 1 times before t_first at the thread's channels `ch`, as [64, 4] (run_l) tensors
+        (zeros before t = 0): the lags of a walk's first run, as _conv_tile's shuffles leave them for
+        the tiles after."""
+        before = ()
+        for j in gl.static_range(W - 1):
+            t = t_first - (W - 1) + j
+            p = x_ptr + (b.to(gl.int64) * T + t) * X_STRIDE + ch
+            before = before + (gl.load(p[:, None] + rq[None, :] * 0,
+                                       mask=(ch < D)[:, None] & (rq >= 0)[None, :] & (t >= 0), other=0.0),)
+        return before
+
+    @gluon.jit
+    def _conv_tile(ut_smem, zt, zero, x_ring, step, before, s_regs, first_run, run_l: gl.constexpr,
+                   W: gl.constexpr, STAGES: gl.constexpr, HAS_STATIC: gl.constexpr, RESIDUAL: gl.constexpr,
+                   DTYPE: gl.constexpr):
+        """The forward's sums of step `step`'s tile (its x in x_ring, z^T `zt`) as 16 float32 run
+        tensors, and `before` (the lags of the next tile's first run, _first_lags) moved on."""
+        BLOCK: gl.constexpr = 64
+        f = _tap_products(ut_smem, ut_smem, zt, zt, 0, zero, False)
+        xr = _slot_runs(x_ring, step, run_l, STAGES, DTYPE)
+        # The W - 1 times before each run: run c - 1's last (run 0: the previous tile's run 3's).
+        xs = ()
+        for j in gl.static_range(W - 1):
+            h = _from_left(xr[16 - (W - 1) + j])
+            xs = xs + (gl.where(first_run, before[j], h).to(gl.float32),)
+            before = before[:j] + (h,) + before[j + 1:]
+        for i in gl.static_range(16):
+            xs = xs + (xr[i].to(gl.float32),)  # xs[i + W - 1]: time i of each run
+        ys = ()
+        for i in gl.static_range(16):
+            if RESIDUAL:  # the sum starts as x[t]
+                ys = ys + (xs[i + W - 1],)
+            else:
+                ys = ys + (gl.zeros([BLOCK, 4], gl.float32, run_l),)
+        # Tap by tap, tap k + 1's products issued once tap k's are consumed (one accumulator live:
+        # 156 registers, three programs per multiprocessor; two taps in flight timed the same).
+        for k in gl.static_range(W):
+            f = warpgroup_mma_wait(0, deps=(f,))
+            taps = _product_runs(f, run_l)
+            new = ()
+            for i in gl.static_range(16):
+                if HAS_STATIC:
+                    new = new + (ys[i] + (taps[i] + s_regs[k]) * xs[i + W - 1 - k],)
+                else:
+                    new = new + (ys[i] + taps[i] * xs[i + W - 1 - k],)
+            ys = new
+            if k + 1 < W:
+                f = _tap_products(ut_smem, ut_smem, zt, zt, k + 1, zero, False)
+        return ys, before
+
+    @gluon.jit
     def _lowrank_gluon_fwd_kernel(  # (the _lowrank_ prefix: profiles file it as conv time)
         x_desc, z_desc, y_desc, x_ptr, u_ptr, s_ptr, cos_ptr, sin_ptr, ROPE_CHANNELS,
         T, D, R, X_STRIDE, D_GROUP,
@@ -536,15 +588,7 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
         ch = d0 + rc
         s_regs = _static_taps(s_ptr, ch, D, W, HAS_STATIC)
         first_run = (rq == 0)[None, :]
-        # The lags of the program's first time (run 0's, from the previous tile; zeros before t = 0),
-        # as the shuffles below leave them for the tiles after.
-        t_first = tile0 * BLOCK
-        before = ()
-        for j in gl.static_range(W - 1):
-            t = t_first - (W - 1) + j
-            p = x_ptr + (b.to(gl.int64) * T + t) * X_STRIDE + ch
-            before = before + (gl.load(p[:, None] + rq[None, :] * 0,
-                                       mask=(ch < D)[:, None] & (rq >= 0)[None, :] & (t >= 0), other=0.0),)
+        before = _first_lags(x_ptr, b, T, X_STRIDE, ch, D, tile0 * BLOCK, rq, W)
 
         rotate = d0 < ROPE_CHANNELS
         if ROPE:
@@ -555,36 +599,8 @@ if gluon is not None:  # the kernels exist only where Gluon's Hopper ops do
             else:
                 angles = 0
             zt = _slot_z(z_ring, bars, tile, STAGES, DTYPE)
-            f = _tap_products(ut_smem, st_smem, zt, onest, 0, zero, False)
-            xr = _slot_runs(x_ring, tile, run_l, STAGES, DTYPE)
-            # The W - 1 times before each run: run c - 1's last (run 0: the previous tile's run 3's).
-            xs = ()
-            for j in gl.static_range(W - 1):
-                h = _from_left(xr[16 - (W - 1) + j])
-                xs = xs + (gl.where(first_run, before[j], h).to(gl.float32),)
-                before = before[:j] + (h,) + before[j + 1:]
-            for i in gl.static_range(16):
-                xs = xs + (xr[i].to(gl.float32),)  # xs[i + W - 1]: time i of each run
-            ys = ()
-            for i in gl.static_range(16):
-                if RESIDUAL:  # the sum starts as x[t]
-                    ys = ys + (xs[i + W - 1],)
-                else:
-                    ys = ys + (gl.zeros([BLOCK, 4], gl.float32, run_l),)
-            # Tap by tap, tap k + 1's products issued once tap k's are consumed (one accumulator live:
-            # 156 registers, three programs per multiprocessor; two taps in flight timed the same).
-            for k in gl.static_range(W):
-                f = warpgroup_mma_wait(0, deps=(f,))
-                taps = _product_runs(f, run_l)
-                new = ()
-                for i in gl.static_range(16):
-                    if HAS_STATIC:
-                        new = new + (ys[i] + (taps[i] + s_regs[k]) * xs[i + W - 1 - k],)
-                    else:
-                        new = new + (ys[i] + taps[i] * xs[i + W - 1 - k],)
-                ys = new
-                if k + 1 < W:
-                    f = _tap_products(ut_smem, st_smem, zt, onest, k + 1, zero, False)
+            ys, before = _conv_tile(ut_smem, zt, zero, x_ring, tile, before, s_regs, first_run, run_l, W, STAGES,
+                                    HAS_STATIC, RESIDUAL, DTYPE)
             # Every warp is done with this slot (x read, products waited for): refill it. And the TMA
             # store of two tiles back has read its buffer (y's two buffers): write this tile's y there.
             tma.store_wait(1)
