@@ -53,6 +53,7 @@ from isoflop.kernels import (
     gluon_headwise,
     gluon_lowrank,
     gluon_lowrank_conv,
+    gluon_lowrank_swiglu,
     triton_headwise,
     triton_lowrank,
 )
@@ -62,7 +63,8 @@ BATCH, SEQ, D_MODEL, R, W = 4, 4096, 2048, 16, 4
 # Integer arguments' values at the paper's shape (chunk_t: any multiple of BLOCK_T); others
 # (chunks_per_seq) compile as plain integers.
 INT_ARGS = {"B": BATCH, "T": SEQ, "D": D_MODEL, "R": R, "chunk_t": 16,
-            "X_STRIDE": D_MODEL, "Z_STRIDE": R, "D_GROUP": D_MODEL}  # low-rank: contiguous, one group
+            "X_STRIDE": D_MODEL, "Z_STRIDE": R, "D_GROUP": D_MODEL,
+            "XG_STRIDE": D_MODEL, "XU_STRIDE": D_MODEL}  # low-rank: contiguous, one group
 # --views: the head-wise and static kernels' path for inputs read in place from a fused q/k/v +
 # hs=16 generators' projection (DENSE off; rows this many elements apart, as runtime integers).
 VIEW_STRIDE = 3 * D_MODEL + 3 * W * (D_MODEL // 16)
@@ -179,7 +181,20 @@ def _gluon_lowrank_conv_cases(dtype: tl.dtype) -> list[Case]:
              gluon=True, descriptors=dx_descriptors | {"cos_desc": runs, "sin_desc": runs}),
         Case("low-rank dx (gluon, rope)", gc._lowrank_gluon_dx_kernel, consts | {"ROPE": True},  # dy turned back
              {"num_warps": gc.WARPS, "maxnreg": gc.DX_ROPE_REGS}, gluon=True, descriptors=dx_descriptors | {"cos_desc": rows, "sin_desc": rows}),
+        *_gluon_swiglu_cases(runs, zs, consts),
     ]
+
+
+def _gluon_swiglu_cases(runs, zs, consts: dict) -> list[Case]:
+    """gluon_lowrank_swiglu's kernel (gate and up convs and their SwiGLU), writing h alone and with the
+    convs' outputs (SAVE, what training takes)."""
+    gs = gluon_lowrank_swiglu
+    descriptors = {"xg_desc": runs, "xu_desc": runs, "zg_desc": zs, "zu_desc": zs, "h_desc": runs, "g_desc": runs,
+                   "u_desc": runs}
+    return [Case(f"low-rank SwiGLU {name} (gluon)", gs._lowrank_gluon_swiglu_kernel,
+                 {k: v for k, v in consts.items() if k != "STAGES"} | {"STAGES": gs.STAGES, "SAVE": save},
+                 {"num_warps": gluon_lowrank_conv.WARPS}, gluon=True, descriptors=descriptors)
+            for name, save in (("forward", False), ("forward, saving g' and u'", True))]
 
 
 def _gluon_headwise_cases(dtype: tl.dtype, head_size: int) -> list[Case]:

@@ -637,6 +637,38 @@ def test_convs_of_a_projection_name_bad_inputs(gen):
         kernels.set_backend("auto")
 
 
+def swiglu_of_reference_convs(projection: Tensor, ups: list[Tensor], statics: list[Tensor] | None, width: int,
+                              residual: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(silu(g') * u', g', u') in float64, g' and u' the reference convs of the gate's and up's columns."""
+    C, R = ups[0].shape[1] // width, ups[0].shape[0]
+    p = projection.double()
+    gate, up = (ref.dynamic_conv_lowrank(p[..., g * C:(g + 1) * C], p[..., 2 * C + g * R:2 * C + (g + 1) * R],
+                                         ups[g].double(), statics[g].double() if statics else None, residual=residual)
+                for g in range(2))
+    return torch.nn.functional.silu(gate) * up, gate, up
+
+
+@interpreted
+@pytest.mark.parametrize("static", [True, False])
+def test_swiglu_of_two_convs_equals_the_convs_then_the_swiglu(gen, triton_backend, static):
+    """The gate's and up's convs with their SwiGLU as one op (kernels.dynamic_convs_lowrank_swiglu;
+    here the op's path where no Hopper kernel runs: the convs' op, then the SwiGLU): values and
+    gradients of every input are the float64 reference's."""
+    inputs = projected_convs(2, 11, [24, 24], 4, 3, static, 0, torch.float32, gen=gen)
+    leaves = [inputs["projection"].detach().requires_grad_(), *(U.requires_grad_() for U in inputs["ups"]),
+              *(s.requires_grad_() for s in inputs["statics"] or [])]
+    ups, statics = leaves[1:3], leaves[3:] or None
+    h = kernels.dynamic_convs_lowrank_swiglu(leaves[0], ups, statics, width=3)
+    dh = rand(*h.shape, gen=gen)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    h64 = swiglu_of_reference_convs(leaves64[0], leaves64[1:3], leaves64[3:] or None, 3)[0]
+    assert h.shape == (2, 11, 24) and relative_error(h, h64) < TOLERANCE[torch.float32]
+    for got, want in zip(torch.autograd.grad(h, leaves, dh), torch.autograd.grad(h64, leaves64, dh.double())):
+        assert relative_error(got, want) < TOLERANCE[torch.float32]
+    with pytest.raises(ValueError, match="two of one shape"):
+        kernels.dynamic_convs_lowrank_swiglu(leaves[0], ups[:1], width=3)
+
+
 @interpreted
 def test_lowrank_split_and_fused_backward_agree(gen):
     """Same gradients from both variants (dx is shared; the filter gradients only differ by the
@@ -862,6 +894,7 @@ def test_custom_ops_pass_opcheck(gen):
         rotated = 1 if rope[0] is not None else 0  # packed sequences without rope
         torch.library.opcheck(ops.headwise_projected, (heads, statics, [D, D], [4, 4], W, True,
                                                        None if rotated else cu, *rope, rotated))
+        torch.library.opcheck(ops.lowrank_projected_swiglu, (projection, [U, U], statics, W, True))
     torch.library.opcheck(ops.headwise_conv, (x, rand(B, T, W, 4, gen=gen).requires_grad_(), None, False, None))
     torch.library.opcheck(ops.conv_step, (x[:, 0].detach(), rand(B, W - 1, D, gen=gen), z[:, 0].detach(), U.detach(), None, s.detach(), True))
 
@@ -1454,6 +1487,48 @@ def test_gpu_gluon_lowrank_dx_matches_float64_and_the_triton_kernel(monkeypatch,
 
 
 @gpu
+@pytest.mark.skipif(not hopper(), reason="the Gluon SwiGLU kernel needs a Hopper GPU")
+@pytest.mark.parametrize("B, T, C, R, W, dtype, static, residual", [
+    (4, 4096, 2816, 16, 4, torch.bfloat16, True, True),  # the 300M model's MLP at 16k tokens
+    (2, 1024, 520, 16, 4, torch.bfloat16, True, True),  # ragged C: TMA's zero fill, clipped stores
+    (1, 192, 384, 8, 3, torch.float16, False, False),  # R = 8, no static filter, no residual
+    (2, 64, 256, 16, 1, torch.bfloat16, True, True),  # one tap, one tile
+])
+def test_gpu_swiglu_kernel_matches_float64_and_the_convs_then_the_swiglu(B, T, C, R, W, dtype, static, residual):
+    """gluon_lowrank_swiglu's h against float64, within twice the error of the convs' own kernels
+    followed by the SwiGLU in float32; the convs' outputs it saves are the conv kernel's bit for bit;
+    the same bits at any number of tiles per program and without saving; and the op's gradients are
+    those of the convs' op followed by the SwiGLU."""
+    from isoflop.kernels import gluon_lowrank_swiglu as gs
+    from isoflop.kernels import ops
+
+    poison_cuda_memory()
+    g = torch.Generator().manual_seed(0)
+    inputs = projected_convs(B, T, [C, C], R, W, static, 0, dtype, device="cuda", gen=g)
+    projection, ups, statics = inputs["projection"], inputs["ups"], inputs["statics"] or []
+    operands = ops._swiglu_operands(projection, ups, statics, W)
+    assert gs.cannot_run(*operands[:6]) is None
+    h, gate, up = gs.forward(*operands, residual)
+    h64 = swiglu_of_reference_convs(projection, ups, statics, W, residual)[0]
+    apart = ops._lowrank_projected(projection, ups, statics, W, residual, None, None, None, 0)
+    assert torch.equal(gate, apart[0]) and torch.equal(up, apart[1])
+    swiglu_apart = (torch.nn.functional.silu(apart[0].float()) * apart[1].float()).to(dtype)
+    assert h.dtype == dtype and h.is_contiguous()
+    assert relative_error(h, h64) < max(2 * relative_error(swiglu_apart, h64), TOLERANCE[dtype] / 4)
+    assert torch.equal(gs.forward(*operands, residual, save=False)[0], h)
+    for chunk in (1, 3):  # 3: a shorter last chunk where the tiles do not divide into chunks of 3
+        assert all(map(torch.equal, gs.forward(*operands, residual, chunk=chunk), (h, gate, up))), chunk
+    leaves = [projection.detach().requires_grad_(), *(t.detach().requires_grad_() for t in (*ups, *statics))]
+    dh = rand(B, T, C, dtype=dtype, device="cuda", gen=g)
+    fused = torch.autograd.grad(kernels.dynamic_convs_lowrank_swiglu(
+        leaves[0], leaves[1:3], leaves[3:] or None, width=W, residual=residual), leaves, dh)
+    gate, up = kernels.dynamic_convs_lowrank(leaves[0], leaves[1:3], leaves[3:] or None, width=W, residual=residual)
+    unfused = torch.autograd.grad((torch.nn.functional.silu(gate.float()) * up.float()).to(dtype), leaves, dh)
+    for got, want in zip(fused, unfused):
+        assert relative_error(got, want.double()) < TOLERANCE[dtype] / 4
+
+
+@gpu
 @pytest.mark.skipif(not hopper(), reason="the Gluon head-wise walks need a Hopper GPU")
 @pytest.mark.parametrize("B, T, D, hs, W, static, residual, dtype, view", [
     (2, 1000, 1024, 16, 4, True, True, torch.bfloat16, False),  # ragged T: the last program's rows
@@ -1636,7 +1711,7 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     lowrank = ["low-rank forward", "low-rank dx (lead)", "low-rank filter grads", "low-rank dz (split)",
                "low-rank dU (split)"]
     assert [row["kernel"] for row in rows][:5] == lowrank
-    assert len(rows) == 30 and all(0 < row["registers"] <= 255 for row in rows)
+    assert len(rows) == 32 and all(0 < row["registers"] <= 255 for row in rows)
     # The head-wise walks rotating y and turning dy back (RoPE) compile without spills, and so do
     # the static conv's (the same walks without dynamic taps), D an odd multiple of 256 included.
     walks = [row for row in rows if row["kernel"].startswith(("head-wise", "static")) and "rope" in row["kernel"]]
@@ -1662,6 +1737,11 @@ def test_kernels_compile_offline_for_hopper_and_report_their_resources(tmp_path)
     dx = [row for row in rows if row["kernel"] == "low-rank dx (gluon)"]
     assert len(dx) == 1 and dx[0]["stack_bytes"] == 0
     assert dx[0]["registers"] <= 255 and dx[0]["shared_bytes"] <= 113 * 1024
+    # The gate's and up's convs with their SwiGLU (and its input gradients), two programs each,
+    # without spills: both convs' rings in one program.
+    swiglu = [row for row in rows if row["kernel"].startswith("low-rank SwiGLU")]
+    assert len(swiglu) == 2 and all(row["stack_bytes"] == 0 for row in swiglu)
+    assert all(row["registers"] <= 255 and row["shared_bytes"] <= 113 * 1024 for row in swiglu)
     # Side by side (the overlapped backward), one filter-gradient program with its longer ring and one
     # dx program share a multiprocessor: 65,536 registers, 228 KB less 1 KB per program.
     beside = [row for row in rows if row["kernel"] == "low-rank filter grads (gluon, beside dx)"]

@@ -124,6 +124,39 @@ def dynamic_convs_lowrank(
             for g, (x, z, U) in enumerate(zip(xs, zs, ups))]
 
 
+def dynamic_convs_lowrank_swiglu(
+    projection: Tensor, ups: list[Tensor], statics: list[Tensor] | None = None, *, width: int,
+    residual: bool = True,
+) -> Tensor:
+    """silu(gate) * up [B, T, C] for the MLP's gate and up convs, dynamic_convs_lowrank's two convs
+    (ups = [U_gate, U_up], each [R, W*C]) on a projection [B, T, 2*C + 2*R]: the same values as
+    F.silu(gate) * up on that function's outputs, computed in float32 and rounded once as
+    torch.compile computes it. On the kernels one op: on Hopper one kernel forms both convs and the
+    SwiGLU (gluon_lowrank_swiglu), so the SwiGLU does not read the convs' outputs back; they are
+    written only for its gradient."""
+    if len(ups) != 2 or ups[0].shape != ups[1].shape:
+        raise ValueError(f"ups must be the gate's and up's U, two of one shape; got {[tuple(U.shape) for U in ups]}")
+    reference.check_lowrank_projected(projection, ups, statics, width, None, 0)
+    if _use_triton(projection, *ups, *(statics or []), width=width):
+        return _ops().dynamic_convs_lowrank_swiglu(projection, ups, statics, width=width, residual=residual)
+    gate, up = dynamic_convs_lowrank(projection, ups, statics, width=width, residual=residual)
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def swiglu_fuses(projection: Tensor, ups: list[Tensor], width: int) -> bool:
+    """Whether dynamic_convs_lowrank_swiglu would run its one Hopper kernel on a projection of this
+    shape, type and device (what torch.compile can see while it traces; where strides or addresses
+    then rule the kernel out, the op runs the convs and the SwiGLU apart, the same values)."""
+    if not (_HAVE_TRITON and projection.is_cuda and _use_triton(projection, *ups, width=width)):
+        return False
+    from isoflop.kernels import gluon_common, gluon_lowrank_swiglu
+    channels = ups[0].shape[1] // width
+    gate = projection[..., :channels]
+    z = projection[..., 2 * channels:2 * channels + ups[0].shape[0]]
+    missing = gluon_lowrank_swiglu.shapes_missing(gate, gate, z, z, ups[0], ups[1], packed=False)
+    return missing is None and gluon_common.gluon_hopper(projection.device.index)
+
+
 def dynamic_conv_headwise(
     x: Tensor, w: Tensor, static: Tensor | None = None, *,
     residual: bool = True, cu_seqlens: Tensor | None = None,

@@ -39,6 +39,7 @@ values on the GPU give wrong results, never out-of-bounds accesses (kernels mask
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Low-rank channel groups: a channel tile (>= 16 for the matrix units) fits in one; defined beside
@@ -273,6 +274,62 @@ def _projected_grad(ctx, dys):
 
 
 lowrank_projected.register_autograd(_projected_grad, setup_context=_projected_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# The MLP's gate and up convs with their SwiGLU (gluon_lowrank_swiglu)
+
+
+def _swiglu_operands(projection: Tensor, ups: list[Tensor], statics: list[Tensor], width: int) -> list:
+    """(gate x, up x, gate z, up z, gate U, up U, gate static, up static) of the two convs reading the
+    projection, as gluon_lowrank_swiglu takes them."""
+    (gate_x, gate_z), (up_x, up_z) = _projected(projection, ups, width)
+    gate_s, up_s = (s.contiguous() for s in statics) if statics else (None, None)
+    return [gate_x, up_x, gate_z, up_z, ups[0].contiguous(), ups[1].contiguous(), gate_s, up_s]
+
+
+def _lowrank_projected_swiglu(
+    projection: Tensor, ups: list[Tensor], statics: list[Tensor], width: int, residual: bool,
+) -> list[Tensor]:
+    """[h, gate', up']: the SwiGLU of the two convs and the convs' outputs (saved for its gradient)."""
+    from isoflop.kernels import gluon_lowrank_swiglu
+
+    operands = _swiglu_operands(projection, ups, statics, width)
+    if gluon_lowrank_swiglu.cannot_run(*operands[:6]) is None:
+        return list(gluon_lowrank_swiglu.forward(*operands, residual))
+    gate, up = _lowrank_projected(projection, ups, statics, width, residual, None, None, None, 0)
+    return [(F.silu(gate.float()) * up.float()).to(gate.dtype), gate, up]  # (float32, as compiled code has it)
+
+
+lowrank_projected_swiglu = _takes_any_layout("isoflop::lowrank_projected_swiglu", _lowrank_projected_swiglu)
+
+
+@lowrank_projected_swiglu.register_fake
+def _(projection, ups, statics, width, residual):
+    return [projection.new_empty(*projection.shape[:2], ups[0].shape[1] // width) for _ in range(3)]
+
+
+def _swiglu_setup(ctx, inputs, output):
+    projection, ups, statics, width, residual = inputs
+    ctx.save_for_backward(projection, output[1], output[2], *ups, *statics)
+    ctx.width, ctx.residual = width, residual
+
+
+def _swiglu_grad(ctx, grads):
+    """The SwiGLU's gradient from the saved gate' and up' (ops here, which torch.compile fuses into
+    one kernel), then the convs' backward op on it. gate' and up' are the op's outputs only to be
+    saved: no gradient flows into them from elsewhere."""
+    projection, gate, up, *params = ctx.saved_tensors
+    ups, statics = params[:2], params[2:]
+    g, u, dh = gate.float(), up.float(), grads[0].float()
+    sig = torch.sigmoid(g)
+    dys = [(dh * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (dh * g * sig).to(gate.dtype)]
+    grad, dUs, dss = lowrank_projected_backward(dys, projection, ups, statics, ctx.width, ctx.residual, None, None,
+                                                None, 0)
+    return grad, dUs, dss, None, None
+
+
+lowrank_projected_swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,6 +596,22 @@ def dynamic_convs_lowrank(
             checked_rope_channels(x.shape, rope, None, packed=cu_seqlens is not None)
     return lowrank_projected(projection, list(ups), statics, width, residual, cu_seqlens, cos, sin,
                              rotated if rope is not None else 0)
+
+
+def dynamic_convs_lowrank_swiglu(
+    projection: Tensor, ups: list[Tensor], statics: list[Tensor] | None = None, *, width: int,
+    residual: bool = True,
+) -> Tensor:
+    """silu(gate) * up of two low-rank dynamic convs of one fused projection (see
+    kernels.dynamic_convs_lowrank_swiglu): one op, which also returns the convs' outputs to save them
+    for its backward."""
+    check_lowrank_projected(projection, ups, statics, width, None, 0)
+    if len(ups) != 2:
+        raise ValueError(f"the SwiGLU takes two convs (gate, up); got {len(ups)}")
+    statics = list(statics or [])
+    for g, ((x, z), U) in enumerate(zip(_projected(projection, ups, width), ups)):
+        _check(x, width, statics[g] if statics else None, None, z=z, U=U)
+    return lowrank_projected_swiglu(projection, list(ups), statics, width, residual)[0]
 
 
 def dynamic_conv_headwise(
