@@ -259,6 +259,12 @@ def test_compiled_code_runs_dynamic_convs_one_by_one_on_views(monkeypatch, any_l
     assert seen == [(D, filters, not any_layout)] * 3 * LAYERS
 
 
+def loss_and_grads(model: LanguageModel, idx: torch.Tensor) -> list[torch.Tensor]:
+    """A loss of the model's logits and its gradients for every parameter."""
+    loss = model(idx)[0].square().mean()
+    return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
+
+
 @pytest.mark.parametrize("arch, function, groups", [
     ("dynamic-qkv", "dynamic_convs_lowrank", [(D, D, D)]),
     ("dynamic-all-linear", "dynamic_convs_lowrank", [(D, D, D), (D,), (D_FF, D_FF), (D,)]),
@@ -278,16 +284,35 @@ def test_compiled_code_runs_the_dynamic_convs_of_a_projection_as_one_op(monkeypa
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     idx = torch.randint(0, VOCAB, (2, 12))
 
-    def loss_and_grads():
-        loss = model(idx)[0].square().mean()
-        return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
-
-    projected = loss_and_grads()
+    projected = loss_and_grads(model, idx)
     widths = [sum(g) + generated * len(g) for g in groups]
     assert seen == widths * LAYERS
     monkeypatch.setattr(conv.PROJECTED, "name", "off")
-    for got, expected in zip(projected, loss_and_grads()):
+    for got, expected in zip(projected, loss_and_grads(model, idx)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch, fused_calls", [("dynamic-all-linear", LAYERS), ("dynamic-qkv", 0)])
+def test_compiled_mlp_runs_its_gate_and_up_convs_with_the_swiglu_as_one_op(monkeypatch, arch, fused_calls):
+    """Where the Hopper kernel takes them (kernels.swiglu_fuses, made to say so here), compiled
+    all-linear MLPs run their gate and up convs and the SwiGLU as one op on the fused projection
+    (kernels.dynamic_convs_lowrank_swiglu, ISOFLOP_SWIGLU_CONVS=auto); values and gradients equal the
+    convs' op followed by the SwiGLU (=off). MLPs without convs on gate and up never take it."""
+    from isoflop.models import conv
+
+    torch.manual_seed(0)
+    model = trained_like(tiny_config(arch))
+    seen = record_calls(monkeypatch, "dynamic_convs_lowrank_swiglu", lambda projection, ups, *_: projection.shape[-1])
+    monkeypatch.setattr(kernels, "swiglu_fuses", lambda *_: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    idx = torch.randint(0, VOCAB, (2, 12))
+
+    fused = loss_and_grads(model, idx)
+    assert seen == [2 * D_FF + 2 * 16] * fused_calls
+    monkeypatch.setattr(conv.SWIGLU, "name", "off")
+    for got, expected in zip(fused, loss_and_grads(model, idx)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert len(seen) == fused_calls
 
 
 class MatmulShapes(TorchDispatchMode):

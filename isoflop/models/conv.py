@@ -38,6 +38,11 @@ from isoflop.models.config import ConvSpec
 # projection's gradient in place ("auto", LinearConvs._run_projected) or one op per conv on the
 # projection's split views ("off"), whose gradients a compiled kernel then concatenates.
 PROJECTED = BackendChoice("ISOFLOP_PROJECTED_CONVS", ("auto", "off"), "fused projection's dynamic conv setting")
+# Whether compiled SwiGLU MLPs with low-rank convs on gate and up run both convs and the SwiGLU as
+# one op whose kernel forms the SwiGLU from the convs' outputs in registers ("auto", where
+# kernels.swiglu_fuses: the Hopper kernel takes them) or the convs' op and then the compiled SwiGLU
+# ("off"). KERNELS.md, training point 33.
+SWIGLU = BackendChoice("ISOFLOP_SWIGLU_CONVS", ("auto", "off"), "gate/up convs with their SwiGLU setting")
 
 
 def _uniform_filter(width: int, channels: int) -> nn.Parameter:
@@ -337,6 +342,25 @@ class LinearConvs(nn.ModuleDict):
         projected = self.project(h, linears)
         return [self.run(name, y, h, cu_seqlens, z=z, rope=rope if name in rotated else None)
                 for name, (y, z) in projected.items()]
+
+    def project_and_swiglu(
+        self, h: Tensor, gate: nn.Linear, up: nn.Linear, cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
+        """silu(gate(h)) * up(h), each linear through its conv, from one matmul. Compiled, with low-rank
+        convs on both that the Hopper kernel takes (SWIGLU "auto"), one op forms the convs and the
+        SwiGLU without writing the convs' outputs (kernels.dynamic_convs_lowrank_swiglu); elsewhere
+        the convs run as project_and_run runs them and the SwiGLU after them."""
+        linears = {"gate": gate, "up": up}
+        if torch.compiler.is_compiling() and SWIGLU.get() == "auto" and cu_seqlens is None:
+            convs = self._projected_group(list(linears))
+            if convs is not None and convs[0].kind == "lowrank" and convs[0].channels == convs[1].channels:
+                projection = F.linear(h, torch.cat(self._stacked_weights(linears)))
+                ups = [conv.up for conv in convs]
+                if kernels.swiglu_fuses(projection, ups, convs[0].width):
+                    return kernels.dynamic_convs_lowrank_swiglu(projection, ups, [conv.bias for conv in convs],
+                                                                width=convs[0].width, residual=convs[0].residual)
+        gate_out, up_out = self.project_and_run(h, linears, cu_seqlens)
+        return F.silu(gate_out) * up_out
 
     def _run_lowrank_group(
         self, h: Tensor, linears: dict[str, nn.Linear], convs: list[DynamicShortConv],

@@ -26,8 +26,7 @@ class SwiGLU(nn.Module):
         self.convs = LinearConvs(cfg.conv, shapes, cfg.init_std)
 
     def forward(self, h: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
-        gate, up = self.convs.project_and_run(h, {"gate": self.gate, "up": self.up}, cu_seqlens)
-        hidden = F.silu(gate) * up
+        hidden = self.convs.project_and_swiglu(h, self.gate, self.up, cu_seqlens)
         return self.convs.project_and_run(hidden, {"down": self.down}, cu_seqlens)[0]
 
     def step(self, h_t: Tensor, conv_states: dict[str, Tensor]) -> Tensor:
