@@ -150,10 +150,8 @@ def swiglu_fuses(projection: Tensor, ups: list[Tensor], width: int) -> bool:
     if not (_HAVE_TRITON and projection.is_cuda and _use_triton(projection, *ups, width=width)):
         return False
     from isoflop.kernels import gluon_common, gluon_lowrank_swiglu
-    channels = ups[0].shape[1] // width
-    gate = projection[..., :channels]
-    z = projection[..., 2 * channels:2 * channels + ups[0].shape[0]]
-    missing = gluon_lowrank_swiglu.shapes_missing(gate, gate, z, z, ups[0], ups[1], packed=False)
+    operands = _ops()._swiglu_operands(projection, ups, [], width)  # the op's own slicing
+    missing = gluon_lowrank_swiglu.shapes_missing(*operands[:6], packed=False)
     return missing is None and gluon_common.gluon_hopper(projection.device.index)
 
 

@@ -348,12 +348,12 @@ class LinearConvs(nn.ModuleDict):
     ) -> Tensor:
         """silu(gate(h)) * up(h), each linear through its conv, from one matmul. Compiled, with low-rank
         convs on both that the Hopper kernel takes (SWIGLU "auto"), one op forms the convs and the
-        SwiGLU without writing the convs' outputs (kernels.dynamic_convs_lowrank_swiglu); elsewhere
-        the convs run as project_and_run runs them and the SwiGLU after them."""
+        SwiGLU, which never reads the convs' outputs back (kernels.dynamic_convs_lowrank_swiglu);
+        elsewhere the convs run as project_and_run runs them and the SwiGLU after them."""
         linears = {"gate": gate, "up": up}
         if torch.compiler.is_compiling() and SWIGLU.get() == "auto" and cu_seqlens is None:
             convs = self._projected_group(list(linears))
-            if convs is not None and convs[0].kind == "lowrank" and convs[0].channels == convs[1].channels:
+            if convs is not None and convs[0].kind == "lowrank":  # (swiglu_fuses checks their shapes)
                 projection = F.linear(h, torch.cat(self._stacked_weights(linears)))
                 ups = [conv.up for conv in convs]
                 if kernels.swiglu_fuses(projection, ups, convs[0].width):
