@@ -46,6 +46,41 @@ def rope_angles(positions: Tensor, head_dim: int, theta: float, from_zero: bool 
     return RopeFromZero(cos, sin) if from_zero else (cos, sin)
 
 
+class RopeTables(nn.Module):
+    """rope_angles of positions 0 to max_len - 1, computed once and kept as float32 buffers (not
+    saved with the model), from which the model reads a step's angles.
+
+    Computed inside the forward instead, a whole-model torch.compile inlined rope_angles' arange,
+    pow, cos and sin into every kernel that rotates q or k, forward and backward, in every layer:
+    39 ms of a 300M transformer's ~200 ms step on the H200 (KERNELS.md, training point 34)."""
+
+    def __init__(self, max_len: int, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.max_len, self.head_dim, self.theta = max_len, head_dim, theta
+        cos, sin = self._angles(None)  # (on the default device, as the model's parameters)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _angles(self, device: torch.device | None) -> Rope:
+        return rope_angles(torch.arange(self.max_len, device=device), self.head_dim, self.theta)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves apply, casts do not: wherever a move (or to_empty) puts the tables, they are computed
+        again there in float32, as rope_angles computes them there (cos and sin in bfloat16 would
+        keep 3 digits)."""
+        super()._apply(fn, recurse)
+        self.cos, self.sin = self._angles(self.cos.device)
+        return self
+
+    def forward(self, positions: Tensor, from_zero: bool = False) -> Rope:
+        """rope_angles(positions, head_dim, theta, from_zero), read from the tables; positions lie in
+        [0, max_len), and from_zero says that they are 0 to T-1."""
+        if from_zero:
+            T = positions.shape[0]
+            return RopeFromZero(self.cos[:T], self.sin[:T])
+        return self.cos[positions], self.sin[positions]
+
+
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
     """Rotate x [B, T, H, head_dim] by position; pairs are (i, i + head_dim/2) (Llama's layout)."""
     return rotate_heads(x, *rope)

@@ -38,8 +38,8 @@ from isoflop.models.attention import (
     Attention,
     KVCache,
     Rope,
+    RopeTables,
     causal_document_mask,
-    rope_angles,
 )
 from isoflop.models.config import ModelConfig
 from isoflop.models.conv import DynamicShortConv, StaticShortConv
@@ -121,6 +121,7 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rope = RopeTables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.last_losses: dict[str, Tensor] = {}
@@ -174,7 +175,7 @@ class LanguageModel(nn.Module):
             if B != 1:
                 raise ValueError(f"packed sequences (cu_seqlens) need batch size 1; got B={B}")
             document_mask = causal_document_mask(cu_seqlens, T, idx.device)
-        rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta, from_zero=cu_seqlens is None)
+        rope = self.rope(positions, from_zero=cu_seqlens is None)
 
         x = self.tok_emb(idx)
         for block in self.blocks:
@@ -247,7 +248,7 @@ class LanguageModel(nn.Module):
         if pos >= cache.max_len:
             raise ValueError(f"decode cache is full ({cache.max_len} tokens)")
         positions = torch.tensor([pos], device=idx_t.device)
-        rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        rope = self.rope(positions)
         x = self.tok_emb(idx_t)
         for block, layer_cache in zip(self.blocks, cache.layers):
             x = block.step(x, rope, layer_cache, pos)

@@ -212,10 +212,11 @@ def wrap(
     reads: DDP wraps it, FSDP shards it in place.
     """
     if mode == "ddp":
-        # (The model has no buffers, so DDP's forward is no collective: evaluation, which ranks
-        # run on unequal shares, needs none.)
+        # No buffer broadcast, so DDP's forward is no collective: evaluation, which ranks run on
+        # unequal shares, needs none. (The model's only buffers, the RoPE tables, are computed
+        # alike on every rank.)
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids), groups
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False), groups
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
