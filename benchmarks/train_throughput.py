@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python benchmarks/train_throughput.py [--config 300M|small|both|tiny]
         [--variants transformer,static-qkv,...] [--batch-size N] [--seq-len T] [--steps N]
-        [--warmup N] [--rounds N] [--compile blocks|model|none] [--no-compile] [--device cuda|cpu]
-        [--fused-ce off|on|both] [--out FILE.json|FILE.csv]
+        [--warmup N] [--rounds N] [--compile model|graphs|blocks|none] [--no-compile]
+        [--device cuda|cpu] [--fused-ce off|on|both] [--out FILE.json|FILE.csv]
 
 Each step is a whole training step as the trainer runs it: forward and backward under bf16 autocast
 (CUDA), gradient clipping, a fused AdamW step and zero_grad, on a fixed batch of random tokens that
@@ -22,11 +22,12 @@ variant's analytic training FLOPs per token over the Transformer's, minus one: t
 slowdown that its extra arithmetic explains at equal MFU (for dynamic-headwise-qkv most of it is
 the filter generator's projection, D -> W * H per conv, which no conv kernel can remove).
 
-Compilation (`--compile`): `blocks` (default) compiles each block and the output head
-(`lm.compile_regions`), so each variant compiles one block instead of every layer and the default
-run (two configs x five variants) stays within a few minutes; `model` compiles the whole model as
-the trainer does (train.compile: true); `graphs` also captures its steps in CUDA graphs (torch.compile
-mode "reduce-overhead", as train.compile: graphs); `none` runs eagerly. Shapes are static (dynamic=False).
+Compilation (`--compile`): `model` (default) compiles the whole model as the trainer does
+(train.compile: true), so the table is what training runs; `graphs` also captures its steps in
+CUDA graphs (torch.compile mode "reduce-overhead", as train.compile: graphs); `blocks` compiles
+each block and the output head (`lm.compile_regions`): each variant compiles one block instead of
+every layer, ~3x faster to set up, and within a point of `model` at 300M since the RoPE tables
+(KERNELS.md, training point 34); `none` runs eagerly. Shapes are static (dynamic=False).
 
 Fused cross-entropy (`--fused-ce`, models/fused_ce.py): the training step asks the model for its
 loss only (return_logits=False, as the trainer's step), and the switch decides whether that loss
@@ -398,7 +399,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="timed steps per variant (steps // rounds in each round, at least 1)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
-    parser.add_argument("--compile", choices=COMPILE_MODES, default="blocks")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="model",
+                        help="model: the whole model, as the trainer compiles it (default); graphs: "
+                             "also CUDA graphs; blocks: each block apart (faster to set up); none")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const="none",
                         help="same as --compile none")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -476,7 +476,7 @@ def test_paired_switch_benchmark_times_each_value_against_the_transformer():
 
 @pytest.mark.gpu
 def test_gpu_throughput_benchmark_compiles_and_runs(tmp_path):
-    """The GPU path end to end at a tiny size: Triton kernels, bf16 autocast, regional compile."""
+    """The GPU path end to end at a tiny size: Triton kernels, bf16 autocast, whole-model compile."""
     out = tmp_path / "throughput.csv"
     done = run_benchmark("--config", "tiny", "--variants", "transformer,dynamic-all-linear",
                          "--steps", "2", "--rounds", "1", "--warmup", "1", "--out", str(out))
