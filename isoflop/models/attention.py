@@ -36,9 +36,9 @@ class RopeFromZero(NamedTuple):
 
 
 def rope_angles(positions: Tensor, head_dim: int, theta: float, from_zero: bool = False) -> Rope:
-    """cos and sin of the rotary angles at `positions` [T] (computed in float32 on the fly, so no
-    buffer can be cast to bf16 along with the model); from_zero=True says that positions are 0 to
-    T-1 and returns them as a RopeFromZero."""
+    """cos and sin of the rotary angles at `positions` [T], in float32 (the model reads them from
+    RopeTables, which keeps them float32 whatever it is cast to); from_zero=True says that positions
+    are 0 to T-1 and returns them as a RopeFromZero."""
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = theta ** (-exponents / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]

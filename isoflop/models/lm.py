@@ -303,8 +303,8 @@ def compile_regions(model: LanguageModel, **options) -> LanguageModel:
     Regional compilation: the blocks run the same code on parameters of the same shapes, so
     torch.compile traces and optimises one block and reuses it for every layer, and its cold
     compile time no longer grows with depth (compiling the whole model unrolls every layer into
-    one graph). What stays eager between the regions (the embedding lookup, RoPE angles) is a
-    few small kernels per step."""
+    one graph). What stays eager between the regions (the embedding lookup, RoPE's table slices)
+    is a few small kernels per step."""
     for block in model.blocks:
         block.compile(**options)
     model.logits_and_loss = torch.compile(model.logits_and_loss, **options)
