@@ -155,6 +155,10 @@ def test_rope_tables_are_rope_angles_kept_float32_wherever_the_model_goes():
     packed = torch.tensor([0, 1, 2, 0, 1, 5, 31])
     for got, want in zip(model.rope(packed), rope_angles(packed, head_dim, 10000.0)):
         assert torch.equal(got, want)
+    for got, want in zip(model.rope.at(31), rope_angles(torch.tensor([31]), head_dim, 10000.0)):  # (decode's)
+        assert torch.equal(got, want)
+    with pytest.raises(IndexError, match="position 32 is outside the RoPE tables"):
+        model.rope.at(MAX_LEN)
     assert not any("rope" in key for key in model.state_dict())
 
 

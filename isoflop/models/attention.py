@@ -80,6 +80,13 @@ class RopeTables(nn.Module):
             return RopeFromZero(self.cos[:T], self.sin[:T])
         return self.cos[positions], self.sin[positions]
 
+    def at(self, pos: int) -> Rope:
+        """The angles of one position [1, head_dim/2], a slice of the tables (decode: no positions
+        tensor to build and copy to the device for every token)."""
+        if not 0 <= pos < self.max_len:
+            raise IndexError(f"position {pos} is outside the RoPE tables (0..{self.max_len - 1})")
+        return self.cos[pos:pos + 1], self.sin[pos:pos + 1]
+
 
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
     """Rotate x [B, T, H, head_dim] by position; pairs are (i, i + head_dim/2) (Llama's layout)."""

@@ -247,8 +247,7 @@ class LanguageModel(nn.Module):
         pos = cache.pos
         if pos >= cache.max_len:
             raise ValueError(f"decode cache is full ({cache.max_len} tokens)")
-        positions = torch.tensor([pos], device=idx_t.device)
-        rope = self.rope(positions)
+        rope = self.rope.at(pos)
         x = self.tok_emb(idx_t)
         for block, layer_cache in zip(self.blocks, cache.layers):
             x = block.step(x, rope, layer_cache, pos)
