@@ -140,7 +140,7 @@ def dynamic_convs_lowrank_swiglu(
     if _use_triton(projection, *ups, *(statics or []), width=width):
         return _ops().dynamic_convs_lowrank_swiglu(projection, ups, statics, width=width, residual=residual)
     gate, up = dynamic_convs_lowrank(projection, ups, statics, width=width, residual=residual)
-    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+    return reference.swiglu(gate, up)
 
 
 def swiglu_fuses(projection: Tensor, ups: list[Tensor], width: int) -> bool:

@@ -39,7 +39,6 @@ values on the GPU give wrong results, never out-of-bounds accesses (kernels mask
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # Low-rank channel groups: a channel tile (>= 16 for the matrix units) fits in one; defined beside
@@ -54,6 +53,7 @@ from isoflop.kernels.reference import (
     lowrank_groups,
     rotate_channels,
     rotated_channels,
+    swiglu,
 )
 from isoflop.kernels.triton_common import interpreting
 from isoflop.kernels.triton_decode import conv_step as _conv_step
@@ -298,7 +298,7 @@ def _lowrank_projected_swiglu(
     if gluon_lowrank_swiglu.cannot_run(*operands[:6]) is None:
         return list(gluon_lowrank_swiglu.forward(*operands, residual))
     gate, up = _lowrank_projected(projection, ups, statics, width, residual, None, None, None, 0)
-    return [(F.silu(gate.float()) * up.float()).to(gate.dtype), gate, up]  # (float32, as compiled code has it)
+    return [swiglu(gate, up), gate, up]
 
 
 lowrank_projected_swiglu = _takes_any_layout("isoflop::lowrank_projected_swiglu", _lowrank_projected_swiglu)

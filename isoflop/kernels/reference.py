@@ -283,6 +283,12 @@ def dynamic_conv_lowrank(
     )
 
 
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up computed in float32 and rounded once to gate's type, as torch.compile computes
+    it (and the fused SwiGLU kernel, gluon_lowrank_swiglu, matches)."""
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
 def dynamic_conv_headwise(
     x: Tensor,
     w: Tensor,
