@@ -148,7 +148,7 @@ def test_rope_tables_are_rope_angles_kept_float32_wherever_the_model_goes():
     model.to(torch.bfloat16)
     head_dim = D // HEADS
     assert model.rope.cos.dtype == torch.float32 and model.rope.cos.shape == (MAX_LEN, head_dim // 2)
-    from_zero = model.rope(torch.arange(10), from_zero=True)
+    from_zero = model.rope.first(10)
     assert isinstance(from_zero, RopeFromZero)
     for got, want in zip(from_zero, rope_angles(torch.arange(10), head_dim, 10000.0)):
         assert torch.equal(got, want)

@@ -72,13 +72,15 @@ class RopeTables(nn.Module):
         self.cos, self.sin = self._angles(self.cos.device)
         return self
 
-    def forward(self, positions: Tensor, from_zero: bool = False) -> Rope:
-        """rope_angles(positions, head_dim, theta, from_zero), read from the tables; positions lie in
-        [0, max_len), and from_zero says that they are 0 to T-1."""
-        if from_zero:
-            T = positions.shape[0]
-            return RopeFromZero(self.cos[:T], self.sin[:T])
+    def forward(self, positions: Tensor) -> Rope:
+        """rope_angles(positions, head_dim, theta), gathered from the tables; positions lie in
+        [0, max_len) (packed sequences: each position within its own sequence)."""
         return self.cos[positions], self.sin[positions]
+
+    def first(self, T: int) -> RopeFromZero:
+        """rope_angles of positions 0 to T-1 as a RopeFromZero: slices of the tables, with no
+        positions tensor to build."""
+        return RopeFromZero(self.cos[:T], self.sin[:T])
 
     def at(self, pos: int) -> Rope:
         """The angles of one position [1, head_dim/2], a slice of the tables (decode: no positions

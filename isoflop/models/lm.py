@@ -169,13 +169,15 @@ class LanguageModel(nn.Module):
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
-        positions = positions_in_sequence(T, cu_seqlens, idx.device)  # also validates cu_seqlens
         document_mask = None
-        if cu_seqlens is not None:
+        if cu_seqlens is None:
+            rope = self.rope.first(T)
+        else:
+            positions = positions_in_sequence(T, cu_seqlens, idx.device)  # also validates cu_seqlens
             if B != 1:
                 raise ValueError(f"packed sequences (cu_seqlens) need batch size 1; got B={B}")
             document_mask = causal_document_mask(cu_seqlens, T, idx.device)
-        rope = self.rope(positions, from_zero=cu_seqlens is None)
+            rope = self.rope(positions)
 
         x = self.tok_emb(idx)
         for block in self.blocks:
